@@ -1,0 +1,416 @@
+"""The pipeline config: what to read, how to aggregate it, where to write it.
+
+A config is plain YAML (the built-in one is ``configs/atl06.yaml``). It is
+validated once, on load, into frozen dataclasses so that every later stage
+can trust it; each error names the offending key and value, because a user
+editing YAML needs to know *where* the mistake is, not just that there is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from magg_core.expressions import Expression, ExpressionError
+
+BUILTIN_CONFIGS = ("atl06",)
+
+STAT_FUNCTIONS = ("count", "min", "max", "mean", "sum", "variance", "quantile")
+"""Reductions a statistic may use; ``mean`` takes optional ``weights``."""
+
+TRANSFORM_VARIABLE = "x"
+"""The name a statistic's ``transform`` expression uses for the reduced value."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class QualityFilter:
+    """Rows are kept only where ``dataset == accept``."""
+
+    dataset: str
+    accept: int
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the points live inside one granule."""
+
+    reader: str
+    beams: tuple[str, ...]
+    group: str
+    """Per-beam group path; ``{beam}`` is replaced by each beam name."""
+    latitude: str
+    longitude: str
+    variables: tuple[str, ...]
+    fill_value: float
+    quality: QualityFilter
+
+    def beam_group(self, beam: str) -> str:
+        return self.group.format(beam=beam)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One output array: a reduction of a column over the points of a child cell."""
+
+    name: str
+    function: str
+    dtype: np.dtype
+    fill_value: Any
+    column: str | None = None
+    weights: str | None = None
+    q: float | None = None
+    transform: Expression | None = None
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    columns: Mapping[str, Expression]
+    """Derived per-point columns, evaluated in order (later ones may use earlier)."""
+    coordinates: Mapping[str, np.dtype]
+    statistics: tuple[Statistic, ...]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    grid: str
+    indexing_scheme: str
+    ellipsoid: str
+    parent_order: int
+    child_order: int
+    store: str | None = None
+    """Default store URL; may contain ``{cycle}``."""
+
+    @property
+    def children_per_parent(self) -> int:
+        return 4 ** (self.child_order - self.parent_order)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    data_source: DataSource
+    aggregation: Aggregation
+    output: OutputSpec
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+    """The validated mapping as loaded; the canonical form for hashing and events."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe copy that :func:`load_config` turns back into this config."""
+        return json.loads(json.dumps(self.raw, default=_json_default))
+
+    @property
+    def hash(self) -> str:
+        """Content hash of the config: part of every cell's input fingerprint."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def with_orders(self, parent_order: int, child_order: int) -> PipelineConfig:
+        """The same config at other HEALPix orders (as a cell request may ask)."""
+        raw = self.to_dict()
+        raw["output"] = {**raw["output"], "parent_order": parent_order, "child_order": child_order}
+        return load_config(raw)
+
+
+def load_config(source: str | Path | Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config.
+
+    Parameters
+    ----------
+    source
+        ``None`` or a built-in name (``"atl06"``) for a shipped config, a path
+        to a YAML file, or an already-parsed mapping (as carried in a cell
+        request).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not YAML, or any key is missing or invalid.
+    """
+    raw = _read_source(source)
+    return _parse(raw)
+
+
+def _read_source(source: str | Path | Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if isinstance(source, Mapping):
+        return source
+    if source is None or (isinstance(source, str) and source in BUILTIN_CONFIGS):
+        name = source or "atl06"
+        text = resources.files("magg_core.configs").joinpath(f"{name}.yaml").read_text()
+        where = f"built-in config {name!r}"
+    else:
+        path = Path(source)
+        where = f"config file {str(path)!r}"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+class _Section:
+    """Typed access to one mapping of the raw config, naming keys by full path."""
+
+    def __init__(self, raw: Any, path: str):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r}")
+        self.raw = raw
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if name not in self.raw:
+            if default is ...:
+                raise ConfigError(f"{self.key(name)}: required key is missing")
+            return default
+        value = self.raw[name]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.get(name, Mapping), self.key(name))
+
+    def reject_unknown(self, allowed: tuple[str, ...]) -> None:
+        for name in self.raw:
+            if name not in allowed:
+                raise ConfigError(
+                    f"{self.key(str(name))}: unknown key (allowed: {', '.join(allowed)})"
+                )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+
+
+def _parse(raw: Mapping[str, Any]) -> PipelineConfig:
+    top = _Section(raw, "")
+    top.reject_unknown(("name", "data_source", "aggregation", "output"))
+    data_source = _parse_data_source(top.section("data_source"))
+    aggregation = _parse_aggregation(top.section("aggregation"), data_source)
+    output = _parse_output(top.section("output"))
+    return PipelineConfig(
+        name=top.get("name", str, "custom"),
+        data_source=data_source,
+        aggregation=aggregation,
+        output=output,
+        raw=raw,
+    )
+
+
+def _parse_data_source(s: _Section) -> DataSource:
+    s.reject_unknown(
+        ("reader", "beams", "group", "latitude", "longitude", "variables", "fill_value", "quality")
+    )
+    reader = s.get("reader", str)
+    if reader != "h5coro":
+        raise ConfigError(f"{s.key('reader')}: unsupported reader {reader!r} (supported: h5coro)")
+    beams = s.get("beams", list)
+    if not beams or not all(isinstance(b, str) and b for b in beams):
+        raise ConfigError(f"{s.key('beams')}: expected a non-empty list of names, got {beams!r}")
+    group = s.get("group", str)
+    try:
+        group.format(beam="gt1l")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{s.key('group')}: only '{{beam}}' may be templated, got {group!r}") from exc
+    variables = s.get("variables", list)
+    if not variables or not all(isinstance(v, str) and v.isidentifier() for v in variables):
+        raise ConfigError(
+            f"{s.key('variables')}: expected a non-empty list of dataset names "
+            f"that are identifiers, got {variables!r}"
+        )
+    fill_value = float(s.get("fill_value", (int, float)))
+    q = s.section("quality")
+    q.reject_unknown(("dataset", "accept"))
+    quality = QualityFilter(dataset=q.get("dataset", str), accept=q.get("accept", int))
+    return DataSource(
+        reader=reader,
+        beams=tuple(beams),
+        group=group,
+        latitude=s.get("latitude", str),
+        longitude=s.get("longitude", str),
+        variables=tuple(variables),
+        fill_value=fill_value,
+        quality=quality,
+    )
+
+
+def _parse_aggregation(s: _Section, source: DataSource) -> Aggregation:
+    s.reject_unknown(("columns", "coordinates", "statistics"))
+    known = set(source.variables)
+    columns: dict[str, Expression] = {}
+    cols = s.section("columns") if "columns" in s.raw else _Section({}, s.key("columns"))
+    for name, text in cols.raw.items():
+        key = cols.key(str(name))
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}: column name must be an identifier, got {name!r}")
+        if not isinstance(text, str):
+            raise ConfigError(f"{key}: expected an expression string, got {text!r}")
+        expr = _parse_expression(key, text)
+        unknown = sorted(set(expr.names) - known)
+        if unknown:
+            raise ConfigError(
+                f"{key}: expression {text!r} uses unknown column(s) {unknown} "
+                f"(available: {sorted(known)})"
+            )
+        columns[name] = expr
+        known.add(name)
+
+    coords = s.section("coordinates")
+    coordinates: dict[str, np.dtype] = {}
+    for name in ("cell_ids", "morton"):
+        dtype = _parse_dtype(coords.key(name), coords.get(name, str))
+        if dtype != np.dtype("uint64"):
+            raise ConfigError(
+                f"{coords.key(name)}: must be uint64 (morton words and order-12 ids "
+                f"exceed int64's safe range for southern cells), got {dtype}"
+            )
+        coordinates[name] = dtype
+
+    stats_section = s.section("statistics")
+    if not stats_section.raw:
+        raise ConfigError(f"{stats_section.key('')[:-1]}: at least one statistic is required")
+    statistics = tuple(
+        _parse_statistic(stats_section.key(str(name)), name, spec, known)
+        for name, spec in stats_section.raw.items()
+    )
+    return Aggregation(columns=columns, coordinates=coordinates, statistics=statistics)
+
+
+def _parse_statistic(path: str, name: Any, spec: Any, known: set[str]) -> Statistic:
+    if not isinstance(name, str) or not name.isidentifier() or name in ("cell_ids", "morton"):
+        raise ConfigError(f"{path}: statistic name must be an identifier other than a coordinate")
+    s = _Section(spec, path)
+    s.reject_unknown(("function", "column", "weights", "q", "transform", "dtype", "fill_value"))
+    function = s.get("function", str)
+    if function not in STAT_FUNCTIONS:
+        raise ConfigError(
+            f"{s.key('function')}: unknown function {function!r} (known: {', '.join(STAT_FUNCTIONS)})"
+        )
+    column = s.get("column", str, None)
+    if function != "count" and column is None:
+        raise ConfigError(f"{s.key('column')}: required for function {function!r}")
+    for key, value in (("column", column), ("weights", s.get("weights", str, None))):
+        if value is not None and value not in known:
+            raise ConfigError(f"{s.key(key)}: unknown column {value!r} (available: {sorted(known)})")
+    weights = s.get("weights", str, None)
+    if weights is not None and function != "mean":
+        raise ConfigError(f"{s.key('weights')}: only function 'mean' takes weights")
+    q = s.get("q", (int, float), None)
+    if function == "quantile":
+        if q is None or not 0.0 <= float(q) <= 1.0:
+            raise ConfigError(f"{s.key('q')}: quantile needs q in [0, 1], got {q!r}")
+        q = float(q)
+    elif q is not None:
+        raise ConfigError(f"{s.key('q')}: only function 'quantile' takes q")
+    transform = None
+    if "transform" in s.raw:
+        text = s.get("transform", str)
+        transform = _parse_expression(s.key("transform"), text)
+        extra = sorted(set(transform.names) - {TRANSFORM_VARIABLE})
+        if extra:
+            raise ConfigError(
+                f"{s.key('transform')}: may only use {TRANSFORM_VARIABLE!r}, got {text!r}"
+            )
+    dtype = _parse_dtype(s.key("dtype"), s.get("dtype", str))
+    fill_value = _parse_fill(s.key("fill_value"), s.get("fill_value", (int, float, str)), dtype)
+    return Statistic(
+        name=name,
+        function=function,
+        dtype=dtype,
+        fill_value=fill_value,
+        column=column,
+        weights=weights,
+        q=q,
+        transform=transform,
+    )
+
+
+def _parse_output(s: _Section) -> OutputSpec:
+    s.reject_unknown(
+        ("grid", "indexing_scheme", "ellipsoid", "parent_order", "child_order", "store")
+    )
+    grid = s.get("grid", str)
+    if grid != "healpix":
+        raise ConfigError(f"{s.key('grid')}: unsupported grid {grid!r} (supported: healpix)")
+    scheme = s.get("indexing_scheme", str)
+    if scheme != "nested":
+        raise ConfigError(
+            f"{s.key('indexing_scheme')}: unsupported scheme {scheme!r} (supported: nested)"
+        )
+    parent_order = s.get("parent_order", int)
+    child_order = s.get("child_order", int)
+    if not 0 <= parent_order < child_order <= 29:
+        raise ConfigError(
+            f"{s.key('child_order')}: need 0 <= parent_order < child_order <= 29, "
+            f"got parent_order={parent_order!r}, child_order={child_order!r}"
+        )
+    return OutputSpec(
+        grid=grid,
+        indexing_scheme=scheme,
+        ellipsoid=s.get("ellipsoid", str, "WGS84"),
+        parent_order=parent_order,
+        child_order=child_order,
+        store=s.get("store", str, None),
+    )
+
+
+def _parse_expression(key: str, text: str) -> Expression:
+    try:
+        return Expression.parse(text)
+    except ExpressionError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def _parse_dtype(key: str, text: str) -> np.dtype:
+    try:
+        dtype = np.dtype(text)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: unknown dtype {text!r}") from exc
+    if dtype.kind not in "iuf":
+        raise ConfigError(f"{key}: dtype must be an integer or float type, got {text!r}")
+    return dtype
+
+
+def _parse_fill(key: str, value: Any, dtype: np.dtype) -> Any:
+    if isinstance(value, str):
+        if value.lower() != "nan":
+            raise ConfigError(f"{key}: expected a number or 'nan', got {value!r}")
+        value = math.nan
+    if dtype.kind in "iu":
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}: integer dtype {dtype} needs an integer fill, got {value!r}")
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise ConfigError(f"{key}: fill {value!r} does not fit dtype {dtype}")
+        return dtype.type(int(value))
+    return dtype.type(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    raise TypeError(f"not JSON-serializable: {value!r}")

@@ -1,0 +1,70 @@
+"""HEALPix/morton helpers: thin, vectorized wrappers over mortie 1.0.
+
+Morton words are ``uint64`` everywhere: every Antarctic word is >= 2**63, so
+a signed type silently wraps. Latitudes are geodetic on input; mortie turns
+them into authalic latitude (its default) so cells are equal-area on WGS84.
+"""
+
+from __future__ import annotations
+
+import mortie
+import numpy as np
+
+
+def point_morton(lat: np.ndarray, lon: np.ndarray, order: int) -> np.ndarray:
+    """Morton word (``uint64``) of the order-``order`` cell holding each point."""
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    if lat.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    return np.asarray(mortie.geo2mort(lat, lon, order=order), dtype=np.uint64)
+
+
+def parent_of(morton: np.ndarray, parent_order: int) -> np.ndarray:
+    """The order-``parent_order`` ancestor of each morton word."""
+    morton = np.asarray(morton, dtype=np.uint64)
+    if morton.size == 0:
+        return morton
+    return np.asarray(mortie.clip2order(parent_order, morton), dtype=np.uint64)
+
+
+def children(parent_morton: int, child_order: int) -> np.ndarray:
+    """The ``4**(child_order - parent_order)`` children of one parent, sorted.
+
+    Their HEALPix nested ids are contiguous, so position in this array equals
+    ``healpix_id - first_healpix_id`` (the child index used throughout magg).
+    """
+    return np.asarray(
+        mortie.generate_morton_children(np.uint64(parent_morton), child_order), dtype=np.uint64
+    )
+
+
+def healpix_ids(morton: np.ndarray) -> np.ndarray:
+    """HEALPix nested ids (``uint64``) of morton words that share one order."""
+    morton = np.asarray(morton, dtype=np.uint64)
+    if morton.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    ids, _ = mortie.mort2healpix(morton)
+    return np.asarray(ids, dtype=np.uint64)
+
+
+def child_index(
+    lat: np.ndarray, lon: np.ndarray, parent_morton: int, parent_order: int, child_order: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which points fall inside a parent cell, and their child index there.
+
+    Returns
+    -------
+    inside : ndarray of bool
+        One flag per input point.
+    index : ndarray of uint16/int64
+        For the points inside only: ``0 .. 4**(child_order-parent_order) - 1``,
+        the position of the point's child cell in :func:`children`.
+    """
+    words = point_morton(lat, lon, child_order)
+    inside = parent_of(words, parent_order) == np.uint64(parent_morton)
+    first = healpix_ids(np.array([parent_morton], dtype=np.uint64))[0] << np.uint64(
+        2 * (child_order - parent_order)
+    )
+    index = (healpix_ids(words[inside]) - first).astype(np.int64)
+    return inside, index

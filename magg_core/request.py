@@ -1,0 +1,154 @@
+"""The one request/result schema shared by threads, the Lambda handler and ECS runs.
+
+The request keeps the seed's Lambda event field-for-field (``parent_morton``,
+``parent_order``, ``child_order``, ``granule_urls``, ``store_path``,
+``s3_credentials``) so existing orchestrators keep working; ``chunk_idx`` and
+``config`` are additions. The result is what every backend reports per cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from magg_core.s3 import S3Credentials
+
+CellStatus = Literal["ok", "empty", "no_granules", "failed"]
+
+REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
+
+
+class RequestError(ValueError):
+    """A cell request that cannot be run; the message names the bad fields."""
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    parent_morton: int
+    parent_order: int
+    child_order: int
+    granule_urls: tuple[str, ...]
+    store_path: str
+    chunk_idx: int | None = None
+    """Position of the parent in the store; looked up from the store when ``None``."""
+    s3_credentials: S3Credentials | None = None
+    config: Mapping[str, Any] | None = None
+    """A pipeline config mapping; ``None`` means the built-in ``atl06``."""
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> CellRequest:
+        """Validate a Lambda-style event; every problem is named in one error."""
+        if not isinstance(event, Mapping):
+            raise RequestError(f"event must be a JSON object, got {type(event).__name__}")
+        missing = [name for name in REQUIRED_FIELDS if name not in event]
+        if missing:
+            raise RequestError(f"missing required field(s): {', '.join(missing)}")
+        problems = []
+        ints = {}
+        for name in ("parent_morton", "parent_order", "child_order", "chunk_idx"):
+            value = event.get(name)
+            if value is None and name == "chunk_idx":
+                continue
+            try:
+                if isinstance(value, bool) or isinstance(value, float):
+                    raise ValueError
+                ints[name] = int(value)  # JSON catalogs carry uint64 words as strings
+            except (TypeError, ValueError):
+                problems.append(f"{name} must be an integer, got {value!r}")
+        urls = event["granule_urls"]
+        if not isinstance(urls, list | tuple) or not all(isinstance(u, str) for u in urls):
+            problems.append("granule_urls must be a list of URL strings")
+        if not isinstance(event["store_path"], str) or not event["store_path"]:
+            problems.append(f"store_path must be a non-empty string, got {event['store_path']!r}")
+        credentials = None
+        if event.get("s3_credentials") is not None:
+            raw = event["s3_credentials"]
+            try:
+                if not isinstance(raw, Mapping):
+                    raise ValueError("s3_credentials must be an object")
+                credentials = S3Credentials.from_event(dict(raw))
+            except ValueError as exc:
+                problems.append(str(exc))  # names fields only, never values
+        config = event.get("config")
+        if config is not None and not isinstance(config, Mapping):
+            problems.append("config must be an object")
+        if problems:
+            raise RequestError("; ".join(problems))
+        if not 0 <= ints["parent_morton"] < 2**64:
+            raise RequestError(f"parent_morton must be a uint64 word, got {ints['parent_morton']}")
+        return cls(
+            parent_morton=ints["parent_morton"],
+            parent_order=ints["parent_order"],
+            child_order=ints["child_order"],
+            granule_urls=tuple(urls),
+            store_path=event["store_path"],
+            chunk_idx=ints.get("chunk_idx"),
+            s3_credentials=credentials,
+            config=config,
+        )
+
+    def to_event(self, *, include_credentials: bool = True) -> dict[str, Any]:
+        """The JSON event form; carries secrets unless ``include_credentials=False``."""
+        event: dict[str, Any] = {
+            "parent_morton": self.parent_morton,
+            "parent_order": self.parent_order,
+            "child_order": self.child_order,
+            "granule_urls": list(self.granule_urls),
+            "store_path": self.store_path,
+            "chunk_idx": self.chunk_idx,
+        }
+        if include_credentials and self.s3_credentials is not None:
+            event["s3_credentials"] = self.s3_credentials.to_event()
+        if self.config is not None:
+            event["config"] = dict(self.config)
+        return event
+
+
+@dataclass(frozen=True)
+class GranuleFailure:
+    url: str
+    reason: str
+
+
+@dataclass
+class Timings:
+    read: float = 0.0
+    aggregate: float = 0.0
+    write: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class CellResult:
+    parent_morton: int
+    status: CellStatus
+    cells_with_data: int = 0
+    total_obs: int = 0
+    granule_count: int = 0
+    files_processed: int = 0
+    files_failed: list[GranuleFailure] = field(default_factory=list)
+    duration_s: Timings = field(default_factory=Timings)
+    peak_rss_mb: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form; ``parent_morton`` is a string since JSON numbers lose uint64."""
+        data = asdict(self)
+        data["parent_morton"] = str(self.parent_morton)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CellResult:
+        return cls(
+            parent_morton=int(data["parent_morton"]),
+            status=data["status"],
+            cells_with_data=int(data.get("cells_with_data", 0)),
+            total_obs=int(data.get("total_obs", 0)),
+            granule_count=int(data.get("granule_count", 0)),
+            files_processed=int(data.get("files_processed", 0)),
+            files_failed=[GranuleFailure(**f) for f in data.get("files_failed", [])],
+            duration_s=Timings(**data.get("duration_s", {})),
+            peak_rss_mb=float(data.get("peak_rss_mb", 0.0)),
+            error=data.get("error"),
+        )

@@ -1,0 +1,66 @@
+"""Shared fixtures: real servers on loopback, started by the tests themselves."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from magg_core.s3 import S3Credentials, S3Endpoint
+
+TEST_REGION = "us-west-2"
+
+
+class MotoS3:
+    """A moto S3 server on 127.0.0.1 with a boto3 client for test setup."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.endpoint = S3Endpoint(url=url, region=TEST_REGION)
+        # moto accepts any key; distinctive values let tests grep for leaks.
+        self.credentials = S3Credentials(
+            access_key_id="AKIATESTMAGG0000",
+            secret_access_key="magg-test-secret-key-do-not-log",
+            session_token="magg-test-session-token-do-not-log",
+        )
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name=TEST_REGION,
+            aws_access_key_id=self.credentials.access_key_id,
+            aws_secret_access_key=self.credentials.secret_access_key,
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client.create_bucket(
+            Bucket=name, CreateBucketConfiguration={"LocationConstraint": TEST_REGION}
+        )
+        return name
+
+    def upload_dir(self, local_dir, bucket: str, prefix: str) -> list[str]:
+        urls = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            key = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
+            self.client.upload_file(str(path), bucket, key)
+            urls.append(f"s3://{bucket}/{key}")
+        return urls
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield MotoS3(f"http://{host}:{port}")
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_server, monkeypatch):
+    """Point ambient AWS settings at moto (as a Lambda role / ECS task would supply them)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server.url)
+    monkeypatch.setenv("AWS_REGION", TEST_REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.credentials.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.credentials.secret_access_key)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return moto_server
