@@ -1,0 +1,61 @@
+"""Which failures are worth retrying.
+
+A retry costs a cell's full runtime, so only failures that can succeed on a
+second attempt are retried: throttling, server errors, timeouts, dropped
+connections and expired temporary credentials (each attempt fetches fresh
+ones). A bad config, a template mismatch or a corrupt granule fail the same
+way every time and are reported at once instead.
+"""
+
+from __future__ import annotations
+
+import botocore.exceptions as botocore_errors
+import obstore.exceptions as obstore_errors
+
+THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    }
+)
+
+
+class CellTimeoutError(TimeoutError):
+    """A cell ran past its deadline; it stopped before writing anything."""
+
+
+class CellFailedError(RuntimeError):
+    """Every granule of a cell failed to read; the message lists why."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if retrying the same work may succeed."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if isinstance(
+        exc,
+        botocore_errors.ConnectionError
+        | botocore_errors.ReadTimeoutError
+        | botocore_errors.ConnectTimeoutError,
+    ):
+        return True
+    if isinstance(exc, botocore_errors.ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error.get("Code") in THROTTLING_CODES or status == 429 or status >= 500
+    if isinstance(exc, obstore_errors.PermissionDeniedError | obstore_errors.UnauthenticatedError):
+        return "expired" in str(exc).lower()
+    if isinstance(exc, obstore_errors.GenericError):
+        # obstore already retried 5xx/429 with backoff; what reaches us is an
+        # exhausted retry budget or a transport error: worth one more go.
+        return True
+    return False

@@ -1,0 +1,122 @@
+"""What a run did, in numbers a glaciologist and a budget holder both read.
+
+Pure functions from per-cell results to a summary, a table and markdown; the
+flow turns them into Prefect artifacts and the CLI prints the same text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from magg_core.request import CellResult
+
+LAMBDA_PRICE_PER_GB_S = {"arm64": 0.0000133334, "x86_64": 0.0000166667}
+"""AWS Lambda on-demand compute price (USD per GB-second, us-west-2, first tier)."""
+LAMBDA_PRICE_PER_REQUEST = 0.20 / 1_000_000
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    cells: int
+    status_counts: dict[str, int]
+    total_obs: int
+    cells_with_data: int
+    granules_read: int
+    granules_failed: int
+    wall_s: float
+    cell_seconds: float
+    read_s: float
+    aggregate_s: float
+    write_s: float
+    peak_rss_mb: float
+    lambda_memory_mb: int
+    lambda_architecture: str
+
+    @property
+    def failed(self) -> int:
+        return self.status_counts.get("failed", 0)
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.cells / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def lambda_cost_usd(self) -> float:
+        """What these cells would cost as Lambda invocations at the configured memory."""
+        gb_s = self.cell_seconds * self.lambda_memory_mb / 1024
+        price = LAMBDA_PRICE_PER_GB_S[self.lambda_architecture]
+        return gb_s * price + self.cells * LAMBDA_PRICE_PER_REQUEST
+
+
+def summarize(
+    results: Sequence[CellResult],
+    *,
+    wall_s: float,
+    lambda_memory_mb: int = 2048,
+    lambda_architecture: str = "arm64",
+) -> RunSummary:
+    if lambda_architecture not in LAMBDA_PRICE_PER_GB_S:
+        raise ValueError(
+            f"lambda_architecture must be one of {sorted(LAMBDA_PRICE_PER_GB_S)}, "
+            f"got {lambda_architecture!r}"
+        )
+    return RunSummary(
+        cells=len(results),
+        status_counts=dict(Counter(r.status for r in results)),
+        total_obs=sum(r.total_obs for r in results),
+        cells_with_data=sum(r.cells_with_data for r in results),
+        granules_read=sum(r.files_processed for r in results),
+        granules_failed=sum(len(r.files_failed) for r in results),
+        wall_s=wall_s,
+        cell_seconds=sum(r.duration_s.total for r in results),
+        read_s=sum(r.duration_s.read for r in results),
+        aggregate_s=sum(r.duration_s.aggregate for r in results),
+        write_s=sum(r.duration_s.write for r in results),
+        peak_rss_mb=max((r.peak_rss_mb for r in results), default=0.0),
+        lambda_memory_mb=lambda_memory_mb,
+        lambda_architecture=lambda_architecture,
+    )
+
+
+def cell_table(results: Sequence[CellResult]) -> list[dict[str, object]]:
+    """One row per cell, for the run's table artifact."""
+    return [
+        {
+            "parent_morton": str(r.parent_morton),
+            "status": r.status,
+            "obs": r.total_obs,
+            "child_cells": r.cells_with_data,
+            "granules_ok": r.files_processed,
+            "granules_failed": len(r.files_failed),
+            "seconds": round(r.duration_s.total, 2),
+            "peak_mb": r.peak_rss_mb,
+            "error": r.error or "; ".join(f"{f.url}: {f.reason}" for f in r.files_failed[:3]),
+        }
+        for r in sorted(results, key=lambda r: r.parent_morton)
+    ]
+
+
+def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
+    """The run summary as markdown (a Prefect artifact and the CLI's output)."""
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(summary.status_counts.items())) or "none"
+    split = summary.read_s + summary.aggregate_s + summary.write_s or 1.0
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| cells | {summary.cells} ({statuses}) |",
+            f"| observations | {summary.total_obs:,} in {summary.cells_with_data:,} child cells |",
+            f"| granules | {summary.granules_read:,} read, {summary.granules_failed:,} failed |",
+            f"| wall time | {summary.wall_s:.1f} s ({summary.cells_per_second:.2f} cells/s) |",
+            f"| cell time | {summary.cell_seconds:.1f} s: read {100 * summary.read_s / split:.0f} %, "
+            f"aggregate {100 * summary.aggregate_s / split:.0f} %, "
+            f"write {100 * summary.write_s / split:.0f} % |",
+            f"| peak memory | {summary.peak_rss_mb:.0f} MiB |",
+            f"| Lambda cost estimate | ${summary.lambda_cost_usd:.4f} at {summary.lambda_memory_mb} MB "
+            f"{summary.lambda_architecture} |",
+        ]
+    )
