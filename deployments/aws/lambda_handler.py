@@ -1,0 +1,120 @@
+"""AWS Lambda entry point: one parent cell per invocation.
+
+The event and the ``{"statusCode", "body"}`` answer are the seed's, so existing
+orchestrators keep working: 200 carries the :class:`CellResult` (also when the
+cell's status is ``failed`` — that is an outcome, and the caller decides what
+to do with it), 400 a request that can never run (missing fields, a config
+that does not validate), 500 anything unexpected, which is worth a retry.
+Answering 500 instead of raising keeps the error message under our control:
+an unhandled exception would put a traceback into the invoke response.
+
+Only the standard library and magg_core: the Lambda layer has no Prefect.
+The handler is configured as ``deployments.aws.lambda_handler.lambda_handler``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from magg_core.cell import process_cell, request_config
+from magg_core.config import ConfigError
+from magg_core.request import CellRequest, CellResult, RequestError
+
+
+def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
+    """Validate the event, process the cell, answer like the seed's handler.
+
+    Parameters
+    ----------
+    event
+        The cell request as a Lambda event (see :meth:`CellRequest.from_event`).
+    context
+        The Lambda context; only ``aws_request_id`` is used, for the log line.
+
+    Returns
+    -------
+    dict
+        ``{"statusCode": 200 | 400 | 500, "body": <JSON string>}``.
+    """
+    started = time.perf_counter()
+    secrets = _event_secrets(event)
+    line: dict[str, Any] = {
+        "event": "cell_invocation",
+        "request_id": getattr(context, "aws_request_id", None),
+        "parent_morton": _field(event, "parent_morton"),
+        "granule_count": _granule_count(event),
+    }
+    try:
+        request = CellRequest.from_event(event)
+        request_config(request)  # the exact config process_cell will use
+        result = process_cell(request)
+    except (RequestError, ConfigError) as exc:
+        status, body = 400, {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - anything else is the 500 answer
+        status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        status, body = 200, result.to_dict()
+        line.update(_result_fields(result))
+    line.update(statusCode=status, handler_s=round(time.perf_counter() - started, 3))
+    if status != 200:
+        line["error"] = body["error"]
+    _log(_scrub(line, secrets))
+    return {"statusCode": status, "body": json.dumps(_scrub(body, secrets))}
+
+
+def _result_fields(result: CellResult) -> dict[str, Any]:
+    return {
+        "status": result.status,
+        "cells_with_data": result.cells_with_data,
+        "total_obs": result.total_obs,
+        "files_processed": result.files_processed,
+        "files_failed": len(result.files_failed),
+        "duration_s": {k: round(v, 3) for k, v in vars(result.duration_s).items()},
+        "peak_rss_mb": result.peak_rss_mb,
+        "error": result.error,
+    }
+
+
+def _event_secrets(event: Any) -> tuple[str, ...]:
+    """Every credential string the event carries, even when it fails validation."""
+    credentials = event.get("s3_credentials") if isinstance(event, Mapping) else None
+    if not isinstance(credentials, Mapping):
+        return ()
+    return tuple(v for v in credentials.values() if isinstance(v, str) and v)
+
+
+def _field(event: Any, name: str) -> str | None:
+    value = event.get(name) if isinstance(event, Mapping) else None
+    return None if value is None else str(value)  # uint64 words stay exact as strings
+
+
+def _granule_count(event: Any) -> int | None:
+    urls = event.get("granule_urls") if isinstance(event, Mapping) else None
+    return len(urls) if isinstance(urls, list) else None
+
+
+def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
+    """``value`` with every credential string masked, however deep it sits.
+
+    Exception text from S3 clients and readers can echo request details; the
+    body and the log line go through this so credentials never leave.
+    """
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, Mapping):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, secrets) for v in value]
+    return value
+
+
+def _log(line: dict[str, Any]) -> None:
+    """One JSON line on stdout, which Lambda ships to CloudWatch as one event."""
+    sys.stdout.write(json.dumps(line, default=str) + "\n")
+    sys.stdout.flush()
