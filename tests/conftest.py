@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import boto3
-import pytest
-from moto.server import ThreadedMotoServer
+import os
+import tempfile
 
-from magg_core.s3 import S3Credentials, S3Endpoint
+# Prefect reads its settings at import: give the whole test session a private,
+# throw-away home before anything imports prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="magg-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import boto3  # noqa: E402
+import pytest
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+from magg_core.s3 import S3Credentials, S3Endpoint  # noqa: E402
 
 TEST_REGION = "us-west-2"
 
@@ -64,3 +73,12 @@ def s3_env(moto_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.credentials.secret_access_key)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return moto_server
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real temporary Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,41 @@
+"""Flow ``process-cell``: one parent cell as its own flow run (the ECS backend).
+
+The parent ``process-cycle`` run starts one of these per cell through the
+``process-cell`` deployment on an ECS work pool. Parameters carry the cell
+request without credentials; the credentials come from the Secret block the
+parent keeps fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from magg_core.cell import process_cell
+from magg_core.errors import CellFailedError
+from magg_core.request import CellRequest
+from tasks.credentials import load_published_credentials
+
+
+@flow(name="process-cell")
+def process_cell_flow(
+    request: dict[str, Any], credentials_block: str | None = None
+) -> dict[str, Any]:
+    """Grid one cell; fails (so the parent sees it) when the cell fails."""
+    cell = CellRequest.from_event(request)
+    if credentials_block:
+        cell = replace(cell, s3_credentials=load_published_credentials(credentials_block))
+    result = process_cell(cell)
+    get_run_logger().info(
+        "cell %s: %s, %d obs, %d/%d granules read",
+        result.parent_morton,
+        result.status,
+        result.total_obs,
+        result.files_processed,
+        result.granule_count,
+    )
+    if result.status == "failed":
+        raise CellFailedError(f"cell {result.parent_morton}: {result.error}")
+    return result.to_dict()

@@ -1,0 +1,170 @@
+"""Flow ``process-cycle``: one ICESat-2 cycle (or date range) into one gridded store.
+
+credentials → catalog → store template → every cell on the chosen backend →
+consolidated metadata → per-cell table, summary and cost estimate.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+
+from magg_core.credentials import credential_source
+from magg_core.plan import plan_cells, store_url_for
+from magg_core.request import CellRequest, CellResult
+from tasks.cells import grid_cell_locally, grid_cell_on_ecs, grid_cell_on_lambda
+from tasks.lambda_backend import ensure_lambda_concurrency, lambda_client
+from tasks.report import CellProgress, consolidate_store, report_run
+from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
+
+Backend = Literal["local", "lambda", "ecs"]
+CredentialsMode = Literal["earthdata", "environment", "none"]
+
+
+class CellsFailedError(RuntimeError):
+    """Raised at the end of a run in which some cells failed (after all others finished)."""
+
+
+@flow(name="process-cycle", log_prints=True)
+def process_cycle(
+    cycle: int | None = None,
+    start_date: str | None = None,
+    end_date: str | None = None,
+    region: str = "antarctica",
+    catalog: str | None = None,
+    config: str = "atl06",
+    store: str | None = None,
+    backend: Backend = "local",
+    cells: list[str] | None = None,
+    max_cells: int | None = None,
+    dry_run: bool = False,
+    credentials: CredentialsMode = "earthdata",
+    concurrency: int | None = None,
+    cmr_url: str | None = None,
+    lambda_function: str = "magg-process-cell",
+    lambda_memory_mb: int = 2048,
+    aws_credentials_block: str | None = None,
+    ecs_deployment: str = "process-cell/ecs",
+    credentials_block: str = "magg-nsidc-s3-credentials",
+) -> dict[str, Any]:
+    """Grid one cycle's ATL06 granules into a HEALPix Zarr store.
+
+    Parameters
+    ----------
+    cycle, start_date, end_date
+        What to process: an ICESat-2 cycle, or an explicit date range.
+    region
+        A named region (``antarctica``, ``greenland``) or a GeoJSON file.
+    catalog
+        A catalog file from ``magg catalog``; skips the CMR query.
+    config
+        The pipeline config: a built-in name or a YAML path.
+    store
+        Output store URL; defaults to the config's ``output.store`` for the cycle.
+    backend
+        ``local`` (threads here), ``lambda`` (the deployed function) or
+        ``ecs`` (child flow runs of the ``process-cell`` deployment).
+    cells, max_cells
+        Process only these parent cells (morton words) / only the first N.
+    dry_run
+        Build the plan and the template, report it, run no cell.
+    credentials
+        ``earthdata`` (NSIDC S3 credentials via Earthdata login, refreshed
+        before they expire), ``environment`` (plain AWS credentials) or
+        ``none`` (local files, public buckets).
+    concurrency
+        Cells in flight at once (default: 4 local, 1,000 Lambda, 200 ECS).
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    pipeline = load_pipeline_config(config)
+    source = credential_source(credentials)
+
+    if catalog:
+        cell_catalog = read_catalog(catalog)
+    else:
+        cell_catalog = query_catalog(
+            cycle, start_date, end_date, region, pipeline.output.parent_order, cmr_url
+        )
+    store_url = store or store_url_for(pipeline, cell_catalog)
+    store_id = prepare_store(store_url, pipeline, cell_catalog.parents, cell_catalog.provenance())
+    requests = plan_cells(cell_catalog, pipeline, store_url, cells=cells, max_cells=max_cells)
+    logger.info("%d of %d cells to process into %s", len(requests), len(cell_catalog.parents), store_url)
+    if dry_run:
+        return {"store": store_url, "cells": [str(r.parent_morton) for r in requests], "dry_run": True}
+
+    if backend == "local":
+        def submit(request: CellRequest) -> PrefectFuture:
+            return grid_cell_locally.submit(request, store_id, source)
+        window = concurrency or 4
+    elif backend == "lambda":
+        client = lambda_client(aws_credentials_block)
+        window = ensure_lambda_concurrency(concurrency or 1000)
+        def submit(request: CellRequest) -> PrefectFuture:
+            return grid_cell_on_lambda.submit(request, store_id, source, client, lambda_function)
+    elif backend == "ecs":
+        window = concurrency or 200
+        def submit(request: CellRequest) -> PrefectFuture:
+            return grid_cell_on_ecs.submit(
+                request, store_id, source, ecs_deployment, credentials_block
+            )
+    else:
+        raise ValueError(f"backend must be local, lambda or ecs, got {backend!r}")
+
+    progress = CellProgress(total=len(requests))
+    results, failures = _run_windowed(submit, requests, window, progress.advance)
+    consolidate_store(store_url)
+    summary = report_run(results, failures, wall_s=time.monotonic() - started,
+                         lambda_memory_mb=lambda_memory_mb, store_url=store_url)
+    if failures:
+        raise CellsFailedError(
+            f"{len(failures)} of {len(requests)} cells failed: "
+            + ", ".join(str(m) for m in sorted(failures)[:10])
+            + " — retry the flow run to re-run only these cells"
+        )
+    return summary
+
+
+def _run_windowed(
+    submit: Callable[[CellRequest], PrefectFuture],
+    requests: Iterable[CellRequest],
+    window: int,
+    on_done: Callable[[], None],
+) -> tuple[list[CellResult], dict[int, str]]:
+    """Keep at most ``window`` cells in flight; collect results and failures.
+
+    Submitting every cell at once would start one thread per cell; a window
+    bounds threads and memory while keeping the backend saturated.
+    """
+    pending = iter(requests)
+    done: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+    in_flight: dict[PrefectFuture, int] = {}
+    results: list[CellResult] = []
+    failures: dict[int, str] = {}
+
+    def fill() -> None:
+        while len(in_flight) < window:
+            request = next(pending, None)
+            if request is None:
+                return
+            future = submit(request)
+            in_flight[future] = request.parent_morton
+            future.add_done_callback(done.put)
+
+    fill()
+    while in_flight:
+        future = done.get()
+        parent = in_flight.pop(future)
+        state = future.state
+        if state.is_completed():
+            results.append(future.result())
+        else:
+            failures[parent] = state.message or state.name
+        on_done()
+        fill()
+    return results, failures

@@ -1,0 +1,147 @@
+"""The per-cell tasks: one parent cell on a thread, on AWS Lambda, or on an ECS flow run.
+
+All three share one policy (retries with backoff + jitter on transient
+errors only, a persisted result, and a cache key over everything that
+determines the cell's output) so that retrying a failed flow run — the
+Prefect UI's Retry button — re-executes only the cells that failed.
+Credentials are fetched at dispatch from an in-process source and never
+become a task parameter, a cache key, a result or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+from prefect import task
+from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+
+import magg_core
+from magg_core.cell import process_cell
+from magg_core.config import load_config
+from magg_core.credentials import CredentialSource
+from magg_core.errors import CellFailedError, is_transient
+from magg_core.lambda_client import invoke_cell, is_retryable
+from magg_core.request import CellRequest, CellResult
+from magg_core.store import input_fingerprint
+
+LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
+"""Global concurrency limit shared by every run invoking the function."""
+CELL_RETRIES = 3
+CELL_TIMEOUT_S = 720
+"""Matches the Lambda function timeout: a cell that needs longer should be split."""
+
+
+def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Everything that determines a cell's output, and nothing secret.
+
+    ``store_id`` changes when a store is re-created, so a deleted store is
+    re-filled instead of being skipped on the strength of an old cache entry;
+    the granule set and config hash make each cycle and config distinct.
+    """
+    request: CellRequest = parameters["request"]
+    config_hash = load_config(request.config).hash
+    material = {
+        "parent": str(request.parent_morton),
+        "orders": [request.parent_order, request.child_order],
+        "inputs": input_fingerprint(request.granule_urls, config_hash, magg_core.__version__),
+        "store": request.store_path,
+        "store_id": parameters["store_id"],
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return f"magg-cell-{request.parent_morton}-{digest[:24]}"
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only failures that may succeed next time."""
+    try:
+        state.result()
+    except Exception as exc:  # the failure we are classifying
+        return is_transient(exc) or is_retryable(exc)
+    return False
+
+
+def _cell_task(fn):
+    return task(
+        fn,
+        retries=CELL_RETRIES,
+        retry_delay_seconds=exponential_backoff(backoff_factor=10),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=retry_transient,
+        persist_result=True,
+        cache_key_fn=cell_cache_key,
+        task_run_name="cell-{request.parent_morton}",
+    )
+
+
+def _raise_if_failed(result: CellResult) -> CellResult:
+    """A failed cell fails its task, so the flow run fails and can be retried."""
+    if result.status == "failed":
+        reasons = "; ".join(f"{f.url}: {f.reason}" for f in result.files_failed[:5])
+        raise CellFailedError(f"cell {result.parent_morton}: {result.error} ({reasons})")
+    return result
+
+
+@_cell_task
+def grid_cell_locally(
+    request: CellRequest, store_id: str, credentials: CredentialSource, max_workers: int = 8
+) -> CellResult:
+    """Run the cell in this process (a thread of the flow's task runner)."""
+    request = replace(request, s3_credentials=credentials.current())
+    deadline = time.monotonic() + CELL_TIMEOUT_S
+    return _raise_if_failed(process_cell(request, max_workers=max_workers, deadline=deadline))
+
+
+@_cell_task
+def grid_cell_on_lambda(
+    request: CellRequest,
+    store_id: str,
+    credentials: CredentialSource,
+    lambda_client: Any,
+    function_name: str,
+) -> CellResult:
+    """Invoke the deployed Lambda function once per attempt (no hidden botocore retries)."""
+    with concurrency(LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True):
+        request = replace(request, s3_credentials=credentials.current())
+        return _raise_if_failed(invoke_cell(lambda_client, function_name, request))
+
+
+@_cell_task
+def grid_cell_on_ecs(
+    request: CellRequest,
+    store_id: str,
+    credentials: CredentialSource,
+    deployment: str,
+    credentials_block: str,
+) -> CellResult:
+    """Run the cell as a child flow run of the ``process-cell`` deployment.
+
+    The child reads credentials from a Prefect Secret block that this task
+    refreshes first; its parameters carry no secret. Its outcome is read back
+    from the durable record it wrote in the store, so no result storage has to
+    be shared between the containers and this process.
+    """
+    publish_credentials(credentials, credentials_block)
+    flow_run = run_deployment(
+        deployment,
+        parameters={
+            "request": request.to_event(include_credentials=False),
+            "credentials_block": credentials_block,
+        },
+        flow_run_name=f"cell-{request.parent_morton}",
+        timeout=None,
+        poll_interval=2,
+    )
+    if not flow_run.state or not flow_run.state.is_completed():
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise CellFailedError(
+            f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state}"
+        )
+    config = request_config(request)
+    store = open_store(request.store_path)
+    return _raise_if_failed(read_records(store, config)[request.parent_morton].result)

@@ -1,0 +1,73 @@
+"""Tasks that finish a run: consolidated metadata and what the run reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NONE
+
+from magg_core.request import CellResult
+from magg_core.store import consolidate, open_store
+from magg_core.summary import cell_table, summarize, to_markdown
+
+
+class CellProgress:
+    """A progress artifact (0–100 %) advanced as cells finish.
+
+    Updated only when the whole percentage changes, so a 2,000-cell run sends
+    at most ~100 updates instead of one per cell.
+    """
+
+    def __init__(self, total: int):
+        self.total = max(total, 1)
+        self.done = 0
+        self.shown = 0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key="magg-cells-progress", description="cells finished"
+        )
+
+    def advance(self) -> None:
+        self.done += 1
+        percent = int(100 * self.done / self.total)
+        if percent != self.shown:
+            self.shown = percent
+            update_progress_artifact(self.artifact_id, progress=float(percent))
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def consolidate_store(store_url: str) -> None:
+    """Consolidate the store's metadata so readers open it with one request."""
+    consolidate(open_store(store_url))
+
+
+@task(cache_policy=NONE)
+def report_run(
+    results: Sequence[CellResult],
+    failures: Mapping[int, str],
+    *,
+    wall_s: float,
+    lambda_memory_mb: int,
+    store_url: str,
+) -> dict[str, Any]:
+    """Publish the per-cell table and the summary; return the summary as a dict."""
+    summary = summarize(results, wall_s=wall_s, lambda_memory_mb=lambda_memory_mb)
+    rows = cell_table(results) + [
+        {"parent_morton": str(parent), "status": "failed", "error": message}
+        for parent, message in sorted(failures.items())
+    ]
+    create_table_artifact(rows, key="magg-cells", description=f"one row per cell of {store_url}")
+    markdown = to_markdown(summary, title=f"magg run into {store_url}")
+    if failures:
+        markdown += f"\n\n**{len(failures)} cells failed**: retry the flow run to re-run only them."
+    create_markdown_artifact(markdown, key="magg-summary", description="run summary")
+    print(markdown)
+    return {**asdict(summary), "failed_cells": [str(p) for p in sorted(failures)], "store": store_url}
