@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -109,7 +110,7 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe copy that :func:`load_config` turns back into this config."""
-        return json.loads(json.dumps(self.raw, default=_json_default))
+        return json.loads(json.dumps(self.raw, allow_nan=False))
 
     @property
     def hash(self) -> str:
@@ -217,7 +218,8 @@ def _parse(raw: Mapping[str, Any]) -> PipelineConfig:
         data_source=data_source,
         aggregation=aggregation,
         output=output,
-        raw=raw,
+        # A fresh copy: a caller mutating its mapping must not change our hash.
+        raw=_jsonable(raw),
     )
 
 
@@ -232,17 +234,19 @@ def _parse_data_source(s: _Section) -> DataSource:
     if not beams or not all(isinstance(b, str) and b for b in beams):
         raise ConfigError(f"{s.key('beams')}: expected a non-empty list of names, got {beams!r}")
     group = s.get("group", str)
-    try:
-        group.format(beam="gt1l")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"{s.key('group')}: only '{{beam}}' may be templated, got {group!r}") from exc
+    try:  # a plain {beam}: no attributes, indexes, conversions or format specs
+        fields = [parsed[1:] for parsed in string.Formatter().parse(group) if parsed[1] is not None]
+    except ValueError:  # unbalanced braces
+        fields = None
+    if fields is None or any(f != ("beam", "", None) for f in fields):
+        raise ConfigError(f"{s.key('group')}: only '{{beam}}' may be templated, got {group!r}")
     variables = s.get("variables", list)
     if not variables or not all(isinstance(v, str) and v.isidentifier() for v in variables):
         raise ConfigError(
             f"{s.key('variables')}: expected a non-empty list of dataset names "
             f"that are identifiers, got {variables!r}"
         )
-    fill_value = float(s.get("fill_value", (int, float)))
+    fill_value = float(_number(s.key("fill_value"), s.get("fill_value", (int, float, str))))
     q = s.section("quality")
     q.reject_unknown(("dataset", "accept"))
     quality = QualityFilter(dataset=q.get("dataset", str), accept=q.get("accept", int))
@@ -388,18 +392,32 @@ def _parse_expression(key: str, text: str) -> Expression:
 def _parse_dtype(key: str, text: str) -> np.dtype:
     try:
         dtype = np.dtype(text)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}: unknown dtype {text!r}") from exc
-    if dtype.kind not in "iuf":
-        raise ConfigError(f"{key}: dtype must be an integer or float type, got {text!r}")
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        # Zarr v3 has no float128/longdouble: fail here, not when writing.
+        raise ConfigError(
+            f"{key}: dtype must be an integer or float type of at most 64 bits, got {text!r}"
+        )
     return dtype
 
 
-def _parse_fill(key: str, value: Any, dtype: np.dtype) -> Any:
+def _number(key: str, value: int | float | str) -> int | float:
+    """A YAML/JSON number, or one of the non-finite floats spelled as a string."""
     if isinstance(value, str):
-        if value.lower() != "nan":
-            raise ConfigError(f"{key}: expected a number or 'nan', got {value!r}")
-        value = math.nan
+        if value.lower() not in ("nan", "inf", "-inf"):
+            raise ConfigError(f"{key}: expected a number, 'nan', 'inf' or '-inf', got {value!r}")
+        return float(value)
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError as exc:
+            raise ConfigError(f"{key}: number {value!r} is too large") from exc
+    return value
+
+
+def _parse_fill(key: str, value: Any, dtype: np.dtype) -> Any:
+    value = _number(key, value)
     if dtype.kind in "iu":
         if isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{key}: integer dtype {dtype} needs an integer fill, got {value!r}")
@@ -407,10 +425,24 @@ def _parse_fill(key: str, value: Any, dtype: np.dtype) -> Any:
         if not info.min <= value <= info.max:
             raise ConfigError(f"{key}: fill {value!r} does not fit dtype {dtype}")
         return dtype.type(int(value))
-    return dtype.type(value)
+    with np.errstate(over="ignore"):
+        fill = dtype.type(value)
+    if np.isinf(fill) and not math.isinf(value):
+        raise ConfigError(f"{key}: fill {value!r} does not fit dtype {dtype}")
+    return fill
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    raise TypeError(f"not JSON-serializable: {value!r}")
+def _jsonable(value: Any) -> Any:
+    """A deep copy in plain JSON types.
+
+    Non-finite numbers become ``"nan"``/``"inf"``/``"-inf"`` (which the loader
+    accepts) because strict JSON encoders -- Prefect's among them -- would
+    otherwise turn them into ``null`` or fail.
+    """
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf", "-inf"
+    return value
