@@ -163,7 +163,8 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if error.get("Code") in THROTTLE_CODES or status == 429:
-            raise LambdaThrottled(_redact(f"throttled: {error.get('Message', '')}", secrets), **where) from None
+            message = _redact(f"throttled: {error.get('Message', '')}", secrets)
+            raise LambdaThrottled(message, **where) from None
         raise
 
     raw = response["Payload"].read()
@@ -171,7 +172,8 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
         payload = _json_or_none(raw)
         if isinstance(payload, dict):
             error_type = payload.get("errorType")
-            message = f"{error_type or response['FunctionError']}: {payload.get('errorMessage', '')}"
+            kind = error_type or response["FunctionError"]
+            message = f"{kind}: {payload.get('errorMessage', '')}"
         else:
             error_type, message = None, f"{response['FunctionError']} error"
         raise LambdaFunctionError(_redact(message, secrets), error_type=error_type, **where)

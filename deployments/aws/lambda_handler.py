@@ -4,7 +4,8 @@ The event and the ``{"statusCode", "body"}`` answer are the seed's, so existing
 orchestrators keep working: 200 carries the :class:`CellResult` (also when the
 cell's status is ``failed`` — that is an outcome, and the caller decides what
 to do with it), 400 a request that can never run (missing fields, a config
-that does not validate), 500 anything unexpected, which is worth a retry.
+that does not validate, a store without this cell in its template), 500
+anything unexpected, which is worth a retry.
 Answering 500 instead of raising keeps the error message under our control:
 an unhandled exception would put a traceback into the invoke response.
 
@@ -20,9 +21,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from magg_core.cell import process_cell, request_config
+from magg_core.cell import process_cell
 from magg_core.config import ConfigError
 from magg_core.request import CellRequest, CellResult, RequestError
+from magg_core.store import TemplateMismatchError
+
+CALLER_ERRORS = (RequestError, ConfigError, TemplateMismatchError)
+"""Failures that repeat on every attempt until the caller changes something: 400."""
 
 
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
@@ -32,6 +37,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     ----------
     event
         The cell request as a Lambda event (see :meth:`CellRequest.from_event`).
+        Its ``config`` is validated by :func:`process_cell` before any work.
     context
         The Lambda context; only ``aws_request_id`` is used, for the log line.
 
@@ -50,9 +56,8 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     }
     try:
         request = CellRequest.from_event(event)
-        request_config(request)  # the exact config process_cell will use
         result = process_cell(request)
-    except (RequestError, ConfigError) as exc:
+    except CALLER_ERRORS as exc:
         status, body = 400, {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - anything else is the 500 answer
         status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}

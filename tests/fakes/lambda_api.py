@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-"""What Lambda calls the task root: the unzipped package with ``deployments/`` and ``magg_core/``."""
+"""Lambda's task root: the unzipped package, with ``deployments/`` and ``magg_core/``."""
 
 DEFAULT_HANDLER = "deployments.aws.lambda_handler.lambda_handler"
 ACCOUNT = "123456789012"
@@ -84,6 +84,23 @@ class Invocation:
     duration_s: float
     output: str
     """Everything the sandbox wrote to stdout and stderr (what CloudWatch would hold)."""
+
+
+@dataclass
+class _Run:
+    """One sandbox run: what to answer and what to record."""
+
+    output: str
+    duration: float
+    outcome: str = "ok"
+    function_error: str | None = None
+    payload: bytes = b"null"
+
+    def failed(self, outcome: str, error_type: str, message: str) -> _Run:
+        """The run as Lambda reports a runtime-level failure (no handler payload)."""
+        self.outcome, self.function_error = outcome, "Unhandled"
+        self.payload = json.dumps({"errorMessage": message, "errorType": error_type}).encode()
+        return self
 
 
 class FakeLambda:
@@ -181,26 +198,24 @@ class FakeLambda:
             return _error(400, "InvalidRequestContentException", "message",
                           f"Could not parse request body into json: {exc}", headers)
 
-        outcome, function_error, body, output, duration = self._run(function, request_id, event)
-        self._record(Invocation(name, request_id, outcome, duration, output))
+        run = self._run(function, request_id, event)
+        self._record(Invocation(name, request_id, run.outcome, run.duration, run.output))
         headers["X-Amz-Executed-Version"] = "$LATEST"
-        if function_error:
-            headers["X-Amz-Function-Error"] = function_error
+        if run.function_error:
+            headers["X-Amz-Function-Error"] = run.function_error
         if tail:
             log = (
-                f"START RequestId: {request_id} Version: $LATEST\n{output}"
+                f"START RequestId: {request_id} Version: $LATEST\n{run.output}"
                 f"END RequestId: {request_id}\n"
-                f"REPORT RequestId: {request_id}\tDuration: {duration * 1000:.2f} ms\t"
+                f"REPORT RequestId: {request_id}\tDuration: {run.duration * 1000:.2f} ms\t"
                 f"Memory Size: {function.memory_mb} MB\n"
             ).encode()
             headers["X-Amz-Log-Result"] = base64.b64encode(log[-LOG_TAIL_BYTES:]).decode()
         headers["Content-Type"] = "application/json"
-        return 200, headers, body
+        return 200, headers, run.payload
 
-    def _run(
-        self, function: FakeFunction, request_id: str, event: Any
-    ) -> tuple[str, str | None, bytes, str, float]:
-        """Run the handler in a fresh process; ``(outcome, FunctionError, payload, output, s)``."""
+    def _run(self, function: FakeFunction, request_id: str, event: Any) -> _Run:
+        """Run the handler in a fresh process, as a new sandbox would."""
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="fake-lambda-") as sandbox:
             result_path = Path(sandbox) / "result.json"
@@ -214,11 +229,12 @@ class FakeLambda:
             )
             with self._lock:
                 self._running.add(process)
-            timed_out = False
             try:
-                output, _ = process.communicate(json.dumps(event).encode(), timeout=function.timeout_s)
-                remaining = started + min(function.delay_s, function.timeout_s) - time.monotonic()
-                time.sleep(max(0.0, remaining))
+                output, _ = process.communicate(
+                    json.dumps(event).encode(), timeout=function.timeout_s
+                )
+                busy_until = started + min(function.delay_s, function.timeout_s)
+                time.sleep(max(0.0, busy_until - time.monotonic()))
                 timed_out = function.delay_s >= function.timeout_s
             except subprocess.TimeoutExpired:
                 process.kill()
@@ -227,22 +243,26 @@ class FakeLambda:
             finally:
                 with self._lock:
                     self._running.discard(process)
-            text = output.decode(errors="replace")
-            duration = time.monotonic() - started
+            run = _Run(output=output.decode(errors="replace"), duration=time.monotonic() - started)
             if timed_out:
-                message = f"RequestId: {request_id} Error: Task timed out after {function.timeout_s:.2f} seconds"
-                return "timeout", "Unhandled", _function_error("Sandbox.Timedout", message), text, duration
-            if not result_path.exists():
-                message = (
-                    f"RequestId: {request_id} Error: Runtime exited with error: "
-                    f"exit status {process.returncode}"
+                return run.failed(
+                    "timeout",
+                    "Sandbox.Timedout",
+                    f"RequestId: {request_id} Error: Task timed out after "
+                    f"{function.timeout_s:.2f} seconds",
                 )
-                return "unhandled", "Unhandled", _function_error("Runtime.ExitError", message), text, duration
+            if not result_path.exists():
+                return run.failed(
+                    "unhandled",
+                    "Runtime.ExitError",
+                    f"RequestId: {request_id} Error: Runtime exited with error: "
+                    f"exit status {process.returncode}",
+                )
             result = json.loads(result_path.read_bytes())
-            payload = json.dumps(result["payload"]).encode()
+            run.payload = json.dumps(result["payload"]).encode()
             if result["raised"]:
-                return "unhandled", "Unhandled", payload, text, duration
-            return "ok", None, payload, text, duration
+                run.outcome, run.function_error = "unhandled", "Unhandled"
+            return run
 
     def _sandbox_env(self, function: FakeFunction, request_id: str, sandbox: str) -> dict[str, str]:
         """A Lambda-like environment: the function's variables, not the test process's."""
@@ -326,10 +346,6 @@ def _error(
     return status, headers, json.dumps({"Type": "User", message_key: message, **extra}).encode()
 
 
-def _function_error(error_type: str, message: str) -> bytes:
-    return json.dumps({"errorMessage": message, "errorType": error_type}).encode()
-
-
 # -- the sandbox runtime (this file run as a script) -------------------------
 
 
@@ -364,12 +380,14 @@ def _run_sandbox(handler_path: str, result_path: str) -> None:
         payload = handler(event, context)
     except Exception as exc:  # noqa: BLE001 - reported like the Python runtime does
         traceback.print_exc()
-        outcome = _raised(context, type(exc).__name__, str(exc), traceback.format_tb(exc.__traceback__))
+        stack = traceback.format_tb(exc.__traceback__)
+        outcome = _raised(context, type(exc).__name__, str(exc), stack)
     else:
         try:
             outcome = json.dumps({"raised": False, "payload": payload})
         except (TypeError, ValueError) as exc:
-            outcome = _raised(context, "Runtime.MarshalError", f"Unable to marshal response: {exc}", [])
+            message = f"Unable to marshal response: {exc}"
+            outcome = _raised(context, "Runtime.MarshalError", message, [])
     Path(result_path).write_text(outcome)
 
 
