@@ -1,0 +1,471 @@
+"""The Zarr v3 store: its template, one cell's write, and the checks in between.
+
+Layout (DESIGN §2.4): group ``/{child_order}/`` holds 1-D arrays over the
+dimension ``cells``; chunk ``i`` of every array is the ``i``-th parent cell of
+the catalog (ascending morton order), so a cell worker writes exactly one
+chunk per statistic and never touches another cell's bytes. The coordinates
+``cell_ids`` and ``morton`` are written for every parent when the template is
+created, so cells without data still have valid coordinates.
+
+The group's attributes are written *last* when a template is created and act
+as its commit marker: a group without them is an unfinished template that the
+next :func:`create_template` rebuilds, and that :func:`check_template` rejects.
+Per-cell records live beside the arrays (see :mod:`magg_core.records`, whose
+public names are re-exported here so callers need one import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import zarr
+import zarr.api.asynchronous
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
+from zarr.errors import ZarrUserWarning
+from zarr.storage import LocalStore, ObjectStore
+
+import magg_core
+from magg_core.config import PipelineConfig
+from magg_core.grid import children, healpix_ids, parent_of
+from magg_core.records import (
+    RECORDS_PREFIX,
+    CellRecord,
+    input_fingerprint,
+    read_records,
+    write_record,
+)
+from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
+
+__all__ = [
+    "CellRecord",
+    "TemplateMismatchError",
+    "check_template",
+    "chunk_index",
+    "consolidate",
+    "create_template",
+    "input_fingerprint",
+    "open_store",
+    "read_records",
+    "write_cell",
+    "write_record",
+]
+
+DIMENSION = "cells"
+COORDINATES = ("cell_ids", "morton")
+TEMPLATE_ATTR = "magg"
+"""Group attribute holding provenance; its presence marks a finished template."""
+
+ZARR_DGGS_CONVENTION = {
+    "uuid": "7b255807-140c-42ca-97f6-7a1cfecdbc38",
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/dggs/refs/tags/v1/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/dggs/blob/v1/README.md",
+    "name": "dggs",
+    "description": "Discrete Global Grid Systems convention for zarr",
+}
+"""The declaration of the zarr DGGS convention (v1), as xdggs 0.6 looks it up."""
+
+CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+"""Blosc/zstd with byte shuffle, for every array.
+
+Shuffling groups the bytes of equal significance: the high bytes of uint64
+ids and morton words (constant within a parent) and of dense float32 heights
+become long runs, so a coordinate chunk shrinks ~90x and a dense statistic
+chunk compresses ~20 % better than plain zstd (sparse, mostly-NaN chunks are
+within a few percent of it). Blosc is a core zarr v3 codec, so other zarr
+implementations read the store too.
+"""
+
+COORDINATE_SHARD_PARENTS = 256
+"""Parents per shard of the coordinate arrays.
+
+Coordinates are written once, by the template, so packing many parent chunks
+into one object is safe and turns ~2,000 tiny objects per coordinate into a
+handful: faster to create on S3 and faster for xdggs, which reads every id.
+Statistics are *not* sharded: cells write concurrently, and a shared shard
+would make each a read-modify-write of its neighbours' bytes.
+"""
+
+WRITE_BLOCK_PARENTS = 2 * COORDINATE_SHARD_PARENTS
+"""Parents whose coordinates are computed and written in one bulk write
+(whole shards, ~32 MB of uint64), bounding memory for large catalogs."""
+
+
+class TemplateMismatchError(ValueError):
+    """The store's template is missing or differs from what this run expects."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """The parts of a finished template that cells are checked against."""
+
+    config_hash: str
+    config: Mapping[str, Any]
+    parents: np.ndarray
+    """Parent morton words (uint64) in chunk order."""
+
+
+def open_store(
+    url: str,
+    *,
+    credentials: S3Credentials | None = None,
+    endpoint: S3Endpoint | None = None,
+    read_only: bool = False,
+) -> Store:
+    """A zarr store for a local path, a ``file://`` URL or an ``s3://`` URL.
+
+    Parameters
+    ----------
+    url
+        ``/some/dir.zarr``, ``file:///some/dir.zarr`` or ``s3://bucket/prefix.zarr``.
+    credentials
+        For ``s3://`` only. ``None`` uses the ambient identity (a Lambda or
+        ECS task role, ``AWS_*`` variables), which obstore resolves itself.
+    endpoint
+        For ``s3://`` only; default :meth:`S3Endpoint.from_env`, so
+        ``AWS_ENDPOINT_URL_S3`` points a worker at a test or non-AWS server.
+    read_only
+        Open without write permission (inspection, plotting).
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        bucket, prefix = split_s3_url(url)
+        s3 = s3_store(
+            bucket,
+            prefix=prefix.rstrip("/") or None,
+            credentials=credentials,
+            endpoint=endpoint or S3Endpoint.from_env(),
+        )
+        return ObjectStore(s3, read_only=read_only)
+    if parsed.scheme == "file":
+        return LocalStore(Path(unquote(parsed.path)), read_only=read_only)
+    if parsed.scheme == "" or Path(url).anchor:  # a plain path (a drive letter parses as scheme)
+        return LocalStore(Path(url), read_only=read_only)
+    raise ValueError(f"unsupported store URL {url!r} (use a path, file:// or s3://)")
+
+
+def create_template(
+    store: Store,
+    config: PipelineConfig,
+    parents: Sequence[int] | np.ndarray,
+    provenance: Mapping[str, Any],
+) -> None:
+    """Create the arrays and coordinates of every parent cell, once.
+
+    Parameters
+    ----------
+    store
+        From :func:`open_store`.
+    config
+        Decides the group (``child_order``), the statistics and their dtypes.
+    parents
+        Parent morton words at ``parent_order``, strictly ascending (the
+        catalog's order, which becomes the chunk order).
+    provenance
+        JSON-safe extra provenance, e.g. the catalog's ``metadata``.
+
+    Raises
+    ------
+    TemplateMismatchError
+        If a finished template with another config or parent list exists;
+        nothing is written. The same config and parents make this a no-op.
+    ValueError
+        If ``parents`` are not unique ascending words of ``parent_order``.
+    """
+    words = _validate_parents(parents, config)
+    provenance = json.loads(json.dumps(dict(provenance)))  # fail on non-JSON before writing
+    existing = read_template(store, config)
+    if existing is not None:
+        _require_same(existing, config, words)
+        return
+
+    root = zarr.open_group(store, mode="a", zarr_format=3)
+    group = root.create_group(_group_path(config), overwrite=True)  # clears an unfinished try
+    size = words.size * config.output.children_per_parent
+    for name in COORDINATES:
+        _create_array(group, name, config, size, config.aggregation.coordinates[name], 0)
+    for stat in config.aggregation.statistics:
+        _create_array(group, stat.name, config, size, stat.dtype, stat.fill_value)
+    _write_coordinates(group, config, words)
+    group.update_attributes(_group_attributes(config, words, provenance))  # the commit marker
+
+
+def read_template(store: Store, config: PipelineConfig) -> Template | None:
+    """The finished template of ``config``'s group, or ``None`` if there is none."""
+    try:
+        group = zarr.open_group(
+            store, path=_group_path(config), mode="r", zarr_format=3, use_consolidated=False
+        )
+    except FileNotFoundError:  # no group (zarr's NodeNotFoundError) or no store directory yet
+        return None
+    marker = group.attrs.get(TEMPLATE_ATTR)
+    if not isinstance(marker, Mapping):
+        return None
+    return Template(
+        config_hash=marker["config_hash"],
+        config=marker["config"],
+        parents=np.array([int(p) for p in marker["parents"]], dtype=np.uint64),
+    )
+
+
+def chunk_index(store: Store, config: PipelineConfig, parent_morton: int) -> int:
+    """Position of a parent cell's chunk in the store.
+
+    Read from the parent list stored with the template: one small metadata
+    read, where scanning the ``morton`` array would read every chunk.
+
+    Raises
+    ------
+    TemplateMismatchError
+        If there is no template or the parent is not in it.
+    """
+    template = _require_template(store, config)
+    word = np.uint64(parent_morton)
+    index = int(np.searchsorted(template.parents, word))
+    if index == template.parents.size or template.parents[index] != word:
+        raise TemplateMismatchError(
+            f"parent cell {parent_morton} is not in the store's template "
+            f"({template.parents.size} parents)"
+        )
+    return index
+
+
+def check_template(
+    store: Store, config: PipelineConfig, parent_morton: int, chunk_idx: int
+) -> None:
+    """Fail unless the store has this config's template with ``parent_morton`` at ``chunk_idx``.
+
+    Cells call this before any work, so a worker given a stale store, a
+    different config or a wrong chunk index stops before it could overwrite
+    another cell's chunk.
+    """
+    template = _require_template(store, config)
+    if template.config_hash != config.hash:
+        raise TemplateMismatchError(_config_difference(template, config))
+    n = template.parents.size
+    if not 0 <= chunk_idx < n:
+        raise TemplateMismatchError(f"chunk index {chunk_idx} is outside the template's {n} parents")
+    stored = int(template.parents[chunk_idx])
+    if stored != parent_morton:
+        raise TemplateMismatchError(
+            f"chunk {chunk_idx} of the store holds parent cell {stored}, not {parent_morton}"
+        )
+
+
+def write_cell(
+    store: Store, config: PipelineConfig, chunk_idx: int, stats: Mapping[str, np.ndarray]
+) -> None:
+    """Write one parent's chunk of every statistic.
+
+    Everything is validated before the first byte is written, so a bad call
+    leaves the store as it was. A chunk that is all fill values is removed
+    rather than written (zarr's default), so re-running a cell that lost its
+    data also clears what an earlier run wrote.
+
+    Raises
+    ------
+    ValueError
+        If the statistics' names differ from the config's, or an array has
+        another dtype or length than its chunk, or ``chunk_idx`` is outside
+        the store's arrays.
+    """
+    per_parent = config.output.children_per_parent
+    expected = {stat.name: stat.dtype for stat in config.aggregation.statistics}
+    missing = sorted(set(expected) - set(stats))
+    unknown = sorted(set(stats) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"statistics do not match the config: missing {missing}, unknown {unknown}")
+    for name, dtype in expected.items():
+        values = stats[name]
+        if not isinstance(values, np.ndarray) or values.dtype != dtype or values.shape != (per_parent,):
+            got = (getattr(values, "dtype", type(values).__name__), getattr(values, "shape", None))
+            raise ValueError(
+                f"statistic {name!r}: expected dtype {dtype} and shape ({per_parent},), "
+                f"got dtype {got[0]} and shape {got[1]}"
+            )
+    sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats))
+
+
+async def _write_chunks(
+    store: Store, path: str, chunk_idx: int, per_parent: int, stats: Mapping[str, np.ndarray]
+) -> None:
+    # Opening and writing the arrays concurrently makes a cell's write two
+    # round trips to S3 instead of two per statistic.
+    group = await zarr.api.asynchronous.open_group(
+        store, path=path, mode="r+", zarr_format=3, use_consolidated=False
+    )
+    arrays = await asyncio.gather(*(group.getitem(name) for name in stats))
+    n_chunks = min(array.shape[0] for array in arrays) // per_parent
+    if not 0 <= chunk_idx < n_chunks:
+        raise ValueError(f"chunk index {chunk_idx} is outside the store's {n_chunks} chunks")
+    cells = slice(chunk_idx * per_parent, (chunk_idx + 1) * per_parent)
+    await asyncio.gather(*(array.setitem(cells, stats[name]) for name, array in zip(stats, arrays)))
+
+
+def consolidate(store: Store) -> None:
+    """Consolidate the store's metadata so xarray opens it with one read.
+
+    The ``records/`` prefix is not a zarr node, which zarr reports with a
+    warning while it walks the hierarchy; that warning, and zarr's note that
+    consolidated metadata is not yet part of the v3 spec, are expected here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=f"Object at {RECORDS_PREFIX} is not recognized",
+            category=ZarrUserWarning,
+        )
+        warnings.filterwarnings(
+            "ignore", message="Consolidated metadata is currently not part", category=ZarrUserWarning
+        )
+        zarr.consolidate_metadata(store)
+
+
+def _group_path(config: PipelineConfig) -> str:
+    return str(config.output.child_order)
+
+
+def _require_template(store: Store, config: PipelineConfig) -> Template:
+    template = read_template(store, config)
+    if template is None:
+        raise TemplateMismatchError(
+            f"the store has no finished template for order {config.output.child_order} "
+            f"(group /{_group_path(config)}/); create it before running cells"
+        )
+    return template
+
+
+def _validate_parents(parents: Sequence[int] | np.ndarray, config: PipelineConfig) -> np.ndarray:
+    words = np.array([int(p) for p in parents], dtype=np.uint64)
+    if words.size == 0:
+        raise ValueError("a template needs at least one parent cell")
+    if np.any(words[1:] <= words[:-1]):
+        raise ValueError("parent cells must be unique and in ascending morton order")
+    wrong = words[parent_of(words, config.output.parent_order) != words]
+    if wrong.size:
+        raise ValueError(
+            f"{wrong.size} parent word(s) are not at order {config.output.parent_order}, "
+            f"e.g. {int(wrong[0])}"
+        )
+    return words
+
+
+def _require_same(template: Template, config: PipelineConfig, words: np.ndarray) -> None:
+    if template.config_hash != config.hash:
+        raise TemplateMismatchError(_config_difference(template, config))
+    if not np.array_equal(template.parents, words):
+        raise TemplateMismatchError(_parents_difference(template.parents, words))
+
+
+def _config_difference(template: Template, config: PipelineConfig) -> str:
+    paths = list(_differing_paths(template.config, config.to_dict(), ""))
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return (
+        f"the store's template was made with config {template.config_hash}, "
+        f"this run uses {config.hash}; they differ at {shown or 'an unknown key'}"
+    )
+
+
+def _differing_paths(old: Any, new: Any, path: str) -> Iterator[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differing_paths(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    elif old != new:
+        yield path or "(top level)"
+
+
+def _parents_difference(stored: np.ndarray, wanted: np.ndarray) -> str:
+    n = min(stored.size, wanted.size)
+    unequal = np.flatnonzero(stored[:n] != wanted[:n])
+    where = int(unequal[0]) if unequal.size else n
+    first = (
+        f"first difference at position {where}: store {int(stored[where])}, "
+        f"this run {int(wanted[where])}"
+        if where < n
+        else f"one list extends the other after position {n - 1}"
+    )
+    return (
+        f"the store's template has {stored.size} parent cells, this run {wanted.size}; {first}"
+    )
+
+
+def _create_array(
+    group: zarr.Group, name: str, config: PipelineConfig, size: int, dtype: np.dtype, fill: Any
+) -> None:
+    per_parent = config.output.children_per_parent
+    coordinate = name in COORDINATES
+    group.create_array(
+        name,
+        shape=(size,),
+        dtype=dtype,
+        chunks=(per_parent,),
+        shards=(per_parent * COORDINATE_SHARD_PARENTS,) if coordinate else None,
+        compressors=CODEC,
+        fill_value=fill,
+        dimension_names=(DIMENSION,),
+        attributes=_array_attributes(name, config),
+    )
+
+
+def _array_attributes(name: str, config: PipelineConfig) -> dict[str, Any]:
+    out = config.output
+    if name == "cell_ids":
+        return {
+            "grid_name": out.grid,
+            "level": out.child_order,
+            "indexing_scheme": out.indexing_scheme,
+            "ellipsoid": out.ellipsoid,
+        }
+    if name == "morton":
+        return {"long_name": f"morton word of the order-{out.child_order} cell (mortie)"}
+    return {"coordinates": " ".join(COORDINATES)}
+
+
+def _write_coordinates(group: zarr.Group, config: PipelineConfig, words: np.ndarray) -> None:
+    per_parent = config.output.children_per_parent
+    morton_array, ids_array = group["morton"], group["cell_ids"]
+    for start in range(0, words.size, WRITE_BLOCK_PARENTS):
+        block = words[start : start + WRITE_BLOCK_PARENTS]
+        morton = np.concatenate([children(int(p), config.output.child_order) for p in block])
+        cells = slice(start * per_parent, (start + block.size) * per_parent)
+        morton_array[cells] = morton
+        ids_array[cells] = healpix_ids(morton)
+
+
+def _group_attributes(
+    config: PipelineConfig, words: np.ndarray, provenance: Mapping[str, Any]
+) -> dict[str, Any]:
+    out = config.output
+    return {
+        "zarr_conventions": [ZARR_DGGS_CONVENTION],
+        "dggs": {
+            "name": out.grid,
+            "refinement_level": out.child_order,
+            "indexing_scheme": out.indexing_scheme,
+            "ellipsoid": out.ellipsoid,
+            "coordinate": "cell_ids",
+            "spatial_dimension": DIMENSION,
+            "compression": "none",
+        },
+        TEMPLATE_ATTR: {
+            "version": magg_core.__version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config_hash": config.hash,
+            "config": config.to_dict(),
+            "parent_order": out.parent_order,
+            "child_order": out.child_order,
+            "n_parents": int(words.size),
+            "parents": [str(p) for p in words.tolist()],
+            "provenance": provenance,
+        },
+    }
