@@ -49,6 +49,7 @@ from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
 
 __all__ = [
     "CellRecord",
+    "Template",
     "TemplateMismatchError",
     "check_template",
     "chunk_index",
@@ -57,6 +58,7 @@ __all__ = [
     "input_fingerprint",
     "open_store",
     "read_records",
+    "read_template",
     "write_cell",
     "write_record",
 ]
@@ -68,7 +70,9 @@ TEMPLATE_ATTR = "magg"
 
 ZARR_DGGS_CONVENTION = {
     "uuid": "7b255807-140c-42ca-97f6-7a1cfecdbc38",
-    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/dggs/refs/tags/v1/schema.json",
+    "schema_url": (
+        "https://raw.githubusercontent.com/zarr-conventions/dggs/refs/tags/v1/schema.json"
+    ),
     "spec_url": "https://github.com/zarr-conventions/dggs/blob/v1/README.md",
     "name": "dggs",
     "description": "Discrete Global Grid Systems convention for zarr",
@@ -149,7 +153,7 @@ def open_store(
         return ObjectStore(s3, read_only=read_only)
     if parsed.scheme == "file":
         return LocalStore(Path(unquote(parsed.path)), read_only=read_only)
-    if parsed.scheme == "" or Path(url).anchor:  # a plain path (a drive letter parses as scheme)
+    if parsed.scheme == "":
         return LocalStore(Path(url), read_only=read_only)
     raise ValueError(f"unsupported store URL {url!r} (use a path, file:// or s3://)")
 
@@ -183,7 +187,7 @@ def create_template(
         If ``parents`` are not unique ascending words of ``parent_order``.
     """
     words = _validate_parents(parents, config)
-    provenance = json.loads(json.dumps(dict(provenance)))  # fail on non-JSON before writing
+    provenance = json.loads(json.dumps(dict(provenance), allow_nan=False))  # fail before writing
     existing = read_template(store, config)
     if existing is not None:
         _require_same(existing, config, words)
@@ -254,7 +258,9 @@ def check_template(
         raise TemplateMismatchError(_config_difference(template, config))
     n = template.parents.size
     if not 0 <= chunk_idx < n:
-        raise TemplateMismatchError(f"chunk index {chunk_idx} is outside the template's {n} parents")
+        raise TemplateMismatchError(
+            f"chunk index {chunk_idx} is outside the template's {n} parents"
+        )
     stored = int(template.parents[chunk_idx])
     if stored != parent_morton:
         raise TemplateMismatchError(
@@ -284,14 +290,20 @@ def write_cell(
     missing = sorted(set(expected) - set(stats))
     unknown = sorted(set(stats) - set(expected))
     if missing or unknown:
-        raise ValueError(f"statistics do not match the config: missing {missing}, unknown {unknown}")
+        raise ValueError(
+            f"statistics do not match the config: missing {missing}, unknown {unknown}"
+        )
     for name, dtype in expected.items():
         values = stats[name]
-        if not isinstance(values, np.ndarray) or values.dtype != dtype or values.shape != (per_parent,):
-            got = (getattr(values, "dtype", type(values).__name__), getattr(values, "shape", None))
+        if not (
+            isinstance(values, np.ndarray)
+            and values.dtype == dtype
+            and values.shape == (per_parent,)
+        ):
+            got_dtype = getattr(values, "dtype", type(values).__name__)
             raise ValueError(
                 f"statistic {name!r}: expected dtype {dtype} and shape ({per_parent},), "
-                f"got dtype {got[0]} and shape {got[1]}"
+                f"got dtype {got_dtype} and shape {getattr(values, 'shape', None)}"
             )
     sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats))
 
@@ -315,9 +327,12 @@ async def _write_chunks(
 def consolidate(store: Store) -> None:
     """Consolidate the store's metadata so xarray opens it with one read.
 
-    The ``records/`` prefix is not a zarr node, which zarr reports with a
-    warning while it walks the hierarchy; that warning, and zarr's note that
-    consolidated metadata is not yet part of the v3 spec, are expected here.
+    Run it once, after the cells: consolidated metadata is a snapshot. The
+    ``records/`` prefix is not a zarr node, which zarr reports with a warning
+    while it walks the hierarchy; that warning, and zarr's note that
+    consolidated metadata is not yet part of the v3 spec, are expected here
+    and silenced (``warnings.catch_warnings`` is process-wide, so other
+    threads' warnings of the same text are silenced meanwhile too).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings(
@@ -326,7 +341,9 @@ def consolidate(store: Store) -> None:
             category=ZarrUserWarning,
         )
         warnings.filterwarnings(
-            "ignore", message="Consolidated metadata is currently not part", category=ZarrUserWarning
+            "ignore",
+            message="Consolidated metadata is currently not part",
+            category=ZarrUserWarning,
         )
         zarr.consolidate_metadata(store)
 
@@ -379,7 +396,8 @@ def _config_difference(template: Template, config: PipelineConfig) -> str:
 def _differing_paths(old: Any, new: Any, path: str) -> Iterator[str]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for key in sorted(set(old) | set(new), key=str):
-            yield from _differing_paths(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            key_path = f"{path}.{key}" if path else str(key)
+            yield from _differing_paths(old.get(key), new.get(key), key_path)
     elif old != new:
         yield path or "(top level)"
 
