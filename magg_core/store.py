@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ class TemplateMismatchError(ValueError):
 class Template:
     """The parts of a finished template that cells are checked against."""
 
+    id: str
+    """Unique per creation: a store deleted and re-created gets a new id."""
     config_hash: str
     config: Mapping[str, Any]
     parents: np.ndarray
@@ -216,6 +219,7 @@ def read_template(store: Store, config: PipelineConfig) -> Template | None:
     if not isinstance(marker, Mapping):
         return None
     return Template(
+        id=marker["id"],
         config_hash=marker["config_hash"],
         config=marker["config"],
         parents=np.array([int(p) for p in marker["parents"]], dtype=np.uint64),
@@ -476,6 +480,7 @@ def _group_attributes(
             "compression": "none",
         },
         TEMPLATE_ATTR: {
+            "id": uuid.uuid4().hex,
             "version": magg_core.__version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "config_hash": config.hash,

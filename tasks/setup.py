@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 
 from magg_core.catalog import Catalog, build_catalog, load_catalog
 from magg_core.config import PipelineConfig, load_config
-from magg_core.store import create_template, open_store, template_id
+from magg_core.store import create_template, open_store, read_template
 
 
 @task(cache_policy=NONE)
@@ -55,4 +55,4 @@ def prepare_store(
     """
     store = open_store(store_url)
     create_template(store, config, parents, provenance)
-    return template_id(store, config)
+    return read_template(store, config).id
