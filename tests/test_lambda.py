@@ -1,0 +1,453 @@
+"""The Lambda backend end to end: real boto3 client → loopback Invoke API → real handler.
+
+Every invocation runs ``deployments.aws.lambda_handler`` in a fresh Python
+process against moto S3, through the same botocore code path as production
+(only ``endpoint_url`` differs). Timeouts are scaled down: a 1 s client read
+timeout stands in for botocore's 60 s default, a 2.5 s function for a >60 s
+cell; the property proven is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import h5py
+import numpy as np
+import pytest
+import zarr
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from deployments.aws.lambda_handler import lambda_handler
+from magg_core.cell import process_cell
+from magg_core.config import PipelineConfig, load_config
+from magg_core.grid import point_morton
+from magg_core.lambda_client import (
+    LambdaCellError,
+    LambdaFunctionError,
+    LambdaInvokeError,
+    LambdaRequestRejected,
+    LambdaThrottled,
+    LambdaTimeout,
+    invoke_cell,
+    is_retryable,
+    lambda_client_config,
+)
+from magg_core.request import CellRequest, CellResult
+from magg_core.sample import BEAMS, write_sample
+from magg_core.store import create_template, open_store
+from tests.fakes.lambda_api import FakeLambda
+
+CELL = "magg-cell"
+SLOW = "magg-cell-slow"
+TIMES_OUT = "magg-cell-times-out"
+THROTTLED = "magg-cell-throttled"
+S3_DENIED = "magg-cell-s3-denied"
+LEAKY = "magg-leaky-raiser"
+WRONG_SHAPE = "magg-wrong-shape"
+
+FUNCTION_TIMEOUT_S = 60
+SLOW_DELAY_S = 2.5
+WOULD_BE_READ_TIMEOUT_S = 1
+"""Scaled-down botocore default (60 s): shorter than the slow function runs."""
+
+
+# -- handlers deployed to the fake next to the real one -------------------------------
+
+
+def leaky_raising_handler(event, context):
+    """A careless function whose unhandled error message embeds the secret key."""
+    raise RuntimeError(f"could not sign with {event['s3_credentials']['secretAccessKey']}")
+
+
+def wrong_shape_handler(event, context):
+    """Some other function deployed under the name the flow invokes."""
+    return {"hello": "world"}
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """Sample granules in moto S3 and two identical store templates over two parents."""
+
+    s3: object
+    config: PipelineConfig
+    granule_urls: tuple[str, ...]
+    parents: tuple[int, ...]
+    """Ascending; ``data_parent`` is the one most sample points fall in."""
+    data_parent: int
+    spare_parent: int
+    lambda_store: str
+    local_store: str
+
+    def request(self, store: str, parent: int | None = None, **changes) -> CellRequest:
+        parent = self.data_parent if parent is None else parent
+        request = CellRequest(
+            parent_morton=parent,
+            parent_order=6,
+            child_order=12,
+            granule_urls=self.granule_urls,
+            store_path=store,
+            chunk_idx=self.parents.index(parent),
+            s3_credentials=self.s3.credentials,
+        )
+        return replace(request, **changes)
+
+    def empty_request(self) -> CellRequest:
+        """The spare parent with no granules: a quick, valid cell ('no_granules')."""
+        return self.request(self.lambda_store, parent=self.spare_parent, granule_urls=())
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        credentials = self.s3.credentials
+        return (credentials.access_key_id, *credentials.secrets())
+
+
+@pytest.fixture(scope="module")
+def world(moto_server, tmp_path_factory) -> World:
+    granule_dir = tmp_path_factory.mktemp("lambda-granules")
+    granules = write_sample(granule_dir, n_granules=2, extent_km=120.0, seed=7)
+    moto_server.create_bucket("magg-lambda-in")
+    moto_server.create_bucket("magg-lambda-out")
+    urls = moto_server.upload_dir(granule_dir, "magg-lambda-in", "ATLAS/ATL06/007")
+
+    words = []
+    for granule in granules:
+        with h5py.File(granule.path) as f:
+            for beam in BEAMS:
+                if beam in f:
+                    segments = f[f"{beam}/land_ice_segments"]
+                    words.append(point_morton(segments["latitude"][:], segments["longitude"][:], 6))
+    parents, counts = np.unique(np.concatenate(words), return_counts=True)
+    ranked = parents[np.argsort(counts)[::-1]]
+    data_parent, spare_parent = int(ranked[0]), int(ranked[1])
+
+    config = load_config()
+    stores = {}
+    for name in ("lambda", "local"):
+        url = f"s3://magg-lambda-out/{name}.zarr"
+        store = open_store(url, credentials=moto_server.credentials, endpoint=moto_server.endpoint)
+        create_template(store, config, sorted((data_parent, spare_parent)), {"test": "lambda"})
+        stores[name] = url
+    return World(
+        s3=moto_server,
+        config=config,
+        granule_urls=tuple(urls),
+        parents=tuple(sorted((data_parent, spare_parent))),
+        data_parent=data_parent,
+        spare_parent=spare_parent,
+        lambda_store=stores["lambda"],
+        local_store=stores["local"],
+    )
+
+
+@pytest.fixture(scope="module")
+def denying_s3():
+    """An S3 endpoint that answers every request 403 AccessDenied, as S3 does."""
+
+    class Deny(BaseHTTPRequestHandler):
+        def _deny(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = (
+                b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Access Denied</Message></Error>"
+            )
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _deny
+
+        def log_message(self, format, *args):  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def fake(world, denying_s3):
+    # The function's own environment: its role's credentials and where S3 is,
+    # as a Lambda configured for a non-AWS endpoint would have them.
+    env = {
+        "AWS_ENDPOINT_URL_S3": world.s3.url,
+        "AWS_ACCESS_KEY_ID": world.s3.credentials.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": world.s3.credentials.secret_access_key,
+    }
+    with FakeLambda() as fake:
+        fake.add_function(CELL, timeout_s=FUNCTION_TIMEOUT_S, environment=env)
+        fake.add_function(SLOW, timeout_s=FUNCTION_TIMEOUT_S, environment=env, delay_s=SLOW_DELAY_S)
+        fake.add_function(TIMES_OUT, timeout_s=2, environment=env, delay_s=30)
+        fake.add_function(THROTTLED, timeout_s=FUNCTION_TIMEOUT_S, environment=env)
+        denied_env = {**env, "AWS_ENDPOINT_URL_S3": denying_s3}
+        fake.add_function(S3_DENIED, timeout_s=FUNCTION_TIMEOUT_S, environment=denied_env)
+        fake.add_function(LEAKY, handler="tests.test_lambda.leaky_raising_handler")
+        fake.add_function(WRONG_SHAPE, handler="tests.test_lambda.wrong_shape_handler")
+        yield fake
+
+
+def lambda_client(url: str, config: Config):
+    return boto3.client(
+        "lambda",
+        endpoint_url=url,
+        region_name="us-west-2",
+        aws_access_key_id="testing-invoker",
+        aws_secret_access_key="testing-invoker-secret",
+        config=config,
+    )
+
+
+@pytest.fixture(scope="module")
+def client(fake):
+    return lambda_client(fake.url, lambda_client_config(FUNCTION_TIMEOUT_S))
+
+
+def assert_no_secrets(world: World, *texts: str) -> None:
+    for text in texts:
+        for secret in world.secrets:
+            assert secret not in text
+
+
+def handler_log(fake: FakeLambda, name: str) -> dict:
+    """The handler's one structured line of the latest invocation of ``name``."""
+    invocation = fake.invocations(name)[-1]
+    lines = [json.loads(line) for line in invocation.output.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, invocation.output
+    assert lines[0]["request_id"] == invocation.request_id
+    return lines[0]
+
+
+# -- the happy path -------------------------------------------------------------------
+
+
+def _comparable(result: CellResult) -> dict:
+    data = result.to_dict()
+    del data["duration_s"], data["peak_rss_mb"]
+    return data
+
+
+def _chunk(world: World, url: str, name: str) -> np.ndarray:
+    store = open_store(
+        url, credentials=world.s3.credentials, endpoint=world.s3.endpoint, read_only=True
+    )
+    group = zarr.open_group(store, path="12", mode="r")
+    n = world.config.output.children_per_parent
+    i = world.parents.index(world.data_parent)
+    return group[name][i * n : (i + 1) * n]
+
+
+def test_cell_on_lambda_matches_the_same_cell_in_process(world, fake, client, s3_env):
+    remote = invoke_cell(client, CELL, world.request(world.lambda_store))
+    local = process_cell(world.request(world.local_store), endpoint=world.s3.endpoint)
+
+    assert remote.status == "ok" and remote.total_obs > 0 and remote.files_processed == 2
+    assert _comparable(remote) == _comparable(local)
+    assert remote.duration_s.total > 0
+    names = [s.name for s in world.config.aggregation.statistics] + ["cell_ids", "morton"]
+    for name in names:
+        np.testing.assert_array_equal(
+            _chunk(world, world.lambda_store, name), _chunk(world, world.local_store, name)
+        )
+    assert int(_chunk(world, world.lambda_store, "count").sum()) == remote.total_obs
+    assert fake.received(CELL) == 1
+
+    line = handler_log(fake, CELL)
+    assert line["statusCode"] == 200 and line["status"] == "ok"
+    assert line["parent_morton"] == str(world.data_parent)
+    assert line["total_obs"] == remote.total_obs and line["granule_count"] == 2
+    assert set(line["duration_s"]) == {"read", "aggregate", "write", "total"}
+    assert_no_secrets(world, fake.invocations(CELL)[-1].output, json.dumps(remote.to_dict()))
+
+
+# -- requests the handler refuses -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"granule_urls": None, "store_path": None}, ("granule_urls", "store_path")),
+        ({"parent_order": "six"}, ("parent_order",)),
+    ],
+    ids=["missing", "invalid"],
+)
+def test_bad_fields_are_named_in_a_400(world, fake, client, change, named):
+    event = world.request(world.lambda_store).to_event()
+    for key, value in change.items():
+        if value is None:
+            del event[key]
+        else:
+            event[key] = value
+    response = client.invoke(FunctionName=CELL, Payload=json.dumps(event).encode())
+    raw = response["Payload"].read().decode()
+    payload = json.loads(raw)
+
+    assert "FunctionError" not in response and payload["statusCode"] == 400
+    error = json.loads(payload["body"])["error"]
+    assert all(name in error for name in named), error
+    line = handler_log(fake, CELL)
+    assert line["statusCode"] == 400 and line["error"] == error
+    assert_no_secrets(world, raw, fake.invocations(CELL)[-1].output)
+
+
+def test_unsafe_expression_in_config_is_rejected_naming_the_key(world, fake, client):
+    config = world.config.to_dict()
+    config["aggregation"]["columns"]["weight"] = "__import__('os').system('id')"
+    request = world.request(world.lambda_store, config=config)
+
+    with pytest.raises(LambdaRequestRejected) as caught:
+        invoke_cell(client, CELL, request)
+    assert "aggregation.columns.weight" in str(caught.value)
+    assert not is_retryable(caught.value)
+    assert_no_secrets(world, str(caught.value), fake.invocations(CELL)[-1].output)
+
+
+def test_cell_missing_from_the_store_template_is_rejected(world, client):
+    outsider = int(point_morton(np.array([-80.0]), np.array([10.0]), 6)[0])
+    request = world.request(world.lambda_store, parent_morton=outsider, chunk_idx=None)
+
+    with pytest.raises(LambdaRequestRejected, match="not in the store's template") as caught:
+        invoke_cell(client, CELL, request)
+    assert not is_retryable(caught.value)
+
+
+def test_handler_masks_credentials_echoed_by_an_error(world, capsys):
+    secret = world.s3.credentials.secret_access_key
+    event = world.request(f"ftp://bucket/{secret}.zarr").to_event()
+
+    response = lambda_handler(event, None)  # called locally: no Lambda context
+    assert response["statusCode"] == 500
+    error = json.loads(response["body"])["error"]
+    assert "unsupported store URL" in error and "***" in error
+    log = capsys.readouterr().out
+    assert json.loads(log)["error"] == error
+    assert_no_secrets(world, response["body"], log)
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+def test_unexpected_exception_in_the_handler_is_a_retryable_500(world, fake, client):
+    with pytest.raises(LambdaCellError, match="PermissionDenied") as caught:
+        invoke_cell(client, S3_DENIED, world.request(world.lambda_store))
+    assert is_retryable(caught.value)
+    line = handler_log(fake, S3_DENIED)
+    assert line["statusCode"] == 500 and "PermissionDenied" in line["error"]
+    assert_no_secrets(world, str(caught.value), fake.invocations(S3_DENIED)[-1].output)
+
+
+def test_function_timeout_is_a_function_error(world, fake, client):
+    with pytest.raises(LambdaFunctionError, match="Task timed out after 2.00 seconds") as caught:
+        invoke_cell(client, TIMES_OUT, world.empty_request())
+    assert caught.value.error_type == "Sandbox.Timedout"
+    assert not is_retryable(caught.value)
+    assert fake.received(TIMES_OUT) == 1
+
+
+def test_function_error_message_is_redacted_by_the_client(world, fake, client):
+    with pytest.raises(LambdaFunctionError) as caught:
+        invoke_cell(client, LEAKY, world.request(world.lambda_store))
+    message = str(caught.value)
+    assert caught.value.error_type == "RuntimeError" and "could not sign with ***" in message
+    assert_no_secrets(world, message)
+    # The fake really sent the secret back: the client is what removed it.
+    assert world.s3.credentials.secret_access_key in fake.invocations(LEAKY)[-1].output
+
+
+def test_a_response_that_is_not_a_cell_answer_is_not_retried(world, client):
+    with pytest.raises(LambdaInvokeError, match="unexpected handler response") as caught:
+        invoke_cell(client, WRONG_SHAPE, world.request(world.lambda_store))
+    assert type(caught.value) is LambdaInvokeError and not is_retryable(caught.value)
+
+
+def test_throttle_is_raised_once_not_retried_by_botocore(world, fake, client):
+    fake.function(THROTTLED).throttle_next = 1
+    with pytest.raises(LambdaThrottled, match="Rate Exceeded") as caught:
+        invoke_cell(client, THROTTLED, world.empty_request())
+    assert is_retryable(caught.value)
+    # Had botocore retried, its second request would have run the cell and succeeded.
+    assert [i.outcome for i in fake.invocations(THROTTLED)] == ["throttled"]
+
+    result = invoke_cell(client, THROTTLED, world.empty_request())
+    assert result.status == "no_granules"
+    assert [i.outcome for i in fake.invocations(THROTTLED)] == ["throttled", "ok"]
+
+
+def test_unknown_function_is_a_plain_client_error(world, client):
+    with pytest.raises(ClientError) as caught:
+        invoke_cell(client, "no-such-function", world.empty_request())
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert not is_retryable(caught.value)
+
+
+def test_unreachable_endpoint_is_retryable(world):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = lambda_client(closed, lambda_client_config(FUNCTION_TIMEOUT_S))
+    with pytest.raises(EndpointConnectionError) as caught:
+        invoke_cell(client, CELL, world.request(world.lambda_store))
+    assert is_retryable(caught.value)
+
+
+# -- the double-invocation trap (DESIGN §4) ---------------------------------------------
+
+
+def test_client_config_outwaits_the_function_and_never_retries():
+    config = lambda_client_config(720)
+    assert config.read_timeout > 720
+    assert config.connect_timeout <= 10
+    assert config.retries["total_max_attempts"] == 1
+    with pytest.raises(ValueError):
+        lambda_client_config(0)
+
+
+def test_max_attempts_1_still_sends_two_requests(world, fake):
+    """The trap, reproduced: botocore reads ``max_attempts`` as *retries*."""
+    before = fake.received(SLOW)
+    trap = Config(
+        read_timeout=WOULD_BE_READ_TIMEOUT_S, retries={"mode": "legacy", "max_attempts": 1}
+    )
+    with pytest.raises(LambdaTimeout):
+        invoke_cell(lambda_client(fake.url, trap), SLOW, world.empty_request())
+    fake.wait_idle()
+    assert fake.received(SLOW) - before == 2
+
+
+def test_a_read_timeout_is_reported_not_retried(world, fake, monkeypatch):
+    # Ambient settings that would otherwise turn retries back on must not win.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
+    before = fake.received(SLOW)
+    impatient = lambda_client_config(FUNCTION_TIMEOUT_S).merge(
+        Config(read_timeout=WOULD_BE_READ_TIMEOUT_S)
+    )
+    with pytest.raises(LambdaTimeout) as caught:
+        invoke_cell(lambda_client(fake.url, impatient), SLOW, world.empty_request())
+    assert is_retryable(caught.value)
+    fake.wait_idle()
+    assert fake.received(SLOW) - before == 1
+
+
+def test_slow_cell_is_invoked_exactly_once_and_answers(world, fake, client):
+    before = fake.received(SLOW)
+    started = time.monotonic()
+    result = invoke_cell(client, SLOW, world.empty_request())
+    assert time.monotonic() - started >= SLOW_DELAY_S > WOULD_BE_READ_TIMEOUT_S
+    assert result.status == "no_granules" and result.parent_morton == world.spare_parent
+    fake.wait_idle()
+    assert fake.received(SLOW) - before == 1
