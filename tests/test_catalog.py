@@ -1,0 +1,273 @@
+"""Catalogs built from the sample's granules, through a loopback fake CMR."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import h5py
+import numpy as np
+import pytest
+
+from magg_core.catalog import (
+    Catalog,
+    CatalogError,
+    build_catalog,
+    catalog_from_records,
+    load_catalog,
+)
+from magg_core.cmr import RetryPolicy
+from magg_core.cycles import CycleError, cycle_query_range
+from magg_core.grid import parent_of, point_morton
+from magg_core.regions import RegionError
+from magg_core.request import CellRequest
+from magg_core.sample import write_sample
+from tests.fakes.cmr import FakeCmr, umm_item
+
+CYCLE = 22
+ORDER = 6
+FAST = RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def dome_c(tmp_path_factory):
+    """The demo sample: 12 granules near Dome C."""
+    return write_sample(tmp_path_factory.mktemp("dome_c"), n_granules=12, cycle=CYCLE)
+
+
+@pytest.fixture(scope="module")
+def pole(tmp_path_factory):
+    """Granules at 86°S on the antimeridian: tracks curve round the pole hole and cross ±180°."""
+    return write_sample(
+        tmp_path_factory.mktemp("pole"), n_granules=10, cycle=CYCLE, centre=(-86.0, 180.0), spacing_m=60.0
+    )
+
+
+@pytest.fixture
+def fake_cmr():
+    fake = FakeCmr().start()
+    yield fake
+    fake.stop()
+
+
+def point_cells(granule, order=ORDER):
+    """Parent cell of every point (all rows, good or not) of a granule, per beam."""
+    cells = []
+    with h5py.File(granule.path) as f:
+        for beam in (b for b in f if b.startswith("gt")):
+            segments = f[beam]["land_ice_segments"]
+            words = point_morton(segments["latitude"][:], segments["longitude"][:], 18)
+            cells.append(parent_of(words, order))
+    return np.unique(np.concatenate(cells))
+
+
+def overlap_check(catalog, granules, order=ORDER):
+    """(missed, extra, pairs) of (granule, cell) pairs against the granules' own points."""
+    listed = {(g.name, cell) for cell, gs in catalog.cells.items() for g in gs}
+    truth = {(g.name, int(c)) for g in granules for c in point_cells(g, order)}
+    return len(truth - listed), len(listed - truth), len(listed)
+
+
+def test_catalog_lists_every_granule_under_every_cell_its_points_fall_in(dome_c):
+    catalog = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    missed, extra, pairs = overlap_check(catalog, dome_c)
+    assert missed == 0
+    assert extra <= 0.1 * pairs  # cells the footprint's 150 m margin grazes
+    assert catalog.granule_count == 12 and not catalog.report
+
+
+def test_completeness_where_tracks_wrap_the_pole_and_cross_the_antimeridian(pole):
+    rings = [g.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"]["GPolygons"][0] for g in pole]
+    lons = np.array([p["Longitude"] for r in rings for p in r["Boundary"]["Points"]])
+    assert lons.min() < -179 and lons.max() > 179  # really crosses the antimeridian
+    catalog = catalog_from_records([g.umm for g in pole], cycle=CYCLE)
+    missed, extra, pairs = overlap_check(catalog, pole)
+    assert missed == 0
+    assert extra <= 0.1 * pairs
+    # At a finer parent order the same holds with many more cells per granule.
+    fine = catalog_from_records([g.umm for g in pole], cycle=CYCLE, parent_order=9)
+    missed9, extra9, pairs9 = overlap_check(fine, pole, 9)
+    assert missed9 == 0 and extra9 <= 0.1 * pairs9
+
+
+def test_build_from_fake_cmr_matches_the_records_path(dome_c, fake_cmr, tmp_path):
+    start = cycle_query_range(CYCLE).start + timedelta(days=20)
+    other_cycle = umm_item(  # inside the padded dates, but its name says cycle 21
+        f"ATL06_{start:%Y%m%d%H%M%S}_04402110_007_01.h5",
+        [(123, -75), (124, -75), (124, -74), (123, -75)],
+        start,
+        start + timedelta(minutes=5),
+    )
+    fake_cmr.items = [g.umm for g in dome_c] + [other_cycle]
+    catalog = build_catalog(cycle=CYCLE, region="antarctica", cmr_url=fake_cmr.url, retry=FAST)
+    assert catalog.fingerprint == catalog_from_records([g.umm for g in dome_c], cycle=CYCLE).fingerprint
+    meta = catalog.metadata
+    assert meta["counts"]["other_cycle"] == 1
+    assert meta["counts"]["records"] == 13 and meta["counts"]["granules"] == 12
+    assert (meta["cycle"], meta["region"], meta["parent_order"]) == (CYCLE, "antarctica", ORDER)
+    assert meta["query"]["cmr_url"] == fake_cmr.url
+    assert meta["query"]["bounding_box"][1] == -90.0
+    assert (meta["start"], meta["end"]) == cycle_query_range(CYCLE).isoformat()
+
+    # Each cell becomes a valid cell request for the workers.
+    path = catalog.write(tmp_path / "catalog.json")
+    loaded = load_catalog(path)
+    for parent in loaded.parents:
+        request = CellRequest.from_event(
+            {
+                "parent_morton": str(parent),
+                "parent_order": ORDER,
+                "child_order": 12,
+                "granule_urls": loaded.urls(parent),
+                "store_path": "s3://bucket/store.zarr",
+            }
+        )
+        assert request.granule_urls and all(u.startswith("s3://") for u in request.granule_urls)
+
+
+def test_catalog_file_layout(dome_c, tmp_path):
+    catalog = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    data = json.loads(catalog.write(tmp_path / "c.json").read_text())
+    keys = list(data["cells"])
+    assert [int(k) for k in keys] == sorted(int(k) for k in keys)  # numeric, not string, order
+    assert all(int(k) >= 2**63 for k in keys)  # uint64 words survive as strings
+    assert data["granule_counts"] == {k: len(v) for k, v in data["cells"].items()}
+    by_name = {g.name: g for g in dome_c}
+    for granules in data["cells"].values():
+        for g in granules:
+            assert g["s3"] == by_name[g["name"]].s3_url
+            assert g["https"] == by_name[g["name"]].https_url
+    assert data["metadata"]["fingerprint"] == catalog.fingerprint
+    assert data["metadata"]["counts"]["pairs"] == sum(data["granule_counts"].values())
+    assert data["report"] == []
+
+
+def test_round_trip_and_fingerprint(dome_c, tmp_path):
+    catalog = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    loaded = load_catalog(catalog.write(tmp_path / "c.json"))
+    assert loaded.cells == catalog.cells
+    assert loaded.metadata == catalog.metadata
+    assert np.array_equal(loaded.parents, catalog.parents) and loaded.parents.dtype == np.uint64
+    # Same granules, built again later: same fingerprint; one granule fewer: different.
+    again = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    assert again.fingerprint == catalog.fingerprint
+    fewer = catalog_from_records([g.umm for g in dome_c[1:]], cycle=CYCLE)
+    assert fewer.fingerprint != catalog.fingerprint
+
+
+def test_edited_or_truncated_catalog_is_rejected(dome_c, tmp_path):
+    path = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE).write(tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    first = next(iter(data["cells"]))
+    data["cells"][first] = data["cells"][first][:-1]
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    with pytest.raises(CatalogError, match="fingerprint"):
+        load_catalog(edited)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(path.read_text()[: len(path.read_text()) // 2])
+    with pytest.raises(CatalogError, match="not JSON"):
+        load_catalog(truncated)
+    data = json.loads(path.read_text())
+    data["cells"] = dict(reversed(list(data["cells"].items())))
+    unordered = tmp_path / "unordered.json"
+    unordered.write_text(json.dumps(data))
+    with pytest.raises(CatalogError, match="ascending"):
+        load_catalog(unordered)
+
+
+def test_write_is_atomic(dome_c, tmp_path, monkeypatch):
+    catalog = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    path = catalog.write(tmp_path / "c.json")
+    before = path.read_bytes()
+
+    def fail_midway(obj, f, **kw):
+        f.write('{"metadata": {')
+        raise OSError("disk full")
+
+    monkeypatch.setattr("magg_core.catalog.json.dump", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        catalog_from_records([g.umm for g in dome_c[:3]], cycle=CYCLE).write(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]  # no temporary left
+
+
+def test_missing_and_degenerate_footprints_are_reported_not_dropped(dome_c):
+    t = datetime(2024, 1, 10, tzinfo=UTC)
+    names = [f"ATL06_{t + timedelta(hours=i):%Y%m%d%H%M%S}_0{100 + i}2210_007_01.h5" for i in range(4)]
+    bad = [
+        umm_item(names[0], None, t, t),  # no GPolygons at all
+        umm_item(names[1], [(123, -75), (124, -75), (123, -75)], t, t),  # two distinct vertices
+        umm_item(names[2], [(123, -75), (124, -95), (124, -74), (123, -75)], t, t),  # latitude -95
+        umm_item(names[3], [(123, -75), (124, -75), (124, -74), (123, -75)], t, t),
+    ]
+    bad[3]["umm"]["RelatedUrls"] = bad[3]["umm"]["RelatedUrls"][1:]  # https only
+    catalog = catalog_from_records([g.umm for g in dome_c] + bad, cycle=CYCLE)
+    problems = {r.name: r.problem for r in catalog.report}
+    assert problems == {
+        names[0]: "missing_footprint",
+        names[1]: "degenerate_footprint",
+        names[2]: "degenerate_footprint",
+        names[3]: "no_s3_url",
+    }
+    assert "out of range" in next(r.detail for r in catalog.report if r.name == names[2])
+    assert catalog.metadata["counts"]["reported"] == 4
+    assert catalog.granule_count == 12
+    written = catalog.to_dict()["report"]
+    assert {r["name"] for r in written} == set(names)
+
+
+def test_granules_outside_the_region_are_counted(dome_c):
+    t = datetime(2024, 1, 10, tzinfo=UTC)
+    greenland = umm_item("ATL06_20240110000000_01002203_007_01.h5", [(-40, 72), (-39, 72), (-39, 73), (-40, 72)], t, t)
+    catalog = catalog_from_records([g.umm for g in dome_c] + [greenland], cycle=CYCLE)
+    assert catalog.metadata["counts"]["outside_region"] == 1
+    assert catalog.granule_count == 12
+    in_greenland = catalog_from_records([greenland], region="greenland", cycle=CYCLE)
+    assert in_greenland.granule_count == 1
+
+
+def test_date_range_catalog_keeps_all_cycles(dome_c, fake_cmr):
+    fake_cmr.items = [g.umm for g in dome_c]
+    first = min(g.umm["umm"]["TemporalExtent"]["RangeDateTime"]["BeginningDateTime"] for g in dome_c)
+    catalog = build_catalog(start=first[:10], end=first[:10], cmr_url=fake_cmr.url, retry=FAST)
+    assert catalog.metadata["cycle"] is None
+    assert catalog.metadata["start"] == first[:10] + "T00:00:00Z"
+    assert 1 <= catalog.granule_count < 12
+
+
+def test_empty_result_is_a_clear_no_granules_outcome(fake_cmr, tmp_path):
+    catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+    assert catalog.is_empty and catalog.granule_count == 0
+    assert catalog.metadata["counts"]["granules"] == 0
+    assert load_catalog(catalog.write(tmp_path / "empty.json")).is_empty
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"cycle": 0}, CycleError, "before launch"),
+        ({"cycle": 22, "start": "2023-01-01", "end": "2023-02-01"}, CycleError, "not both"),
+        ({}, CycleError, "give a cycle"),
+        ({"start": "2023-01-01"}, CycleError, "both a start and an end"),
+        ({"cycle": 22, "region": "antartica"}, RegionError, "unknown region"),
+        ({"cycle": 22, "parent_order": 0}, CatalogError, "parent_order"),
+    ],
+)
+def test_bad_input_fails_before_asking_cmr(fake_cmr, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        build_catalog(cmr_url=fake_cmr.url, retry=FAST, **kwargs)
+    assert fake_cmr.requests == []
+
+
+def test_malformed_geojson_region_fails_before_asking_cmr(fake_cmr, tmp_path):
+    path = tmp_path / "region.geojson"
+    path.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0]]]}')
+    with pytest.raises(RegionError, match="at least 3 distinct"):
+        build_catalog(cycle=CYCLE, region=path, cmr_url=fake_cmr.url, retry=FAST)
+    assert fake_cmr.requests == []
+
+
+def test_catalog_is_a_frozen_value():
+    catalog = Catalog(metadata={"parent_order": 6}, cells={})
+    with pytest.raises(AttributeError):
+        catalog.cells = {}
+    assert catalog.is_empty and catalog.parents.dtype == np.uint64
