@@ -204,7 +204,7 @@ def _reject(node: ast.AST, text: str, what: str, hint: str = "") -> NoReturn:
 
 
 def _fragment(node: ast.AST, text: str) -> str:
-    return _shorten(ast.get_source_segment(text, node) or ast.dump(node))
+    return _shorten(ast.get_source_segment(text, node) or "")
 
 
 def _shorten(text: str, limit: int = 100) -> str:
