@@ -9,12 +9,15 @@ cell; the property proven is the same.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import threading
 import time
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import boto3
 import h5py
@@ -44,12 +47,16 @@ from magg_core.sample import BEAMS, write_sample
 from magg_core.store import create_template, open_store
 from tests.fakes.lambda_api import FakeLambda
 
+if TYPE_CHECKING:  # the sandbox imports this module for its test handlers: keep it light
+    from tests.conftest import MotoS3
+
 CELL = "magg-cell"
 SLOW = "magg-cell-slow"
 TIMES_OUT = "magg-cell-times-out"
 THROTTLED = "magg-cell-throttled"
 S3_DENIED = "magg-cell-s3-denied"
 LEAKY = "magg-leaky-raiser"
+CRASHES = "magg-crasher"
 WRONG_SHAPE = "magg-wrong-shape"
 
 FUNCTION_TIMEOUT_S = 60
@@ -66,6 +73,11 @@ def leaky_raising_handler(event, context):
     raise RuntimeError(f"could not sign with {event['s3_credentials']['secretAccessKey']}")
 
 
+def crashing_handler(event, context):
+    """A function killed without a word, as the out-of-memory killer does."""
+    os._exit(137)
+
+
 def wrong_shape_handler(event, context):
     """Some other function deployed under the name the flow invokes."""
     return {"hello": "world"}
@@ -78,7 +90,7 @@ def wrong_shape_handler(event, context):
 class World:
     """Sample granules in moto S3 and two identical store templates over two parents."""
 
-    s3: object
+    s3: MotoS3
     config: PipelineConfig
     granule_urls: tuple[str, ...]
     parents: tuple[int, ...]
@@ -197,6 +209,7 @@ def fake(world, denying_s3):
         denied_env = {**env, "AWS_ENDPOINT_URL_S3": denying_s3}
         fake.add_function(S3_DENIED, timeout_s=FUNCTION_TIMEOUT_S, environment=denied_env)
         fake.add_function(LEAKY, handler="tests.test_lambda.leaky_raising_handler")
+        fake.add_function(CRASHES, handler="tests.test_lambda.crashing_handler")
         fake.add_function(WRONG_SHAPE, handler="tests.test_lambda.wrong_shape_handler")
         yield fake
 
@@ -292,7 +305,9 @@ def test_bad_fields_are_named_in_a_400(world, fake, client, change, named):
             del event[key]
         else:
             event[key] = value
-    response = client.invoke(FunctionName=CELL, Payload=json.dumps(event).encode())
+    response = client.invoke(
+        FunctionName=CELL, Payload=json.dumps(event).encode(), LogType="Tail"
+    )
     raw = response["Payload"].read().decode()
     payload = json.loads(raw)
 
@@ -301,7 +316,9 @@ def test_bad_fields_are_named_in_a_400(world, fake, client, change, named):
     assert all(name in error for name in named), error
     line = handler_log(fake, CELL)
     assert line["statusCode"] == 400 and line["error"] == error
-    assert_no_secrets(world, raw, fake.invocations(CELL)[-1].output)
+    log_tail = base64.b64decode(response["LogResult"]).decode()
+    assert json.dumps(line) in log_tail
+    assert_no_secrets(world, raw, log_tail)
 
 
 def test_unsafe_expression_in_config_is_rejected_naming_the_key(world, fake, client):
@@ -366,6 +383,13 @@ def test_function_error_message_is_redacted_by_the_client(world, fake, client):
     assert_no_secrets(world, message)
     # The fake really sent the secret back: the client is what removed it.
     assert world.s3.credentials.secret_access_key in fake.invocations(LEAKY)[-1].output
+
+
+def test_crashed_function_is_a_function_error(world, client):
+    with pytest.raises(LambdaFunctionError, match="exit status 137") as caught:
+        invoke_cell(client, CRASHES, world.empty_request())
+    assert caught.value.error_type == "Runtime.ExitError"
+    assert not is_retryable(caught.value)
 
 
 def test_a_response_that_is_not_a_cell_answer_is_not_retried(world, client):

@@ -14,7 +14,8 @@ handler returned                200   its JSON; ``X-Amz-Executed-Version: $LATES
 handler raised                  200   ``X-Amz-Function-Error: Unhandled``,
                                       ``{"errorMessage", "errorType", "stackTrace"}``
 function timeout (killed)       200   ``Unhandled``, ``errorType`` ``Sandbox.Timedout``
-process died without answer     200   ``Unhandled``, ``errorType`` ``Runtime.ExitError``
+no answer (crash, OOM kill,     200   ``Unhandled``, ``errorType`` ``Runtime.ExitError``
+unserializable return value)
 injected throttle               429   ``x-amzn-ErrorType: TooManyRequestsException``
 unknown function                404   ``x-amzn-ErrorType: ResourceNotFoundException``
 payload is not JSON             400   ``x-amzn-ErrorType: InvalidRequestContentException``
@@ -383,11 +384,7 @@ def _run_sandbox(handler_path: str, result_path: str) -> None:
         stack = traceback.format_tb(exc.__traceback__)
         outcome = _raised(context, type(exc).__name__, str(exc), stack)
     else:
-        try:
-            outcome = json.dumps({"raised": False, "payload": payload})
-        except (TypeError, ValueError) as exc:
-            message = f"Unable to marshal response: {exc}"
-            outcome = _raised(context, "Runtime.MarshalError", message, [])
+        outcome = json.dumps({"raised": False, "payload": payload})
     Path(result_path).write_text(outcome)
 
 
