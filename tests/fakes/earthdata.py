@@ -1,0 +1,183 @@
+"""A loopback HTTPS fake of Earthdata Login and NSIDC's ``s3credentials`` endpoint.
+
+earthaccess talks to it unchanged (only the host differs), over real TLS with
+a certificate from a throwaway CA (``trustme``) that the tests trust through
+``REQUESTS_CA_BUNDLE``:
+
+- ``POST /api/users/find_or_create_token`` answers 401 with a Basic challenge
+  until the request carries HTTP Basic credentials (earthaccess resends with
+  them, as it does for the real service), then a bearer token
+  ``{"access_token", "token_type", "expiration_date"}`` — or 401
+  ``invalid_credentials`` for a wrong password;
+- ``GET /s3credentials`` with ``Authorization: Bearer <token>`` answers
+  ``{"accessKeyId", "secretAccessKey", "sessionToken", "expiration"}``,
+  expiring ``lifetime_s`` from now in NSIDC's ``YYYY-MM-DD HH:MM:SS+00:00``
+  form, fresh values on every call; 401 otherwise.
+
+earthaccess recognises Earthdata's answers by hostname alone (not port) and
+resends *every* request to that host with Basic credentials, so the two
+services live on different loopback addresses (127.x.y.z, as in reality on
+different hosts), Earthdata Login on port 443, which needs root. No error
+body echoes what was sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import ssl
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+
+@dataclass
+class IssuedKeys:
+    access_key_id: str
+    secret_access_key: str
+    session_token: str
+    expiration: datetime
+
+
+@dataclass
+class FakeEarthdata:
+    """Earthdata Login on ``https://<host>/`` and NSIDC's ``s3credentials_url``."""
+
+    users: dict[str, str] = field(default_factory=dict)
+    """username → password."""
+    lifetime_s: float = 3600.0
+    tokens: set[str] = field(default_factory=set)
+    """Bearer tokens the s3credentials endpoint accepts (login adds to them)."""
+    issued: list[IssuedKeys] = field(default_factory=list)
+    logins: list[tuple[str, int]] = field(default_factory=list)
+    """(username or "", HTTP status) per token request."""
+    host: str = ""
+    """Earthdata Login's host (port 443)."""
+    s3credentials_url: str = ""
+    ca_bundle: Path | None = None
+    _servers: list[ThreadingHTTPServer] = field(default_factory=list)
+
+    def secrets(self) -> set[str]:
+        """Every secret this fake knows or handed out, for leak checks."""
+        values = set(self.users.values()) | set(self.tokens)
+        for keys in self.issued:
+            values |= {keys.secret_access_key, keys.session_token}
+        return values
+
+    def start(self, directory: Path) -> FakeEarthdata:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                fake._token_request(self)
+
+            def do_GET(self) -> None:  # noqa: N802
+                fake._s3credentials(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        edl = _bind(Handler, 443)
+        nsidc = _bind(Handler, 0)
+        ca = trustme.CA()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert(edl.server_address[0], nsidc.server_address[0]).configure_cert(context)
+        for server in (edl, nsidc):
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        self._servers = [edl, nsidc]
+        self.host = edl.server_address[0]
+        self.s3credentials_url = "https://{}:{}/s3credentials".format(*nsidc.server_address[:2])
+        self.ca_bundle = directory / "earthdata-fake-ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_bundle))
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+    # --- endpoints -------------------------------------------------------------------
+
+    def _token_request(self, h: BaseHTTPRequestHandler) -> None:
+        h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        if h.path != "/api/users/find_or_create_token":
+            self._send(h, 404, {"error": "not_found"})
+            return
+        auth = h.headers.get("Authorization", "")
+        if not auth.startswith("Basic "):
+            self.logins.append(("", 401))
+            self._send(h, 401, {"error": "unauthorized"}, {"WWW-Authenticate": 'Basic realm="Earthdata Login"'})
+            return
+        username, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+        if self.users.get(username) != password:
+            self.logins.append((username, 401))
+            self._send(h, 401, {"error": "invalid_credentials", "error_description": "Invalid user credentials"})
+            return
+        token = secrets.token_urlsafe(24)
+        self.tokens.add(token)
+        self.logins.append((username, 200))
+        expires = datetime.now(UTC) + timedelta(days=60)
+        self._send(h, 200, {"access_token": token, "token_type": "Bearer", "expiration_date": f"{expires:%m/%d/%Y}"})
+
+    def _s3credentials(self, h: BaseHTTPRequestHandler) -> None:
+        if h.path != "/s3credentials":
+            self._send(h, 404, {"error": "not_found"})
+            return
+        auth = h.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+            self._send(h, 401, {"error": "Unauthorized", "error_description": "a valid Earthdata token is required"})
+            return
+        now = datetime.now(UTC).replace(microsecond=0)
+        keys = IssuedKeys(
+            access_key_id="ASIA" + secrets.token_hex(8).upper(),
+            secret_access_key=secrets.token_urlsafe(30),
+            session_token=secrets.token_urlsafe(60),
+            expiration=now + timedelta(seconds=self.lifetime_s),
+        )
+        self.issued.append(keys)
+        self._send(
+            h,
+            200,
+            {
+                "accessKeyId": keys.access_key_id,
+                "secretAccessKey": keys.secret_access_key,
+                "sessionToken": keys.session_token,
+                "expiration": f"{keys.expiration:%Y-%m-%d %H:%M:%S+00:00}",
+            },
+        )
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
+        h.end_headers()
+        h.wfile.write(data)
+
+
+def _bind(handler: type[BaseHTTPRequestHandler], port: int) -> ThreadingHTTPServer:
+    """A server on a random loopback address of its own (127.x.y.z)."""
+    last_error: OSError | None = None
+    for _ in range(20):
+        octets = (secrets.randbelow(250) + 2 for _ in range(3))
+        host = "127.{}.{}.{}".format(*octets)
+        try:
+            return ThreadingHTTPServer((host, port), handler)
+        except PermissionError:  # port 443 needs root: nothing to retry
+            raise
+        except OSError as exc:  # address in use: draw another
+            last_error = exc
+    raise RuntimeError(f"no free loopback address for the Earthdata fake: {last_error}")
