@@ -2,7 +2,8 @@
 
 Every invocation runs ``deployments.aws.lambda_handler`` in a fresh Python
 process against moto S3, through the same botocore code path as production
-(only ``endpoint_url`` differs). Timeouts are scaled down: a 1 s client read
+(only ``endpoint_url`` differs); like the Lambda layer, the sandbox cannot
+import Prefect. Timeouts are scaled down: a 1 s client read
 timeout stands in for botocore's 60 s default, a 2.5 s function for a >60 s
 cell; the property proven is the same.
 """
@@ -45,7 +46,7 @@ from magg_core.lambda_client import (
 from magg_core.request import CellRequest, CellResult
 from magg_core.sample import BEAMS, write_sample
 from magg_core.store import create_template, open_store
-from tests.fakes.lambda_api import FakeLambda
+from tests.fakes.lambda_api import REPO_ROOT, FakeLambda
 
 if TYPE_CHECKING:  # the sandbox imports this module for its test handlers: keep it light
     from tests.conftest import MotoS3
@@ -193,10 +194,22 @@ def denying_s3():
 
 
 @pytest.fixture(scope="module")
-def fake(world, denying_s3):
+def no_prefect(tmp_path_factory) -> str:
+    """A path entry where ``import prefect`` fails, as in the Lambda layer (no Prefect)."""
+    root = tmp_path_factory.mktemp("lambda-layer")
+    (root / "prefect").mkdir()
+    (root / "prefect" / "__init__.py").write_text(
+        'raise ImportError("prefect is not in the Lambda layer")\n'
+    )
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def fake(world, denying_s3, no_prefect):
     # The function's own environment: its role's credentials and where S3 is,
     # as a Lambda configured for a non-AWS endpoint would have them.
     env = {
+        "PYTHONPATH": os.pathsep.join((no_prefect, str(REPO_ROOT))),
         "AWS_ENDPOINT_URL_S3": world.s3.url,
         "AWS_ACCESS_KEY_ID": world.s3.credentials.access_key_id,
         "AWS_SECRET_ACCESS_KEY": world.s3.credentials.secret_access_key,
