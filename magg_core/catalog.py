@@ -36,7 +36,13 @@ import numpy as np
 from magg_core import __version__
 from magg_core.cmr import GranuleSearch, RetryPolicy, search_granules
 from magg_core.cmr import cmr_url as resolve_cmr_url
-from magg_core.cycles import CycleError, TimeRange, cycle_query_range, date_range, parse_granule_name
+from magg_core.cycles import (
+    CycleError,
+    TimeRange,
+    cycle_query_range,
+    date_range,
+    parse_granule_name,
+)
 from magg_core.footprints import FootprintError, footprint_cells
 from magg_core.regions import Region, load_region
 
@@ -114,7 +120,9 @@ class Catalog:
         return {
             "metadata": {**self.metadata, "fingerprint": self.fingerprint},
             "cells": {
-                str(cell): [{"name": g.name, "s3": g.s3, "https": g.https} for g in self.cells[cell]]
+                str(cell): [
+                    {"name": g.name, "s3": g.s3, "https": g.https} for g in self.cells[cell]
+                ]
                 for cell in ordered
             },
             "granule_counts": {str(cell): len(self.cells[cell]) for cell in ordered},
@@ -182,7 +190,9 @@ def catalog_from_dict(data: Any, *, where: str = "catalog") -> Catalog:
     report = []
     for i, entry in enumerate(data.get("report") or []):
         try:
-            report.append(ReportEntry(name=entry["name"], problem=entry["problem"], detail=entry["detail"]))
+            report.append(
+                ReportEntry(name=entry["name"], problem=entry["problem"], detail=entry["detail"])
+            )
         except (TypeError, KeyError) as exc:
             raise CatalogError(f"{where}: report[{i}] needs name, problem and detail") from exc
     stated = metadata.get("fingerprint")
@@ -203,7 +213,9 @@ def _granule(raw: Any, where: str) -> CatalogGranule:
         raise CatalogError(f"{where}: each granule needs a name")
     s3, https = raw.get("s3"), raw.get("https")
     if not isinstance(s3, str) or not s3 or not (https is None or isinstance(https, str)):
-        raise CatalogError(f"{where}: granule {raw['name']!r} needs an s3 URL (and https URL or null)")
+        raise CatalogError(
+            f"{where}: granule {raw['name']!r} needs an s3 URL (and https URL or null)"
+        )
     return CatalogGranule(name=raw["name"], s3=s3, https=https)
 
 
@@ -218,7 +230,7 @@ def build_catalog(
     version: str = "007",
     provider: str = "NSIDC_CPRD",
     cmr_url: str | None = None,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy | None = None,
 ) -> Catalog:
     """Query CMR and build the catalog of one cycle, or of a date range, over a region.
 
@@ -234,6 +246,8 @@ def build_catalog(
         HEALPix order of the catalog's cells.
     cmr_url
         CMR's search root; ``$MAGG_CMR_URL`` or production when ``None``.
+    retry
+        Timeout and retry budget per CMR request (:class:`~magg_core.cmr.RetryPolicy`).
 
     Raises
     ------
@@ -253,7 +267,7 @@ def build_catalog(
         bounding_box=region.bounding_box(),
     )
     url = resolve_cmr_url(cmr_url)
-    records = search_granules(search, url=url, retry=retry)
+    records = search_granules(search, url=url, retry=retry or RetryPolicy())
     log.info("CMR returned %d granule records for %s", len(records), search.describe())
     return catalog_from_records(
         records,
@@ -310,14 +324,18 @@ def catalog_from_records(
         if cycle is not None:
             parsed = parse_granule_name(name)
             if parsed is None:
-                report.append(ReportEntry(name, "unrecognised_name", "cannot tell its cycle from the name"))
+                report.append(
+                    ReportEntry(name, "unrecognised_name", "cannot tell its cycle from the name")
+                )
                 continue
             if parsed.cycle != cycle:
                 counts["other_cycle"] += 1
                 continue
         s3, https = _data_urls(umm, name)
         if s3 is None:
-            report.append(ReportEntry(name, "no_s3_url", "no 'GET DATA VIA DIRECT ACCESS' s3:// URL"))
+            report.append(
+                ReportEntry(name, "no_s3_url", "no 'GET DATA VIA DIRECT ACCESS' s3:// URL")
+            )
             continue
         try:
             cells = footprint_cells(umm, parent_order)
@@ -358,7 +376,10 @@ def catalog_from_records(
     }
     log.info(
         "catalog: %d granules in %d of %d region cells; %d reported",
-        len(granules), len(cells), region_cells.size, len(report),
+        len(granules),
+        len(cells),
+        region_cells.size,
+        len(report),
     )
     return Catalog(metadata=metadata, cells=cells, report=tuple(report))
 
@@ -387,7 +408,9 @@ def _data_urls(umm: Mapping[str, Any], name: str) -> tuple[str | None, str | Non
         urls = [
             u.get("URL")
             for u in umm.get("RelatedUrls") or []
-            if isinstance(u, Mapping) and u.get("Type") == kind and str(u.get("URL", "")).startswith(scheme)
+            if isinstance(u, Mapping)
+            and u.get("Type") == kind
+            and str(u.get("URL", "")).startswith(scheme)
         ]
         exact = [u for u in urls if u.rsplit("/", 1)[-1] == name]
         return (exact or urls or [None])[0]

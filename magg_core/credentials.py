@@ -86,7 +86,9 @@ class NsidcSource:
         try:
             credentials = S3Credentials.from_event(payload)
         except (ValueError, TypeError) as exc:
-            raise CredentialsError(f"{self.url} answered with unusable credentials: {exc}") from None
+            raise CredentialsError(
+                f"{self.url} answered with unusable credentials: {exc}"
+            ) from None
         if credentials.expiration is not None and credentials.expiration.tzinfo is None:
             credentials = dataclasses.replace(
                 credentials, expiration=credentials.expiration.replace(tzinfo=UTC)
@@ -170,7 +172,9 @@ class Credentials:
             if left is not None and left < margin:
                 log.info(
                     "S3 credentials from %s expire in %ss (< %ss): fetching new ones",
-                    self._source.description, int(left.total_seconds()), int(margin.total_seconds()),
+                    self._source.description,
+                    int(left.total_seconds()),
+                    int(margin.total_seconds()),
                 )
                 self._current = self._fetch()
             return self._current
@@ -226,10 +230,16 @@ def earthdata_login(*, edl_host: str | None = None) -> Auth:
                 "the username or password was rejected"
             ) from None
         except requests.RequestException as exc:
-            raise CredentialsError(f"cannot reach Earthdata login at {host}: {type(exc).__name__}") from None
+            raise CredentialsError(
+                f"cannot reach Earthdata login at {host}: {type(exc).__name__}"
+            ) from None
         if auth.authenticated:
-            log.info("logged in to Earthdata at %s (%s%s)", host, strategy,
-                     f", user {auth.username}" if auth.username else ", token")
+            log.info(
+                "logged in to Earthdata at %s (%s%s)",
+                host,
+                strategy,
+                f", user {auth.username}" if auth.username else ", token",
+            )
             return auth
     partial = [
         name for name in ("EARTHDATA_USERNAME", "EARTHDATA_PASSWORD") if os.environ.get(name)

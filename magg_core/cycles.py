@@ -61,7 +61,9 @@ class TimeRange:
 
     def isoformat(self) -> tuple[str, str]:
         """Both bounds as ``YYYY-MM-DDTHH:MM:SSZ``, the form CMR and the catalog use."""
-        return tuple(t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") for t in (self.start, self.end))
+        return tuple(
+            t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") for t in (self.start, self.end)
+        )
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ def date_range(start: date | datetime | str, end: date | datetime | str) -> Time
         hi += timedelta(days=1)
     if hi <= FIRST_DATA:
         raise CycleError(
-            f"date range ending {hi:%Y-%m-%d} is before the first ICESat-2 data ({FIRST_DATA:%Y-%m-%d})"
+            f"date range ending {hi:%Y-%m-%d} is before the first ICESat-2 data "
+            f"({FIRST_DATA:%Y-%m-%d})"
         )
     return TimeRange(lo, hi)
 

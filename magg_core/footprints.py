@@ -53,9 +53,13 @@ def footprint_polygons(umm: Mapping[str, Any]) -> list[list[np.ndarray]]:
     geometry = _get(umm, "SpatialExtent", "HorizontalSpatialDomain", "Geometry")
     gpolygons = _get(geometry, "GPolygons")
     if not gpolygons or not isinstance(gpolygons, list):
-        others = sorted(k for k, v in geometry.items() if v) if isinstance(geometry, Mapping) else []
+        others = (
+            sorted(k for k, v in geometry.items() if v) if isinstance(geometry, Mapping) else []
+        )
         found = f" (the geometry has only {', '.join(others)})" if others else ""
-        raise FootprintError("missing_footprint", f"no GPolygons in the record's SpatialExtent{found}")
+        raise FootprintError(
+            "missing_footprint", f"no GPolygons in the record's SpatialExtent{found}"
+        )
     polygons = []
     for i, gpolygon in enumerate(gpolygons):
         if not isinstance(gpolygon, Mapping):
@@ -118,6 +122,7 @@ def _ring(boundary: Any, where: str) -> np.ndarray:
         ring.pop()
     if len(set(ring)) < 3:
         raise FootprintError(
-            "degenerate_footprint", f"{where} has {len(set(ring))} distinct vertices; a polygon needs 3"
+            "degenerate_footprint",
+            f"{where} has {len(set(ring))} distinct vertices; a polygon needs 3",
         )
     return np.array(ring, dtype=np.float64)

@@ -124,7 +124,9 @@ def region_from_geojson(data: Any, *, name: str, where: str = "GeoJSON") -> Regi
         if not isinstance(polygon, list) or not polygon:
             raise RegionError(f"{where}: {path} must be a non-empty list of rings")
         for i, ring in enumerate(polygon):
-            rings.append(_spherical_ring(_positions(ring, f"{path}[{i}]", where), f"{path}[{i}]", where))
+            rings.append(
+                _spherical_ring(_positions(ring, f"{path}[{i}]", where), f"{path}[{i}]", where)
+            )
     if not rings:
         raise RegionError(f"{where}: no polygons found")
     return Region(name=name, rings=tuple(rings))
@@ -169,7 +171,9 @@ def _positions(ring: Any, path: str, where: str) -> np.ndarray:
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pos[:2])
             or not all(math.isfinite(v) for v in pos[:2])
         ):
-            raise RegionError(f"{where}: {path}[{j}] must be [longitude, latitude] numbers, got {pos!r}")
+            raise RegionError(
+                f"{where}: {path}[{j}] must be [longitude, latitude] numbers, got {pos!r}"
+            )
         lon, lat = float(pos[0]), float(pos[1])
         if not (-180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0):
             raise RegionError(
@@ -189,7 +193,8 @@ def _positions(ring: Any, path: str, where: str) -> np.ndarray:
         j = int(bad[0])
         raise RegionError(
             f"{where}: {path} edge {j}→{j + 1} spans {dlon[j]:.1f}° of longitude; GeoJSON edges "
-            "are straight in longitude/latitude, so split polygons at the antimeridian (RFC 7946 §3.1.9)"
+            "are straight in longitude/latitude, so split polygons at the antimeridian "
+            "(RFC 7946 §3.1.9)"
         )
     return positions
 

@@ -37,7 +37,11 @@ def dome_c(tmp_path_factory):
 def pole(tmp_path_factory):
     """Granules at 86°S on the antimeridian: tracks curve round the pole hole and cross ±180°."""
     return write_sample(
-        tmp_path_factory.mktemp("pole"), n_granules=10, cycle=CYCLE, centre=(-86.0, 180.0), spacing_m=60.0
+        tmp_path_factory.mktemp("pole"),
+        n_granules=10,
+        cycle=CYCLE,
+        centre=(-86.0, 180.0),
+        spacing_m=60.0,
     )
 
 
@@ -75,7 +79,10 @@ def test_catalog_lists_every_granule_under_every_cell_its_points_fall_in(dome_c)
 
 
 def test_completeness_where_tracks_wrap_the_pole_and_cross_the_antimeridian(pole):
-    rings = [g.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"]["GPolygons"][0] for g in pole]
+    rings = [
+        g.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"]["GPolygons"][0]
+        for g in pole
+    ]
     lons = np.array([p["Longitude"] for r in rings for p in r["Boundary"]["Points"]])
     assert lons.min() < -179 and lons.max() > 179  # really crosses the antimeridian
     catalog = catalog_from_records([g.umm for g in pole], cycle=CYCLE)
@@ -98,7 +105,10 @@ def test_build_from_fake_cmr_matches_the_records_path(dome_c, fake_cmr, tmp_path
     )
     fake_cmr.items = [g.umm for g in dome_c] + [other_cycle]
     catalog = build_catalog(cycle=CYCLE, region="antarctica", cmr_url=fake_cmr.url, retry=FAST)
-    assert catalog.fingerprint == catalog_from_records([g.umm for g in dome_c], cycle=CYCLE).fingerprint
+    assert (
+        catalog.fingerprint
+        == catalog_from_records([g.umm for g in dome_c], cycle=CYCLE).fingerprint
+    )
     meta = catalog.metadata
     assert meta["counts"]["other_cycle"] == 1
     assert meta["counts"]["records"] == 13 and meta["counts"]["granules"] == 12
@@ -192,7 +202,9 @@ def test_write_is_atomic(dome_c, tmp_path, monkeypatch):
 
 def test_missing_and_degenerate_footprints_are_reported_not_dropped(dome_c):
     t = datetime(2024, 1, 10, tzinfo=UTC)
-    names = [f"ATL06_{t + timedelta(hours=i):%Y%m%d%H%M%S}_0{100 + i}2210_007_01.h5" for i in range(4)]
+    names = [
+        f"ATL06_{t + timedelta(hours=i):%Y%m%d%H%M%S}_0{100 + i}2210_007_01.h5" for i in range(4)
+    ]
     bad = [
         umm_item(names[0], None, t, t),  # no GPolygons at all
         umm_item(names[1], [(123, -75), (124, -75), (123, -75)], t, t),  # two distinct vertices
@@ -217,7 +229,12 @@ def test_missing_and_degenerate_footprints_are_reported_not_dropped(dome_c):
 
 def test_granules_outside_the_region_are_counted(dome_c):
     t = datetime(2024, 1, 10, tzinfo=UTC)
-    greenland = umm_item("ATL06_20240110000000_01002203_007_01.h5", [(-40, 72), (-39, 72), (-39, 73), (-40, 72)], t, t)
+    greenland = umm_item(
+        "ATL06_20240110000000_01002203_007_01.h5",
+        [(-40, 72), (-39, 72), (-39, 73), (-40, 72)],
+        t,
+        t,
+    )
     catalog = catalog_from_records([g.umm for g in dome_c] + [greenland], cycle=CYCLE)
     assert catalog.metadata["counts"]["outside_region"] == 1
     assert catalog.granule_count == 12
@@ -227,7 +244,9 @@ def test_granules_outside_the_region_are_counted(dome_c):
 
 def test_date_range_catalog_keeps_all_cycles(dome_c, fake_cmr):
     fake_cmr.items = [g.umm for g in dome_c]
-    first = min(g.umm["umm"]["TemporalExtent"]["RangeDateTime"]["BeginningDateTime"] for g in dome_c)
+    first = min(
+        g.umm["umm"]["TemporalExtent"]["RangeDateTime"]["BeginningDateTime"] for g in dome_c
+    )
     catalog = build_catalog(start=first[:10], end=first[:10], cmr_url=fake_cmr.url, retry=FAST)
     assert catalog.metadata["cycle"] is None
     assert catalog.metadata["start"] == first[:10] + "T00:00:00Z"

@@ -25,7 +25,13 @@ def items(n: int, lat: float = -75.0) -> list[dict]:
     out = []
     for i in range(n):
         lon = -180 + (i * 0.137) % 359
-        ring = [(lon, lat - 1), (lon + 0.5, lat - 1), (lon + 0.5, lat + 1), (lon, lat + 1), (lon, lat - 1)]
+        ring = [
+            (lon, lat - 1),
+            (lon + 0.5, lat - 1),
+            (lon + 0.5, lat + 1),
+            (lon, lat + 1),
+            (lon, lat - 1),
+        ]
         t = T0 + timedelta(minutes=3 * i)
         out.append(umm_item(granule_name(i), ring, t, t + timedelta(minutes=2)))
     return out
@@ -72,10 +78,19 @@ def test_query_parameters_reach_cmr(fake_cmr):
 
 def test_filters_are_applied_by_cmr(fake_cmr):
     inside = items(5)
-    later = umm_item("ATL06_20250101000000_00012610_007_01.h5", [(0, -75), (1, -75), (1, -74), (0, -75)],
-                     datetime(2025, 1, 1, tzinfo=UTC), datetime(2025, 1, 1, 0, 5, tzinfo=UTC))
-    other_version = umm_item("ATL06_20231221000000_00022210_006_01.h5", [(0, -75), (1, -75), (1, -74), (0, -75)],
-                             T0 + timedelta(days=1), T0 + timedelta(days=1, minutes=5), version="006")
+    later = umm_item(
+        "ATL06_20250101000000_00012610_007_01.h5",
+        [(0, -75), (1, -75), (1, -74), (0, -75)],
+        datetime(2025, 1, 1, tzinfo=UTC),
+        datetime(2025, 1, 1, 0, 5, tzinfo=UTC),
+    )
+    other_version = umm_item(
+        "ATL06_20231221000000_00022210_006_01.h5",
+        [(0, -75), (1, -75), (1, -74), (0, -75)],
+        T0 + timedelta(days=1),
+        T0 + timedelta(days=1, minutes=5),
+        version="006",
+    )
     fake_cmr.items = [*inside, later, other_version]
     found = search_granules(search(), url=fake_cmr.url, retry=FAST)
     assert [g["umm"]["GranuleUR"] for g in found] == [i["umm"]["GranuleUR"] for i in inside]

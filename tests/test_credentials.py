@@ -29,7 +29,9 @@ def earthdata(tmp_path_factory):
     try:
         fake.start(tmp_path_factory.mktemp("earthdata"))
     except PermissionError:
-        pytest.skip("the Earthdata fake listens on port 443 (earthaccess ignores ports), which needs root")
+        pytest.skip(
+            "the Earthdata fake listens on port 443 (earthaccess ignores ports), which needs root"
+        )
     yield fake
     fake.stop()
 
@@ -71,7 +73,9 @@ def test_token_login_fetches_nsidc_credentials(earthdata, env, logs):
     assert current.session_token == issued.session_token
     assert current.expiration == issued.expiration and current.expiration.tzinfo is not None
     assert timedelta(minutes=59) < creds.remaining() <= timedelta(hours=1)
-    assert_no_secrets(earthdata, repr(creds), str(creds), repr(current), repr(creds.source), logs.text)
+    assert_no_secrets(
+        earthdata, repr(creds), str(creds), repr(current), repr(creds.source), logs.text
+    )
     assert issued.access_key_id[:4] in repr(creds) and earthdata.s3credentials_url in repr(creds)
 
 
@@ -224,7 +228,9 @@ def test_credentials_wrap_any_source():
 
         def fetch(self):
             self.calls += 1
-            return S3Credentials("AKIA1234", "s3cr3t-value", None, datetime.now(UTC) + timedelta(minutes=5))
+            return S3Credentials(
+                "AKIA1234", "s3cr3t-value", None, datetime.now(UTC) + timedelta(minutes=5)
+            )
 
     source = Static()
     creds = Credentials(source)

@@ -34,10 +34,14 @@ def test_builtin_regions_are_small_and_documented():
     from importlib import resources
 
     for name in BUILTIN_REGIONS:
-        data = json.loads(resources.files("magg_core").joinpath("regions", f"{name}.geojson").read_text())
+        data = json.loads(
+            resources.files("magg_core").joinpath("regions", f"{name}.geojson").read_text()
+        )
         props = data["features"][0]["properties"]
         assert props["source"] and props["license"] and props["method"]
-        vertices = sum(len(ring) for part in data["features"][0]["geometry"]["coordinates"] for ring in part)
+        vertices = sum(
+            len(ring) for part in data["features"][0]["geometry"]["coordinates"] for ring in part
+        )
         assert vertices <= 3000
 
 
@@ -64,7 +68,14 @@ def test_antarctica_holds_grounded_ice_and_ice_shelves(lat, lon, inside):
 
 @pytest.mark.parametrize(
     ("lat", "lon", "inside"),
-    [(72.58, -38.46, True), (61.0, -45.0, True), (81.5, -40.0, True), (69.5, -53.5, True), (65.0, -20.0, False), (-75.0, 123.0, False)],
+    [
+        (72.58, -38.46, True),
+        (61.0, -45.0, True),
+        (81.5, -40.0, True),
+        (69.5, -53.5, True),
+        (65.0, -20.0, False),
+        (-75.0, 123.0, False),
+    ],
 )
 def test_greenland(lat, lon, inside):
     assert covered(load_region("greenland"), [lat], [lon])[0] == inside
@@ -95,7 +106,7 @@ def test_wavy_coast_closed_along_the_antimeridian_and_the_pole():
     # GSHHG close Antarctica: down the antimeridian, along the pole, back up.
     lon = np.linspace(180, -180, 721)
     coast_lat = -70 + 6 * np.sin(np.radians(3 * lon))
-    ring = [*zip(lon, coast_lat), (-180, -90), (180, -90), (180, coast_lat[0])]
+    ring = [*zip(lon, coast_lat, strict=True), (-180, -90), (180, -90), (180, coast_lat[0])]
     region = region_from_geojson(polygon(ring), name="wavy")
     rng = np.random.default_rng(2)
     lat, plon = sphere_points(rng, 60_000, -90, -63)
@@ -155,12 +166,19 @@ def test_unknown_region_name():
         ('{"type": "Point", "coordinates": [0, 0]}', "type 'Point'.*Polygon or MultiPolygon"),
         ('{"type": "Feature", "geometry": null}', r"\$.geometry is missing or null"),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [0, 0]]]}', "at least 3 distinct"),
-        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, "a"], [1, 1], [0, 0]]]}', r"coordinates\[0\]\[1\] must be \[longitude, latitude\]"),
+        (
+            '{"type": "Polygon", "coordinates": [[[0, 0], [1, "a"], [1, 1], [0, 0]]]}',
+            r"coordinates\[0\]\[1\] must be \[longitude, latitude\]",
+        ),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 95], [1, 1], [0, 0]]]}', "out of range"),
-        ('{"type": "Polygon", "coordinates": [[[170, -60], [-170, -60], [-170, -70], [170, -60]]]}', "split polygons at the antimeridian"),
+        (
+            '{"type": "Polygon", "coordinates": '
+            "[[[170, -60], [-170, -60], [-170, -70], [170, -60]]]}",
+            "split polygons at the antimeridian",
+        ),
         ('{"type": "FeatureCollection", "features": []}', "no polygons"),
         ('{"type": "MultiPolygon", "coordinates": 3}', "list of polygons"),
-        ('[1, 2]', "must be an object"),
+        ("[1, 2]", "must be an object"),
     ],
 )
 def test_malformed_geojson(tmp_path, text, message):

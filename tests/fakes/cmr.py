@@ -128,7 +128,9 @@ class FakeCmr:
                 return
             if fault.status is not None:
                 seen.answered = fault.status
-                headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+                headers = (
+                    {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+                )
                 self._send(h, fault.status, {"errors": [f"injected fault {fault.status}"]}, headers)
                 return
         if url.path != SEARCH_PATH:
@@ -170,7 +172,9 @@ class FakeCmr:
         return 200, {"hits": len(matches), "took": int(headers["CMR-Took"]), "items": page}, headers
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None) -> None:
+    def _send(
+        h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None
+    ) -> None:
         data = json.dumps(body).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/vnd.nasa.cmr.umm_results+json;version=1.6.6")
@@ -193,20 +197,41 @@ def umm_item(
 ) -> dict[str, Any]:
     """A minimal UMM-G search item in NSIDC's shape; ``ring`` is ``(lon, lat)`` vertices."""
     path = f"ATLAS/{short_name}/{version}/{begin:%Y/%m/%d}/{name}"
-    geometry = {} if ring is None else {
-        "GPolygons": [{"Boundary": {"Points": [{"Longitude": lo, "Latitude": la} for lo, la in ring]}}]
-    }
+    geometry = (
+        {}
+        if ring is None
+        else {
+            "GPolygons": [
+                {"Boundary": {"Points": [{"Longitude": lo, "Latitude": la} for lo, la in ring]}}
+            ]
+        }
+    )
     iso = "%Y-%m-%dT%H:%M:%S.000Z"
     return {
-        "meta": {"concept-id": f"G{zlib.crc32(name.encode()):010d}-{provider}", "provider-id": provider, "native-id": name},
+        "meta": {
+            "concept-id": f"G{zlib.crc32(name.encode()):010d}-{provider}",
+            "provider-id": provider,
+            "native-id": name,
+        },
         "umm": {
             "GranuleUR": name,
             "CollectionReference": {"ShortName": short_name, "Version": version},
-            "TemporalExtent": {"RangeDateTime": {"BeginningDateTime": begin.strftime(iso), "EndingDateTime": end.strftime(iso)}},
+            "TemporalExtent": {
+                "RangeDateTime": {
+                    "BeginningDateTime": begin.strftime(iso),
+                    "EndingDateTime": end.strftime(iso),
+                }
+            },
             "SpatialExtent": {"HorizontalSpatialDomain": {"Geometry": geometry}},
             "RelatedUrls": [
-                {"URL": f"s3://nsidc-cumulus-prod-protected/{path}", "Type": "GET DATA VIA DIRECT ACCESS"},
-                {"URL": f"https://data.nsidc.earthdatacloud.nasa.gov/nsidc-cumulus-prod-protected/{path}", "Type": "GET DATA"},
+                {
+                    "URL": f"s3://nsidc-cumulus-prod-protected/{path}",
+                    "Type": "GET DATA VIA DIRECT ACCESS",
+                },
+                {
+                    "URL": f"https://data.nsidc.earthdatacloud.nasa.gov/nsidc-cumulus-prod-protected/{path}",
+                    "Type": "GET DATA",
+                },
             ],
         },
     }

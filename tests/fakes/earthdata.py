@@ -116,18 +116,35 @@ class FakeEarthdata:
         auth = h.headers.get("Authorization", "")
         if not auth.startswith("Basic "):
             self.logins.append(("", 401))
-            self._send(h, 401, {"error": "unauthorized"}, {"WWW-Authenticate": 'Basic realm="Earthdata Login"'})
+            self._send(
+                h,
+                401,
+                {"error": "unauthorized"},
+                {"WWW-Authenticate": 'Basic realm="Earthdata Login"'},
+            )
             return
         username, _, password = base64.b64decode(auth[6:]).decode().partition(":")
         if self.users.get(username) != password:
             self.logins.append((username, 401))
-            self._send(h, 401, {"error": "invalid_credentials", "error_description": "Invalid user credentials"})
+            self._send(
+                h,
+                401,
+                {"error": "invalid_credentials", "error_description": "Invalid user credentials"},
+            )
             return
         token = secrets.token_urlsafe(24)
         self.tokens.add(token)
         self.logins.append((username, 200))
         expires = datetime.now(UTC) + timedelta(days=60)
-        self._send(h, 200, {"access_token": token, "token_type": "Bearer", "expiration_date": f"{expires:%m/%d/%Y}"})
+        self._send(
+            h,
+            200,
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expiration_date": f"{expires:%m/%d/%Y}",
+            },
+        )
 
     def _s3credentials(self, h: BaseHTTPRequestHandler) -> None:
         if h.path != "/s3credentials":
@@ -135,7 +152,14 @@ class FakeEarthdata:
             return
         auth = h.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
-            self._send(h, 401, {"error": "Unauthorized", "error_description": "a valid Earthdata token is required"})
+            self._send(
+                h,
+                401,
+                {
+                    "error": "Unauthorized",
+                    "error_description": "a valid Earthdata token is required",
+                },
+            )
             return
         now = datetime.now(UTC).replace(microsecond=0)
         keys = IssuedKeys(
@@ -157,7 +181,9 @@ class FakeEarthdata:
         )
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None) -> None:
+    def _send(
+        h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None
+    ) -> None:
         data = json.dumps(body).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
