@@ -53,10 +53,18 @@ class LambdaInvokeError(RuntimeError):
 
     retryable = False
 
-    def __init__(self, message: str, *, function_name: str, parent_morton: int):
-        super().__init__(f"{function_name} cell {parent_morton}: {message}")
+    def __init__(
+        self, message: str, *, function_name: str | None = None, parent_morton: int | None = None
+    ):
+        # ``args`` holds only the message and the keywords have defaults, so the
+        # exception pickles (Prefect persists a failed task's exception) and
+        # unpickling restores the attributes from ``__dict__``.
+        super().__init__(message)
         self.function_name = function_name
         self.parent_morton = parent_morton
+
+    def __str__(self) -> str:
+        return f"{self.function_name} cell {self.parent_morton}: {self.args[0]}"
 
 
 class LambdaRequestRejected(LambdaInvokeError):
@@ -77,7 +85,7 @@ class LambdaFunctionError(LambdaInvokeError):
     bigger function or a smaller cell, not another attempt.
     """
 
-    def __init__(self, message: str, *, error_type: str | None, **kwargs: Any):
+    def __init__(self, message: str, *, error_type: str | None = None, **kwargs: Any):
         super().__init__(message, **kwargs)
         self.error_type = error_type
 

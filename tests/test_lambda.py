@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import socket
 import threading
 import time
@@ -403,6 +404,18 @@ def test_crashed_function_is_a_function_error(world, client):
         invoke_cell(client, CRASHES, world.empty_request())
     assert caught.value.error_type == "Runtime.ExitError"
     assert not is_retryable(caught.value)
+
+
+def test_errors_survive_pickling_with_their_details():
+    # Prefect persists a failed task's exception; it must come back intact.
+    error = LambdaFunctionError(
+        "Sandbox.Timedout: Task timed out", error_type="Sandbox.Timedout",
+        function_name="magg-cell", parent_morton=2**63 + 5,
+    )
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is LambdaFunctionError and str(copy) == str(error)
+    assert (copy.error_type, copy.parent_morton) == ("Sandbox.Timedout", 2**63 + 5)
+    assert is_retryable(pickle.loads(pickle.dumps(LambdaThrottled("throttled"))))
 
 
 def test_a_response_that_is_not_a_cell_answer_is_not_retried(world, client):
