@@ -10,12 +10,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Prefect reads these when first imported (lazily, by the commands below).
+    # Without a configured server, flows run on a temporary local one whose
+    # start-up can exceed Prefect's 20 s default on a busy small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -81,3 +86,133 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end-date", help="YYYY-MM-DD (instead of --cycle)")
     parser.add_argument("--region", default="antarctica", help="region name or GeoJSON path")
     parser.add_argument("--cmr-url", help="CMR search base URL (default: NASA's CMR)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Sample granules → catalog (same intersection code, no CMR) → the real flow."""
+    from magg_core.catalog import catalog_from_records
+    from magg_core.sample import write_sample
+
+    workdir = Path(args.dir).resolve()
+    options = {} if args.granules is None else {"n_granules": args.granules}
+    print(f"writing the built-in ATL06 sample to {workdir / 'granules'} …")
+    granules = write_sample(workdir / "granules", **options)
+    catalog = catalog_from_records([g.umm for g in granules], cycle=DEMO_CYCLE)
+    catalog_path = catalog.write(workdir / "catalog.json")
+    print(f"catalog: {len(catalog.cells)} cells, {catalog.granule_count} granules → {catalog_path}")
+
+    store = workdir / "atl06.zarr"
+    summary = _run_flow(
+        catalog=str(catalog_path),
+        store=str(store),
+        backend="local",
+        credentials="none",
+        granule_mirror=str(workdir / "granules"),
+    )
+    png = _quicklook(str(store), "atl06", "h_mean", workdir / "quicklook.png")
+    print(f"\nstore: {store}\nquicklook: {png}")
+    return 0 if not summary["failed_cells"] else 1
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    from magg_core.catalog import build_catalog
+
+    catalog = build_catalog(
+        cycle=args.cycle,
+        start=args.start_date,
+        end=args.end_date,
+        region=args.region,
+        parent_order=args.parent_order,
+        cmr_url=args.cmr_url,
+    )
+    path = catalog.write(args.output)
+    print(
+        f"{len(catalog.cells)} cells, {catalog.granule_count} granules, "
+        f"{len(catalog.report)} granules in the report → {path}"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    summary = _run_flow(
+        cycle=args.cycle,
+        start_date=args.start_date,
+        end_date=args.end_date,
+        region=args.region,
+        cmr_url=args.cmr_url,
+        catalog=args.catalog,
+        config=args.config,
+        store=args.store,
+        backend=args.backend,
+        cells=args.cells,
+        max_cells=args.max_cells,
+        dry_run=args.dry_run,
+        credentials=args.credentials,
+        concurrency=args.concurrency,
+        lambda_function=args.lambda_function,
+    )
+    if args.dry_run:
+        print(f"dry run: {len(summary['cells'])} cells would be processed into {summary['store']}")
+        return 0
+    return 0 if not summary["failed_cells"] else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from magg_core.config import load_config
+    from magg_core.store import open_store, read_records, read_template
+
+    config = load_config(args.config)
+    store = open_store(args.store, read_only=True)
+    template = read_template(store, config)
+    if template is None:
+        raise ValueError(f"{args.store} has no magg template for config {config.name!r}")
+    records = read_records(store, config)
+    statuses = Counter(r.result.status for r in records.values())
+    missing = len(template.parents) - len(records)
+    print(
+        f"store {args.store}: {len(template.parents)} parent cells, config {template.config_hash}"
+    )
+    print(
+        "records: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+        + f", not yet run {missing}"
+    )
+    for parent, record in sorted(records.items()):
+        r = record.result
+        if r.status == "failed" or r.files_failed:
+            print(
+                f"  {parent}: {r.status} {r.error or ''} "
+                + "; ".join(f"{f.url}: {f.reason}" for f in r.files_failed[:3])
+            )
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    print(_quicklook(args.store, args.config, args.variable, Path(args.output)))
+    return 0
+
+
+DEMO_CYCLE = 22
+"""The built-in sample's cycle (its granule names carry it)."""
+
+
+def _run_flow(**parameters) -> dict:
+    from flows.process_cycle import process_cycle
+
+    return process_cycle(**parameters)
+
+
+def _quicklook(store_url: str, config_name: str, variable: str, path: Path) -> Path:
+    import xarray as xr
+
+    from magg_core.config import load_config
+    from magg_core.quicklook import quicklook
+    from magg_core.store import open_store
+
+    config = load_config(config_name)
+    dataset = xr.open_zarr(
+        open_store(store_url, read_only=True), group=str(config.output.child_order)
+    )
+    return quicklook(dataset, path, variable)

@@ -14,10 +14,10 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from magg_core.credentials import credential_source
 from magg_core.plan import plan_cells, store_url_for
 from magg_core.request import CellRequest, CellResult
 from tasks.cells import grid_cell_locally, grid_cell_on_ecs, grid_cell_on_lambda
+from tasks.credentials import open_credentials
 from tasks.lambda_backend import ensure_lambda_concurrency, lambda_client
 from tasks.report import CellProgress, consolidate_store, report_run
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
@@ -46,6 +46,7 @@ def process_cycle(
     credentials: CredentialsMode = "earthdata",
     concurrency: int | None = None,
     cmr_url: str | None = None,
+    granule_mirror: str | None = None,
     lambda_function: str = "magg-process-cell",
     lambda_memory_mb: int = 2048,
     aws_credentials_block: str | None = None,
@@ -79,11 +80,16 @@ def process_cycle(
         ``none`` (local files, public buckets).
     concurrency
         Cells in flight at once (default: 4 local, 1,000 Lambda, 200 ECS).
+    cmr_url
+        CMR search root (default: NASA's production CMR).
+    granule_mirror
+        Read granules from ``{granule_mirror}/{name}`` (a directory or bucket
+        of copies) instead of NSIDC's bucket.
     """
     logger = get_run_logger()
     started = time.monotonic()
     pipeline = load_pipeline_config(config)
-    source = credential_source(credentials)
+    source = open_credentials(credentials)
 
     if catalog:
         cell_catalog = read_catalog(catalog)
@@ -92,23 +98,41 @@ def process_cycle(
             cycle, start_date, end_date, region, pipeline.output.parent_order, cmr_url
         )
     store_url = store or store_url_for(pipeline, cell_catalog)
-    store_id = prepare_store(store_url, pipeline, cell_catalog.parents, cell_catalog.provenance())
-    requests = plan_cells(cell_catalog, pipeline, store_url, cells=cells, max_cells=max_cells)
-    logger.info("%d of %d cells to process into %s", len(requests), len(cell_catalog.parents), store_url)
+    provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
+    store_id = prepare_store(store_url, pipeline, cell_catalog.parents, provenance)
+    requests = plan_cells(
+        cell_catalog,
+        pipeline,
+        store_url,
+        cells=cells,
+        max_cells=max_cells,
+        granule_mirror=granule_mirror,
+    )
+    logger.info(
+        "%d of %d cells to process into %s", len(requests), len(cell_catalog.parents), store_url
+    )
     if dry_run:
-        return {"store": store_url, "cells": [str(r.parent_morton) for r in requests], "dry_run": True}
+        return {
+            "store": store_url,
+            "cells": [str(r.parent_morton) for r in requests],
+            "dry_run": True,
+        }
 
     if backend == "local":
+
         def submit(request: CellRequest) -> PrefectFuture:
             return grid_cell_locally.submit(request, store_id, source)
+
         window = concurrency or 4
     elif backend == "lambda":
         client = lambda_client(aws_credentials_block)
         window = ensure_lambda_concurrency(concurrency or 1000)
+
         def submit(request: CellRequest) -> PrefectFuture:
             return grid_cell_on_lambda.submit(request, store_id, source, client, lambda_function)
     elif backend == "ecs":
         window = concurrency or 200
+
         def submit(request: CellRequest) -> PrefectFuture:
             return grid_cell_on_ecs.submit(
                 request, store_id, source, ecs_deployment, credentials_block
@@ -119,8 +143,13 @@ def process_cycle(
     progress = CellProgress(total=len(requests))
     results, failures = _run_windowed(submit, requests, window, progress.advance)
     consolidate_store(store_url)
-    summary = report_run(results, failures, wall_s=time.monotonic() - started,
-                         lambda_memory_mb=lambda_memory_mb, store_url=store_url)
+    summary = report_run(
+        results,
+        failures,
+        wall_s=time.monotonic() - started,
+        lambda_memory_mb=lambda_memory_mb,
+        store_url=store_url,
+    )
     if failures:
         raise CellsFailedError(
             f"{len(failures)} of {len(requests)} cells failed: "
@@ -160,6 +189,7 @@ def _run_windowed(
     while in_flight:
         future = done.get()
         parent = in_flight.pop(future)
+        future.wait()  # sets the final state locally; the API may not have it yet
         state = future.state
         if state.is_completed():
             results.append(future.result())

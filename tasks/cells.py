@@ -19,16 +19,19 @@ from typing import Any
 from prefect import task
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
 import magg_core
-from magg_core.cell import process_cell
+from magg_core.cell import process_cell, request_config
 from magg_core.config import load_config
-from magg_core.credentials import CredentialSource
+from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, is_transient
 from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
-from magg_core.store import input_fingerprint
+from magg_core.s3 import S3Credentials
+from magg_core.store import input_fingerprint, open_store, read_records
+from tasks.credentials import publish_credentials
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -66,6 +69,11 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def fresh(credentials: Credentials | None) -> S3Credentials | None:
+    """Credentials with at least the refresh margin left, fetched at dispatch time."""
+    return credentials.refresh_if_needed() if credentials is not None else None
+
+
 def _cell_task(fn):
     return task(
         fn,
@@ -89,10 +97,10 @@ def _raise_if_failed(result: CellResult) -> CellResult:
 
 @_cell_task
 def grid_cell_locally(
-    request: CellRequest, store_id: str, credentials: CredentialSource, max_workers: int = 8
+    request: CellRequest, store_id: str, credentials: Credentials | None, max_workers: int = 8
 ) -> CellResult:
     """Run the cell in this process (a thread of the flow's task runner)."""
-    request = replace(request, s3_credentials=credentials.current())
+    request = replace(request, s3_credentials=fresh(credentials))
     deadline = time.monotonic() + CELL_TIMEOUT_S
     return _raise_if_failed(process_cell(request, max_workers=max_workers, deadline=deadline))
 
@@ -101,13 +109,13 @@ def grid_cell_locally(
 def grid_cell_on_lambda(
     request: CellRequest,
     store_id: str,
-    credentials: CredentialSource,
+    credentials: Credentials | None,
     lambda_client: Any,
     function_name: str,
 ) -> CellResult:
     """Invoke the deployed Lambda function once per attempt (no hidden botocore retries)."""
     with concurrency(LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True):
-        request = replace(request, s3_credentials=credentials.current())
+        request = replace(request, s3_credentials=fresh(credentials))
         return _raise_if_failed(invoke_cell(lambda_client, function_name, request))
 
 
@@ -115,7 +123,7 @@ def grid_cell_on_lambda(
 def grid_cell_on_ecs(
     request: CellRequest,
     store_id: str,
-    credentials: CredentialSource,
+    credentials: Credentials | None,
     deployment: str,
     credentials_block: str,
 ) -> CellResult:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import threading
 
+from prefect import task
 from prefect.blocks.system import Secret
+from prefect.cache_policies import NONE
 
-from magg_core.credentials import CredentialSource
+from magg_core.credentials import Credentials, aws_credentials, nsidc_credentials
 from magg_core.s3 import S3Credentials
 
 _published: dict[str, S3Credentials] = {}
 _lock = threading.Lock()
 
 
-def publish_credentials(source: CredentialSource, block_name: str) -> None:
-    """Write the source's current credentials to the block, if they changed."""
-    credentials = source.current()
-    if credentials is None:
+def publish_credentials(source: Credentials | None, block_name: str) -> None:
+    """Write fresh credentials to the block, if they changed since the last write."""
+    if source is None:
         return
+    credentials = source.refresh_if_needed()
     with _lock:
         if _published.get(block_name) == credentials:
             return
@@ -37,3 +39,19 @@ def publish_credentials(source: CredentialSource, block_name: str) -> None:
 def load_published_credentials(block_name: str) -> S3Credentials:
     """The credentials a parent run last published (read in the child run)."""
     return S3Credentials.from_event(dict(Secret.load(block_name).get()))
+
+
+@task(cache_policy=NONE, persist_result=False)
+def open_credentials(mode: str) -> Credentials | None:
+    """Log in once for the whole run; the object refreshes itself before expiry.
+
+    ``persist_result=False``: the credentials live only in this process's
+    memory, never in result storage.
+    """
+    if mode == "earthdata":
+        return nsidc_credentials()
+    if mode == "environment":
+        return aws_credentials()
+    if mode == "none":
+        return None
+    raise ValueError(f"credentials must be earthdata, environment or none, got {mode!r}")

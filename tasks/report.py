@@ -70,4 +70,8 @@ def report_run(
         markdown += f"\n\n**{len(failures)} cells failed**: retry the flow run to re-run only them."
     create_markdown_artifact(markdown, key="magg-summary", description="run summary")
     print(markdown)
-    return {**asdict(summary), "failed_cells": [str(p) for p in sorted(failures)], "store": store_url}
+    return {
+        **asdict(summary),
+        "failed_cells": [str(p) for p in sorted(failures)],
+        "store": store_url,
+    }

@@ -31,8 +31,8 @@ def query_catalog(
     """Ask CMR for the granules and intersect their footprints with the region's cells."""
     return build_catalog(
         cycle=cycle,
-        start_date=start_date,
-        end_date=end_date,
+        start=start_date,
+        end=end_date,
         region=region,
         parent_order=parent_order,
         cmr_url=cmr_url,

@@ -1,0 +1,96 @@
+"""From a catalog to the list of cell requests a run dispatches.
+
+Pure: no I/O. The chunk index of each request is the parent's position in
+the catalog's ascending order, which is also the store's chunk order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from magg_core.catalog import Catalog
+from magg_core.config import PipelineConfig
+from magg_core.request import CellRequest
+
+
+class PlanError(ValueError):
+    """A selection that does not fit the catalog or config; the message names it."""
+
+
+def store_url_for(config: PipelineConfig, catalog: Catalog) -> str:
+    """The config's default store URL, with ``{cycle}`` filled from the catalog."""
+    template = config.output.store
+    if not template:
+        raise PlanError("no store given and the config has no output.store default")
+    cycle = catalog.metadata.get("cycle")
+    if "{cycle}" in template and cycle is None:
+        raise PlanError(
+            f"output.store {template!r} needs a cycle, but the catalog was built "
+            "for a date range: pass a store URL"
+        )
+    return template.format(cycle=f"{int(cycle):02d}" if cycle is not None else "")
+
+
+def plan_cells(
+    catalog: Catalog,
+    config: PipelineConfig,
+    store_url: str,
+    *,
+    cells: Sequence[str | int] | None = None,
+    max_cells: int | None = None,
+    granule_mirror: str | None = None,
+) -> list[CellRequest]:
+    """One request (without credentials) per selected parent cell, in chunk order.
+
+    Parameters
+    ----------
+    cells
+        Only these parent morton words (decimal strings or ints).
+    max_cells
+        Only the first N of the selection (a cheap trial run).
+    granule_mirror
+        Read each granule as ``{granule_mirror}/{name}`` instead of its NSIDC
+        ``s3://`` URL: a local directory or a bucket holding copies.
+    """
+    catalog_order = catalog.metadata.get("parent_order")
+    if catalog_order is not None and catalog_order != config.output.parent_order:
+        raise PlanError(
+            f"catalog cells are order {catalog_order} but the config's "
+            f"output.parent_order is {config.output.parent_order}"
+        )
+    parents = [int(p) for p in catalog.parents]
+    position = {parent: i for i, parent in enumerate(parents)}
+    selected = parents
+    if cells is not None:
+        try:
+            wanted = {int(c) for c in cells}
+        except ValueError as exc:
+            raise PlanError(f"cells must be morton words, got {list(cells)!r}") from exc
+        unknown = sorted(wanted - position.keys())
+        if unknown:
+            raise PlanError(f"cells not in the catalog: {', '.join(map(str, unknown[:10]))}")
+        selected = [p for p in parents if p in wanted]
+    if max_cells is not None:
+        if max_cells < 1:
+            raise PlanError(f"max_cells must be at least 1, got {max_cells}")
+        selected = selected[:max_cells]
+
+    config_dict = config.to_dict()
+    return [
+        CellRequest(
+            parent_morton=parent,
+            parent_order=config.output.parent_order,
+            child_order=config.output.child_order,
+            granule_urls=tuple(_granule_urls(catalog, parent, granule_mirror)),
+            store_path=store_url,
+            chunk_idx=position[parent],
+            config=config_dict,
+        )
+        for parent in selected
+    ]
+
+
+def _granule_urls(catalog: Catalog, parent: int, mirror: str | None) -> list[str]:
+    if mirror is None:
+        return catalog.urls(parent)
+    return [f"{mirror.rstrip('/')}/{g.name}" for g in catalog.cells[parent]]
