@@ -17,8 +17,8 @@ import numpy as np
 
 import magg_core
 from magg_core.aggregate import aggregate
-from magg_core.errors import CellTimeoutError
 from magg_core.config import PipelineConfig, load_config
+from magg_core.errors import CellTimeoutError
 from magg_core.read import GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
@@ -107,9 +107,9 @@ def process_cell(
     timings.aggregate = time.perf_counter() - t0
 
     result.total_obs = int(child_index.size)
-    result.cells_with_data = int(np.count_nonzero(np.bincount(
-        child_index, minlength=config.output.children_per_parent
-    )))
+    result.cells_with_data = int(
+        np.count_nonzero(np.bincount(child_index, minlength=config.output.children_per_parent))
+    )
     if request.granule_urls:
         if result.files_processed == 0:
             result.status = "failed"

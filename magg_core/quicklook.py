@@ -40,8 +40,14 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
     lo, hi = np.percentile(values[has_data], [2, 98])
     points = ax.scatter(
-        np.asarray(x) / 1e3, np.asarray(y) / 1e3, c=values[has_data], s=2, vmin=lo, vmax=hi,
-        cmap="viridis", linewidths=0,
+        np.asarray(x) / 1e3,
+        np.asarray(y) / 1e3,
+        c=values[has_data],
+        s=2,
+        vmin=lo,
+        vmax=hi,
+        cmap="viridis",
+        linewidths=0,
     )
     units = dataset[variable].attrs.get("units", "m")
     fig.colorbar(points, ax=ax, label=f"{variable} ({units})")
