@@ -47,24 +47,32 @@ class RegionError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class Region:
-    """A region as spherical rings: even-odd filled, so holes and parts both work.
+    """A region as spherical polygons, each ``(boundary, *holes)``.
 
     Each ring is an ``(n, 2)`` array of ``(latitude, longitude)`` in degrees,
     open (no repeated closing vertex), joined by great circles.
     """
 
     name: str
-    rings: tuple[np.ndarray, ...]
+    polygons: tuple[tuple[np.ndarray, ...], ...]
+
+    @property
+    def rings(self) -> list[np.ndarray]:
+        return [ring for polygon in self.polygons for ring in polygon]
 
     def cells(self, order: int) -> np.ndarray:
         """Sorted ``uint64`` morton words of the order-``order`` cells covering the region.
 
         Every cell the outline touches is included, as is every cell whose
         centre lies inside, so no point of the region falls in a cell left out.
+        Polygons are covered one by one (holes by mortie's even-odd rule) and
+        united, so overlapping features add up rather than cancel.
         """
-        lats = [ring[:, 0] for ring in self.rings]
-        lons = [ring[:, 1] for ring in self.rings]
-        return np.asarray(mortie.morton_coverage(lats, lons, order=order), dtype=np.uint64)
+        covers = [
+            mortie.morton_coverage([r[:, 0] for r in rings], [r[:, 1] for r in rings], order=order)
+            for rings in self.polygons
+        ]
+        return np.unique(np.concatenate(covers)).astype(np.uint64)
 
     def bounding_box(self) -> tuple[float, float, float, float]:
         """``(west, south, east, north)`` in degrees enclosing the region, for CMR.
@@ -119,42 +127,46 @@ def load_region(spec: str | Path) -> Region:
 
 def region_from_geojson(data: Any, *, name: str, where: str = "GeoJSON") -> Region:
     """Turn GeoJSON Polygon/MultiPolygon geometry into a :class:`Region`."""
-    rings = []
-    for path, polygon in _polygons(data, "$"):
+    polygons = []
+    for path, polygon in _polygons(data, "$", where):
         if not isinstance(polygon, list) or not polygon:
             raise RegionError(f"{where}: {path} must be a non-empty list of rings")
-        for i, ring in enumerate(polygon):
-            rings.append(
+        polygons.append(
+            tuple(
                 _spherical_ring(_positions(ring, f"{path}[{i}]", where), f"{path}[{i}]", where)
+                for i, ring in enumerate(polygon)
             )
-    if not rings:
+        )
+    if not polygons:
         raise RegionError(f"{where}: no polygons found")
-    return Region(name=name, rings=tuple(rings))
+    return Region(name=name, polygons=tuple(polygons))
 
 
-def _polygons(data: Any, path: str) -> list[tuple[str, Any]]:
+def _polygons(data: Any, path: str, where: str) -> list[tuple[str, Any]]:
     """Every polygon's coordinate list, with a JSON path for error messages."""
     if not isinstance(data, Mapping):
-        raise RegionError(f"GeoJSON {path} must be an object, got {type(data).__name__}")
+        raise RegionError(f"{where}: {path} must be an object, got {type(data).__name__}")
     kind = data.get("type")
     if kind == "FeatureCollection":
         features = data.get("features")
         if not isinstance(features, list):
-            raise RegionError(f"GeoJSON {path}.features must be a list")
-        return [p for i, f in enumerate(features) for p in _polygons(f, f"{path}.features[{i}]")]
+            raise RegionError(f"{where}: {path}.features must be a list")
+        return [
+            p for i, f in enumerate(features) for p in _polygons(f, f"{path}.features[{i}]", where)
+        ]
     if kind == "Feature":
         if data.get("geometry") is None:
-            raise RegionError(f"GeoJSON {path}.geometry is missing or null")
-        return _polygons(data["geometry"], f"{path}.geometry")
+            raise RegionError(f"{where}: {path}.geometry is missing or null")
+        return _polygons(data["geometry"], f"{path}.geometry", where)
     if kind == "Polygon":
         return [(f"{path}.coordinates", data.get("coordinates"))]
     if kind == "MultiPolygon":
         parts = data.get("coordinates")
         if not isinstance(parts, list):
-            raise RegionError(f"GeoJSON {path}.coordinates must be a list of polygons")
+            raise RegionError(f"{where}: {path}.coordinates must be a list of polygons")
         return [(f"{path}.coordinates[{i}]", p) for i, p in enumerate(parts)]
     raise RegionError(
-        f"GeoJSON {path} has type {kind!r}; a region needs Polygon or MultiPolygon geometry "
+        f"{where}: {path} has type {kind!r}; a region needs Polygon or MultiPolygon geometry "
         "(bare, in a Feature, or in a FeatureCollection)"
     )
 

@@ -146,6 +146,17 @@ def test_feature_collection_and_hole():
     assert covered(region, [-79.0, -71.0, -75.0], [5.0, 35.0, 20.0]).tolist() == [True, True, False]
 
 
+def test_overlapping_features_add_up():
+    a = [(0, -80), (40, -80), (40, -70), (0, -70), (0, -80)]
+    b = [(20, -80), (60, -80), (60, -70), (20, -70), (20, -80)]
+    data = {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "geometry": polygon(r)} for r in (a, b)],
+    }
+    region = region_from_geojson(data, name="overlap")
+    assert covered(region, [-75.0, -75.0, -75.0], [10.0, 30.0, 50.0]).all()
+
+
 def test_region_from_file(tmp_path):
     path = tmp_path / "box.geojson"
     path.write_text(json.dumps(polygon([(0, -80), (40, -80), (40, -70), (0, -70), (0, -80)])))
