@@ -16,8 +16,9 @@ from prefect.futures import PrefectFuture
 
 from magg_core.plan import plan_cells, store_url_for
 from magg_core.request import CellRequest, CellResult
-from tasks.cells import grid_cell_locally, grid_cell_on_ecs, grid_cell_on_lambda
+from tasks.cells import grid_cell_locally, grid_cell_on_lambda
 from tasks.credentials import open_credentials
+from tasks.ecs import grid_cell_on_ecs
 from tasks.lambda_backend import ensure_lambda_concurrency, lambda_client
 from tasks.report import CellProgress, consolidate_store, report_run
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog

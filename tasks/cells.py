@@ -19,19 +19,17 @@ from typing import Any
 from prefect import task
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
-from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
 import magg_core
-from magg_core.cell import process_cell, request_config
+from magg_core.cell import process_cell
 from magg_core.config import load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, is_transient
 from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
-from magg_core.store import input_fingerprint, open_store, read_records
-from tasks.credentials import publish_credentials
+from magg_core.store import input_fingerprint
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -74,7 +72,7 @@ def fresh(credentials: Credentials | None) -> S3Credentials | None:
     return credentials.refresh_if_needed() if credentials is not None else None
 
 
-def _cell_task(fn):
+def cell_task(fn):
     return task(
         fn,
         retries=CELL_RETRIES,
@@ -87,7 +85,7 @@ def _cell_task(fn):
     )
 
 
-def _raise_if_failed(result: CellResult) -> CellResult:
+def raise_if_failed(result: CellResult) -> CellResult:
     """A failed cell fails its task, so the flow run fails and can be retried."""
     if result.status == "failed":
         reasons = "; ".join(f"{f.url}: {f.reason}" for f in result.files_failed[:5])
@@ -95,17 +93,17 @@ def _raise_if_failed(result: CellResult) -> CellResult:
     return result
 
 
-@_cell_task
+@cell_task
 def grid_cell_locally(
     request: CellRequest, store_id: str, credentials: Credentials | None, max_workers: int = 8
 ) -> CellResult:
     """Run the cell in this process (a thread of the flow's task runner)."""
     request = replace(request, s3_credentials=fresh(credentials))
     deadline = time.monotonic() + CELL_TIMEOUT_S
-    return _raise_if_failed(process_cell(request, max_workers=max_workers, deadline=deadline))
+    return raise_if_failed(process_cell(request, max_workers=max_workers, deadline=deadline))
 
 
-@_cell_task
+@cell_task
 def grid_cell_on_lambda(
     request: CellRequest,
     store_id: str,
@@ -116,40 +114,4 @@ def grid_cell_on_lambda(
     """Invoke the deployed Lambda function once per attempt (no hidden botocore retries)."""
     with concurrency(LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True):
         request = replace(request, s3_credentials=fresh(credentials))
-        return _raise_if_failed(invoke_cell(lambda_client, function_name, request))
-
-
-@_cell_task
-def grid_cell_on_ecs(
-    request: CellRequest,
-    store_id: str,
-    credentials: Credentials | None,
-    deployment: str,
-    credentials_block: str,
-) -> CellResult:
-    """Run the cell as a child flow run of the ``process-cell`` deployment.
-
-    The child reads credentials from a Prefect Secret block that this task
-    refreshes first; its parameters carry no secret. Its outcome is read back
-    from the durable record it wrote in the store, so no result storage has to
-    be shared between the containers and this process.
-    """
-    publish_credentials(credentials, credentials_block)
-    flow_run = run_deployment(
-        deployment,
-        parameters={
-            "request": request.to_event(include_credentials=False),
-            "credentials_block": credentials_block,
-        },
-        flow_run_name=f"cell-{request.parent_morton}",
-        timeout=None,
-        poll_interval=2,
-    )
-    if not flow_run.state or not flow_run.state.is_completed():
-        state = flow_run.state.name if flow_run.state else "unknown"
-        raise CellFailedError(
-            f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state}"
-        )
-    config = request_config(request)
-    store = open_store(request.store_path)
-    return _raise_if_failed(read_records(store, config)[request.parent_morton].result)
+        return raise_if_failed(invoke_cell(lambda_client, function_name, request))
