@@ -64,7 +64,7 @@ the sample uses."""
 PAIR_SPACING_M = 3_300.0
 BEAM_SPACING_M = 90.0
 FOOTPRINT_MARGIN_M = 150.0
-"""The footprint polygon lies this far outside the outermost beams."""
+"""The footprint polygon lies this far outside the outermost beams and the track's ends."""
 FOOTPRINT_STEP_M = 10_000.0
 
 DEMO_CENTRE = (-75.5, 123.0)
@@ -164,7 +164,7 @@ def write_sample(
         name = granule_name(begin, p.rgt, cycle, _region(lat_c, p.ascending))
         path = directory / name
         _write_h5(path, beams, p.rgt, cycle)
-        umm = _umm_record(name, path, begin, end, _footprint(track), p.rgt, cycle)
+        umm = _umm_record(name, path, begin, end, _footprint(track, spacing_m), p.rgt, cycle)
         granules.append(SampleGranule(name=name, path=path, umm=umm))
     return granules
 
@@ -194,7 +194,7 @@ def _choose_passes(
     inc = np.radians(INCLINATION_DEG)
     s = np.sin(np.radians(lat_c)) / np.sin(inc)
     candidates = []
-    for ascending, u in ((False, np.pi - np.arcsin(s)), (True, 2 * np.pi + np.arcsin(s))):
+    for ascending, u in ((False, np.pi - np.arcsin(s)), (True, np.arcsin(s) % (2 * np.pi))):
         rgt = np.arange(1, RGTS_PER_CYCLE + 1)
         node_lon = -(rgt - 1) * EARTH_TURN_DEG_PER_S * REV_SECONDS
         lon = node_lon + _inertial_lon_deg(u) - EARTH_TURN_DEG_PER_S * _seconds_after_node(u)
@@ -392,7 +392,7 @@ def _write_h5(path: Path, beams: dict[str, dict[str, np.ndarray]], rgt: int, cyc
 # --- catalog record ------------------------------------------------------------------
 
 
-def _footprint(track: dict) -> list[tuple[float, float]]:
+def _footprint(track: dict, spacing_m: float) -> list[tuple[float, float]]:
     """Closed, counter-clockwise ``(lon, lat)`` ring around all six beams.
 
     Walking forward along the right edge and back along the left edge keeps
@@ -400,19 +400,20 @@ def _footprint(track: dict) -> list[tuple[float, float]]:
     CMR requires, without any planar (antimeridian-fragile) area test.
     """
     n = track["u"].size
-    step = max(1, int(FOOTPRINT_STEP_M / (SEGMENT_M if n < 2 else _spacing_m(track))))
+    step = max(1, int(FOOTPRINT_STEP_M / spacing_m))
     rows = np.unique(np.r_[np.arange(0, n, step), n - 1])
     xyz, left = track["xyz"][rows], track["left"][rows]
+    # Stretch both ends along the track so the first and last segments are inside too.
+    forward = np.cross(left, xyz)
+    m = FOOTPRINT_MARGIN_M / EARTH_RADIUS_M
+    xyz[0] = np.cos(m) * xyz[0] - np.sin(m) * forward[0]
+    xyz[-1] = np.cos(m) * xyz[-1] + np.sin(m) * forward[-1]
     edge = PAIR_SPACING_M + BEAM_SPACING_M / 2 + FOOTPRINT_MARGIN_M
     right_lat, right_lon = _offset(xyz, left, -edge)
     left_lat, left_lon = _offset(xyz, left, edge)
     lons = np.r_[right_lon, left_lon[::-1], right_lon[:1]]
     lats = np.r_[right_lat, left_lat[::-1], right_lat[:1]]
     return [(round(float(lo), 6), round(float(la), 6)) for lo, la in zip(lons, lats, strict=True)]
-
-
-def _spacing_m(track: dict) -> float:
-    return float(track["u"][1] - track["u"][0]) * EARTH_RADIUS_M
 
 
 def _iso(t: datetime) -> str:

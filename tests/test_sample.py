@@ -1,0 +1,222 @@
+"""The synthetic ATL06 sample: deterministic, in NSIDC's layout, with consistent CMR records."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import h5py
+import numpy as np
+import pytest
+from matplotlib.path import Path as PolygonPath
+
+from magg_core.sample import BEAMS, FILL_VALUE, cycle_start, write_sample
+from tests import oracle
+
+NAME = re.compile(r"^ATL06_(\d{14})_(\d{4})(\d{2})(\d{2})_(\d{3})_(\d{2})\.h5$")
+VARIABLES = {
+    "latitude": np.float64,
+    "longitude": np.float64,
+    "h_li": np.float32,
+    "h_li_sigma": np.float32,
+    "atl06_quality_summary": np.int8,
+    "delta_time": np.float64,
+    "segment_id": np.int32,
+}
+EARTH_RADIUS_M = 6_371_008.8
+
+
+def distance_m(lat1, lon1, lat2, lon2):
+    """Great-circle distance (haversine), independent of the sample's vector maths."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(a))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return write_sample(tmp_path_factory.mktemp("small"), n_granules=3, seed=5, extent_km=200.0)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("demo")
+    started = time.perf_counter()
+    granules = write_sample(directory)
+    return granules, time.perf_counter() - started
+
+
+def test_same_seed_gives_identical_bytes_and_records(small, tmp_path):
+    again = write_sample(tmp_path, n_granules=3, seed=5, extent_km=200.0)
+    assert [g.name for g in again] == [g.name for g in small]
+    for a, b in zip(small, again, strict=True):
+        assert a.path.read_bytes() == b.path.read_bytes()
+        assert a.umm == b.umm
+
+
+def test_another_seed_gives_other_granules(small, tmp_path):
+    other = write_sample(tmp_path, n_granules=3, seed=6, extent_km=200.0)
+    assert {g.name for g in other} != {g.name for g in small}
+
+
+def test_files_have_the_atl06_layout(small):
+    for granule in small:
+        raw = granule.path.read_bytes()
+        assert raw[:8] == b"\x89HDF\r\n\x1a\n"
+        assert raw[8] == 0, "superblock v0 (h5py's default libver): h5coro reads nothing newer"
+        with h5py.File(granule.path, "r") as f:
+            assert {"orbit_info", "ancillary_data"} <= set(f)
+            for beam in (b for b in BEAMS if b in f):
+                group = f[beam]["land_ice_segments"]
+                assert set(group) == set(VARIABLES)
+                n = group["latitude"].shape[0]
+                assert n > 1000
+                for name, dtype in VARIABLES.items():
+                    dset = group[name]
+                    assert dset.dtype == dtype, name
+                    assert dset.shape == (n,)
+                    assert dset.chunks == (min(10_000, n),)
+                    assert dset.compression == "gzip" and dset.shuffle
+                for name in ("h_li", "h_li_sigma"):
+                    fill = group[name].attrs["_FillValue"]
+                    assert fill.dtype == np.float32 and fill[0] == np.float32(3.4028235e38)
+                    assert group[name].fillvalue == FILL_VALUE
+
+
+def test_values_are_plausible_and_include_fill_and_bad_rows(small):
+    fills = bad = sigma_only = 0
+    for granule in small:
+        with h5py.File(granule.path, "r") as f:
+            for beam in (b for b in BEAMS if b in f):
+                g = f[beam]["land_ice_segments"]
+                h, sigma = g["h_li"][:], g["h_li_sigma"][:]
+                quality = g["atl06_quality_summary"][:]
+                assert set(np.unique(quality)) <= {0, 1}
+                ok = (h != FILL_VALUE) & (sigma != FILL_VALUE)
+                assert np.all((sigma[ok] >= 0.02) & (sigma[ok] <= 0.5))
+                assert np.all((h[ok] > 1000) & (h[ok] < 4000)), "an East Antarctic ice sheet"
+                assert np.all(np.diff(g["segment_id"][:]) == 1)
+                assert np.all(np.diff(g["delta_time"][:]) > 0)
+                fills += int(np.sum(h == FILL_VALUE))
+                sigma_only += int(np.sum((sigma == FILL_VALUE) & (h != FILL_VALUE)))
+                bad += int(np.sum(quality == 1))
+    assert fills > 0 and sigma_only > 0 and bad > 0
+
+
+def test_beam_geometry_matches_icesat2(small):
+    with h5py.File(small[0].path, "r") as f:
+        def position(beam):
+            g = f[beam]["land_ice_segments"]
+            return g["latitude"][:], g["longitude"][:]
+
+        lat, lon = position("gt2l")
+        along = distance_m(lat[:-1], lon[:-1], lat[1:], lon[1:])
+        assert np.allclose(along, 20.0, atol=0.1)
+        for left, right in (("gt1l", "gt1r"), ("gt2l", "gt2r"), ("gt3l", "gt3r")):
+            assert np.allclose(distance_m(*position(left), *position(right)), 90.0, atol=0.5)
+        assert np.allclose(distance_m(*position("gt1l"), *position("gt2l")), 3300.0, atol=1.0)
+        # The track runs nearly north-south at ~75.5°S on a 92° orbit.
+        dlat, dlon = lat[-1] - lat[0], (lon[-1] - lon[0]) * np.cos(np.radians(lat.mean()))
+        heading = np.degrees(np.arctan2(dlon, dlat)) % 360
+        assert min(abs(heading - 188.5), abs(heading - 351.5)) < 3.0
+
+
+def test_names_parse_and_agree_with_contents(small):
+    start = cycle_start(22)
+    for granule in small:
+        match = NAME.match(granule.name)
+        assert match, granule.name
+        stamp, rgt, cycle, region, version, revision = match.groups()
+        begin = datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        assert (cycle, version, revision) == ("22", "007", "01")
+        assert region in ("10", "12")
+        assert start <= begin < start + timedelta(days=91)
+        with h5py.File(granule.path, "r") as f:
+            assert int(f["orbit_info/rgt"][0]) == int(rgt)
+            assert int(f["orbit_info/cycle_number"][0]) == 22
+            first = f["gt1l/land_ice_segments/delta_time"][0]
+        # delta_time: GPS seconds since 2018-01-01, 18 s ahead of UTC.
+        acquired = datetime(2018, 1, 1, tzinfo=UTC) + timedelta(seconds=float(first) - 18)
+        assert abs((acquired - begin).total_seconds()) < 1.0
+
+
+def test_exactly_one_granule_lacks_a_beam(small):
+    missing = []
+    for granule in small:
+        with h5py.File(granule.path, "r") as f:
+            missing.append(set(BEAMS) - set(f))
+    assert [len(m) for m in missing] == [0, 1, 0]
+
+
+def test_umm_records_look_like_cmr(small):
+    for granule in small:
+        item = granule.umm
+        meta, umm = item["meta"], item["umm"]
+        assert meta["provider-id"] == "NSIDC_CPRD"
+        assert re.fullmatch(r"G\d{10}-NSIDC_CPRD", meta["concept-id"])
+        assert meta["native-id"] == umm["GranuleUR"] == granule.name
+        assert umm["CollectionReference"] == {"ShortName": "ATL06", "Version": "007"}
+        when = umm["TemporalExtent"]["RangeDateTime"]
+        assert when["BeginningDateTime"][:19].replace("-", "").replace("T", "").replace(":", "") == (
+            granule.name[6:20]
+        )
+        assert when["BeginningDateTime"] < when["EndingDateTime"]
+        date = f"{granule.name[6:10]}/{granule.name[10:12]}/{granule.name[12:14]}"
+        assert granule.s3_url == (
+            f"s3://nsidc-cumulus-prod-protected/ATLAS/ATL06/007/{date}/{granule.name}"
+        )
+        assert granule.https_url == (
+            "https://data.nsidc.earthdatacloud.nasa.gov/nsidc-cumulus-prod-protected/"
+            f"ATLAS/ATL06/007/{date}/{granule.name}"
+        )
+        archive = umm["DataGranule"]["ArchiveAndDistributionInformation"][0]
+        raw = granule.path.read_bytes()
+        assert archive["SizeInBytes"] == len(raw)
+        assert archive["Checksum"] == {"Value": hashlib.md5(raw).hexdigest(), "Algorithm": "MD5"}
+        assert umm["DataGranule"]["ProductionDateTime"] > when["EndingDateTime"]
+
+
+def test_footprint_is_closed_counter_clockwise_and_encloses_every_beam(small):
+    for granule in small:
+        polygons = granule.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"]["GPolygons"]
+        points = polygons[0]["Boundary"]["Points"]
+        ring = np.array([(p["Longitude"], p["Latitude"]) for p in points])
+        assert len(ring) >= 5
+        assert np.array_equal(ring[0], ring[-1])
+        x, y = ring[:, 0], ring[:, 1]  # far from the antimeridian: planar shoelace is valid
+        assert np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) > 0, "CMR wants counter-clockwise"
+        outline = PolygonPath(ring)
+        with h5py.File(granule.path, "r") as f:
+            for beam in (b for b in BEAMS if b in f):
+                g = f[beam]["land_ice_segments"]
+                inside = outline.contains_points(np.c_[g["longitude"][:], g["latitude"][:]])
+                assert inside.all(), beam
+
+
+def test_default_demo_sample_is_sized_for_the_demo(demo):
+    granules, seconds = demo
+    assert 8 <= len(granules) <= 16
+    total_mb = sum(g.path.stat().st_size for g in granules) / 1e6
+    assert total_mb < 40
+    assert seconds < 20
+    points = oracle.good_points(g.path for g in granules)
+    parent = points["cell"].to_numpy() >> 12
+    granules_per_parent = defaultdict(set)
+    for p, name in zip(parent, points["granule"], strict=True):
+        granules_per_parent[p].add(name)
+    assert 10 <= len(granules_per_parent) <= 30
+    assert sum(len(v) >= 3 for v in granules_per_parent.values()) >= 3
+    per_child = points.groupby("cell").size()
+    assert per_child.median() >= 50, "enough points per child for meaningful quartiles"
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="latitude"):
+        write_sample(tmp_path, centre=(-89.0, 0.0))
+    with pytest.raises(ValueError, match="positive"):
+        write_sample(tmp_path, n_granules=0)
+    with pytest.raises(ValueError, match="passes"):
+        write_sample(tmp_path, n_granules=500, extent_km=50.0)
