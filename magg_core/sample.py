@@ -30,7 +30,7 @@ The orbit is simplified (circular, spherical Earth, RGT 1's ascending node at
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,7 @@ class SampleGranule:
 
     name: str
     path: Path
-    umm: dict[str, Any]
+    umm: dict[str, Any] = field(repr=False)
 
     @property
     def s3_url(self) -> str:

@@ -1,0 +1,154 @@
+"""h5coro plumbing we own: ranged reads on obstore, counted bytes, exact chunk reads.
+
+h5coro parses HDF5 in Python and asks a *driver* for byte ranges: it calls
+``driver_class(resource, credentials)`` once per file and then
+``driver.read(offset, size)`` from one thread per dataset. Its stock S3 driver
+opens a new boto3 session per file (~80 ms), ignores custom endpoints and
+talks plain HTTP. :class:`ObstoreDriver` instead shares one obstore
+``S3Store`` per (bucket, credentials, endpoint) across every file and thread
+(~9 ms to open a file) and uses HTTPS unless the endpoint says ``http://``.
+
+h5coro also funnels every read through a cache of aligned "lines" (4 MiB by
+default). Small lines suit metadata, a trail of few-byte fields; but a
+compressed chunk read through lines costs up to a whole extra line, and 4 MiB
+lines would fetch far more than the chunks a cell needs. :class:`ExactH5Coro`
+therefore sends payload-sized requests (chunks) straight to the driver as
+exact ranges and keeps small lines for metadata: on ATL06-like files the bytes
+fetched stay within ~1.05–1.25x of the compressed chunks read (DESIGN §6 asks
+for <= 1.5x), at the cost of one request per chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import obstore
+from h5coro.filedriver import FileDriver
+from h5coro.h5coro import H5Coro
+from obstore.store import S3Store
+
+from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
+
+CACHE_LINE_BYTES = 8 * 1024
+"""Line size for metadata reads: HDF5 headers and B-tree nodes are a few hundred bytes."""
+EXACT_READ_BYTES = 2 * 1024
+"""Requests at least this large (chunks) bypass the line cache and fetch exactly."""
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How to reach objects: the credentials (``None``: ambient identity) and the endpoint.
+
+    Passed to h5coro as its ``credentials`` argument, which h5coro hands
+    unchanged to the driver. The ``repr`` shows no secret.
+    """
+
+    credentials: S3Credentials | None
+    endpoint: S3Endpoint
+
+
+class ObstoreDriver:
+    """An h5coro driver reading one ``s3://`` object through a shared obstore store."""
+
+    def __init__(self, resource: str, credentials: S3Access):
+        bucket, self._key = split_s3_url(resource)
+        self._store = shared_store(bucket, credentials)
+        self._lock = threading.Lock()
+        self.bytes_fetched = 0
+        self.requests = 0
+
+    def read(self, pos: int, size: int) -> Any:
+        """Bytes ``[pos, pos + size)``, fewer at the end of the object.
+
+        Raises obstore's errors (``FileNotFoundError`` for a missing object, a
+        ``GenericError`` for a range past the end) instead of returning
+        ``None`` as the stock driver does, so the caller learns *why*.
+        """
+        if size <= 0:
+            return b""
+        data = obstore.get_range(self._store, self._key, start=pos, length=size)
+        with self._lock:
+            self.bytes_fetched += len(data)
+            self.requests += 1
+        return data
+
+    def close(self) -> None:
+        """Nothing to release: the store is shared and outlives this file."""
+
+
+class CountingFileDriver(FileDriver):
+    """h5coro's local-file driver, counting what it reads like :class:`ObstoreDriver`."""
+
+    def __init__(self, resource: str, credentials: Any):
+        super().__init__(resource, credentials)
+        self.bytes_fetched = 0
+        self.requests = 0
+
+    def read(self, pos: int, size: int) -> bytes:
+        data = super().read(pos, size)
+        with self.lock:
+            self.bytes_fetched += len(data)
+            self.requests += 1
+        return data
+
+
+class TruncatedFileError(EOFError):
+    """A read ended before the bytes the file's own structure points to.
+
+    Not a ``RuntimeError``: h5coro turns those into a silent ``None`` dataset.
+    """
+
+
+class ExactH5Coro(H5Coro):
+    """An ``H5Coro`` whose large reads skip the line cache and whose short reads fail.
+
+    h5coro trusts every read to return what it asked for: on a truncated file
+    its link-name scanner then loops forever on empty reads, growing a list
+    until memory runs out. Every request is therefore checked here.
+    """
+
+    def ioRequest(self, pos: int, size: int, caching: bool = True, prefetch: bool = False) -> Any:
+        if caching and size >= EXACT_READ_BYTES:
+            data = self.driver.read(pos + self.baseAddress, size)
+        else:
+            data = super().ioRequest(pos, size, caching=caching, prefetch=prefetch)
+        if data is not None and len(data) < size:
+            raise TruncatedFileError(f"needed {size} bytes at offset {pos}, the file ends sooner")
+        return data
+
+
+@lru_cache(maxsize=32)
+def shared_store(bucket: str, access: S3Access) -> S3Store:
+    """One obstore store per (bucket, credentials, endpoint), reused across files and threads.
+
+    Bounded, so hourly credential refreshes do not accumulate stores.
+    """
+    return s3_store(bucket, credentials=access.credentials, endpoint=access.endpoint)
+
+
+def open_h5(url: str, access: S3Access) -> ExactH5Coro:
+    """Open a granule with the driver its URL calls for.
+
+    ``s3://bucket/key`` reads through :class:`ObstoreDriver`; a local path or
+    ``file://`` URL through :class:`CountingFileDriver`. Either way the
+    returned object's ``driver`` reports ``bytes_fetched`` and ``requests``.
+
+    Raises
+    ------
+    ValueError
+        For any other URL scheme.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return ExactH5Coro(url, ObstoreDriver, credentials=access, cacheLineSize=CACHE_LINE_BYTES)
+    if parsed.scheme == "file":
+        path = unquote(parsed.path)
+    elif parsed.scheme == "":
+        path = url
+    else:
+        raise ValueError(f"unsupported URL scheme {parsed.scheme!r} (supported: s3://, file://, a path)")
+    return ExactH5Coro(path, CountingFileDriver, credentials={}, cacheLineSize=CACHE_LINE_BYTES)
