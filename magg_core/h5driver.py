@@ -97,6 +97,10 @@ class CountingFileDriver(FileDriver):
         return data
 
 
+class UnsupportedURLError(ValueError):
+    """A granule URL that is neither ``s3://``, ``file://`` nor a path."""
+
+
 class TruncatedFileError(EOFError):
     """A read ended before the bytes the file's own structure points to.
 
@@ -140,7 +144,7 @@ def open_h5(url: str, access: S3Access) -> ExactH5Coro:
 
     Raises
     ------
-    ValueError
+    UnsupportedURLError
         For any other URL scheme.
     """
     parsed = urlparse(url)
@@ -151,5 +155,7 @@ def open_h5(url: str, access: S3Access) -> ExactH5Coro:
     elif parsed.scheme == "":
         path = url
     else:
-        raise ValueError(f"unsupported URL scheme {parsed.scheme!r} (supported: s3://, file://, a path)")
+        raise UnsupportedURLError(
+            f"unsupported URL scheme {parsed.scheme!r} (supported: s3://, file://, a path)"
+        )
     return ExactH5Coro(path, CountingFileDriver, credentials={}, cacheLineSize=CACHE_LINE_BYTES)

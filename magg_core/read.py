@@ -35,7 +35,7 @@ from h5coro.h5coro import H5Coro
 
 from magg_core import grid
 from magg_core.config import PipelineConfig
-from magg_core.h5driver import S3Access, TruncatedFileError, open_h5
+from magg_core.h5driver import S3Access, TruncatedFileError, UnsupportedURLError, open_h5
 from magg_core.request import GranuleFailure
 from magg_core.s3 import S3Credentials, S3Endpoint
 
@@ -146,7 +146,9 @@ def _good_rows(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.
     for name in source.variables:
         values = columns[name]
         # Compare in the column's own type: float32(3.4028235e38) is not float64's 3.4028235e38.
-        fill = values.dtype.type(source.fill_value) if values.dtype.kind == "f" else source.fill_value
+        fill = (
+            values.dtype.type(source.fill_value) if values.dtype.kind == "f" else source.fill_value
+        )
         good &= np.isfinite(values) & (values != fill)
     return good
 
@@ -170,7 +172,9 @@ def read_granules(
 
     def one(url: str) -> GranulePoints | GranuleFailure:
         try:
-            return read_granule(url, parent_morton, config, credentials=credentials, endpoint=endpoint)
+            return read_granule(
+                url, parent_morton, config, credentials=credentials, endpoint=endpoint
+            )
         except GranuleReadError as exc:
             return exc.failure()
 
@@ -217,7 +221,11 @@ def _locate(
         values = {p: promise[p] for pair in paths.values() for p in pair}
     present = []
     for beam, (lat_path, lon_path) in paths.items():
-        if values[lat_path] is None and values[lon_path] is None and _beam_missing(url, h5, beam, config):
+        if (
+            values[lat_path] is None
+            and values[lon_path] is None
+            and _beam_missing(url, h5, beam, config)
+        ):
             continue
         for path in (lat_path, lon_path):
             if values[path] is None:
@@ -279,16 +287,22 @@ def _read_rows(
                     for n in names
                 ]
             )
-            values = {key: promise[paths[key]] for key in ((b.name, n) for b in batch for n in names)}
+            values = {
+                key: promise[paths[key]] for key in ((b.name, n) for b in batch for n in names)
+            }
         for b in batch:
             start, stop = b.spans[round_]
             local = b.rows[(b.rows >= start) & (b.rows < stop)] - start
             for n in names:
                 array = values[b.name, n]
                 if array is None:
-                    raise GranuleReadError(url, f"dataset {paths[b.name, n]} is missing or unreadable")
+                    raise GranuleReadError(
+                        url, f"dataset {paths[b.name, n]} is missing or unreadable"
+                    )
                 if array.shape != (stop - start,):
-                    raise GranuleReadError(url, f"dataset {paths[b.name, n]} is shorter than the coordinates")
+                    raise GranuleReadError(
+                        url, f"dataset {paths[b.name, n]} is shorter than the coordinates"
+                    )
                 columns[n].append(array[local])
     return {n: np.concatenate(arrays) for n, arrays in columns.items()}
 
@@ -309,7 +323,7 @@ def _reading(url: str, what: str) -> Iterator[None]:
         raise
     except FileNotFoundError as exc:
         raise GranuleReadError(url, "granule not found") from exc
-    except Exception as exc:  # noqa: BLE001 - see docstring
+    except Exception as exc:  # untrusted bytes: see the docstring
         raise GranuleReadError(url, f"{what}: {_describe(exc)}") from exc
 
 
@@ -320,11 +334,18 @@ def _describe(exc: BaseException) -> str:
     detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     if len(detail) > MAX_REASON_CHARS:
         detail = detail[: MAX_REASON_CHARS - 1] + "…"
+    if isinstance(exc, UnsupportedURLError):
+        return text
     if isinstance(exc, TruncatedFileError) or "416 Range Not Satisfiable" in text:
         return "file is truncated (a read went past the end of the object)"
     if "invalid file signature" in text:
         return f"not an HDF5 file ({detail})"
-    if isinstance(exc, PermissionError | obstore_errors.PermissionDeniedError | obstore_errors.UnauthenticatedError):
+    if isinstance(
+        exc,
+        PermissionError
+        | obstore_errors.PermissionDeniedError
+        | obstore_errors.UnauthenticatedError,
+    ):
         return f"access denied ({detail})"
     if isinstance(exc, obstore_errors.BaseError):
         return f"S3 request failed ({detail})"

@@ -215,10 +215,17 @@ def _choose_passes(
     chosen = sorted(candidates[i] for i in rng.choice(len(candidates), size=n, replace=False))
     start = cycle_start(cycle)
     passes = [
-        _Pass(rgt=k, ascending=a, u_centre=u, node_time=start + timedelta(seconds=(k - 1) * REV_SECONDS))
+        _Pass(
+            rgt=k,
+            ascending=a,
+            u_centre=u,
+            node_time=start + timedelta(seconds=(k - 1) * REV_SECONDS),
+        )
         for k, a, u in chosen
     ]
-    return sorted(passes, key=lambda p: p.node_time + timedelta(seconds=_seconds_after_node(p.u_centre)))
+    return sorted(
+        passes, key=lambda p: p.node_time + timedelta(seconds=_seconds_after_node(p.u_centre))
+    )
 
 
 def _inertial_lon_deg(u: np.ndarray | float) -> np.ndarray:
@@ -468,7 +475,7 @@ def _umm_record(
                 {
                     "URL": f"{S3_PREFIX}/{key}",
                     "Type": "GET DATA VIA DIRECT ACCESS",
-                    "Description": "This link provides direct download access via S3 to the granule",
+                    "Description": "Direct download access via S3 to the granule",
                 },
                 {
                     "URL": f"{HTTPS_PREFIX}/{key}",

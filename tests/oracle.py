@@ -27,7 +27,17 @@ import pandas as pd
 
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")
 FILL = np.float32(3.4028235e38)
-STATISTICS = ("count", "h_min", "h_max", "h_mean", "h_sigma", "h_variance", "h_q25", "h_q50", "h_q75")
+STATISTICS = (
+    "count",
+    "h_min",
+    "h_max",
+    "h_mean",
+    "h_sigma",
+    "h_variance",
+    "h_q25",
+    "h_q50",
+    "h_q75",
+)
 
 
 def good_points(paths: Iterable[str | Path], child_order: int = 12) -> pd.DataFrame:

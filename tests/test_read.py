@@ -33,7 +33,9 @@ def sample(tmp_path_factory):
 def reference(sample):
     """Good points of the sample by (granule, parent morton), from the independent oracle."""
     points = oracle.good_points(g.path for g in sample)
-    parents = {int(p): oracle.parent_morton(int(p), 6) for p in np.unique(points["cell"].to_numpy() >> 12)}
+    parents = {
+        int(p): oracle.parent_morton(int(p), 6) for p in np.unique(points["cell"].to_numpy() >> 12)
+    }
     return points, parents
 
 
@@ -99,7 +101,9 @@ def test_reads_exactly_the_good_rows_inside_each_parent(sample, reference):
             assert got.child_index.dtype == np.int64
             assert got.columns["h_li"].dtype == np.float32
             assert set(got.columns) == set(VARIABLES)
-            for a, b in zip(canonical(got.child_index, got.columns), canonical(child, columns), strict=True):
+            for a, b in zip(
+                canonical(got.child_index, got.columns), canonical(child, columns), strict=True
+            ):
                 np.testing.assert_array_equal(a, b)
             compared += len(got)
     assert compared == len(reference[0]), "every good point belongs to exactly one parent"
@@ -115,7 +119,9 @@ def test_granule_lacking_a_beam_reads_the_other_beams(sample, reference):
     got = read_granule(str(granule.path), parent, CONFIG)
     child, columns = expected(reference, granule, parent)
     assert len(got) == child.size > 0
-    np.testing.assert_array_equal(canonical(got.child_index, got.columns)[1], canonical(child, columns)[1])
+    np.testing.assert_array_equal(
+        canonical(got.child_index, got.columns)[1], canonical(child, columns)[1]
+    )
 
 
 def test_file_url_reads_like_a_path(sample, reference):
@@ -144,7 +150,9 @@ def test_fetches_little_more_than_the_chunks_holding_the_rows(sample, reference)
             if sum(r.size for r in rows.values()) == 0:
                 continue
             needed = sum(
-                compressed_bytes(granule.path, beam, name, r if name not in ("latitude", "longitude") else None)
+                compressed_bytes(
+                    granule.path, beam, name, r if name not in ("latitude", "longitude") else None
+                )
                 for beam, r in rows.items()
                 for name in ("latitude", "longitude", "h_li", "h_li_sigma", "atl06_quality_summary")
                 if name in ("latitude", "longitude") or r.size
@@ -203,8 +211,13 @@ def test_track_leaving_and_reentering_a_parent_is_read_in_two_spans(sample, tmp_
     got = read_granule(str(path), parent, CONFIG)
     good = inside[quality[inside] == 0]
     np.testing.assert_array_equal(np.sort(got.columns["h_li"]), np.sort(h[good]))
-    two_chunks = sum(compressed_bytes(path, "gt1l", v, inside) for v in ("h_li", "h_li_sigma", "atl06_quality_summary"))
-    all_chunks = sum(compressed_bytes(path, "gt1l", v) for v in ("h_li", "h_li_sigma", "atl06_quality_summary"))
+    two_chunks = sum(
+        compressed_bytes(path, "gt1l", v, inside)
+        for v in ("h_li", "h_li_sigma", "atl06_quality_summary")
+    )
+    all_chunks = sum(
+        compressed_bytes(path, "gt1l", v) for v in ("h_li", "h_li_sigma", "atl06_quality_summary")
+    )
     coordinates = sum(compressed_bytes(path, "gt1l", v) for v in ("latitude", "longitude"))
     assert got.bytes_fetched <= 1.5 * (coordinates + two_chunks)
     assert got.bytes_fetched < coordinates + all_chunks
@@ -220,7 +233,11 @@ def test_s3_reads_equal_local_reads(sample, reference, s3_urls, moto_server):
     for parent in (chosen[0], chosen[len(chosen) // 2]):
         from_disk, disk_failures = read_granules(local, parent, CONFIG)
         from_s3, s3_failures = read_granules(
-            s3_urls, parent, CONFIG, credentials=moto_server.credentials, endpoint=moto_server.endpoint
+            s3_urls,
+            parent,
+            CONFIG,
+            credentials=moto_server.credentials,
+            endpoint=moto_server.endpoint,
         )
         assert disk_failures == s3_failures == []
         assert [p.url for p in from_s3] == s3_urls
@@ -233,7 +250,9 @@ def test_s3_reads_equal_local_reads(sample, reference, s3_urls, moto_server):
 
 def test_one_store_serves_every_granule_of_a_bucket(moto_server):
     access = S3Access(moto_server.credentials, moto_server.endpoint)
-    assert shared_store(BUCKET, access) is shared_store(BUCKET, S3Access(moto_server.credentials, moto_server.endpoint))
+    assert shared_store(BUCKET, access) is shared_store(
+        BUCKET, S3Access(moto_server.credentials, moto_server.endpoint)
+    )
     other = S3Access(S3Credentials("AKIAOTHER", "other-secret"), moto_server.endpoint)
     assert shared_store(BUCKET, other) is not shared_store(BUCKET, access)
 
@@ -281,7 +300,13 @@ def test_broken_granules_raise_a_clear_reason(broken, moto_server, where):
     for name, words in cases.items():
         url = str(directory / name) if where == "local" else f"s3://{BUCKET}/broken/{name}"
         with pytest.raises(GranuleReadError) as caught:
-            read_granule(url, parent, CONFIG, credentials=moto_server.credentials, endpoint=moto_server.endpoint)
+            read_granule(
+                url,
+                parent,
+                CONFIG,
+                credentials=moto_server.credentials,
+                endpoint=moto_server.endpoint,
+            )
         error = caught.value
         assert error.url == url
         assert words in error.reason, (name, error.reason)
@@ -293,17 +318,23 @@ def test_broken_granules_raise_a_clear_reason(broken, moto_server, where):
 def test_missing_bucket_is_reported_as_not_found(moto_server):
     with pytest.raises(GranuleReadError, match="not found"):
         read_granule(
-            "s3://no-such-bucket-here/x.h5", NORTHERN, CONFIG,
-            credentials=moto_server.credentials, endpoint=moto_server.endpoint,
+            "s3://no-such-bucket-here/x.h5",
+            NORTHERN,
+            CONFIG,
+            credentials=moto_server.credentials,
+            endpoint=moto_server.endpoint,
         )
 
 
 def test_unsupported_scheme_is_a_read_error():
-    with pytest.raises(GranuleReadError, match="unsupported URL scheme 'https'"):
+    with pytest.raises(GranuleReadError) as caught:
         read_granule("https://example.com/ATL06_x.h5", NORTHERN, CONFIG)
+    assert caught.value.reason.startswith("cannot open: unsupported URL scheme 'https'")
 
 
-def test_read_granules_reports_failures_per_url_and_keeps_the_good(sample, broken, s3_urls, moto_server):
+def test_read_granules_reports_failures_per_url_and_keeps_the_good(
+    sample, broken, s3_urls, moto_server
+):
     directory, _, parent = broken
     urls = [
         s3_urls[0],
@@ -313,14 +344,23 @@ def test_read_granules_reports_failures_per_url_and_keeps_the_good(sample, broke
         f"s3://{BUCKET}/broken/no_sigma.h5",
     ]
     points, failures = read_granules(
-        urls, parent, CONFIG, credentials=moto_server.credentials, endpoint=moto_server.endpoint, max_workers=3
+        urls,
+        parent,
+        CONFIG,
+        credentials=moto_server.credentials,
+        endpoint=moto_server.endpoint,
+        max_workers=3,
     )
     assert [p.url for p in points] == [urls[0], urls[2]]
     assert all(isinstance(p, GranulePoints) for p in points)
     assert [f.url for f in failures] == [urls[1], urls[3], urls[4]]
     assert all(isinstance(f, GranuleFailure) for f in failures)
     assert "truncated" in failures[0].reason and "not found" in failures[1].reason
-    text = repr(points) + repr(failures) + repr(S3Access(moto_server.credentials, moto_server.endpoint))
+    text = (
+        repr(points)
+        + repr(failures)
+        + repr(S3Access(moto_server.credentials, moto_server.endpoint))
+    )
     for secret in moto_server.credentials.secrets():
         assert secret not in text
 

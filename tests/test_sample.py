@@ -32,7 +32,10 @@ EARTH_RADIUS_M = 6_371_008.8
 def distance_m(lat1, lon1, lat2, lon2):
     """Great-circle distance (haversine), independent of the sample's vector maths."""
     p1, p2 = np.radians(lat1), np.radians(lat2)
-    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lon2 - lon1) / 2) ** 2
+    a = (
+        np.sin((p2 - p1) / 2) ** 2
+        + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lon2 - lon1) / 2) ** 2
+    )
     return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(a))
 
 
@@ -108,6 +111,7 @@ def test_values_are_plausible_and_include_fill_and_bad_rows(small):
 
 def test_beam_geometry_matches_icesat2(small):
     with h5py.File(small[0].path, "r") as f:
+
         def position(beam):
             g = f[beam]["land_ice_segments"]
             return g["latitude"][:], g["longitude"][:]
@@ -160,8 +164,9 @@ def test_umm_records_look_like_cmr(small):
         assert meta["native-id"] == umm["GranuleUR"] == granule.name
         assert umm["CollectionReference"] == {"ShortName": "ATL06", "Version": "007"}
         when = umm["TemporalExtent"]["RangeDateTime"]
-        assert when["BeginningDateTime"][:19].replace("-", "").replace("T", "").replace(":", "") == (
-            granule.name[6:20]
+        assert (
+            when["BeginningDateTime"][:19].replace("-", "").replace("T", "").replace(":", "")
+            == (granule.name[6:20])
         )
         assert when["BeginningDateTime"] < when["EndingDateTime"]
         date = f"{granule.name[6:10]}/{granule.name[10:12]}/{granule.name[12:14]}"
@@ -181,7 +186,9 @@ def test_umm_records_look_like_cmr(small):
 
 def test_footprint_is_closed_counter_clockwise_and_encloses_every_beam(small):
     for granule in small:
-        polygons = granule.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"]["GPolygons"]
+        polygons = granule.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"][
+            "GPolygons"
+        ]
         points = polygons[0]["Boundary"]["Points"]
         ring = np.array([(p["Longitude"], p["Latitude"]) for p in points])
         assert len(ring) >= 5
