@@ -9,6 +9,8 @@ way every time and are reported at once instead.
 
 from __future__ import annotations
 
+import re
+
 import botocore.exceptions as botocore_errors
 import obstore.exceptions as obstore_errors
 
@@ -33,6 +35,10 @@ class CellTimeoutError(TimeoutError):
     """A cell ran past its deadline; it stopped before writing anything."""
 
 
+class TransientReadError(ConnectionError):
+    """A granule read failed for a reason that may pass (throttling, network, expiry)."""
+
+
 class CellFailedError(RuntimeError):
     """Every granule of a cell failed to read; the message lists why."""
 
@@ -51,11 +57,20 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, botocore_errors.ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return error.get("Code") in THROTTLING_CODES or status == 429 or status >= 500
+        return error.get("Code") in THROTTLING_CODES or _transient_status(status)
     if isinstance(exc, obstore_errors.PermissionDeniedError | obstore_errors.UnauthenticatedError):
         return "expired" in str(exc).lower()
     if isinstance(exc, obstore_errors.GenericError):
-        # obstore already retried 5xx/429 with backoff; what reaches us is an
-        # exhausted retry budget or a transport error: worth one more go.
-        return True
+        # obstore has already retried 5xx/429 with backoff; what reaches us is
+        # an exhausted retry budget, a transport error (no status), or a
+        # definite client error such as 416 for a range past a truncated file.
+        status = _HTTP_STATUS.search(str(exc))
+        return status is None or _transient_status(int(status.group(1)))
     return False
+
+
+_HTTP_STATUS = re.compile(r"status code: (\d{3})")
+
+
+def _transient_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500

@@ -37,6 +37,7 @@ from magg_core import grid
 from magg_core.config import PipelineConfig
 from magg_core.h5driver import S3Access, TruncatedFileError, UnsupportedURLError, open_h5
 from magg_core.request import GranuleFailure
+from magg_core.errors import TransientReadError, is_transient
 from magg_core.s3 import S3Credentials, S3Endpoint
 
 CHUNKED_LAYOUT = 2
@@ -176,6 +177,11 @@ def read_granules(
                 url, parent_morton, config, credentials=credentials, endpoint=endpoint
             )
         except GranuleReadError as exc:
+            if exc.__cause__ is not None and is_transient(exc.__cause__):
+                # Throttling or a dropped connection says nothing about the
+                # granule: fail the whole cell so it is retried, rather than
+                # write statistics with this granule's points missing.
+                raise TransientReadError(str(exc)) from exc
             return exc.failure()
 
     if not urls:
