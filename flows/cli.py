@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "--credentials", choices=("earthdata", "environment", "none"), default="earthdata"
     )
     run.add_argument("--concurrency", type=int, help="cells in flight at once")
+    run.add_argument(
+        "--granule-mirror", help="read granules from DIR_OR_S3_PREFIX/<name> instead of NSIDC"
+    )
     run.add_argument("--lambda-function", default="magg-process-cell")
     run.set_defaults(command=_run, name="run")
 
@@ -149,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         credentials=args.credentials,
         concurrency=args.concurrency,
+        granule_mirror=args.granule_mirror,
         lambda_function=args.lambda_function,
     )
     if args.dry_run:
