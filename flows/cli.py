@@ -112,6 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
         credentials="none",
         granule_mirror=str(workdir / "granules"),
     )
+    print(summary["markdown"])
     png = _quicklook(str(store), "atl06", "h_mean", workdir / "quicklook.png")
     print(f"\nstore: {store}\nquicklook: {png}")
     return 0 if not summary["failed_cells"] else 1
@@ -158,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: {len(summary['cells'])} cells would be processed into {summary['store']}")
         return 0
+    print(summary["markdown"])
     return 0 if not summary["failed_cells"] else 1
 
 

@@ -74,4 +74,5 @@ def report_run(
         **asdict(summary),
         "failed_cells": [str(p) for p in sorted(failures)],
         "store": store_url,
+        "markdown": markdown,
     }
