@@ -205,9 +205,16 @@ DEMO_CYCLE = 22
 
 
 def _run_flow(**parameters) -> dict:
+    """Run ``process-cycle`` here; its summary, also when some cells failed."""
     from flows.process_cycle import process_cycle
+    from magg_core.errors import CellsFailedError
 
-    return process_cycle(**parameters)
+    try:
+        return process_cycle(**parameters)
+    except CellsFailedError as exc:
+        if exc.summary is None:
+            raise
+        return exc.summary
 
 
 def _quicklook(store_url: str, config_name: str, variable: str, path: Path) -> Path:

@@ -14,24 +14,25 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from magg_core.plan import plan_cells, store_url_for
+from magg_core.errors import CellsFailedError
+from magg_core.plan import check_cell_timeout, plan_cells, store_url_for
 from magg_core.request import CellRequest, CellResult
-from tasks.cells import grid_cell_locally, grid_cell_on_lambda
+from tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
 from tasks.credentials import open_credentials
 from tasks.ecs import grid_cell_on_ecs
-from tasks.lambda_backend import ensure_lambda_concurrency, lambda_client
+from tasks.lambda_backend import lambda_client, lambda_concurrency
 from tasks.report import CellProgress, consolidate_store, report_run
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 
 Backend = Literal["local", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]
 
+LOCAL_CONCURRENCY = 4
+"""Cells at once in this process; each reads up to 8 granules at a time."""
+ECS_CONCURRENCY = 200
 
-class CellsFailedError(RuntimeError):
-    """Raised at the end of a run in which some cells failed (after all others finished)."""
 
-
-@flow(name="process-cycle", log_prints=True)
+@flow(name="process-cycle")
 def process_cycle(
     cycle: int | None = None,
     start_date: str | None = None,
@@ -46,15 +47,22 @@ def process_cycle(
     dry_run: bool = False,
     credentials: CredentialsMode = "earthdata",
     concurrency: int | None = None,
+    cell_timeout_s: int = CELL_TIMEOUT_S,
     cmr_url: str | None = None,
     granule_mirror: str | None = None,
     lambda_function: str = "magg-process-cell",
     lambda_memory_mb: int = 2048,
+    lambda_architecture: Literal["arm64", "x86_64"] = "arm64",
     aws_credentials_block: str | None = None,
     ecs_deployment: str = "process-cell/ecs",
     credentials_block: str = "magg-nsidc-s3-credentials",
 ) -> dict[str, Any]:
     """Grid one cycle's ATL06 granules into a HEALPix Zarr store.
+
+    Returns the run's summary. When any cell failed, raises
+    :class:`~magg_core.errors.CellsFailedError` (carrying the same summary)
+    after every other cell has finished, so the run ends ``Failed`` and the
+    Prefect UI's Retry re-runs only the failed cells.
 
     Parameters
     ----------
@@ -74,21 +82,36 @@ def process_cycle(
     cells, max_cells
         Process only these parent cells (morton words) / only the first N.
     dry_run
-        Build the plan and the template, report it, run no cell.
+        Log in and plan the cells, report them, write nothing and run no cell.
     credentials
         ``earthdata`` (NSIDC S3 credentials via Earthdata login, refreshed
         before they expire), ``environment`` (plain AWS credentials) or
         ``none`` (local files, public buckets).
     concurrency
-        Cells in flight at once (default: 4 local, 1,000 Lambda, 200 ECS).
+        Cells in flight at once (default: 4 local, 200 ECS; for Lambda the
+        ``magg-lambda`` global concurrency limit, which this sets when given
+        and creates at 1,000 when missing).
+    cell_timeout_s
+        How long one cell may take, at most 900 s. For ``lambda`` this must be
+        the deployed function's timeout: the client waits that long (plus a
+        margin) for an answer rather than retrying a cell that is still running.
     cmr_url
         CMR search root (default: NASA's production CMR).
     granule_mirror
         Read granules from ``{granule_mirror}/{name}`` (a directory or bucket
         of copies) instead of NSIDC's bucket.
+    lambda_function, lambda_memory_mb, lambda_architecture
+        The deployed function's name, memory and architecture (the last two
+        price the run's Lambda cost estimate, whatever the backend).
+    aws_credentials_block
+        A prefect-aws ``AwsCredentials`` block for invoking Lambda.
+    ecs_deployment, credentials_block
+        The ``process-cell`` deployment for ``ecs`` and the Secret block
+        through which its runs receive the S3 credentials.
     """
     logger = get_run_logger()
     started = time.monotonic()
+    check_cell_timeout(cell_timeout_s)
     pipeline = load_pipeline_config(config)
     source = open_credentials(credentials)
 
@@ -99,8 +122,6 @@ def process_cycle(
             cycle, start_date, end_date, region, pipeline.output.parent_order, cmr_url
         )
     store_url = store or store_url_for(pipeline, cell_catalog)
-    provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
-    store_id = prepare_store(store_url, pipeline, cell_catalog.parents, provenance)
     requests = plan_cells(
         cell_catalog,
         pipeline,
@@ -119,20 +140,22 @@ def process_cycle(
             "dry_run": True,
         }
 
+    provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
+    store_id = prepare_store(store_url, pipeline, cell_catalog.parents, provenance)
+
     if backend == "local":
+        window = concurrency or LOCAL_CONCURRENCY
 
         def submit(request: CellRequest) -> PrefectFuture:
-            return grid_cell_locally.submit(request, store_id, source)
-
-        window = concurrency or 4
+            return grid_cell_locally.submit(request, store_id, source, cell_timeout_s)
     elif backend == "lambda":
-        client = lambda_client(aws_credentials_block)
-        window = ensure_lambda_concurrency(concurrency or 1000)
+        window = lambda_concurrency(concurrency)
+        client = lambda_client(aws_credentials_block, cell_timeout_s, window)
 
         def submit(request: CellRequest) -> PrefectFuture:
             return grid_cell_on_lambda.submit(request, store_id, source, client, lambda_function)
     elif backend == "ecs":
-        window = concurrency or 200
+        window = concurrency or ECS_CONCURRENCY
 
         def submit(request: CellRequest) -> PrefectFuture:
             return grid_cell_on_ecs.submit(
@@ -149,13 +172,15 @@ def process_cycle(
         failures,
         wall_s=time.monotonic() - started,
         lambda_memory_mb=lambda_memory_mb,
+        lambda_architecture=lambda_architecture,
         store_url=store_url,
     )
     if failures:
         raise CellsFailedError(
             f"{len(failures)} of {len(requests)} cells failed: "
             + ", ".join(str(m) for m in sorted(failures)[:10])
-            + " — retry the flow run to re-run only these cells"
+            + " — retry the flow run to re-run only these cells",
+            summary=summary,
         )
     return summary
 
@@ -195,7 +220,13 @@ def _run_windowed(
         if state.is_completed():
             results.append(future.result())
         else:
-            failures[parent] = state.message or state.name
+            failures[parent] = _first_line(state.message or state.name)
         on_done()
         fill()
     return results, failures
+
+
+def _first_line(message: str, limit: int = 300) -> str:
+    """A failure's reason for the table: S3 clients add dozens of debug lines."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -10,6 +10,7 @@ way every time and are reported at once instead.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import botocore.exceptions as botocore_errors
 import obstore.exceptions as obstore_errors
@@ -41,6 +42,20 @@ class TransientReadError(ConnectionError):
 
 class CellFailedError(RuntimeError):
     """Every granule of a cell failed to read; the message lists why."""
+
+
+class CellsFailedError(RuntimeError):
+    """Some cells of a run failed; raised after every other cell has finished.
+
+    ``summary`` is the run's summary (the flow's would-be return value), so a
+    caller can still report the run.
+    """
+
+    def __init__(self, message: str, *, summary: dict[str, Any] | None = None):
+        # Only the message in ``args``, the summary a keyword with a default:
+        # the exception pickles (Prefect persists a failed run's exception).
+        super().__init__(message)
+        self.summary = summary
 
 
 def is_transient(exc: BaseException) -> bool:

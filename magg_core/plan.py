@@ -10,11 +10,26 @@ from collections.abc import Sequence
 
 from magg_core.catalog import Catalog
 from magg_core.config import PipelineConfig
+from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.request import CellRequest
+
+LAMBDA_MAX_TIMEOUT_S = 900
+MAX_CELL_TIMEOUT_S = min(LAMBDA_MAX_TIMEOUT_S, int(DEFAULT_MARGIN.total_seconds()))
+"""No longer than Lambda allows, nor than the credentials' refresh margin: a cell
+is handed credentials valid for at least the margin, so they outlive the cell."""
 
 
 class PlanError(ValueError):
     """A selection that does not fit the catalog or config; the message names it."""
+
+
+def check_cell_timeout(seconds: int) -> int:
+    """Validate a run's per-cell timeout (seconds); return it."""
+    if not 0 < seconds <= MAX_CELL_TIMEOUT_S:
+        raise PlanError(
+            f"cell_timeout_s must be between 1 and {MAX_CELL_TIMEOUT_S} seconds, got {seconds}"
+        )
+    return seconds
 
 
 def store_url_for(config: PipelineConfig, catalog: Catalog) -> str:

@@ -7,7 +7,7 @@ flow turns them into Prefect artifacts and the CLI prints the same text.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from magg_core.request import CellResult
@@ -19,6 +19,8 @@ LAMBDA_PRICE_PER_REQUEST = 0.20 / 1_000_000
 
 @dataclass(frozen=True)
 class RunSummary:
+    """Totals over a run's cells; ``status_counts`` includes cells that raised (``failed``)."""
+
     cells: int
     status_counts: dict[str, int]
     total_obs: int
@@ -43,28 +45,45 @@ class RunSummary:
         return self.cells / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
+    def obs_per_second(self) -> float:
+        return self.total_obs / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def lambda_gb_seconds(self) -> float:
+        """Compute these cells would bill as Lambda invocations at the configured memory."""
+        return self.cell_seconds * self.lambda_memory_mb / 1024
+
+    @property
     def lambda_cost_usd(self) -> float:
-        """What these cells would cost as Lambda invocations at the configured memory."""
-        gb_s = self.cell_seconds * self.lambda_memory_mb / 1024
+        """GB-seconds at the architecture's price, plus the per-request charge."""
         price = LAMBDA_PRICE_PER_GB_S[self.lambda_architecture]
-        return gb_s * price + self.cells * LAMBDA_PRICE_PER_REQUEST
+        return self.lambda_gb_seconds * price + self.cells * LAMBDA_PRICE_PER_REQUEST
 
 
 def summarize(
     results: Sequence[CellResult],
     *,
+    failed: int = 0,
     wall_s: float,
     lambda_memory_mb: int = 2048,
     lambda_architecture: str = "arm64",
 ) -> RunSummary:
+    """Totals over the cells that returned a result, plus ``failed`` cells that did not.
+
+    A cell whose task failed has no :class:`CellResult` to add up (it raised),
+    but it still counts as a cell of the run, with status ``failed``.
+    """
     if lambda_architecture not in LAMBDA_PRICE_PER_GB_S:
         raise ValueError(
             f"lambda_architecture must be one of {sorted(LAMBDA_PRICE_PER_GB_S)}, "
             f"got {lambda_architecture!r}"
         )
+    status_counts = Counter(r.status for r in results)
+    if failed:
+        status_counts["failed"] += failed
     return RunSummary(
-        cells=len(results),
-        status_counts=dict(Counter(r.status for r in results)),
+        cells=len(results) + failed,
+        status_counts=dict(status_counts),
         total_obs=sum(r.total_obs for r in results),
         cells_with_data=sum(r.cells_with_data for r in results),
         granules_read=sum(r.files_processed for r in results),
@@ -80,10 +99,16 @@ def summarize(
     )
 
 
-def cell_table(results: Sequence[CellResult]) -> list[dict[str, object]]:
-    """One row per cell, for the run's table artifact."""
-    return [
-        {
+def cell_table(
+    results: Sequence[CellResult], failures: Mapping[int, str] | None = None
+) -> list[dict[str, object]]:
+    """One row per cell in parent order, for the run's table artifact.
+
+    ``failures`` are the cells whose task failed without a result (parent →
+    one-line reason); they get the same columns, with nothing counted.
+    """
+    rows = {
+        r.parent_morton: {
             "parent_morton": str(r.parent_morton),
             "status": r.status,
             "obs": r.total_obs,
@@ -94,8 +119,21 @@ def cell_table(results: Sequence[CellResult]) -> list[dict[str, object]]:
             "peak_mb": r.peak_rss_mb,
             "error": r.error or "; ".join(f"{f.url}: {f.reason}" for f in r.files_failed[:3]),
         }
-        for r in sorted(results, key=lambda r: r.parent_morton)
-    ]
+        for r in results
+    }
+    for parent, reason in (failures or {}).items():
+        rows[parent] = {
+            "parent_morton": str(parent),
+            "status": "failed",
+            "obs": 0,
+            "child_cells": 0,
+            "granules_ok": 0,
+            "granules_failed": 0,
+            "seconds": 0.0,
+            "peak_mb": 0.0,
+            "error": reason,
+        }
+    return [rows[parent] for parent in sorted(rows)]
 
 
 def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
@@ -111,12 +149,15 @@ def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
             f"| cells | {summary.cells} ({statuses}) |",
             f"| observations | {summary.total_obs:,} in {summary.cells_with_data:,} child cells |",
             f"| granules | {summary.granules_read:,} read, {summary.granules_failed:,} failed |",
-            f"| wall time | {summary.wall_s:.1f} s ({summary.cells_per_second:.2f} cells/s) |",
-            f"| cell time | {summary.cell_seconds:.1f} s: read {100 * summary.read_s / split:.0f} %, "
+            f"| wall time | {summary.wall_s:.1f} s ({summary.cells_per_second:.2f} cells/s, "
+            f"{summary.obs_per_second:,.0f} obs/s) |",
+            f"| cell time | {summary.cell_seconds:.1f} s: "
+            f"read {100 * summary.read_s / split:.0f} %, "
             f"aggregate {100 * summary.aggregate_s / split:.0f} %, "
             f"write {100 * summary.write_s / split:.0f} % |",
             f"| peak memory | {summary.peak_rss_mb:.0f} MiB |",
-            f"| Lambda cost estimate | ${summary.lambda_cost_usd:.4f} at {summary.lambda_memory_mb} MB "
-            f"{summary.lambda_architecture} |",
+            f"| Lambda cost estimate | ${summary.lambda_cost_usd:.4f}: "
+            f"{summary.lambda_gb_seconds:,.1f} GB-s at {summary.lambda_memory_mb} MB "
+            f"{summary.lambda_architecture} + {summary.cells} requests |",
         ]
     )

@@ -5,7 +5,13 @@ errors only, a persisted result, and a cache key over everything that
 determines the cell's output) so that retrying a failed flow run — the
 Prefect UI's Retry button — re-executes only the cells that failed.
 Credentials are fetched at dispatch from an in-process source and never
-become a task parameter, a cache key, a result or a log line.
+become a task parameter value the API stores, a cache key, a result or a
+log line.
+
+Results and cache records go to Prefect's default result storage: local
+files unless ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` names a block (e.g.
+an ``s3-bucket`` block), which remote runs need so that a retry — possibly
+on another machine — finds the cells that already succeeded.
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ from magg_core.store import input_fingerprint
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
 CELL_RETRIES = 3
+CELL_RETRY_BACKOFF_S = 10
+"""First retry after ~10 s, then 20 s, 40 s (± half, so throttled cells spread out)."""
 CELL_TIMEOUT_S = 720
-"""Matches the Lambda function timeout: a cell that needs longer should be split."""
+"""Default per-cell limit, matching the Lambda function's timeout: a cell that needs
+longer should be split (a finer parent order), not waited for."""
 
 
 def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -73,10 +82,11 @@ def fresh(credentials: Credentials | None) -> S3Credentials | None:
 
 
 def cell_task(fn):
+    """The shared per-cell task policy (see the module docstring)."""
     return task(
         fn,
         retries=CELL_RETRIES,
-        retry_delay_seconds=exponential_backoff(backoff_factor=10),
+        retry_delay_seconds=exponential_backoff(backoff_factor=CELL_RETRY_BACKOFF_S),
         retry_jitter_factor=0.5,
         retry_condition_fn=retry_transient,
         persist_result=True,
@@ -95,12 +105,18 @@ def raise_if_failed(result: CellResult) -> CellResult:
 
 @cell_task
 def grid_cell_locally(
-    request: CellRequest, store_id: str, credentials: Credentials | None, max_workers: int = 8
+    request: CellRequest, store_id: str, credentials: Credentials | None, timeout_s: int
 ) -> CellResult:
-    """Run the cell in this process (a thread of the flow's task runner)."""
+    """Run the cell in this process (a thread of the flow's task runner).
+
+    A thread cannot be interrupted, so the timeout is a deadline the cell
+    checks before aggregating and before writing: an attempt that overran
+    raises :class:`~magg_core.errors.CellTimeoutError` without writing, and
+    only then may a retry start, so no stale attempt writes after a newer one.
+    """
     request = replace(request, s3_credentials=fresh(credentials))
-    deadline = time.monotonic() + CELL_TIMEOUT_S
-    return raise_if_failed(process_cell(request, max_workers=max_workers, deadline=deadline))
+    deadline = time.monotonic() + timeout_s
+    return raise_if_failed(process_cell(request, deadline=deadline))
 
 
 @cell_task
@@ -111,7 +127,15 @@ def grid_cell_on_lambda(
     lambda_client: Any,
     function_name: str,
 ) -> CellResult:
-    """Invoke the deployed Lambda function once per attempt (no hidden botocore retries)."""
-    with concurrency(LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True):
+    """Invoke the deployed Lambda function once per attempt (no hidden botocore retries).
+
+    The client's read timeout outwaits the function, so when an attempt ends
+    the invocation has ended too, and a retry never overlaps a running one.
+    The concurrency slot is a throttle, not a lock: losing its lease renewal
+    must not abandon an invocation that is still running.
+    """
+    with concurrency(
+        LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False
+    ):
         request = replace(request, s3_credentials=fresh(credentials))
         return raise_if_failed(invoke_cell(lambda_client, function_name, request))

@@ -9,6 +9,7 @@ children read them from there.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prefect import task
 from prefect.blocks.system import Secret
@@ -16,6 +17,15 @@ from prefect.cache_policies import NONE
 
 from magg_core.credentials import Credentials, aws_credentials, nsidc_credentials
 from magg_core.s3 import S3Credentials
+
+CREDENTIAL_SOURCES: dict[str, Callable[[], Credentials | None]] = {
+    "earthdata": nsidc_credentials,
+    "environment": aws_credentials,
+    "none": lambda: None,
+}
+"""What each ``credentials`` mode of a run opens: NSIDC's temporary S3 credentials
+through an Earthdata login, plain AWS credentials (environment or profile), or
+nothing (local files, public buckets)."""
 
 _published: dict[str, S3Credentials] = {}
 _lock = threading.Lock()
@@ -48,10 +58,8 @@ def open_credentials(mode: str) -> Credentials | None:
     ``persist_result=False``: the credentials live only in this process's
     memory, never in result storage.
     """
-    if mode == "earthdata":
-        return nsidc_credentials()
-    if mode == "environment":
-        return aws_credentials()
-    if mode == "none":
-        return None
-    raise ValueError(f"credentials must be earthdata, environment or none, got {mode!r}")
+    if mode not in CREDENTIAL_SOURCES:
+        raise ValueError(
+            f"credentials must be one of {', '.join(CREDENTIAL_SOURCES)}, got {mode!r}"
+        )
+    return CREDENTIAL_SOURCES[mode]()

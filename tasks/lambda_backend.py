@@ -4,34 +4,65 @@ from __future__ import annotations
 
 from typing import Any
 
+from botocore.config import Config
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 from prefect_aws import AwsCredentials
 
 from magg_core.lambda_client import lambda_client_config
-from tasks.cells import CELL_TIMEOUT_S, LAMBDA_CONCURRENCY_LIMIT
+from tasks.cells import LAMBDA_CONCURRENCY_LIMIT
+
+DEFAULT_LAMBDA_CONCURRENCY = 1000
+"""AWS's default account-wide concurrency; lower it (``prefect gcl update magg-lambda
+--limit N`` or the ``concurrency`` parameter) to leave room for other functions."""
 
 
-def lambda_client(aws_credentials_block: str | None) -> Any:
+def lambda_client(
+    aws_credentials_block: str | None, function_timeout_s: int, connections: int
+) -> Any:
     """A Lambda client that waits longer than the function may run and never retries.
 
     botocore's defaults (60 s read timeout, automatic retries) would invoke a
     long cell twice without anyone noticing; retries belong to the Prefect
     task, where they are visible and counted.
+
+    Parameters
+    ----------
+    aws_credentials_block
+        A prefect-aws ``AwsCredentials`` block (endpoint, profile, keys); the
+        ambient AWS configuration when ``None``.
+    function_timeout_s
+        The deployed function's timeout.
+    connections
+        Invocations in flight at once: the connection pool must hold them all,
+        or every call past botocore's default 10 opens and drops a connection.
     """
     credentials = (
         AwsCredentials.load(aws_credentials_block) if aws_credentials_block else AwsCredentials()
     )
-    # AwsCredentials.get_client would use the block's botocore config; the
-    # timeout and retry policy here must win over whatever the block says.
+    # The block's botocore config (proxies, user agent …) is kept, but the
+    # timeout and retry policy here must win over whatever it says.
     params = credentials.aws_client_parameters.get_params_override()
-    params["config"] = lambda_client_config(CELL_TIMEOUT_S)
+    safe = lambda_client_config(function_timeout_s).merge(Config(max_pool_connections=connections))
+    params["config"] = params["config"].merge(safe) if "config" in params else safe
     return credentials.get_boto3_session().client(
         "lambda", region_name=credentials.region_name, **params
     )
 
 
-def ensure_lambda_concurrency(limit: int) -> int:
-    """Create or resize the global limit on concurrent invocations; return it."""
+def lambda_concurrency(limit: int | None) -> int:
+    """The global limit on concurrent invocations, set to ``limit`` if one is given.
+
+    Without ``limit`` an existing limit is left as an operator set it, and a
+    missing one is created at :data:`DEFAULT_LAMBDA_CONCURRENCY`.
+    """
     with get_client(sync_client=True) as client:
+        if limit is None:
+            try:
+                return client.read_global_concurrency_limit_by_name(LAMBDA_CONCURRENCY_LIMIT).limit
+            except ObjectNotFound:
+                limit = DEFAULT_LAMBDA_CONCURRENCY
+        if limit < 1:
+            raise ValueError(f"concurrency must be at least 1, got {limit}")
         client.upsert_global_concurrency_limit_by_name(LAMBDA_CONCURRENCY_LIMIT, limit)
     return limit

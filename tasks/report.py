@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -56,20 +56,34 @@ def report_run(
     *,
     wall_s: float,
     lambda_memory_mb: int,
+    lambda_architecture: str,
     store_url: str,
 ) -> dict[str, Any]:
-    """Publish the per-cell table and the summary; return the summary as a dict."""
-    summary = summarize(results, wall_s=wall_s, lambda_memory_mb=lambda_memory_mb)
-    rows = cell_table(results) + [
-        {"parent_morton": str(parent), "status": "failed", "error": message}
-        for parent, message in sorted(failures.items())
-    ]
+    """Publish the per-cell table and the summary; return the summary as a dict.
+
+    ``failures`` maps each cell whose task failed to a one-line reason. The
+    returned ``markdown`` is the summary artifact's text, for the CLI to print.
+    """
+    summary = summarize(
+        results,
+        failed=len(failures),
+        wall_s=wall_s,
+        lambda_memory_mb=lambda_memory_mb,
+        lambda_architecture=lambda_architecture,
+    )
+    rows = cell_table(results, failures)
     create_table_artifact(rows, key="magg-cells", description=f"one row per cell of {store_url}")
     markdown = to_markdown(summary, title=f"magg run into {store_url}")
     if failures:
         markdown += f"\n\n**{len(failures)} cells failed**: retry the flow run to re-run only them."
     create_markdown_artifact(markdown, key="magg-summary", description="run summary")
-    print(markdown)
+    get_run_logger().info(
+        "%d cells (%s), %d observations in %.1f s",
+        summary.cells,
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.status_counts.items())),
+        summary.total_obs,
+        summary.wall_s,
+    )
     return {
         **asdict(summary),
         "failed_cells": [str(p) for p in sorted(failures)],
