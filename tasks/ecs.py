@@ -9,8 +9,13 @@ from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import open_store, read_records
-from tasks.cells import cell_task, raise_if_failed
+from tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_failed
 from tasks.credentials import publish_credentials
+
+CHILD_RUN_TIMEOUT_S = 3 * CELL_TIMEOUT_S
+"""How long to wait for a child run: the cell's own limit plus room for a
+Fargate task to be placed, pull the image and start Python. A child still
+pending after this fails the cell visibly instead of holding the run forever."""
 
 
 @cell_task
@@ -24,25 +29,33 @@ def grid_cell_on_ecs(
     """Run the cell as a child flow run of the ``process-cell`` deployment.
 
     The child reads credentials from a Prefect Secret block that this task
-    refreshes first; its parameters carry no secret. Its outcome is read back
-    from the durable record it wrote in the store, so no result storage has to
-    be shared between the containers and this process.
+    refreshes first; its parameters carry no secret, only the block's name —
+    and not even that when the run uses no credentials (local files, public
+    buckets, or the container's own role), so a child never picks up a stale
+    block left by another run. Its outcome is read back from the durable
+    record it wrote in the store, so no result storage has to be shared
+    between the containers and this process.
     """
     publish_credentials(credentials, credentials_block)
     flow_run = run_deployment(
         deployment,
         parameters={
             "request": request.to_event(include_credentials=False),
-            "credentials_block": credentials_block,
+            "credentials_block": credentials_block if credentials is not None else None,
         },
         flow_run_name=f"cell-{request.parent_morton}",
-        timeout=None,
+        timeout=CHILD_RUN_TIMEOUT_S,
         poll_interval=2,
     )
-    if not flow_run.state or not flow_run.state.is_completed():
-        state = flow_run.state.name if flow_run.state else "unknown"
+    state = flow_run.state
+    if state is None or not state.is_final():
         raise CellFailedError(
-            f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state}"
+            f"cell {request.parent_morton}: child flow run {flow_run.name} is still "
+            f"{state.name if state else 'unknown'} after {CHILD_RUN_TIMEOUT_S} s"
+        )
+    if not state.is_completed():
+        raise CellFailedError(
+            f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state.name}"
         )
     config = request_config(request)
     store = open_store(request.store_path)
