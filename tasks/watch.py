@@ -1,0 +1,99 @@
+"""Tasks of the ``watch-cycles`` flow: which cycles are due, done, published; start one.
+
+"Due" is calendar arithmetic (a cycle's nominal end plus the latency with
+which its granules reach CMR); "done" is read from the store's durable
+per-cell records, not from Prefect's history, which may be gone or belong to
+another server; "published" asks CMR for granules whose *name* carries the
+cycle (the dates of a cycle are approximate, the name is exact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+
+from magg_core.cmr import GranuleSearch, search_granules
+from magg_core.config import PipelineConfig
+from magg_core.cycles import cycle_query_range, cycle_range, parse_granule_name
+from magg_core.regions import load_region
+from magg_core.store import open_store, read_records, read_template
+
+FINISHED = frozenset({"ok", "empty", "no_granules"})
+"""Record statuses that need no further run; ``failed`` cells do."""
+
+
+def due_cycles(now: datetime, latency: timedelta, lookback: int) -> list[int]:
+    """The last ``lookback`` cycles whose nominal end plus ``latency`` is past ``now``.
+
+    Looking back more than one cycle lets a tick that was missed, or a
+    cycle whose run failed before it started any cell, be picked up later.
+    """
+    last = 0
+    while cycle_range(last + 1).end + latency <= now:
+        last += 1
+    return list(range(max(1, last - lookback + 1), last + 1))
+
+
+def cycle_store(template: str, cycle: int) -> str:
+    """The store URL of one cycle: ``{cycle}`` becomes the zero-padded number, as
+    :func:`magg_core.plan.store_url_for` writes it for the config's default store."""
+    return template.format(cycle=f"{cycle:02d}")
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
+def cycle_done(store_url: str, config: PipelineConfig) -> bool:
+    """True when the store has a template and a finished record for every parent cell."""
+    store = open_store(store_url, read_only=True)
+    template = read_template(store, config)
+    if template is None:
+        return False
+    records = read_records(store, config)
+    return all(
+        int(parent) in records and records[int(parent)].result.status in FINISHED
+        for parent in template.parents
+    )
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=30)
+def cycle_granules_in_cmr(cycle: int, region: str, cmr_url: str | None) -> int:
+    """How many granules of ``cycle`` CMR lists over the region's bounding box.
+
+    The same search ``process-cycle`` makes for its catalog (ATL06 version
+    007 from NSIDC's cloud provider), counted by the cycle in each name.
+    """
+    search = GranuleSearch(
+        time_range=cycle_query_range(cycle), bounding_box=load_region(region).bounding_box()
+    )
+    names = (r["umm"].get("GranuleUR", "") for r in search_granules(search, url=cmr_url))
+    return sum(
+        1 for name in names if (parsed := parse_granule_name(name)) and parsed.cycle == cycle
+    )
+
+
+@task(cache_policy=NONE, task_run_name="start-cycle-{cycle}")
+def start_cycle_run(deployment: str, cycle: int, parameters: dict[str, Any]) -> FlowRun:
+    """Create the cycle's flow run, or find the one an earlier tick created.
+
+    The idempotency key names the cycle, the deployment and the store, so
+    two overlapping ticks — or a tick after a run that is still going, or
+    that failed and awaits a retry from the UI — get the same run back
+    instead of starting a second one. The run is not a subflow of the
+    watcher (``as_subflow=False``): cancelling or retrying a watcher tick
+    must not touch an hours-long cycle run.
+    """
+    target = f"{deployment}\n{parameters['store']}".encode()
+    key = f"process-cycle-{cycle:02d}-{hashlib.sha256(target).hexdigest()[:16]}"
+    return run_deployment(
+        deployment,
+        parameters={"cycle": cycle, **parameters},
+        flow_run_name=f"cycle-{cycle:02d}",
+        idempotency_key=key,
+        timeout=0,
+        as_subflow=False,
+    )
