@@ -113,17 +113,28 @@ class ExactH5Coro(H5Coro):
 
     h5coro trusts every read to return what it asked for: on a truncated file
     its link-name scanner then loops forever on empty reads, growing a list
-    until memory runs out. Every request is therefore checked here.
+    until memory runs out. Every request is therefore checked here, and
+    answered as a ``memoryview`` as h5coro expects.
     """
 
     def ioRequest(self, pos: int, size: int, caching: bool = True, prefetch: bool = False) -> Any:
+        if caching and size < EXACT_READ_BYTES:
+            # The common case, thousands of times per granule (h5coro reads link
+            # names a byte at a time): a slice of a line already cached.
+            address = pos + self.baseAddress
+            line = address & self.cacheLineMask
+            view = self.cache.get(line)
+            if view is not None and address - line + size <= len(view):
+                return view[address - line : address - line + size]
         if caching and size >= EXACT_READ_BYTES:
             data = self.driver.read(pos + self.baseAddress, size)
         else:
             data = super().ioRequest(pos, size, caching=caching, prefetch=prefetch)
         if data is not None and len(data) < size:
             raise TruncatedFileError(f"needed {size} bytes at offset {pos}, the file ends sooner")
-        return data
+        # h5coro calls ``.tobytes()`` on what it reads, which ``bytes`` lacks: its own
+        # cache returns ``bytes`` when a read straddles two lines (e.g. a link name).
+        return memoryview(data) if isinstance(data, bytes) else data
 
 
 @lru_cache(maxsize=32)

@@ -2,18 +2,18 @@
 
 A granule crosses several parent cells, and a cell is read by its own worker,
 so each worker should fetch only its own rows. ATL06 has no spatial index, so
-reading a granule takes two phases, each one ``readDatasets`` call that
-h5coro runs with one thread per dataset:
+reading a granule takes two phases, each a round of concurrent requests (one
+thread per dataset, see :mod:`magg_core.h5chunks` for how a dataset is read):
 
-1. every beam's latitude and longitude, to find the rows inside the parent;
+1. every beam's latitude and longitude, whole, to find the rows inside the
+   parent -- and meanwhile the chunk indexes of the variables and the
+   quality flag, so that phase 2 needs no metadata;
 2. only the chunks holding those rows, of the variables and the quality flag.
 
 Rows inside a parent are a few runs per beam (a track enters and leaves a
-cell). Runs are merged into one hyperslice unless a whole chunk without
-wanted rows lies between them, so the chunks fetched are exactly the chunks
-that hold wanted rows. h5coro takes one hyperslice per dataset per call; the
-rare beam that needs two (a track leaving a cell and coming back) costs an
-extra round.
+cell). Runs are merged into one span unless a whole chunk without wanted
+rows lies between them, so the chunks fetched are exactly the chunks that
+hold wanted rows.
 
 Failure policy. A granule lacking a whole beam is normal in ATL06 (a beam
 can be off or have no surface); its other beams are read. A missing,
@@ -24,25 +24,36 @@ catalog promised, and silently dropping part of it would bias statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, TypeVar
 
+import mortie
 import numpy as np
 import obstore.exceptions as obstore_errors
 from h5coro.h5coro import H5Coro
 
 from magg_core import grid
 from magg_core.config import PipelineConfig
+from magg_core.errors import TransientReadError, is_transient
+from magg_core.h5chunks import Column, index_column, read_spans
 from magg_core.h5driver import S3Access, TruncatedFileError, UnsupportedURLError, open_h5
 from magg_core.request import GranuleFailure
-from magg_core.errors import TransientReadError, is_transient
 from magg_core.s3 import S3Credentials, S3Endpoint
 
-CHUNKED_LAYOUT = 2
-"""h5coro's code for HDF5's chunked storage layout."""
 MAX_REASON_CHARS = 300
+BOX_MARGIN_DEG = 0.05
+"""Margin (~5 km) of the cheap near-the-parent test, far above the error of
+tracing a cell's curved edges at 32 points per side: the exact test still
+sees every point that can be inside."""
+DATASET_THREADS = 128
+"""Threads reading datasets, shared by every granule read in this process
+(one granule reads up to 6 beams x 5 datasets at once)."""
+_DATASET_POOL = ThreadPoolExecutor(max_workers=DATASET_THREADS, thread_name_prefix="magg-dataset")
+T = TypeVar("T")
 
 
 class GranuleReadError(Exception):
@@ -79,11 +90,12 @@ class GranulePoints:
 
 @dataclass(frozen=True)
 class _Beam:
-    """Rows of one beam inside the parent, and the hyperslices that cover them."""
+    """Rows of one beam inside the parent, the spans that cover them, its variables' indexes."""
 
-    name: str
+    group: str
     rows: np.ndarray
     spans: tuple[tuple[int, int], ...]
+    index: Mapping[str, Future[Column | None]] = field(repr=False)
 
 
 def read_granule(
@@ -121,8 +133,12 @@ def read_granule(
     with _reading(url, "cannot open"):
         h5 = open_h5(url, access)
     with h5:
-        beams, child_index = _locate(url, h5, parent_morton, config)
-        columns = _read_rows(url, h5, beams, config) if child_index.size else {}
+        tasks = _Tasks()
+        try:
+            beams, child_index = _locate(url, h5, tasks, parent_morton, config)
+            columns = _read_rows(url, h5, tasks, beams, config) if child_index.size else {}
+        finally:
+            tasks.settle()
         driver = h5.driver
     source = config.data_source
     if child_index.size:
@@ -211,51 +227,135 @@ def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:
 
 
 def _locate(
-    url: str, h5: H5Coro, parent_morton: int, config: PipelineConfig
+    url: str, h5: H5Coro, tasks: _Tasks, parent_morton: int, config: PipelineConfig
 ) -> tuple[list[_Beam], np.ndarray]:
-    """Phase 1: which rows of which beam fall in the parent, and their child index."""
+    """Phase 1: which rows of which beam fall in the parent, and their child index.
+
+    Every beam's coordinates are read whole; as soon as the latitude's
+    metadata has located the beam's group, the chunk indexes of the beam's
+    variables are read too, so that phase 2 is a single round of chunk
+    fetches.
+    """
     source = config.data_source
-    paths = {
-        beam: (
-            f"{source.beam_group(beam)}/{source.latitude}",
-            f"{source.beam_group(beam)}/{source.longitude}",
-        )
-        for beam in source.beams
-    }
+    coordinates = (source.latitude, source.longitude)
+    wanted = {}
+    for beam in source.beams:
+        group = source.beam_group(beam)
+        variables = tuple(f"{group}/{name}" for name in _row_variables(config))
+        lat = tasks.submit(_whole, h5, tasks, f"{group}/{source.latitude}", variables)
+        wanted[beam] = (lat, tasks.submit(_whole, h5, tasks, f"{group}/{source.longitude}", ()))
     with _reading(url, "cannot read coordinates"):
-        promise = h5.readDatasets([p for pair in paths.values() for p in pair])
-        values = {p: promise[p] for pair in paths.values() for p in pair}
+        values = {beam: (lat.result(), lon.result()) for beam, (lat, lon) in wanted.items()}
     present = []
-    for beam, (lat_path, lon_path) in paths.items():
-        if (
-            values[lat_path] is None
-            and values[lon_path] is None
-            and _beam_missing(url, h5, beam, config)
-        ):
+    for beam, (lat, lon) in values.items():
+        if lat.column is None and lon.column is None and _beam_missing(url, h5, beam, config):
             continue
-        for path in (lat_path, lon_path):
-            if values[path] is None:
+        for name, value in zip(coordinates, (lat, lon), strict=True):
+            if value.column is None:
+                path = f"{source.beam_group(beam)}/{name}"
                 raise GranuleReadError(url, f"dataset {path} is missing or unreadable")
-        if values[lat_path].shape != values[lon_path].shape:
-            raise GranuleReadError(url, f"{lat_path} and {lon_path} differ in length")
+        if lat.values.shape != lon.values.shape:
+            group = source.beam_group(beam)
+            raise GranuleReadError(url, f"{group}: {' and '.join(coordinates)} differ in length")
         present.append(beam)
     if not present:
         return [], np.empty(0, dtype=np.int64)
 
-    lat = np.concatenate([values[paths[b][0]] for b in present])
-    lon = np.concatenate([values[paths[b][1]] for b in present])
-    inside, child_index = grid.child_index(
-        lat, lon, parent_morton, config.output.parent_order, config.output.child_order
-    )
+    lat = np.concatenate([values[b][0].values for b in present])
+    lon = np.concatenate([values[b][1].values for b in present])
+    inside, child_index = _child_index(lat, lon, parent_morton, config)
     beams = []
     offset = 0
     for beam in present:
-        n = values[paths[beam][0]].size
-        rows = np.flatnonzero(inside[offset : offset + n])
-        offset += n
+        latitude = values[beam][0]
+        rows = np.flatnonzero(inside[offset : offset + latitude.values.size])
+        offset += latitude.values.size
         if rows.size:
-            beams.append(_Beam(beam, rows, row_spans(rows, _chunk_rows(h5, paths[beam][0], n))))
+            spans = row_spans(rows, latitude.column.chunk_rows)
+            beams.append(_Beam(source.beam_group(beam), rows, spans, latitude.neighbours))
     return beams, child_index.astype(np.int64)
+
+
+def _row_variables(config: PipelineConfig) -> tuple[str, ...]:
+    """The datasets read at the located rows: the variables and the quality flag."""
+    source = config.data_source
+    return (*source.variables, source.quality.dataset)
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """A dataset read whole (``None``s if the file lacks it), and its neighbours' indexes."""
+
+    column: Column | None
+    values: np.ndarray | None
+    neighbours: Mapping[str, Future[Column | None]]
+
+
+def _whole(h5: H5Coro, tasks: _Tasks, path: str, neighbours: Sequence[str]) -> _Whole:
+    """Dataset ``path`` read whole; then start indexing ``neighbours`` in the same group.
+
+    Looking up a dataset walks its group's links in Python, character by
+    character; once done for ``path``, h5coro remembers every link of the
+    group and its neighbours are found without a walk.
+    """
+    column = index_column(h5, path)
+    indexes = {p.rpartition("/")[2]: tasks.submit(index_column, h5, p) for p in neighbours}
+    if column is None:
+        return _Whole(None, None, indexes)
+    return _Whole(column, read_spans(h5, column, [(0, column.n_rows)])[0], indexes)
+
+
+def _child_index(
+    lat: np.ndarray, lon: np.ndarray, parent_morton: int, config: PipelineConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`grid.child_index`, computed only for points near the parent.
+
+    A granule runs ~2,900 km and a parent is ~100 km across, so most
+    coordinates are far away; a bounding-box test costs a few ns a point,
+    the exact HEALPix assignment 35-150 ns.
+    """
+    orders = config.output.parent_order, config.output.child_order
+    near = np.flatnonzero(_near_parent(lat, lon, parent_morton, orders[0]))
+    inside_near, child_index = grid.child_index(lat[near], lon[near], parent_morton, *orders)
+    inside = np.zeros(lat.shape, dtype=bool)
+    inside[near[inside_near]] = True
+    return inside, child_index
+
+
+def _near_parent(
+    lat: np.ndarray, lon: np.ndarray, parent_morton: int, parent_order: int
+) -> np.ndarray:
+    """A superset of the points inside the parent: its latitude band, then its longitudes."""
+    south, north, centre, half_width = _parent_box(parent_morton, parent_order)
+    near = (lat >= south) & (lat <= north)
+    if half_width is not None:
+        candidates = np.flatnonzero(near)
+        offset = (lon[candidates] - centre + 180.0) % 360.0 - 180.0
+        near[candidates[np.abs(offset) > half_width]] = False
+    return near
+
+
+@lru_cache(maxsize=256)
+def _parent_box(parent_morton: int, parent_order: int) -> tuple[float, float, float, float | None]:
+    """``(south, north, centre_lon, half_width_lon)`` enclosing a parent with a margin.
+
+    Drawn from the cell's outline traced at 32 points per side. Latitude and
+    longitude extremes of a cell lie on its outline unless it touches a pole;
+    there the box extends to the pole and longitude is not tested
+    (``half_width_lon`` is ``None``).
+    """
+    ring = np.asarray(mortie.mort2polygon(np.uint64(parent_morton), step=32), dtype=np.float64)
+    lats, lons = ring[:, 0], ring[:, 1]
+    south, north = lats.min() - BOX_MARGIN_DEG, lats.max() + BOX_MARGIN_DEG
+    if north >= 89.5 or south <= -89.5:
+        return max(south, -90.0), min(north, 90.0), 0.0, None
+    centre = float(
+        np.degrees(np.arctan2(np.sin(np.radians(lons)).sum(), np.cos(np.radians(lons)).sum()))
+    )
+    offset = (lons - centre + 180.0) % 360.0 - 180.0
+    widest = max(abs(south), abs(north))
+    half_width = np.abs(offset).max() + BOX_MARGIN_DEG / np.cos(np.radians(widest))
+    return float(south), float(north), centre, float(half_width) if half_width < 90 else None
 
 
 def _beam_missing(url: str, h5: H5Coro, beam: str, config: PipelineConfig) -> bool:
@@ -267,50 +367,59 @@ def _beam_missing(url: str, h5: H5Coro, beam: str, config: PipelineConfig) -> bo
     return name not in links
 
 
-def _chunk_rows(h5: H5Coro, path: str, n_rows: int) -> int:
-    """Rows per chunk of a dataset already read (all of it if not chunked)."""
-    meta = h5.metadataTable.get(path)
-    if meta is None or meta.layout != CHUNKED_LAYOUT or not meta.chunkDimensions:
-        return max(n_rows, 1)
-    return int(meta.chunkDimensions[0])
-
-
 def _read_rows(
-    url: str, h5: H5Coro, beams: list[_Beam], config: PipelineConfig
+    url: str, h5: H5Coro, tasks: _Tasks, beams: list[_Beam], config: PipelineConfig
 ) -> dict[str, np.ndarray]:
-    """Phase 2: the variables and the quality flag at the located rows."""
-    source = config.data_source
-    names = (*source.variables, source.quality.dataset)
-    paths = {(b.name, n): f"{source.beam_group(b.name)}/{n}" for b in beams for n in names}
-    columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for round_ in range(max(len(b.spans) for b in beams)):
-        batch = [b for b in beams if round_ < len(b.spans)]
-        with _reading(url, "cannot read variables"):
-            promise = h5.readDatasets(
-                [
-                    {"dataset": paths[b.name, n], "hyperslice": [b.spans[round_]]}
-                    for b in batch
-                    for n in names
-                ]
-            )
-            values = {
-                key: promise[paths[key]] for key in ((b.name, n) for b in batch for n in names)
-            }
-        for b in batch:
-            start, stop = b.spans[round_]
-            local = b.rows[(b.rows >= start) & (b.rows < stop)] - start
-            for n in names:
-                array = values[b.name, n]
-                if array is None:
-                    raise GranuleReadError(
-                        url, f"dataset {paths[b.name, n]} is missing or unreadable"
-                    )
-                if array.shape != (stop - start,):
-                    raise GranuleReadError(
-                        url, f"dataset {paths[b.name, n]} is shorter than the coordinates"
-                    )
-                columns[n].append(array[local])
-    return {n: np.concatenate(arrays) for n, arrays in columns.items()}
+    """Phase 2: the variables and the quality flag at the located rows, all fetched at once."""
+    names = _row_variables(config)
+    with _reading(url, "cannot read variables"):
+        indexes = {(b.group, n): b.index[n].result() for b in beams for n in names}
+    pending = {}
+    for beam in beams:
+        for name in names:
+            column = indexes[beam.group, name]
+            if column is None:
+                raise GranuleReadError(url, f"dataset {beam.group}/{name} is missing or unreadable")
+            if column.n_rows < beam.spans[-1][1]:
+                raise GranuleReadError(
+                    url, f"dataset {column.path} is shorter than the coordinates"
+                )
+            pending[beam.group, name] = tasks.submit(_at_rows, h5, beam, column)
+    with _reading(url, "cannot read variables"):
+        values = {key: future.result() for key, future in pending.items()}
+    return {n: np.concatenate([values[b.group, n] for b in beams]) for n in names}
+
+
+def _at_rows(h5: H5Coro, beam: _Beam, column: Column) -> np.ndarray:
+    """One variable of one beam at the beam's rows, in row order."""
+    parts = read_spans(h5, column, beam.spans)
+    return np.concatenate(
+        [
+            values[beam.rows[(beam.rows >= start) & (beam.rows < stop)] - start]
+            for values, (start, stop) in zip(parts, beam.spans, strict=True)
+        ]
+    )
+
+
+class _Tasks:
+    """The dataset reads of one granule, run on the threads all granules share.
+
+    Threads are reused rather than started per granule: starting ~30 threads
+    for every granule cost more CPU than parsing its metadata.
+    """
+
+    def __init__(self) -> None:
+        self._futures: list[Future] = []
+
+    def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        future = _DATASET_POOL.submit(fn, *args)
+        self._futures.append(future)
+        return future
+
+    def settle(self) -> None:
+        """Wait for every task, including tasks started by tasks, so byte counts are final."""
+        while not all(f.done() for f in self._futures):
+            wait(list(self._futures))
 
 
 @contextmanager
