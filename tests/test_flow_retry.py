@@ -1,0 +1,183 @@
+"""Failure and retry of ``process-cycle``: the UI's Retry re-runs only the failed cells.
+
+Everything is real except the fault: moto S3 behind a loopback proxy that
+refuses the chunk writes of three cells (``AccessDenied``, as a bucket policy
+would) until the test clears it, a real Prefect server, the flow and its
+tasks unchanged. The proxy also counts every write, which is how "no chunk is
+written twice" is checked: by what reached S3, not by what the code meant to do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from flows.process_cycle import process_cycle
+from magg_core.config import load_config
+from magg_core.errors import CellsFailedError
+from magg_core.plan import plan_cells
+from magg_core.store import create_template, open_store, read_template
+from tasks.cells import grid_cell_locally
+from tests.flow_support import (
+    SAMPLE,
+    S3Error,
+    assert_store_matches_oracle,
+    cell_task_runs,
+    chunk_writes,
+    flow_run_artifacts,
+    read_flow_run,
+    record_writes,
+    records_by_parent,
+    retry_like_the_ui,
+    s3_proxy,
+    sample_in_s3,
+)
+from tests.oracle import STATISTICS
+
+IN, OUT = "magg-retry-in", "magg-retry-out"
+TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def sample(moto_server, tmp_path_factory):
+    sample = sample_in_s3(moto_server, tmp_path_factory.mktemp("retry"), IN, **SAMPLE)
+    moto_server.create_bucket(OUT)
+    return sample
+
+
+@pytest.fixture
+def proxy(s3_env, monkeypatch):
+    """Every S3 client of the run (threads of this process) goes through the proxy."""
+    with s3_proxy(s3_env.url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        yield proxy
+
+
+def deny_chunk_writes(store_key: str, chunks: set[int]):
+    """A fault refusing every statistic chunk of the given chunk indices."""
+
+    def fault(method, bucket, key, access_key):
+        parts = key.removeprefix(f"{store_key}/12/").split("/")
+        if (
+            bucket == OUT
+            and method in ("PUT", "DELETE")
+            and key.startswith(f"{store_key}/12/")
+            and len(parts) == 3
+            and parts[0] in STATISTICS
+            and int(parts[2]) in chunks
+        ):
+            return S3Error(403, "AccessDenied", "Access Denied")
+        return None
+
+    return fault
+
+
+def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, prefect_server):
+    store = f"s3://{OUT}/retry.zarr"
+    parents = sample.parents
+    with_data = [i for i, p in enumerate(parents) if p in sample.oracle]
+    failing_chunks = set(with_data[:3])
+    failing = {parents[i] for i in failing_chunks}
+    assert len(parents) - len(failing) >= 3
+
+    proxy.fault = deny_chunk_writes("retry.zarr", failing_chunks)
+    first = process_cycle(
+        catalog=str(sample.catalog_path),
+        store=store,
+        credentials="environment",
+        granule_mirror=sample.mirror,
+        return_state=True,
+    )
+    flow_run_id = first.state_details.flow_run_id
+
+    # The run failed, after every other cell finished, naming the failed cells.
+    assert first.is_failed()
+    with pytest.raises(CellsFailedError):
+        first.result()
+    assert all(str(p) in first.message for p in failing)
+    runs = {int(r.name.removeprefix("cell-")): r for r in cell_task_runs(flow_run_id, 1)}
+    assert set(runs) == set(parents)
+    assert {p for p, r in runs.items() if r.state.is_failed()} == failing
+    assert all(r.state.is_completed() for p, r in runs.items() if p not in failing)
+    # AccessDenied cannot succeed on a retry: not one retry was spent on it.
+    assert all(runs[p].run_count == 1 for p in failing)
+    assert set(records_by_parent(store)) == set(parents) - failing
+
+    # Tracking survived the failure: per-cell table, progress, summary.
+    artifacts = flow_run_artifacts(flow_run_id)
+    rows = {int(r["parent_morton"]): r for r in json.loads(artifacts["magg-cells"].data)}
+    assert set(rows) == set(parents)
+    assert {p for p, r in rows.items() if r["status"] == "failed"} == failing
+    assert all(
+        "AccessDenied" in rows[p]["error"] or "denied" in rows[p]["error"].lower() for p in failing
+    )
+    assert artifacts["magg-cells-progress"].data == 100.0
+    assert "**3 cells failed**" in artifacts["magg-summary"].data
+
+    # The fault is cleared; the operator presses Retry.
+    proxy.fault = None
+    written_before = proxy.mark()
+    second = retry_like_the_ui(process_cycle, flow_run_id)
+
+    assert second.is_completed(), second.message
+    assert read_flow_run(flow_run_id).run_count == 2
+    rerun = {
+        int(r.name.removeprefix("cell-")): r.state.name for r in cell_task_runs(flow_run_id, 2)
+    }
+    assert rerun == {p: ("Completed" if p in failing else "Cached") for p in parents}
+    # What reached S3 during the retry: the failed cells' chunks and records, nothing else.
+    assert {i for _, i in chunk_writes(proxy, store, written_before)} == failing_chunks
+    assert set(record_writes(proxy, store, written_before)) == failing
+    # Over both runs, every chunk and record was written exactly once.
+    writes = chunk_writes(proxy, store)
+    assert set(writes) == {(s, i) for s in STATISTICS for i in range(len(parents))}
+    assert set(writes.values()) == {1}
+    assert set(record_writes(proxy, store).values()) == {1}
+
+    records = records_by_parent(store)
+    assert set(records) == set(parents)
+    assert {r.result.status for r in records.values()} <= {"ok", "empty", "no_granules"}
+    assert_store_matches_oracle(store, sample)
+    summary = json.loads(json.dumps(second.result()))
+    assert summary["cells"] == len(parents) and summary["failed_cells"] == []
+
+
+def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(sample, proxy, prefect_server):
+    """The deadline fence: an attempt that overran stops before writing; the retry writes once."""
+    from prefect import flow
+
+    store = f"s3://{OUT}/timeout.zarr"
+    config = load_config()
+    create_template(open_store(store), config, sample.catalog.parents, {})
+    store_id = read_template(open_store(store), config).id
+    parent = min(sample.oracle, key=lambda p: sample.oracle[p]["count"].sum())
+    (request,) = plan_cells(
+        sample.catalog, config, store, cells=[parent], granule_mirror=sample.mirror
+    )
+    slowed = []
+
+    def slow_first_read(method, bucket, key, access_key):
+        if bucket == IN and not slowed:
+            slowed.append(key)
+            time.sleep(TIMEOUT_S + 1)
+        return None
+
+    proxy.fault = slow_first_read
+
+    @flow
+    def one_cell():
+        # Same task, no backoff: the property is what is retried, not how long it waits.
+        quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+        return quick(request, store_id, None, TIMEOUT_S, return_state=True)
+
+    state = one_cell()
+    assert state.is_completed()
+    (run,) = cell_task_runs(state.state_details.flow_run_id)
+    assert run.run_count == 2  # the first attempt timed out, the retry did not
+    assert slowed
+    writes = chunk_writes(proxy, store)
+    assert set(writes) == {(s, request.chunk_idx) for s in STATISTICS}
+    assert set(writes.values()) == {1}
+    assert record_writes(proxy, store) == {parent: 1}
