@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from flows.process_cycle import process_cycle
 from magg_core.catalog import load_catalog
 from magg_core.summary import LAMBDA_PRICE_PER_GB_S, LAMBDA_PRICE_PER_REQUEST
@@ -102,6 +103,18 @@ def test_dry_run_plans_without_writing(local_run, s3_env):
     assert plan == {"store": store, "cells": [str(p) for p in sample.parents[:3]], "dry_run": True}
     listed = s3_env.client.list_objects_v2(Bucket="magg-e2e-out", Prefix="dry-run.zarr")
     assert listed["KeyCount"] == 0
+
+
+def test_magg_run_prints_the_summary_of_a_run_with_failed_cells(local_run, tmp_path, capsys):
+    code = main(
+        ["run", "--catalog", str(local_run.sample.catalog_path), "--max-cells", "2"]
+        + ["--store", str(tmp_path / "out.zarr"), "--credentials", "none"]
+        + ["--granule-mirror", str(tmp_path / "no-such-mirror")]
+    )
+
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "| cells | 2 (failed: 2) |" in out and "**2 cells failed**" in out
 
 
 def test_demo_runs_from_a_fresh_clone(tmp_path):
