@@ -112,6 +112,8 @@ def process_cycle(
     logger = get_run_logger()
     started = time.monotonic()
     check_cell_timeout(cell_timeout_s)
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     pipeline = load_pipeline_config(config)
     source = open_credentials(credentials)
 

@@ -62,7 +62,5 @@ def lambda_concurrency(limit: int | None) -> int:
                 return client.read_global_concurrency_limit_by_name(LAMBDA_CONCURRENCY_LIMIT).limit
             except ObjectNotFound:
                 limit = DEFAULT_LAMBDA_CONCURRENCY
-        if limit < 1:
-            raise ValueError(f"concurrency must be at least 1, got {limit}")
         client.upsert_global_concurrency_limit_by_name(LAMBDA_CONCURRENCY_LIMIT, limit)
     return limit

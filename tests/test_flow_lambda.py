@@ -207,5 +207,3 @@ def test_the_concurrency_limit_is_created_once_then_left_to_the_operator(prefect
         assert lambda_concurrency(3) == 3
         limit = client.read_global_concurrency_limit_by_name(LAMBDA_CONCURRENCY_LIMIT)
     assert limit.limit == 3
-    with pytest.raises(ValueError, match="at least 1"):
-        lambda_concurrency(0)

@@ -105,6 +105,26 @@ def test_dry_run_plans_without_writing(local_run, s3_env):
     assert listed["KeyCount"] == 0
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"concurrency": 0}, "concurrency must be at least 1, got 0"),
+        ({"cell_timeout_s": 3600}, "cell_timeout_s must be between 1 and 900"),
+        ({"cells": ["123"]}, "cells not in the catalog: 123"),
+    ],
+)
+def test_bad_parameters_fail_before_the_store_is_touched(local_run, s3_env, bad, message):
+    with pytest.raises(ValueError, match=message):
+        process_cycle(
+            catalog=str(local_run.sample.catalog_path),
+            store="s3://magg-e2e-out/never.zarr",
+            credentials="none",
+            **bad,
+        )
+    listed = s3_env.client.list_objects_v2(Bucket="magg-e2e-out", Prefix="never.zarr")
+    assert listed["KeyCount"] == 0
+
+
 def test_magg_run_prints_the_summary_of_a_run_with_failed_cells(local_run, tmp_path, capsys):
     code = main(
         ["run", "--catalog", str(local_run.sample.catalog_path), "--max-cells", "2"]
