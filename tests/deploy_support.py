@@ -28,6 +28,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 """The virtualenv's scripts: ``prefect`` and the ``python`` that has magg installed."""
 
+ALL_DEPLOYMENTS = {
+    "process-cycle/local": "magg-process",
+    "process-cycle/lambda": "magg-process",
+    "process-cycle/ecs": "magg-process",
+    "process-cell/ecs": "magg-ecs",
+    "watch-cycles/antarctica": "magg-process",
+}
+"""Every deployment in ``prefect.yaml`` and its work pool."""
+
 SERVER_START_TIMEOUT_S = 120
 CLI_TIMEOUT_S = 300
 

@@ -1,7 +1,6 @@
 """Deployments as users run them: real server, real CLI, real workers, the repo's prefect.yaml.
 
-- ``prefect deploy --all`` registers every deployment on a fresh server with
-  no AWS access, the ECS pool created from ``deployments/ecs/``.
+- The pull step finds the project from the checkout and from a regular install.
 - End to end: ``process-cycle/ecs`` runs through a process worker on the
   sample, each cell a child run of ``process-cell/ecs`` (the ECS code path,
   its pool made a process pool by ``MAGG_CELL_POOL_TYPE=process``). The
@@ -22,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -40,7 +40,7 @@ from magg_core.config import load_config
 from magg_core.sample import write_sample
 from magg_core.store import open_store, read_records
 from tests import oracle
-from tests.deploy_support import REPO_ROOT, PrefectServer, prefect_cli, worker
+from tests.deploy_support import ALL_DEPLOYMENTS, REPO_ROOT, PrefectServer, prefect_cli, worker
 from tests.fakes.earthdata import FakeEarthdata
 
 CYCLE = 22
@@ -49,54 +49,25 @@ MIRROR = "s3://magg-deploy-granules/ATL06"
 RESULTS_BUCKET = "magg-deploy-results"
 EDL_USER, EDL_PASSWORD = "magg-deployer", "deploy-test-password-do-not-log-5e2a"
 
-ALL_DEPLOYMENTS = {
-    "process-cycle/local": "magg-process",
-    "process-cycle/lambda": "magg-process",
-    "process-cycle/ecs": "magg-process",
-    "process-cell/ecs": "magg-ecs",
-    "watch-cycles/antarctica": "magg-process",
-}
 
+def test_pull_step_finds_the_installed_project_wherever_it_is(tmp_path):
+    """From the checkout (editable install), and from a copy installed elsewhere (the image)."""
+    from deployments.steps import project_directory
 
-def test_deploy_all_works_offline_against_a_fresh_server(tmp_path):
-    """The guide's first commands, with no AWS credentials anywhere in the environment."""
-    server = PrefectServer(tmp_path).start()
-    try:
-        env = server.client_env(tmp_path / "home")
-        prefect_cli(["deployments/work-pools.sh"], env)
-        prefect_cli(["prefect", "--no-prompt", "deploy", "--all"], env)
-
-        pools = {p["name"]: p for p in server.api("POST", "/work_pools/filter", json={})}
-        assert pools["magg-process"]["type"] == "process"
-        assert pools["magg-ecs"]["type"] == "ecs"
-        template = pools["magg-ecs"]["base_job_template"]
-        task_definition = template["job_configuration"]["task_definition"]
-        assert task_definition["runtimePlatform"]["cpuArchitecture"] == "{{ cpu_architecture }}"
-        assert template["variables"]["properties"]["match_latest_revision_in_family"]["default"]
-
-        for name, pool in ALL_DEPLOYMENTS.items():
-            deployment = server.deployment(name)
-            assert deployment["work_pool_name"] == pool, name
-            steps = [next(iter(step)) for step in deployment["pull_steps"]]
-            assert steps[0] == "deployments.steps.project_directory", name
-
-        cell = server.deployment("process-cell/ecs")
-        variables = cell["job_variables"]
-        assert {"image", "cpu", "memory", "env"} <= variables.keys()
-        assert (variables["cpu"], variables["memory"]) == (2048, 8192)
-        assert variables["env"]["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "s3-bucket/magg-results"
-        assert "deployments.steps.earthdata_login" not in json.dumps(cell["pull_steps"])
-
-        assert server.deployment("process-cycle/ecs")["parameters"] == {
-            "backend": "ecs",
-            "ecs_deployment": "process-cell/ecs",
-        }
-        watch = server.deployment("watch-cycles/antarctica")
-        [schedule] = watch["schedules"]
-        assert schedule["schedule"]["cron"] == "0 6 * * *" and schedule["active"]
-        assert "{cycle}" in watch["parameters"]["store"]
-    finally:
-        server.stop()
+    assert project_directory() == {"directory": str(REPO_ROOT)}
+    site = tmp_path / "site-packages"
+    for package in ("flows", "tasks", "deployments", "magg_core"):
+        shutil.copytree(REPO_ROOT / package, site / package)
+    found = subprocess.run(
+        [sys.executable, "-c", "from deployments.steps import project_directory as p; print(p())"],
+        env={"PYTHONPATH": str(site), "PATH": ""},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.strip() == str({"directory": str(site)})
+    assert (site / "flows/process_cell.py").is_file()  # the entrypoint resolves there
 
 
 # -- end to end ------------------------------------------------------------------------
@@ -227,6 +198,19 @@ def test_cycle_on_workers_with_two_failed_cells_retried_from_the_ui(
             catalog.cells, "ok"
         )
         _assert_store_matches_oracle(STORE, moto_server, [g.path for g in granules])
+        tables = server.api(
+            "POST",
+            "/artifacts/filter",
+            json={
+                "artifacts": {
+                    "key": {"any_": ["magg-cells"]},
+                    "flow_run_id": {"any_": [parent_id]},
+                },
+                "sort": "CREATED_DESC",
+            },
+        )
+        statuses = [sorted(row["status"] for row in json.loads(t["data"])) for t in tables[::-1]]
+        assert statuses == [["failed"] * 2 + ["ok"] * 4, ["ok"] * 6]  # the per-cell table
 
         runs = [server.flow_run(parent_id), *server.flow_runs("process-cell/ecs")]
         exposed = json.dumps([r["parameters"] for r in runs]) + json.dumps(

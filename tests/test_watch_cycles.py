@@ -1,16 +1,20 @@
 """``watch-cycles``: scheduled ticks start one ``process-cycle`` run per new cycle, once.
 
-The deployments come from the repository's ``prefect.yaml`` on a real server
-(the ECS pool a real ECS-type pool: nothing here runs a cell). Each tick is a
-flow run of ``watch-cycles/antarctica`` created through the API, as the
-scheduler creates them, and executed by ``prefect flow-run execute`` — the
-command a worker runs — with the deployment's pull steps. CMR is the loopback
-fake, which "publishes" the newest cycle between ticks; the previous cycle is
-already gridded in its store (by magg_core itself), so only the new one is due.
+The module's server is registered the way the guide starts: a fresh
+``prefect server start``, ``deployments/work-pools.sh`` (a real ECS-type
+pool: nothing here runs a cell) and ``prefect deploy --all`` from the
+repository's ``prefect.yaml``, with no AWS credentials anywhere — the first
+test checks what that registered. Each tick is then a flow run of
+``watch-cycles/antarctica`` created through the API, as the scheduler creates
+them, and executed by ``prefect flow-run execute`` — the command a worker
+runs — with the deployment's pull steps. CMR is the loopback fake, which
+"publishes" the newest cycle between ticks; the previous cycle is already
+gridded in its store (by magg_core itself), so only the new one is due.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +28,7 @@ from magg_core.plan import plan_cells
 from magg_core.sample import write_sample
 from magg_core.store import create_template, open_store
 from tasks.watch import cycle_store, due_cycles
-from tests.deploy_support import BIN, PrefectServer, prefect_cli
+from tests.deploy_support import ALL_DEPLOYMENTS, BIN, PrefectServer, prefect_cli
 from tests.fakes.cmr import FakeCmr
 
 LATENCY = timedelta(days=45)
@@ -43,11 +47,52 @@ def test_store_template_is_filled_per_cycle():
     assert cycle_store("s3://b/atl06/cycle{cycle}.zarr", 7) == "s3://b/atl06/cycle07.zarr"
 
 
-@pytest.fixture
-def server(tmp_path):
-    server = PrefectServer(tmp_path).start()
-    yield server
-    server.stop()
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A fresh server with the pools and every deployment registered, offline."""
+    workdir = tmp_path_factory.mktemp("registered")
+    server = PrefectServer(workdir).start()
+    try:
+        env = server.client_env(workdir / "home")
+        prefect_cli(["deployments/work-pools.sh"], env)
+        prefect_cli(["prefect", "--no-prompt", "deploy", "--all"], env)
+        yield server, env
+    finally:
+        server.stop()
+
+
+def test_deploy_all_works_offline_against_a_fresh_server(registered):
+    """The guide's first commands registered every deployment, with no AWS access."""
+    server, _ = registered
+    pools = {p["name"]: p for p in server.api("POST", "/work_pools/filter", json={})}
+    assert pools["magg-process"]["type"] == "process"
+    assert pools["magg-ecs"]["type"] == "ecs"
+    template = pools["magg-ecs"]["base_job_template"]
+    task_definition = template["job_configuration"]["task_definition"]
+    assert task_definition["runtimePlatform"]["cpuArchitecture"] == "{{ cpu_architecture }}"
+    assert template["variables"]["properties"]["match_latest_revision_in_family"]["default"]
+
+    for name, pool in ALL_DEPLOYMENTS.items():
+        deployment = server.deployment(name)
+        assert deployment["work_pool_name"] == pool, name
+        steps = [next(iter(step)) for step in deployment["pull_steps"]]
+        assert steps[0] == "deployments.steps.project_directory", name
+
+    cell = server.deployment("process-cell/ecs")
+    variables = cell["job_variables"]
+    assert {"image", "cpu", "memory", "env"} <= variables.keys()
+    assert (variables["cpu"], variables["memory"]) == (2048, 8192)
+    assert variables["env"]["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "s3-bucket/magg-results"
+    assert "deployments.steps.earthdata_login" not in json.dumps(cell["pull_steps"])
+
+    assert server.deployment("process-cycle/ecs")["parameters"] == {
+        "backend": "ecs",
+        "ecs_deployment": "process-cell/ecs",
+    }
+    watch = server.deployment("watch-cycles/antarctica")
+    [schedule] = watch["schedules"]
+    assert schedule["schedule"]["cron"] == "0 6 * * *" and schedule["active"]
+    assert "{cycle}" in watch["parameters"]["store"]
 
 
 def _granules(directory, cycle):
@@ -65,7 +110,8 @@ def _grid(store_url, catalog, mirror):
         assert process_cell(request).status == "ok"
 
 
-def test_two_overlapping_ticks_start_one_run_for_a_newly_published_cycle(server, tmp_path):
+def test_two_overlapping_ticks_start_one_run_for_a_newly_published_cycle(registered, tmp_path):
+    server, env = registered
     now = datetime.now(UTC)
     newest = max(c for c in range(1, 100) if cycle_range(c).end + LATENCY <= now)
     previous = newest - 1
@@ -75,9 +121,6 @@ def test_two_overlapping_ticks_start_one_run_for_a_newly_published_cycle(server,
     _grid(cycle_store(store, previous), old_catalog, tmp_path / "old")
     cmr = FakeCmr(items=[g.umm for g in old]).start()
 
-    env = server.client_env(tmp_path / "home")
-    prefect_cli(["deployments/work-pools.sh"], env)
-    prefect_cli(["prefect", "--no-prompt", "deploy", "--all"], env)
     parameters = {
         "store": store,
         "deployment": TARGET,
