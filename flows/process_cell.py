@@ -8,6 +8,7 @@ parent keeps fresh.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -16,18 +17,25 @@ from prefect import flow, get_run_logger
 from magg_core.cell import process_cell
 from magg_core.errors import CellFailedError
 from magg_core.request import CellRequest
+from tasks.cells import CELL_TIMEOUT_S
 from tasks.credentials import load_published_credentials
 
 
 @flow(name="process-cell")
 def process_cell_flow(
-    request: dict[str, Any], credentials_block: str | None = None
+    request: dict[str, Any], credentials_block: str | None = None, timeout_s: int = CELL_TIMEOUT_S
 ) -> dict[str, Any]:
-    """Grid one cell; fails (so the parent sees it) when the cell fails."""
+    """Grid one cell; fails (so the parent sees it) when the cell fails.
+
+    ``timeout_s`` is a deadline the cell checks before writing: a child the
+    parent stopped waiting for (and may have relaunched on a retry) must not
+    write after its successor.
+    """
+    started = time.monotonic()
     cell = CellRequest.from_event(request)
     if credentials_block:
         cell = replace(cell, s3_credentials=load_published_credentials(credentials_block))
-    result = process_cell(cell)
+    result = process_cell(cell, deadline=started + timeout_s)
     get_run_logger().info(
         "cell %s: %s, %d obs, %d/%d granules read",
         result.parent_morton,

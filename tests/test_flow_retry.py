@@ -13,7 +13,9 @@ import json
 import time
 
 import pytest
+from prefect import flow
 
+from flows.process_cell import process_cell_flow
 from flows.process_cycle import process_cycle
 from magg_core.config import load_config
 from magg_core.errors import CellsFailedError
@@ -144,27 +146,36 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
     assert summary["cells"] == len(parents) and summary["failed_cells"] == []
 
 
-def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(sample, proxy, prefect_server):
+@pytest.fixture
+def slow_cell(sample, proxy):
+    """A small cell in a fresh store whose first granule read stalls past ``TIMEOUT_S``."""
+
+    def make(store: str):
+        config = load_config()
+        create_template(open_store(store), config, sample.catalog.parents, {})
+        store_id = read_template(open_store(store), config).id
+        parent = min(sample.oracle, key=lambda p: sample.oracle[p]["count"].sum())
+        (request,) = plan_cells(
+            sample.catalog, config, store, cells=[parent], granule_mirror=sample.mirror
+        )
+        stalled = []
+
+        def stall_first_read(method, bucket, key, access_key):
+            if bucket == IN and not stalled:
+                stalled.append(key)
+                time.sleep(TIMEOUT_S + 1)
+            return None
+
+        proxy.fault = stall_first_read
+        return request, store_id
+
+    return make
+
+
+def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(slow_cell, proxy, prefect_server):
     """The deadline fence: an attempt that overran stops before writing; the retry writes once."""
-    from prefect import flow
-
     store = f"s3://{OUT}/timeout.zarr"
-    config = load_config()
-    create_template(open_store(store), config, sample.catalog.parents, {})
-    store_id = read_template(open_store(store), config).id
-    parent = min(sample.oracle, key=lambda p: sample.oracle[p]["count"].sum())
-    (request,) = plan_cells(
-        sample.catalog, config, store, cells=[parent], granule_mirror=sample.mirror
-    )
-    slowed = []
-
-    def slow_first_read(method, bucket, key, access_key):
-        if bucket == IN and not slowed:
-            slowed.append(key)
-            time.sleep(TIMEOUT_S + 1)
-        return None
-
-    proxy.fault = slow_first_read
+    request, store_id = slow_cell(store)
 
     @flow
     def one_cell():
@@ -176,8 +187,19 @@ def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(sample, proxy, pr
     assert state.is_completed()
     (run,) = cell_task_runs(state.state_details.flow_run_id)
     assert run.run_count == 2  # the first attempt timed out, the retry did not
-    assert slowed
     writes = chunk_writes(proxy, store)
     assert set(writes) == {(s, request.chunk_idx) for s in STATISTICS}
     assert set(writes.values()) == {1}
-    assert record_writes(proxy, store) == {parent: 1}
+    assert record_writes(proxy, store) == {request.parent_morton: 1}
+
+
+def test_an_ecs_child_run_past_its_timeout_writes_nothing(slow_cell, proxy, prefect_server):
+    store = f"s3://{OUT}/timeout-child.zarr"
+    request, _ = slow_cell(store)
+
+    state = process_cell_flow(
+        request.to_event(include_credentials=False), timeout_s=TIMEOUT_S, return_state=True
+    )
+
+    assert state.is_failed() and "passed its deadline; nothing was written" in state.message
+    assert chunk_writes(proxy, store) == {} and record_writes(proxy, store) == {}
