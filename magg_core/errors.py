@@ -77,14 +77,20 @@ def is_transient(exc: BaseException) -> bool:
         return "expired" in str(exc).lower()
     if isinstance(exc, obstore_errors.GenericError):
         # obstore has already retried 5xx/429 with backoff; what reaches us is
-        # an exhausted retry budget, a transport error (no status), or a
-        # definite client error such as 416 for a range past a truncated file.
+        # an exhausted retry budget, a transport error (no status), a 400 whose
+        # S3 code says "try again" (ExpiredToken, RequestTimeout: S3 answers
+        # both with 400), or a definite client error such as 416 for a range
+        # past a truncated file.
+        code = _S3_CODE.search(str(exc))
+        if code is not None and code.group(1) in THROTTLING_CODES:
+            return True
         status = _HTTP_STATUS.search(str(exc))
         return status is None or _transient_status(int(status.group(1)))
     return False
 
 
 _HTTP_STATUS = re.compile(r"status code: (\d{3})")
+_S3_CODE = re.compile(r"<Code>(\w+)</Code>")
 
 
 def _transient_status(status: int) -> bool:

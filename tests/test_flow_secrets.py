@@ -27,12 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prefect import flow
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
 from flows.process_cycle import process_cycle
+from magg_core.config import load_config
 from magg_core.credentials import DEFAULT_MARGIN, Credentials
+from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials
+from magg_core.store import create_template, open_store, read_template
+from tasks.cells import grid_cell_locally
 from tasks.credentials import CREDENTIAL_SOURCES
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
@@ -174,6 +179,50 @@ def test_credentials_that_expire_mid_run_are_refreshed_and_no_cell_fails(
     local, refreshed = store_arrays(local_run.store), store_arrays(f"s3://{OUT}/refresh.zarr")
     for name in local:
         np.testing.assert_array_equal(refreshed[name], local[name], err_msg=name)
+
+
+def test_a_read_refused_for_expired_credentials_is_retried_with_fresh_ones(
+    local_run, source, proxy
+):
+    """S3 may still refuse credentials (clock skew, early revocation): ``ExpiredToken``
+    (HTTP 400) must fail the cell for a retry, never leave the granule out of it."""
+    store = f"s3://{OUT}/expired-mid-read.zarr"
+    config = load_config()
+    create_template(open_store(store), config, local_run.sample.catalog.parents, {})
+    store_id = read_template(open_store(store), config).id
+    requests = plan_cells(
+        local_run.sample.catalog, config, store, granule_mirror=local_run.sample.mirror
+    )
+    request = max(requests, key=lambda r: len(r.granule_urls))
+    credentials = CREDENTIAL_SOURCES["environment"]()
+    refused = []
+
+    def refuse_once(method, bucket, key, access_key):
+        if bucket == "magg-e2e-in" and not refused:
+            refused.append(access_key)
+            return S3Error(400, "ExpiredToken", "The provided token has expired.")
+        return None
+
+    @flow
+    def one_cell():
+        quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+        return quick(request, store_id, credentials, 60, return_state=True)
+
+    usual, proxy.fault = proxy.fault, refuse_once
+    try:
+        state = one_cell()
+    finally:
+        proxy.fault = usual
+
+    assert refused and state.is_completed()
+    (run,) = cell_task_runs(state.state_details.flow_run_id)
+    assert run.run_count == 2
+    assert state.result().files_failed == [] and len(request.granule_urls) > 1
+    n = config.output.children_per_parent
+    cells = slice(request.chunk_idx * n, (request.chunk_idx + 1) * n)
+    local, retried = store_arrays(local_run.store), store_arrays(store)
+    for name in local:
+        np.testing.assert_array_equal(retried[name][cells], local[name][cells], err_msg=name)
 
 
 @pytest.fixture(scope="module")
