@@ -4,8 +4,8 @@ The proxy sits between every S3 client of a run (the flow's threads, the
 Lambda sandboxes) and moto, forwarding requests unchanged. It records who
 asked for what (method, key, signing access key, answer), so tests can count
 chunk writes, and it can answer with S3's own errors for the requests a test
-chooses: an injected fault that is cleared later, or credentials that have
-expired on a test clock.
+chooses (an injected fault that is cleared later, credentials that have
+expired on a test clock) or stall them (a fault that sleeps, then passes).
 """
 
 from __future__ import annotations
@@ -160,18 +160,6 @@ class S3Proxy:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-
-    def writes(self, bucket: str, prefix: str) -> list[S3Call]:
-        """Successful PUTs and DELETEs of keys under ``prefix`` (a store's chunks, records)."""
-        with self._lock:
-            return [
-                c
-                for c in self.calls
-                if c.bucket == bucket
-                and c.key.startswith(prefix)
-                and c.method in ("PUT", "DELETE")
-                and c.succeeded
-            ]
 
     def mark(self) -> int:
         """A position in the call log; :meth:`since` returns what came after it."""
