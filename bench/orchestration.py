@@ -1,0 +1,168 @@
+"""Orchestration overhead: 2,000 no-op cells through ``process-cycle`` and a real Prefect server.
+
+What runs is the real flow (``flows.process_cycle``) on the ``local``
+backend, talking to a real Prefect server in its own process (Prefect's
+test harness: uvicorn + SQLite). Every cell is a real task run with
+everything Prefect does for it -- its cache key, retry policy, persisted
+result, state changes sent to the server, the windowed dispatch, the
+progress artifact.
+
+What does *not* run is the cell's work: ``process_cell`` (read, aggregate,
+write one chunk) is replaced, in this process only, by a function that
+returns an ``ok`` result at once. That is the "no-op": with it, the time per
+cell is what orchestration costs. The store's template for all cells is
+still created, and the run still consolidates and reports; those are
+reported apart, as they are paid once per run, not per cell.
+
+Measured: seconds per cell while cells run (first cell started to last
+cell finished, divided by the cells), the whole flow's time, and how long
+after the flow returns the server shows every cell's task run completed.
+Target (DESIGN §6): <= 30 ms per cell.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench._common import machine, parser, ratio_line
+
+ORDER_1_CELLS = ((-80.0, 20.0), (-80.0, 110.0))
+"""Two order-1 cells (by a point inside each) whose 2 x 1,024 order-6 children are the parents."""
+
+
+def write_catalog(path: Path, n_cells: int) -> Path:
+    """A catalog of ``n_cells`` order-6 parents, one (never read) granule each."""
+    import mortie
+    import numpy as np
+
+    from magg_core.catalog import Catalog, CatalogGranule
+    from magg_core.grid import children
+
+    lat, lon = np.array(ORDER_1_CELLS).T
+    coarse = mortie.clip2order(1, mortie.geo2mort(lat, lon, order=18))
+    parents = sorted(int(p) for c in coarse for p in children(int(c), 6))[:n_cells]
+    cells = {}
+    for i, parent in enumerate(parents):
+        name = f"ATL06_20240101000000_{i % 1387 + 1:04d}2210_007_01.h5"
+        cells[parent] = (CatalogGranule(name=name, s3=f"s3://bench-unread/{i}/{name}", https=None),)
+    metadata = {"short_name": "ATL06", "version": "007", "cycle": 22, "parent_order": 6}
+    return Catalog(metadata=metadata, cells=cells).write(path)
+
+
+class NoOpCells:
+    """Stands in for ``process_cell``: answers ``ok`` at once and notes when cells ran."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.calls = 0
+
+    def __call__(self, request, **_: object):
+        from magg_core.request import CellResult
+
+        now = time.perf_counter()
+        with self.lock:
+            self.first = now if self.first is None else self.first
+            self.last = now
+            self.calls += 1
+        return CellResult(
+            parent_morton=request.parent_morton,
+            status="ok",
+            granule_count=len(request.granule_urls),
+            files_processed=len(request.granule_urls),
+        )
+
+
+def completed_cell_runs(flow_run_id) -> int:
+    """Cell task runs the server shows as completed for this flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    done = TaskRunFilter(
+        name=TaskRunFilterName(like_="cell-"),
+        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED])),
+    )
+    count, page = 0, 200
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=done,
+                limit=page,
+                offset=count,
+            )
+            count += len(runs)
+            if len(runs) < page:
+                return count
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--cells", type=int, default=2000, help="cells in the run (default 2000)")
+    args = p.parse_args(argv)
+    n_cells = 40 if args.quick else args.cells
+    work = Path(tempfile.mkdtemp(prefix="magg-bench-orchestration-"))
+    # Prefect reads its settings when first imported.
+    os.environ["PREFECT_HOME"] = str(work / "prefect-home")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from prefect.testing.utilities import prefect_test_harness
+
+    import tasks.cells
+    from flows.process_cycle import LOCAL_CONCURRENCY, process_cycle
+
+    print(f"orchestration benchmark on {machine()}")
+    catalog = write_catalog(work / "catalog.json", n_cells)
+    cells = NoOpCells()
+    tasks.cells.process_cell = cells  # the seam: see the module doc
+
+    t0 = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=120):
+        print(f"  Prefect server started in {time.perf_counter() - t0:.1f} s")
+        start = time.perf_counter()
+        state = process_cycle(
+            catalog=str(catalog),
+            store=str(work / "store.zarr"),
+            backend="local",
+            credentials="none",
+            return_state=True,
+        )
+        returned = time.perf_counter()
+        if not state.is_completed() or cells.calls != n_cells:
+            raise RuntimeError(f"flow ended {state.name} after {cells.calls} of {n_cells} cells")
+        flow_run_id = state.state_details.flow_run_id
+        while (shown := completed_cell_runs(flow_run_id)) < n_cells:
+            if time.perf_counter() - returned > 600:
+                raise RuntimeError(f"the server shows {shown} of {n_cells} cells after 10 min")
+            time.sleep(0.5)
+        visible = time.perf_counter()
+
+    cell_phase = cells.last - cells.first
+    per_cell = cell_phase / n_cells
+    print(f"  {n_cells:,} no-op cells, {LOCAL_CONCURRENCY} in flight (the local backend's window)")
+    print(f"  flow run: {returned - start:.1f} s in all")
+    print(f"    before the first cell (config, catalog, template): {cells.first - start:.1f} s")
+    print(f"    cells: {cell_phase:.1f} s, {per_cell * 1000:.1f} ms a cell")
+    print(f"    after the last cell (consolidate, report): {returned - cells.last:.1f} s")
+    print(
+        f"  the server showed every cell's task run completed {visible - returned:.1f} s after "
+        f"the flow returned ({visible - start:.1f} s after it started)"
+    )
+    ratio_line("orchestration.ms_per_cell", per_cell * 1000, 30, at_least=False, unit=" ms")
+
+
+if __name__ == "__main__":
+    main()
