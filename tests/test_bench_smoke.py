@@ -1,0 +1,46 @@
+"""Each benchmark runs from the repo root on tiny inputs and prints its ratio lines.
+
+Benchmarks are not tests: nothing here looks at a time or a ratio's value
+(the machine is shared, and ``--quick`` inputs are too small to mean
+anything). This only keeps the scripts from rotting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RATIO = re.compile(r"^ratio [\w.]+: \S+.*\((target [<>]= [^)]+|no target)\)", re.MULTILINE)
+EXPECTED_RATIOS = {
+    "statistics": 2,
+    "read": 3,
+    "orchestration": 1,
+    "memory": 1,
+    "end_to_end": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_RATIOS))
+def test_benchmark_runs_and_prints_its_ratios(name, cache):
+    env = {**os.environ, "MAGG_BENCH_CACHE": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert len(RATIO.findall(done.stdout)) == EXPECTED_RATIOS[name], done.stdout
