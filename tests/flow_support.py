@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length"}
 SAMPLE_CYCLE = 22
-SAMPLE = {"n_granules": 4, "extent_km": 300.0, "spacing_m": 100.0}
-"""The flow tests' sample: 9 parent cells of 1–4 granules each, small enough that a
+SAMPLE = {"n_granules": 3, "extent_km": 200.0, "spacing_m": 100.0}
+"""The flow tests' sample: 6 parent cells of 1–2 granules each, small enough that a
 run through moto takes seconds."""
 
 

@@ -1,11 +1,11 @@
 """Credentials in a run: refreshed when they near expiry, and never written anywhere.
 
 NSIDC's S3 credentials last an hour; a cycle takes longer. Here a credential
-source hands out fresh one-hour credentials on a test clock that advances ten
+source hands out fresh one-hour credentials on a test clock that advances 12
 minutes each time a cell is dispatched, and the S3 proxy in front of moto
 refuses a request signed with credentials past their expiry (``ExpiredToken``,
 as S3 does). A run whose cells kept the first credentials would fail from the
-sixth cell on; each cell must instead get credentials with at least the
+fifth cell on; each cell must instead get credentials with at least the
 refresh margin left.
 
 Then every place Prefect keeps anything — its database (flow and task runs,
@@ -38,7 +38,7 @@ from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials
 from magg_core.store import create_template, open_store, read_template
 from tasks.cells import grid_cell_locally
-from tasks.credentials import CREDENTIAL_SOURCES
+from tasks.credentials import CREDENTIAL_SOURCES, open_credentials
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     S3Error,
@@ -50,7 +50,7 @@ from tests.flow_support import (
 )
 
 OUT = "magg-secrets-out"
-STEP = timedelta(minutes=10)
+STEP = timedelta(minutes=12)
 LIFETIME = timedelta(hours=1)
 CELL, LEAKY = "magg-secrets-cell", "magg-secrets-leaky"
 
@@ -194,7 +194,6 @@ def test_a_read_refused_for_expired_credentials_is_retried_with_fresh_ones(
         local_run.sample.catalog, config, store, granule_mirror=local_run.sample.mirror
     )
     request = max(requests, key=lambda r: len(r.granule_urls))
-    credentials = CREDENTIAL_SOURCES["environment"]()
     refused = []
 
     def refuse_once(method, bucket, key, access_key):
@@ -206,7 +205,7 @@ def test_a_read_refused_for_expired_credentials_is_retried_with_fresh_ones(
     @flow
     def one_cell():
         quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
-        return quick(request, store_id, credentials, 60, return_state=True)
+        return quick(request, store_id, open_credentials("environment"), 60, return_state=True)
 
     usual, proxy.fault = proxy.fault, refuse_once
     try:
@@ -246,7 +245,7 @@ def lambda_runs(local_run, source, proxy, moto_server, logs):
                 backend="lambda",
                 credentials="environment",
                 concurrency=1,
-                max_cells=2,
+                max_cells=1,
                 granule_mirror=local_run.sample.mirror,
                 lambda_function=function,
                 return_state=True,
