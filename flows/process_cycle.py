@@ -75,7 +75,8 @@ def process_cycle(
     config
         The pipeline config: a built-in name or a YAML path.
     store
-        Output store URL; defaults to the config's ``output.store`` for the cycle.
+        Output store URL (``{cycle}`` is filled in); defaults to the config's
+        ``output.store``.
     backend
         ``local`` (threads here), ``lambda`` (the deployed function) or
         ``ecs`` (child flow runs of the ``process-cell`` deployment).
@@ -123,7 +124,7 @@ def process_cycle(
         cell_catalog = query_catalog(
             cycle, start_date, end_date, region, pipeline.output.parent_order, cmr_url
         )
-    store_url = store or store_url_for(pipeline, cell_catalog)
+    store_url = store_url_for(pipeline, cell_catalog, store)
     requests = plan_cells(
         cell_catalog,
         pipeline,

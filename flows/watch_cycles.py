@@ -14,11 +14,11 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger
 
+from magg_core.plan import cycle_store
 from tasks.setup import load_pipeline_config
 from tasks.watch import (
     cycle_done,
     cycle_granules_in_cmr,
-    cycle_store,
     due_cycles,
     start_cycle_run,
 )

@@ -32,18 +32,27 @@ def check_cell_timeout(seconds: int) -> int:
     return seconds
 
 
-def store_url_for(config: PipelineConfig, catalog: Catalog) -> str:
-    """The config's default store URL, with ``{cycle}`` filled from the catalog."""
-    template = config.output.store
+def store_url_for(config: PipelineConfig, catalog: Catalog, store: str | None = None) -> str:
+    """The run's store URL: ``store`` or the config's default, ``{cycle}`` filled in.
+
+    A store template with ``{cycle}`` lets one deployment (or the cycle
+    watcher) write each cycle to its own store.
+    """
+    template = store or config.output.store
     if not template:
         raise PlanError("no store given and the config has no output.store default")
     cycle = catalog.metadata.get("cycle")
     if "{cycle}" in template and cycle is None:
         raise PlanError(
-            f"output.store {template!r} needs a cycle, but the catalog was built "
-            "for a date range: pass a store URL"
+            f"store {template!r} needs a cycle, but the catalog was built "
+            "for a date range: pass a store URL without {cycle}"
         )
-    return template.format(cycle=f"{int(cycle):02d}" if cycle is not None else "")
+    return cycle_store(template, cycle) if cycle is not None else template
+
+
+def cycle_store(template: str, cycle: int) -> str:
+    """One cycle's store URL: ``{cycle}`` becomes the two-digit cycle number."""
+    return template.format(cycle=f"{int(cycle):02d}")
 
 
 def plan_cells(

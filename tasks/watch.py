@@ -40,12 +40,6 @@ def due_cycles(now: datetime, latency: timedelta, lookback: int) -> list[int]:
     return list(range(max(1, last - lookback + 1), last + 1))
 
 
-def cycle_store(template: str, cycle: int) -> str:
-    """The store URL of one cycle: ``{cycle}`` becomes the zero-padded number, as
-    :func:`magg_core.plan.store_url_for` writes it for the config's default store."""
-    return template.format(cycle=f"{cycle:02d}")
-
-
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
 def cycle_done(store_url: str, config: PipelineConfig) -> bool:
     """True when the store has a template and a finished record for every parent cell."""

@@ -13,6 +13,7 @@ from magg_core.plan import (
     MAX_CELL_TIMEOUT_S,
     PlanError,
     check_cell_timeout,
+    cycle_store,
     plan_cells,
     store_url_for,
 )
@@ -98,6 +99,14 @@ def test_the_default_store_is_the_configs_for_the_cycle(catalog):
     by_dates = Catalog(metadata={"parent_order": 6, "start": "2024-01-01"}, cells=catalog.cells)
     with pytest.raises(PlanError, match="needs a cycle"):
         store_url_for(config, by_dates)
+
+
+def test_a_given_store_template_is_filled_with_the_cycle(catalog):
+    config = load_config()
+    cycle_7 = Catalog(metadata={**catalog.metadata, "cycle": 7}, cells=catalog.cells)
+    assert store_url_for(config, cycle_7, "s3://b/c{cycle}.zarr") == "s3://b/c07.zarr"
+    assert store_url_for(config, cycle_7, "s3://b/fixed.zarr") == "s3://b/fixed.zarr"
+    assert cycle_store("s3://b/c{cycle}.zarr", 23) == "s3://b/c23.zarr"
 
 
 def test_the_cell_timeout_fits_lambda_and_the_credentials_margin():

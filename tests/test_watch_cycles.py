@@ -24,10 +24,10 @@ from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
 from magg_core.config import load_config
 from magg_core.cycles import cycle_query_range, cycle_range
-from magg_core.plan import plan_cells
+from magg_core.plan import cycle_store, plan_cells
 from magg_core.sample import write_sample
 from magg_core.store import create_template, open_store
-from tasks.watch import cycle_store, due_cycles
+from tasks.watch import due_cycles
 from tests.deploy_support import ALL_DEPLOYMENTS, BIN, PrefectServer, prefect_cli
 from tests.fakes.cmr import FakeCmr
 
