@@ -30,6 +30,7 @@ from magg_core.catalog import Catalog, catalog_from_records
 from magg_core.config import PipelineConfig, load_config
 from magg_core.sample import write_sample
 from magg_core.store import open_store, read_records
+from tests.fakes.loopback import serve_on_loopback, shut_down
 from tests.oracle import STATISTICS, reference_statistics
 
 if TYPE_CHECKING:
@@ -151,15 +152,11 @@ class S3Proxy:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = serve_on_loopback(Handler)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shut_down(self._server)
 
     def mark(self) -> int:
         """A position in the call log; :meth:`since` returns what came after it."""

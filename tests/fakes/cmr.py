@@ -33,8 +33,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from tests.fakes.loopback import send_json, serve_on_loopback, shut_down
+
 MAX_PAGE_SIZE = 2000
 SEARCH_PATH = "/search/granules.umm_json"
+CMR_CONTENT_TYPE = "application/vnd.nasa.cmr.umm_results+json;version=1.6.6"
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,11 @@ class FakeCmr:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = serve_on_loopback(Handler)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shut_down(self._server)
 
     def inject(self, fault: Fault, times: int = 1, after: int = 0) -> None:
         """Answer ``times`` requests with ``fault``, starting ``after`` requests from now."""
@@ -131,18 +130,30 @@ class FakeCmr:
                 headers = (
                     {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
                 )
-                self._send(h, fault.status, {"errors": [f"injected fault {fault.status}"]}, headers)
+                send_json(
+                    h,
+                    fault.status,
+                    {"errors": [f"injected fault {fault.status}"]},
+                    headers,
+                    CMR_CONTENT_TYPE,
+                )
                 return
         if url.path != SEARCH_PATH:
             seen.answered = 404
-            self._send(h, 404, {"errors": [f"The resource {url.path} was not found"]})
+            send_json(
+                h,
+                404,
+                {"errors": [f"The resource {url.path} was not found"]},
+                None,
+                CMR_CONTENT_TYPE,
+            )
             return
         try:
             status, body, headers = self._search(params, token)
         except ValueError as exc:
             status, body, headers = 400, {"errors": [str(exc)]}, {}
         seen.answered = status
-        self._send(h, status, body, headers)
+        send_json(h, status, body, headers, CMR_CONTENT_TYPE)
 
     def _search(self, params: list[tuple[str, str]], token: str | None) -> tuple[int, dict, dict]:
         started = time.perf_counter()
@@ -170,19 +181,6 @@ class FakeCmr:
             last = start + len(page) - 1
             headers["CMR-Search-After"] = json.dumps([page[-1]["umm"]["GranuleUR"], last])
         return 200, {"hits": len(matches), "took": int(headers["CMR-Took"]), "items": page}, headers
-
-    @staticmethod
-    def _send(
-        h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None
-    ) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/vnd.nasa.cmr.umm_results+json;version=1.6.6")
-        h.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            h.send_header(key, value)
-        h.end_headers()
-        h.wfile.write(data)
 
 
 def umm_item(

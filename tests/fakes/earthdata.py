@@ -24,10 +24,8 @@ body echoes what was sent.
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 import ssl
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import trustme
+
+from tests.fakes.loopback import send_json, serve, shut_down
 
 
 @dataclass
@@ -92,8 +92,7 @@ class FakeEarthdata:
         ca.issue_cert(edl.server_address[0], nsidc.server_address[0]).configure_cert(context)
         for server in (edl, nsidc):
             server.socket = context.wrap_socket(server.socket, server_side=True)
-            server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+            serve(server)
         self._servers = [edl, nsidc]
         self.host = edl.server_address[0]
         self.s3credentials_url = "https://{}:{}/s3credentials".format(*nsidc.server_address[:2])
@@ -103,20 +102,19 @@ class FakeEarthdata:
 
     def stop(self) -> None:
         for server in self._servers:
-            server.shutdown()
-            server.server_close()
+            shut_down(server)
 
     # --- endpoints -------------------------------------------------------------------
 
     def _token_request(self, h: BaseHTTPRequestHandler) -> None:
         h.rfile.read(int(h.headers.get("Content-Length") or 0))
         if h.path != "/api/users/find_or_create_token":
-            self._send(h, 404, {"error": "not_found"})
+            send_json(h, 404, {"error": "not_found"})
             return
         auth = h.headers.get("Authorization", "")
         if not auth.startswith("Basic "):
             self.logins.append(("", 401))
-            self._send(
+            send_json(
                 h,
                 401,
                 {"error": "unauthorized"},
@@ -126,7 +124,7 @@ class FakeEarthdata:
         username, _, password = base64.b64decode(auth[6:]).decode().partition(":")
         if self.users.get(username) != password:
             self.logins.append((username, 401))
-            self._send(
+            send_json(
                 h,
                 401,
                 {"error": "invalid_credentials", "error_description": "Invalid user credentials"},
@@ -136,7 +134,7 @@ class FakeEarthdata:
         self.tokens.add(token)
         self.logins.append((username, 200))
         expires = datetime.now(UTC) + timedelta(days=60)
-        self._send(
+        send_json(
             h,
             200,
             {
@@ -148,11 +146,11 @@ class FakeEarthdata:
 
     def _s3credentials(self, h: BaseHTTPRequestHandler) -> None:
         if h.path != "/s3credentials":
-            self._send(h, 404, {"error": "not_found"})
+            send_json(h, 404, {"error": "not_found"})
             return
         auth = h.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
-            self._send(
+            send_json(
                 h,
                 401,
                 {
@@ -169,7 +167,7 @@ class FakeEarthdata:
             expiration=now + timedelta(seconds=self.lifetime_s),
         )
         self.issued.append(keys)
-        self._send(
+        send_json(
             h,
             200,
             {
@@ -179,19 +177,6 @@ class FakeEarthdata:
                 "expiration": f"{keys.expiration:%Y-%m-%d %H:%M:%S+00:00}",
             },
         )
-
-    @staticmethod
-    def _send(
-        h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None
-    ) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            h.send_header(key, value)
-        h.end_headers()
-        h.wfile.write(data)
 
 
 def _bind(handler: type[BaseHTTPRequestHandler], port: int) -> ThreadingHTTPServer:

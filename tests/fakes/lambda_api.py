@@ -181,8 +181,13 @@ class FakeLambda:
         with self._lock:
             function = self._functions.get(name)
             if function is None:
-                return _error(404, "ResourceNotFoundException", "Message",
-                              f"Function not found: {_arn(name)}", headers)
+                return _error(
+                    404,
+                    "ResourceNotFoundException",
+                    "Message",
+                    f"Function not found: {_arn(name)}",
+                    headers,
+                )
             self._received[name] = self._received.get(name, 0) + 1
             throttled = function.throttle_next > 0
             if throttled:
@@ -190,14 +195,25 @@ class FakeLambda:
         if throttled:
             self._record(Invocation(name, request_id, "throttled", 0.0, ""))
             headers["Retry-After"] = "1"
-            return _error(429, "TooManyRequestsException", "message", "Rate Exceeded.", headers,
-                          Reason="ReservedFunctionConcurrentInvocationLimitExceeded")
+            return _error(
+                429,
+                "TooManyRequestsException",
+                "message",
+                "Rate Exceeded.",
+                headers,
+                Reason="ReservedFunctionConcurrentInvocationLimitExceeded",
+            )
         try:
             event = json.loads(payload or b"{}")
         except ValueError as exc:
             self._record(Invocation(name, request_id, "rejected", 0.0, ""))
-            return _error(400, "InvalidRequestContentException", "message",
-                          f"Could not parse request body into json: {exc}", headers)
+            return _error(
+                400,
+                "InvalidRequestContentException",
+                "message",
+                f"Could not parse request body into json: {exc}",
+                headers,
+            )
 
         run = self._run(function, request_id, event)
         self._record(Invocation(name, request_id, run.outcome, run.duration, run.output))
@@ -305,8 +321,11 @@ def _make_handler(fake: FakeLambda) -> type[BaseHTTPRequestHandler]:
                 )
             elif self.headers.get("X-Amz-Invocation-Type", "RequestResponse") != "RequestResponse":
                 status, headers, payload = _error(
-                    400, "InvalidParameterValueException", "message",
-                    "this fake supports only RequestResponse invocations", {},
+                    400,
+                    "InvalidParameterValueException",
+                    "message",
+                    "this fake supports only RequestResponse invocations",
+                    {},
                 )
             else:
                 name = _function_name(unquote(match["name"]))
