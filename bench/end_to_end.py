@@ -1,7 +1,7 @@
 """End to end: the demo workload through ``process-cycle``, with and without S3 latency.
 
 The workload is ``magg demo``'s: the built-in sample (12 granules near Dome C,
-22 parent cells), its catalog, and the real flow on the ``local`` backend
+19 parent cells), its catalog, and the real flow on the ``local`` backend
 against a real Prefect server (in its own process). It runs three times:
 
 - ``local files``: granules and store on the local disk (what ``magg demo`` does);
