@@ -15,9 +15,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from magg_core.cell import process_cell
-from magg_core.errors import CellFailedError
 from magg_core.request import CellRequest
-from tasks.cells import CELL_TIMEOUT_S
+from tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
 from tasks.credentials import load_published_credentials
 
 
@@ -25,7 +24,7 @@ from tasks.credentials import load_published_credentials
 def process_cell_flow(
     request: dict[str, Any], credentials_block: str | None = None, timeout_s: int = CELL_TIMEOUT_S
 ) -> dict[str, Any]:
-    """Grid one cell; fails (so the parent sees it) when the cell fails.
+    """Grid one cell; fails (so the parent sees it) when the cell is failed or partial.
 
     ``timeout_s`` is a deadline the cell checks before writing: a child the
     parent stopped waiting for (and may have relaunched on a retry) must not
@@ -44,6 +43,4 @@ def process_cell_flow(
         result.files_processed,
         result.granule_count,
     )
-    if result.status == "failed":
-        raise CellFailedError(f"cell {result.parent_morton}: {result.error}")
-    return result.to_dict()
+    return raise_if_incomplete(result).to_dict()

@@ -14,14 +14,14 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from magg_core.errors import CellsFailedError
+from magg_core.errors import CellFailedError, CellsFailedError
 from magg_core.plan import check_cell_timeout, plan_cells, store_url_for
 from magg_core.request import CellRequest, CellResult
 from tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
 from tasks.credentials import open_credentials
 from tasks.ecs import grid_cell_on_ecs
 from tasks.lambda_backend import lambda_client, lambda_concurrency
-from tasks.report import CellProgress, consolidate_store, report_run
+from tasks.report import CellProgress, consolidate_store, record_failed_cells, report_run
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 
 Backend = Literal["local", "lambda", "ecs"]
@@ -56,13 +56,16 @@ def process_cycle(
     aws_credentials_block: str | None = None,
     ecs_deployment: str = "process-cell/ecs",
     credentials_block: str = "magg-nsidc-s3-credentials",
+    accept_partial: bool = False,
 ) -> dict[str, Any]:
     """Grid one cycle's ATL06 granules into a HEALPix Zarr store.
 
-    Returns the run's summary. When any cell failed, raises
+    Returns the run's summary. When any cell failed or is partial (some of
+    its granules could not be read), raises
     :class:`~magg_core.errors.CellsFailedError` (carrying the same summary)
     after every other cell has finished, so the run ends ``Failed`` and the
-    Prefect UI's Retry re-runs only the failed cells.
+    Prefect UI's Retry re-runs only those cells. Incomplete cells are never
+    cached: a new run after the inputs are repaired recomputes exactly them.
 
     Parameters
     ----------
@@ -109,6 +112,12 @@ def process_cycle(
     ecs_deployment, credentials_block
         The ``process-cell`` deployment for ``ecs`` and the Secret block
         through which its runs receive the S3 credentials.
+    accept_partial
+        Write the statistics of partial cells from the granules that could be
+        read, and end the run ``Completed`` if no cell failed outright: for a
+        run where a granule is known to be bad upstream. Partial cells stay
+        ``partial`` in the records, the table and the summary, and are still
+        recomputed by the next run.
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -132,6 +141,7 @@ def process_cycle(
         cells=cells,
         max_cells=max_cells,
         granule_mirror=granule_mirror,
+        accept_partial=accept_partial,
     )
     logger.info(
         "%d of %d cells to process into %s", len(requests), len(cell_catalog.parents), store_url
@@ -169,6 +179,8 @@ def process_cycle(
 
     progress = CellProgress(total=len(requests))
     results, failures = _run_windowed(submit, requests, window, progress.advance)
+    if failures:
+        record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
     consolidate_store(store_url)
     summary = report_run(
         results,
@@ -177,11 +189,12 @@ def process_cycle(
         lambda_memory_mb=lambda_memory_mb,
         lambda_architecture=lambda_architecture,
         store_url=store_url,
+        accept_partial=accept_partial,
     )
-    if failures:
+    if summary["failed_cells"]:
         raise CellsFailedError(
-            f"{len(failures)} of {len(requests)} cells failed: "
-            + ", ".join(str(m) for m in sorted(failures)[:10])
+            f"{len(summary['failed_cells'])} of {len(requests)} cells incomplete: "
+            + ", ".join(summary["failed_cells"][:10])
             + " — retry the flow run to re-run only these cells",
             summary=summary,
         )
@@ -195,6 +208,10 @@ def _run_windowed(
     on_done: Callable[[], None],
 ) -> tuple[list[CellResult], dict[int, str]]:
     """Keep at most ``window`` cells in flight; collect results and failures.
+
+    Results include the failed and partial cells whose task raised with their
+    result; ``failures`` are the cells whose task ended without one (parent →
+    one-line reason).
 
     Submitting every cell at once would start one thread per cell; a window
     bounds threads and memory while keeping the backend saturated.
@@ -222,6 +239,10 @@ def _run_windowed(
         state = future.state
         if state.is_completed():
             results.append(future.result())
+        elif isinstance(error := future.result(raise_on_failure=False), CellFailedError) and (
+            error.result is not None
+        ):
+            results.append(error.result)  # a failed or partial cell, with its granules' reasons
         else:
             failures[parent] = _first_line(state.message or state.name)
         on_done()

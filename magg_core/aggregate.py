@@ -18,9 +18,13 @@ the weights) is computed once; and a sorted column serves its sum and
 variance too, through contiguous segmented sums instead of scattered
 per-point additions.
 
-NaN behaves as in numpy's own reductions: a child with a NaN point gets NaN
-for every statistic but ``count`` (the reader drops fill values, so NaN only
-appears if something upstream is wrong -- and then it should show).
+NaN and infinities behave as in numpy's own reductions. The pipeline keeps
+them out: :func:`valid_points` marks the rows whose derived columns are not
+finite, or whose weights are not positive (σ = 0 gives an infinite weight,
+and one such point turns its child's weighted mean into NaN), and the caller
+drops them with the fill values; :func:`require_finite` then refuses any
+statistic that still comes out non-finite for a child with points, whatever
+config expression produced it, rather than let it be written.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from functools import cached_property
 import numpy as np
 
 from magg_core.config import PipelineConfig, Statistic
+from magg_core.expressions import Expression
 
 ORDER_STATISTICS = ("min", "max", "quantile")
 """Functions read from each child's sorted values rather than from sums."""
@@ -42,6 +47,69 @@ MIN_RUN = 4
 _SIGN = np.uint32(0x80000000)
 _LOW_HALF = 0 if sys.byteorder == "little" else 1
 """Which uint32 of a uint64 holds its low bits."""
+
+
+class NonFiniteStatisticError(ValueError):
+    """A statistic came out NaN or infinite for a child that has points."""
+
+
+def valid_points(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
+    """Which points can be weighted: a boolean mask as long as the columns.
+
+    Statistics weighted by inverse variance (``weight = 1 / h_li_sigma**2``)
+    need a weight that is finite and positive, and so an uncertainty that is
+    too: a σ that is zero, negative or not finite describes no measurement
+    (ATL06 documents ``h_li_sigma`` as a positive standard error in metres).
+    A point is invalid when a column used as ``weights``, or a read variable
+    that column is derived from, is not finite and strictly positive. Other
+    columns are left alone: a statistic that comes out non-finite from them is
+    caught by :func:`require_finite`, not hidden by dropping points.
+
+    Raises
+    ------
+    ValueError
+        If a weights column or an input of its expression is missing.
+    """
+    derived = config.aggregation.columns
+    n_points = len(next(iter(columns.values()))) if columns else 0
+    good = np.ones(n_points, dtype=bool)
+    weights = {s.weights for s in config.aggregation.statistics} - {None}
+    for name in sorted(weights):
+        checked = [name]
+        if name in derived:
+            checked += sorted(n for n in _inputs(name, derived) if n not in derived)
+        for column in checked:
+            if column in derived:
+                values = _derive(column, columns, derived, n_points)
+            elif column in columns:
+                values = np.asarray(columns[column])
+            else:
+                raise ValueError(f"weights column {column!r} is neither read nor derived")
+            with np.errstate(invalid="ignore"):
+                good &= np.isfinite(values) & (values > 0)
+    return good
+
+
+def _inputs(name: str, derived: Mapping[str, Expression]) -> set[str]:
+    """Every column ``name``'s expression reads, through other derived columns."""
+    names = set(derived[name].names)
+    for inner in names & derived.keys():
+        names |= _inputs(inner, derived)
+    return names
+
+
+def _derive(
+    name: str, columns: Mapping[str, np.ndarray], derived: Mapping[str, Expression], n_points: int
+) -> np.ndarray:
+    """The derived column ``name`` (float64), evaluating the ones it reads first."""
+    namespace = {
+        n: np.asarray(columns[n], dtype=np.float64) for n in _inputs(name, derived) if n in columns
+    }
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for column, expr in derived.items():  # in config order: later ones may use earlier
+            if column in _inputs(name, derived) | {name}:
+                namespace[column] = np.broadcast_to(expr.evaluate(namespace), (n_points,))
+    return namespace[name]
 
 
 def aggregate(
@@ -231,6 +299,32 @@ def _point_columns(
     return table
 
 
+def require_finite(
+    stats: Mapping[str, np.ndarray], counts: np.ndarray, config: PipelineConfig
+) -> None:
+    """Check that every statistic is finite wherever a child has points.
+
+    ``counts`` is the number of points per child (``n_children``). Empty
+    children hold fill values (NaN by default) and are not checked.
+
+    Raises
+    ------
+    NonFiniteStatisticError
+        Naming the first statistic and child found, and how many more there are.
+    """
+    has_points = counts > 0
+    for stat in config.aggregation.statistics:
+        values = np.asarray(stats[stat.name])
+        if values.dtype.kind != "f":
+            continue
+        bad = np.flatnonzero(has_points & ~np.isfinite(values))
+        if bad.size:
+            raise NonFiniteStatisticError(
+                f"statistic {stat.name!r} is {values[bad[0]]} for child {bad[0]} "
+                f"({counts[bad[0]]} points), and for {bad.size - 1} more children"
+            )
+
+
 def _sort_within_children(values: np.ndarray, groups: _Groups) -> np.ndarray:
     """``values`` ordered by child, then by value (NaN last within a child).
 
@@ -368,7 +462,8 @@ def _order_statistic(
 def _finish(stat: Statistic, value: np.ndarray, groups: _Groups) -> np.ndarray:
     """Apply the transform, cast to the output dtype, fill the empty children."""
     if stat.transform is not None:
-        value = stat.transform.evaluate({"x": value})
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            value = stat.transform.evaluate({"x": value})
     out = np.full(groups.counts.size, stat.fill_value, dtype=stat.dtype)
     out[groups.present] = value
     return out

@@ -1,10 +1,15 @@
 """One parent cell, end to end: read → aggregate → write → record.
 
 This is the unit of work every backend runs (a thread, the Lambda handler, an
-ECS flow run). It never raises for problems in the data: a bad granule is a
-line in ``files_failed`` and a cell whose every granule failed is ``failed``.
-It does raise for problems in the request or the store (a template that does
-not match), because those are the caller's to fix and retrying won't help.
+ECS flow run). A bad granule is a line in ``files_failed``: a cell with some
+granules failed is ``partial``, one whose every granule failed is ``failed``.
+Neither writes statistics (a partial chunk would look complete to anyone
+reading the arrays) unless the request accepts partial cells; both leave a
+record naming each failed granule and why.
+
+It raises for problems in the request or the store (a template that does
+not match), for statistics that come out non-finite, and for failures that
+may pass (throttling, refused credentials): the caller retries or reports.
 """
 
 from __future__ import annotations
@@ -14,11 +19,17 @@ import sys
 import time
 
 import numpy as np
+from zarr.abc.store import Store
 
 import magg_core
-from magg_core.aggregate import aggregate
+from magg_core.aggregate import (
+    NonFiniteStatisticError,
+    aggregate,
+    require_finite,
+    valid_points,
+)
 from magg_core.config import PipelineConfig, load_config
-from magg_core.errors import CellTimeoutError
+from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.read import GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
@@ -103,24 +114,26 @@ def process_cell(
     _check_deadline(deadline, request)
     t0 = time.perf_counter()
     child_index, columns = _concatenate(points, config)
+    good = valid_points(columns, config)
+    child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
     stats = aggregate(child_index, columns, config)
+    counts = np.bincount(child_index, minlength=config.output.children_per_parent)
+    try:
+        require_finite(stats, counts, config)
+    except NonFiniteStatisticError as exc:
+        raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
     timings.aggregate = time.perf_counter() - t0
 
     result.total_obs = int(child_index.size)
-    result.cells_with_data = int(
-        np.count_nonzero(np.bincount(child_index, minlength=config.output.children_per_parent))
-    )
+    result.cells_with_data = int(np.count_nonzero(counts))
     if request.granule_urls:
-        if result.files_processed == 0:
-            result.status = "failed"
-            result.error = f"all {len(request.granule_urls)} granules failed to read"
-        else:
-            result.status = "ok" if result.total_obs else "empty"
+        result.status, result.error = _outcome(result, request.accept_partial)
 
-    # A failed cell keeps whatever an earlier successful run wrote; every other
-    # outcome (including no data) owns its chunk and overwrites it, so a re-run
-    # after the inputs changed never leaves stale statistics behind.
-    if result.status != "failed":
+    # An incomplete cell keeps whatever an earlier complete run wrote (unless
+    # partial cells are accepted); every other outcome, no data included, owns
+    # its chunk and overwrites it, so a re-run after the inputs changed never
+    # leaves stale statistics behind.
+    if result.is_complete or (result.status == "partial" and request.accept_partial):
         _check_deadline(deadline, request)
         t0 = time.perf_counter()
         write_cell(store, config, chunk_idx, stats)
@@ -129,6 +142,31 @@ def process_cell(
     timings.total = time.perf_counter() - started
     result.duration_s = timings
     result.peak_rss_mb = peak_rss_mb()
+    _record(store, config, request, result)
+    return result
+
+
+def record_failure(
+    request: CellRequest, reason: str, *, endpoint: S3Endpoint | None = None
+) -> None:
+    """Record a cell whose processing raised (write refused, retries exhausted, deadline).
+
+    The orchestrator calls this once the cell's last attempt is over, so that
+    ``magg inspect`` shows the cell as ``failed`` with ``reason`` rather than
+    not yet run; the chunk keeps whatever an earlier run wrote.
+    """
+    config = request_config(request)
+    store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
+    result = CellResult(
+        parent_morton=request.parent_morton,
+        status="failed",
+        granule_count=len(request.granule_urls),
+        error=reason,
+    )
+    _record(store, config, request, result)
+
+
+def _record(store: Store, config: PipelineConfig, request: CellRequest, result: CellResult) -> None:
     write_record(
         store,
         config,
@@ -138,7 +176,17 @@ def process_cell(
             written_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         ),
     )
-    return result
+
+
+def _outcome(result: CellResult, accept_partial: bool) -> tuple[str, str | None]:
+    """The status and error of a cell that had granules to read."""
+    failed, total = len(result.files_failed), result.granule_count
+    if result.files_processed == 0:
+        return "failed", f"all {total} granules failed to read"
+    if failed:
+        kept = "written from the others (partial accepted)" if accept_partial else "not written"
+        return "partial", f"{failed} of {total} granules failed to read; statistics {kept}"
+    return ("ok" if result.total_obs else "empty"), None
 
 
 def _check_deadline(deadline: float | None, request: CellRequest) -> None:

@@ -2,8 +2,8 @@
 
 A retry costs a cell's full runtime, so only failures that can succeed on a
 second attempt are retried: throttling, server errors, timeouts, dropped
-connections and expired temporary credentials (each attempt fetches fresh
-ones). A bad config, a template mismatch or a corrupt granule fail the same
+connections and credentials S3 refused (expired, invalid or denied: the
+retry runs with fresh ones). A bad config, a template mismatch or a corrupt granule fail the same
 way every time and are reported at once instead.
 """
 
@@ -30,6 +30,18 @@ THROTTLING_CODES = frozenset(
         "ExpiredTokenException",
     }
 )
+CREDENTIAL_REJECTION_CODES = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+    }
+)
+"""S3 error codes that refuse the caller's credentials, not the object: a fresh set
+(NSIDC hands out new temporary credentials on request) may succeed."""
 
 
 class CellTimeoutError(TimeoutError):
@@ -40,8 +52,32 @@ class TransientReadError(ConnectionError):
     """A granule read failed for a reason that may pass (throttling, network, expiry)."""
 
 
+class CredentialsRejectedError(TransientReadError):
+    """S3 refused the request's credentials (expired, invalid, access denied).
+
+    Says nothing about the granule: the cell is retried with fresh credentials
+    (:meth:`magg_core.credentials.Credentials.reject`), never left with a hole.
+    """
+
+
+class CellDataError(ValueError):
+    """The points of a cell give no valid statistics (e.g. a non-finite mean); not retried."""
+
+
 class CellFailedError(RuntimeError):
-    """Every granule of a cell failed to read; the message lists why."""
+    """A cell did not produce complete statistics: it ``failed`` or is ``partial``.
+
+    ``result`` is the cell's :class:`~magg_core.request.CellResult` when it has
+    one (which granules failed and why), so the run still reports the cell.
+    """
+
+    def __init__(self, message: str, result: Any = None):
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect persists a failed task's exception; keep the result through pickling.
+        return type(self), (self.args[0], self.result)
 
 
 class CellsFailedError(RuntimeError):
@@ -59,7 +95,13 @@ class CellsFailedError(RuntimeError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True if retrying the same work may succeed."""
+    """True if retrying the same work may succeed.
+
+    A 403 is permanent here: on the run's own store it means a policy refuses
+    the write. Granule reads, made with NSIDC's temporary credentials, turn
+    refusals into :class:`CredentialsRejectedError` first (see
+    :func:`rejects_credentials`), which is transient.
+    """
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if isinstance(
@@ -86,6 +128,28 @@ def is_transient(exc: BaseException) -> bool:
             return True
         status = _HTTP_STATUS.search(str(exc))
         return status is None or _transient_status(int(status.group(1)))
+    return False
+
+
+def rejects_credentials(exc: BaseException) -> bool:
+    """True if S3 refused the caller's credentials rather than the request.
+
+    S3 answers expired or revoked session tokens with 400 (``ExpiredToken``,
+    ``InvalidToken``, ``TokenRefreshRequired``) and unknown keys or missing
+    grants with 403 (``InvalidAccessKeyId``, ``AccessDenied``); obstore maps
+    401/403 to its own classes and leaves the 400s as generic errors carrying
+    S3's XML body. A run is granted the bucket it reads, so a 403 means its
+    credentials no longer hold, not that one granule is forbidden.
+    """
+    if isinstance(exc, CredentialsRejectedError):
+        return True
+    if isinstance(exc, obstore_errors.PermissionDeniedError | obstore_errors.UnauthenticatedError):
+        return True
+    if isinstance(exc, botocore_errors.ClientError):
+        return exc.response.get("Error", {}).get("Code") in CREDENTIAL_REJECTION_CODES
+    if isinstance(exc, obstore_errors.GenericError):
+        code = _S3_CODE.search(str(exc))
+        return code is not None and code.group(1) in CREDENTIAL_REJECTION_CODES
     return False
 
 

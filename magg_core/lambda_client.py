@@ -25,6 +25,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from magg_core.errors import CredentialsRejectedError
 from magg_core.request import CellRequest, CellResult
 
 READ_TIMEOUT_MARGIN_S = 30
@@ -155,7 +156,10 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
     Raises
     ------
     LambdaRequestRejected, LambdaCellError, LambdaFunctionError, LambdaThrottled, LambdaTimeout
-        See :func:`is_retryable`. Messages never contain the request's secrets.
+        See :func:`is_retryable`.
+    CredentialsRejectedError
+        S3 refused the request's credentials (a 500 naming that error type);
+        retry with fresh ones. Messages never contain the request's secrets.
     """
     where = {"function_name": function_name, "parent_morton": request.parent_morton}
     secrets = request.s3_credentials.secrets() if request.s3_credentials else ()
@@ -192,6 +196,9 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
     detail = body.get("error", "") if isinstance(body, dict) else ""
     if status == 400:
         raise LambdaRequestRejected(_redact(f"rejected: {detail}", secrets), **where)
+    if status == 500 and body.get("error_type") == CredentialsRejectedError.__name__:
+        # S3 refused the credentials sent: the caller retries with fresh ones.
+        raise CredentialsRejectedError(_redact(f"cell {request.parent_morton}: {detail}", secrets))
     if status == 500:
         raise LambdaCellError(_redact(f"cell failed: {detail}", secrets), **where)
     raise LambdaInvokeError(

@@ -63,6 +63,7 @@ def plan_cells(
     cells: Sequence[str | int] | None = None,
     max_cells: int | None = None,
     granule_mirror: str | None = None,
+    accept_partial: bool = False,
 ) -> list[CellRequest]:
     """One request (without credentials) per selected parent cell, in chunk order.
 
@@ -75,6 +76,8 @@ def plan_cells(
     granule_mirror
         Read each granule as ``{granule_mirror}/{name}`` instead of its NSIDC
         ``s3://`` URL: a local directory or a bucket holding copies.
+    accept_partial
+        Let partial cells write statistics (see :class:`CellRequest`).
     """
     catalog_order = catalog.metadata.get("parent_order")
     if catalog_order is not None and catalog_order != config.output.parent_order:
@@ -109,6 +112,7 @@ def plan_cells(
             store_path=store_url,
             chunk_idx=position[parent],
             config=config_dict,
+            accept_partial=accept_partial,
         )
         for parent in selected
     ]

@@ -38,7 +38,12 @@ from h5coro.h5coro import H5Coro
 
 from magg_core import grid
 from magg_core.config import PipelineConfig
-from magg_core.errors import TransientReadError, is_transient
+from magg_core.errors import (
+    CredentialsRejectedError,
+    TransientReadError,
+    is_transient,
+    rejects_credentials,
+)
 from magg_core.h5chunks import Column, index_column, read_spans
 from magg_core.h5driver import S3Access, TruncatedFileError, UnsupportedURLError, open_h5
 from magg_core.request import GranuleFailure
@@ -193,10 +198,13 @@ def read_granules(
                 url, parent_morton, config, credentials=credentials, endpoint=endpoint
             )
         except GranuleReadError as exc:
-            if exc.__cause__ is not None and is_transient(exc.__cause__):
-                # Throttling or a dropped connection says nothing about the
-                # granule: fail the whole cell so it is retried, rather than
-                # write statistics with this granule's points missing.
+            # Refused credentials, throttling or a dropped connection say
+            # nothing about the granule: fail the whole cell so it is retried
+            # (with fresh credentials), rather than leave this granule out.
+            cause = exc.__cause__
+            if cause is not None and rejects_credentials(cause):
+                raise CredentialsRejectedError(str(exc)) from exc
+            if cause is not None and is_transient(cause):
                 raise TransientReadError(str(exc)) from exc
             return exc.failure()
 

@@ -14,7 +14,11 @@ from typing import Any, Literal
 
 from magg_core.s3 import S3Credentials
 
-CellStatus = Literal["ok", "empty", "no_granules", "failed"]
+CellStatus = Literal["ok", "empty", "no_granules", "partial", "failed"]
+"""``partial``: some granules were read and some failed, so the cell's statistics
+miss points; they are written only when the request accepts partial cells."""
+INCOMPLETE_STATUSES = frozenset({"partial", "failed"})
+"""Outcomes that are not a complete, correct cell: never cached, never silently accepted."""
 
 REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
 
@@ -35,6 +39,9 @@ class CellRequest:
     s3_credentials: S3Credentials | None = None
     config: Mapping[str, Any] | None = None
     """A pipeline config mapping; ``None`` means the built-in ``atl06``."""
+    accept_partial: bool = False
+    """Write the statistics of a ``partial`` cell (some granules failed) instead of
+    leaving its chunk as it was: for runs where a granule is known to be bad upstream."""
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> CellRequest:
@@ -73,6 +80,9 @@ class CellRequest:
         config = event.get("config")
         if config is not None and not isinstance(config, Mapping):
             problems.append("config must be an object")
+        accept_partial = event.get("accept_partial", False)
+        if not isinstance(accept_partial, bool):
+            problems.append(f"accept_partial must be true or false, got {accept_partial!r}")
         if problems:
             raise RequestError("; ".join(problems))
         if not 0 <= ints["parent_morton"] < 2**64:
@@ -86,6 +96,7 @@ class CellRequest:
             chunk_idx=ints.get("chunk_idx"),
             s3_credentials=credentials,
             config=config,
+            accept_partial=accept_partial,
         )
 
     def to_event(self, *, include_credentials: bool = True) -> dict[str, Any]:
@@ -102,6 +113,8 @@ class CellRequest:
             event["s3_credentials"] = self.s3_credentials.to_event()
         if self.config is not None:
             event["config"] = dict(self.config)
+        if self.accept_partial:
+            event["accept_partial"] = True
         return event
 
 
@@ -131,6 +144,11 @@ class CellResult:
     duration_s: Timings = field(default_factory=Timings)
     peak_rss_mb: float = 0.0
     error: str | None = None
+
+    @property
+    def is_complete(self) -> bool:
+        """Every granule read (or none to read): the statistics hold every good point."""
+        return self.status not in INCOMPLETE_STATUSES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form; ``parent_morton`` is a string since JSON numbers lose uint64."""

@@ -99,6 +99,21 @@ def summarize(
     )
 
 
+def incomplete_cells(
+    results: Sequence[CellResult], failures: Mapping[int, str], *, accept_partial: bool = False
+) -> list[int]:
+    """The cells that keep a run from being complete, in parent order.
+
+    Failed cells (with or without a result), and partial cells unless the run
+    accepts them.
+    """
+    bad = set(failures)
+    for r in results:
+        if r.status == "failed" or (r.status == "partial" and not accept_partial):
+            bad.add(r.parent_morton)
+    return sorted(bad)
+
+
 def cell_table(
     results: Sequence[CellResult], failures: Mapping[int, str] | None = None
 ) -> list[dict[str, object]]:

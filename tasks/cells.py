@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +32,7 @@ import magg_core
 from magg_core.cell import process_cell
 from magg_core.config import load_config
 from magg_core.credentials import Credentials
-from magg_core.errors import CellFailedError, is_transient
+from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
 from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
@@ -95,12 +96,35 @@ def cell_task(fn):
     )
 
 
-def raise_if_failed(result: CellResult) -> CellResult:
-    """A failed cell fails its task, so the flow run fails and can be retried."""
-    if result.status == "failed":
+def raise_if_incomplete(result: CellResult) -> CellResult:
+    """A failed or partial cell fails its task, carrying its result.
+
+    A failed task persists no result, so no later run takes an incomplete cell
+    from the cache: re-running after the inputs are repaired recomputes exactly
+    these cells. The flow reads the result off the exception to report the cell
+    (and, for partial cells a run accepts, to count them as done).
+    """
+    if not result.is_complete:
         reasons = "; ".join(f"{f.url}: {f.reason}" for f in result.files_failed[:5])
-        raise CellFailedError(f"cell {result.parent_morton}: {result.error} ({reasons})")
+        raise CellFailedError(
+            f"cell {result.parent_morton} {result.status}: {result.error} ({reasons})", result
+        )
     return result
+
+
+@contextmanager
+def replacing_rejected(credentials: Credentials | None, used: S3Credentials | None):
+    """Tell ``credentials`` when S3 refused ``used``, so the retry fetches new ones."""
+    try:
+        yield
+    except Exception as exc:
+        if (
+            credentials is not None
+            and used is not None
+            and isinstance(exc, CredentialsRejectedError)
+        ):
+            credentials.reject(used)
+        raise
 
 
 @cell_task
@@ -116,7 +140,8 @@ def grid_cell_locally(
     """
     request = replace(request, s3_credentials=fresh(credentials))
     deadline = time.monotonic() + timeout_s
-    return raise_if_failed(process_cell(request, deadline=deadline))
+    with replacing_rejected(credentials, request.s3_credentials):
+        return raise_if_incomplete(process_cell(request, deadline=deadline))
 
 
 @cell_task
@@ -138,4 +163,5 @@ def grid_cell_on_lambda(
         LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False
     ):
         request = replace(request, s3_credentials=fresh(credentials))
-        return raise_if_failed(invoke_cell(lambda_client, function_name, request))
+        with replacing_rejected(credentials, request.s3_credentials):
+            return raise_if_incomplete(invoke_cell(lambda_client, function_name, request))

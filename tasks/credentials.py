@@ -31,19 +31,24 @@ _published: dict[str, S3Credentials] = {}
 _lock = threading.Lock()
 
 
-def publish_credentials(source: Credentials | None, block_name: str) -> None:
-    """Write fresh credentials to the block, if they changed since the last write."""
+def publish_credentials(source: Credentials | None, block_name: str) -> S3Credentials | None:
+    """Write fresh credentials to the block, if they changed since the last write.
+
+    Returns the credentials the block now holds (``None`` without a source), so
+    the caller can report them rejected if the child's S3 requests fail with them.
+    """
     if source is None:
-        return
+        return None
     credentials = source.refresh_if_needed()
     with _lock:
         if _published.get(block_name) == credentials:
-            return
+            return credentials
         payload = credentials.to_event()
         if credentials.expiration is not None:
             payload["expiration"] = credentials.expiration.isoformat()
         Secret(value=payload).save(block_name, overwrite=True)
         _published[block_name] = credentials
+    return credentials
 
 
 def load_published_credentials(block_name: str) -> S3Credentials:

@@ -6,10 +6,10 @@ from prefect.deployments import run_deployment
 
 from magg_core.cell import request_config
 from magg_core.credentials import Credentials
-from magg_core.errors import CellFailedError
+from magg_core.errors import CellFailedError, CredentialsRejectedError
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import open_store, read_records
-from tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_failed
+from tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, replacing_rejected
 from tasks.credentials import publish_credentials
 
 CHILD_RUN_TIMEOUT_S = 3 * CELL_TIMEOUT_S
@@ -36,7 +36,14 @@ def grid_cell_on_ecs(
     record it wrote in the store, so no result storage has to be shared
     between the containers and this process.
     """
-    publish_credentials(credentials, credentials_block)
+    used = publish_credentials(credentials, credentials_block)
+    with replacing_rejected(credentials, used):
+        return _run_child(request, credentials, deployment, credentials_block)
+
+
+def _run_child(
+    request: CellRequest, credentials: Credentials | None, deployment: str, credentials_block: str
+) -> CellResult:
     flow_run = run_deployment(
         deployment,
         parameters={
@@ -53,10 +60,14 @@ def grid_cell_on_ecs(
             f"cell {request.parent_morton}: child flow run {flow_run.name} is still "
             f"{state.name if state else 'unknown'} after {CHILD_RUN_TIMEOUT_S} s"
         )
-    if not state.is_completed():
-        raise CellFailedError(
-            f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state.name}"
-        )
-    config = request_config(request)
-    store = open_store(request.store_path)
-    return raise_if_failed(read_records(store, config)[request.parent_morton].result)
+    record = read_records(open_store(request.store_path), request_config(request)).get(
+        request.parent_morton
+    )
+    if record is not None and record.written_at >= f"{flow_run.created:%Y-%m-%dT%H:%M:%SZ}":
+        return raise_if_incomplete(record.result)  # this child's own outcome
+    if CredentialsRejectedError.__name__ in (state.message or ""):
+        raise CredentialsRejectedError(f"cell {request.parent_morton}: {state.message}")
+    raise CellFailedError(
+        f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state.name}"
+        f" without a record: {state.message or 'no message'}"
+    )

@@ -15,9 +15,10 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from magg_core.request import CellResult
+from magg_core.cell import record_failure
+from magg_core.request import CellRequest, CellResult
 from magg_core.store import consolidate, open_store
-from magg_core.summary import cell_table, summarize, to_markdown
+from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
 
 
 class CellProgress:
@@ -49,6 +50,19 @@ def consolidate_store(store_url: str) -> None:
     consolidate(open_store(store_url))
 
 
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def record_failed_cells(requests: Sequence[CellRequest], failures: Mapping[int, str]) -> None:
+    """Leave a ``failed`` record for each cell whose task ended without a result.
+
+    A cell that raised (write refused, retries exhausted, deadline, a Lambda
+    that crashed) wrote no record of its own; without one ``magg inspect``
+    would call it "not yet run". Written after its last attempt, so no attempt
+    of this run can overwrite it.
+    """
+    for request in requests:
+        record_failure(request, failures[request.parent_morton])
+
+
 @task(cache_policy=NONE)
 def report_run(
     results: Sequence[CellResult],
@@ -58,11 +72,14 @@ def report_run(
     lambda_memory_mb: int,
     lambda_architecture: str,
     store_url: str,
+    accept_partial: bool = False,
 ) -> dict[str, Any]:
     """Publish the per-cell table and the summary; return the summary as a dict.
 
-    ``failures`` maps each cell whose task failed to a one-line reason. The
-    returned ``markdown`` is the summary artifact's text, for the CLI to print.
+    ``failures`` maps each cell whose task failed without a result to a
+    one-line reason. The returned ``failed_cells`` are the cells that make the
+    run incomplete (failed, and partial unless ``accept_partial``); its
+    ``markdown`` is the summary artifact's text, for the CLI to print.
     """
     summary = summarize(
         results,
@@ -74,8 +91,17 @@ def report_run(
     rows = cell_table(results, failures)
     create_table_artifact(rows, key="magg-cells", description=f"one row per cell of {store_url}")
     markdown = to_markdown(summary, title=f"magg run into {store_url}")
-    if failures:
-        markdown += f"\n\n**{len(failures)} cells failed**: retry the flow run to re-run only them."
+    incomplete = incomplete_cells(results, failures, accept_partial=accept_partial)
+    if incomplete:
+        markdown += (
+            f"\n\n**{len(incomplete)} cells incomplete** (failed or partial): "
+            "retry the flow run to re-run only them."
+        )
+    elif summary.status_counts.get("partial"):
+        markdown += (
+            f"\n\n**{summary.status_counts['partial']} partial cells accepted**: "
+            "their statistics miss the granules listed in the table."
+        )
     create_markdown_artifact(markdown, key="magg-summary", description="run summary")
     get_run_logger().info(
         "%d cells (%s), %d observations in %.1f s",
@@ -86,7 +112,7 @@ def report_run(
     )
     return {
         **asdict(summary),
-        "failed_cells": [str(p) for p in sorted(failures)],
+        "failed_cells": [str(p) for p in incomplete],
         "store": store_url,
         "markdown": markdown,
     }

@@ -62,6 +62,7 @@ def good_points(paths: Iterable[str | Path], child_order: int = 12) -> pd.DataFr
                     & (sigma != FILL)
                     & np.isfinite(h)
                     & np.isfinite(sigma)
+                    & (sigma > 0)  # a standard error describes a measurement only if positive
                 )
                 rows = np.flatnonzero(good)
                 frames.append(

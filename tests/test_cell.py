@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import xarray as xr
@@ -14,6 +15,7 @@ import zarr
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
 from magg_core.config import ConfigError, load_config
+from magg_core.errors import CellDataError
 from magg_core.plan import plan_cells
 from magg_core.sample import write_sample
 from magg_core.store import (
@@ -162,21 +164,111 @@ def corrupt_copies(granules, target: Path) -> list[str]:
     return urls
 
 
-def test_a_corrupt_granule_is_reported_and_the_rest_processed(sample, tmp_path):
-    directory, granules, catalog = sample
-    url = str(tmp_path / "out.zarr")
-    make_store(url, catalog)
+def _chunk(store, request) -> dict[str, bytes]:
+    n = CONFIG.output.children_per_parent
+    chunk = slice(request.chunk_idx * n, (request.chunk_idx + 1) * n)
+    return {name: read_group(store)[name][chunk].tobytes() for name in STATS}
+
+
+def _assert_chunk_equals_oracle(store, request, paths) -> None:
+    expected = oracle.reference_statistics(paths)[request.parent_morton]
+    n = CONFIG.output.children_per_parent
+    chunk = slice(request.chunk_idx * n, (request.chunk_idx + 1) * n)
+    for stat in CONFIG.aggregation.statistics:
+        got = read_group(store)[stat.name][chunk]
+        want = expected[stat.name].astype(stat.dtype)
+        if stat.name in EXACT:
+            np.testing.assert_array_equal(got, want, err_msg=stat.name)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=stat.name)
+
+
+def _mixed_request(sample, tmp_path, url):
+    """The sample's busiest cell with its first granule replaced by a broken copy."""
+    _, granules, _ = sample
     request = max(local_requests(sample, url), key=lambda r: len(r.granule_urls))
     bad = corrupt_copies(
         [g for g in granules if g.name in {Path(u).name for u in request.granule_urls[:1]}],
         tmp_path / "bad",
     )
-    mixed = replace(request, granule_urls=(*bad, *request.granule_urls[1:]))
+    return request, replace(request, granule_urls=(*bad, *request.granule_urls[1:])), bad
+
+
+def test_a_cell_that_lost_a_granule_is_partial_and_keeps_earlier_output(sample, tmp_path):
+    _, _, catalog = sample
+    url = str(tmp_path / "out.zarr")
+    store = make_store(url, catalog)
+    request, mixed, bad = _mixed_request(sample, tmp_path, url)
+    assert process_cell(request).status == "ok"
+    before = _chunk(store, request)
+
     result = process_cell(mixed)
-    assert result.status == "ok"
+
+    assert result.status == "partial" and not result.is_complete
     assert [f.url for f in result.files_failed] == bad
     assert all(f.reason for f in result.files_failed)
     assert result.files_processed == len(request.granule_urls) - 1
+    assert "not written" in result.error
+    assert _chunk(store, request) == before  # nothing partial reaches the arrays
+    record = read_records(store, CONFIG)[request.parent_morton].result
+    assert record.status == "partial" and [f.url for f in record.files_failed] == bad
+
+
+def test_an_accepted_partial_cell_equals_the_oracle_of_the_granules_read(sample, tmp_path):
+    _, _, catalog = sample
+    url = str(tmp_path / "out.zarr")
+    store = make_store(url, catalog)
+    _, mixed, bad = _mixed_request(sample, tmp_path, url)
+
+    result = process_cell(replace(mixed, accept_partial=True))
+
+    assert result.status == "partial" and "accepted" in result.error
+    _assert_chunk_equals_oracle(store, mixed, mixed.granule_urls[len(bad) :])
+
+
+@pytest.mark.parametrize("bad_sigma", [0.0, -0.25, np.inf, np.nan])
+def test_points_with_an_invalid_sigma_are_dropped(sample, tmp_path, bad_sigma):
+    """One σ = 0 point made its child's h_mean NaN and h_sigma 0; now it is not a point."""
+    _, granules, catalog = sample
+    url = str(tmp_path / "out.zarr")
+    store = make_store(url, catalog)
+    request = max(local_requests(sample, url), key=lambda r: len(r.granule_urls))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    paths = []
+    for source in request.granule_urls:
+        path = copies / Path(source).name
+        path.write_bytes(Path(source).read_bytes())
+        paths.append(str(path))
+    with h5py.File(paths[0], "r+") as f:  # every 50th row of every beam present
+        for beam in [b for b in f if b.startswith("gt")]:
+            sigma = f[f"{beam}/land_ice_segments/h_li_sigma"]
+            values = sigma[:]
+            values[::50] = bad_sigma
+            sigma[:] = values
+
+    result = process_cell(replace(request, granule_urls=tuple(paths)))
+
+    assert result.status == "ok"
+    assert result.total_obs == len(
+        oracle.points_in_parent(oracle.good_points(paths), request.parent_morton)
+    )
+    _assert_chunk_equals_oracle(store, request, paths)
+
+
+def test_a_statistic_that_comes_out_non_finite_fails_the_cell_by_name(sample, tmp_path):
+    _, _, catalog = sample
+    url = str(tmp_path / "out.zarr")
+    raw = CONFIG.to_dict()
+    raw["aggregation"]["statistics"]["h_sigma"]["transform"] = "1 / sqrt(x - x)"
+    config = load_config(raw)
+    store = open_store(url)
+    create_template(store, config, catalog.parents, {"test": True})
+    request = max(local_requests(sample, url), key=lambda r: len(r.granule_urls))
+    with pytest.raises(CellDataError, match=rf"cell {request.parent_morton}: statistic 'h_sigma'"):
+        process_cell(replace(request, config=raw))
+    assert int(read_group(store)["count"][:].sum()) == 0
+    assert read_records(store, config) == {}
 
 
 def test_a_cell_whose_granules_all_fail_is_failed_and_keeps_earlier_output(sample, tmp_path):

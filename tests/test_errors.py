@@ -10,7 +10,12 @@ import pytest
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
 from magg_core.config import load_config
-from magg_core.errors import TransientReadError, is_transient
+from magg_core.errors import (
+    CredentialsRejectedError,
+    TransientReadError,
+    is_transient,
+    rejects_credentials,
+)
 from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials, S3Endpoint
 from magg_core.sample import write_sample
@@ -33,6 +38,7 @@ def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
         (client_error("InternalError", 500), True),
         (client_error("ExpiredToken", 400), True),
         (client_error("AccessDenied", 403), False),
+        (CredentialsRejectedError("InvalidToken"), True),
         (client_error("NoSuchKey", 404), False),
         (ValueError("bad config"), False),
         (KeyError("h_li"), False),
@@ -40,6 +46,24 @@ def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
 )
 def test_classification(exc, expected):
     assert is_transient(exc) is expected
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (client_error("ExpiredToken", 400), True),
+        (client_error("InvalidToken", 400), True),
+        (client_error("TokenRefreshRequired", 400), True),
+        (client_error("InvalidAccessKeyId", 403), True),
+        (client_error("AccessDenied", 403), True),  # the run was granted NSIDC's bucket
+        (client_error("AccessDeniedException", 403), False),  # Lambda's IAM refusal
+        (client_error("NoSuchKey", 404), False),
+        (client_error("SlowDown", 503), False),
+        (ConnectionResetError(), False),
+    ],
+)
+def test_credential_rejections_are_told_apart(exc, expected):
+    assert rejects_credentials(exc) is expected
 
 
 def test_an_unreachable_s3_endpoint_fails_the_cell_without_writing(tmp_path):

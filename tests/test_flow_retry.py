@@ -35,6 +35,7 @@ from tests.flow_support import (
     retry_like_the_ui,
     s3_proxy,
     sample_in_s3,
+    store_arrays,
 )
 from tests.oracle import STATISTICS
 
@@ -105,7 +106,11 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
     assert all(r.state.is_completed() for p, r in runs.items() if p not in failing)
     # AccessDenied cannot succeed on a retry: not one retry was spent on it.
     assert all(runs[p].run_count == 1 for p in failing)
-    assert set(records_by_parent(store)) == set(parents) - failing
+    # Each cell that raised still has a record, saying why: none reads "not yet run".
+    records = records_by_parent(store)
+    assert set(records) == set(parents)
+    assert {p for p, r in records.items() if r.result.status == "failed"} == failing
+    assert all("denied" in records[p].result.error.lower() for p in failing)
 
     # Tracking survived the failure: per-cell table, progress, summary.
     artifacts = flow_run_artifacts(flow_run_id)
@@ -116,7 +121,7 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
         "AccessDenied" in rows[p]["error"] or "denied" in rows[p]["error"].lower() for p in failing
     )
     assert artifacts["magg-cells-progress"].data == 100.0
-    assert "**3 cells failed**" in artifacts["magg-summary"].data
+    assert "**3 cells incomplete**" in artifacts["magg-summary"].data
 
     # The fault is cleared; the operator presses Retry.
     proxy.fault = None
@@ -132,11 +137,12 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
     # What reached S3 during the retry: the failed cells' chunks and records, nothing else.
     assert {i for _, i in chunk_writes(proxy, store, written_before)} == failing_chunks
     assert set(record_writes(proxy, store, written_before)) == failing
-    # Over both runs, every chunk and record was written exactly once.
+    # Over both runs, every chunk was written exactly once; the failed cells' records
+    # twice (failed, then ok), every other record once.
     writes = chunk_writes(proxy, store)
     assert set(writes) == {(s, i) for s in STATISTICS for i in range(len(parents))}
     assert set(writes.values()) == {1}
-    assert set(record_writes(proxy, store).values()) == {1}
+    assert record_writes(proxy, store) == {p: 2 if p in failing else 1 for p in parents}
 
     records = records_by_parent(store)
     assert set(records) == set(parents)
@@ -203,3 +209,80 @@ def test_an_ecs_child_run_past_its_timeout_writes_nothing(slow_cell, proxy, pref
 
     assert state.is_failed() and "passed its deadline; nothing was written" in state.message
     assert chunk_writes(proxy, store) == {} and record_writes(proxy, store) == {}
+
+
+def _remove_granule(sample, moto) -> tuple[str, bytes, dict[int, str]]:
+    """Delete one granule of the mirror; the statuses its cells must then have."""
+    cells = {p: [u.rsplit("/", 1)[1] for u in sample.catalog.urls(p)] for p in sample.parents}
+    name = max(
+        {n for names in cells.values() for n in names},
+        key=lambda n: sum(n in names and len(names) > 1 for names in cells.values()),
+    )
+    key = f"ATL06/{name}"
+    body = moto.client.get_object(Bucket=IN, Key=key)["Body"].read()
+    moto.client.delete_object(Bucket=IN, Key=key)
+    expected = {p: "partial" if len(n) > 1 else "failed" for p, n in cells.items() if name in n}
+    assert "partial" in expected.values()
+    return key, body, expected
+
+
+@pytest.mark.parametrize("accept_partial", [False, True], ids=["default", "accept-partial"])
+def test_a_cell_that_lost_a_granule_is_never_ok_nor_cached(
+    sample, s3_env, prefect_server, accept_partial
+):
+    """A granule missing (404) makes its cells partial: the run fails unless partial cells
+    are accepted; either way a later run, once the granule is back, recomputes exactly
+    those cells and takes every complete cell from the cache."""
+    store = f"s3://{OUT}/partial-{accept_partial}.zarr"
+    key, body, lost = _remove_granule(sample, s3_env)
+    partial = {p for p, status in lost.items() if status == "partial"}
+    run = dict(
+        catalog=str(sample.catalog_path),
+        store=store,
+        credentials="environment",
+        granule_mirror=sample.mirror,
+        accept_partial=accept_partial,
+        return_state=True,
+    )
+    try:
+        first = process_cycle(**run)
+    finally:
+        s3_env.client.put_object(Bucket=IN, Key=key, Body=body)
+
+    fails = accept_partial is False or "failed" in lost.values()
+    assert first.is_failed() is fails, first.message
+    summary = first.result(raise_on_failure=False)
+    summary = summary.summary if isinstance(summary, CellsFailedError) else summary
+    assert summary["status_counts"].get("partial") == len(partial)
+    incomplete = {p for p, s in lost.items() if s == "failed" or not accept_partial}
+    assert set(map(int, summary["failed_cells"])) == incomplete
+    records = records_by_parent(store)
+    for parent, status in lost.items():
+        result = records[parent].result
+        assert result.status == status
+        assert [f.url.rsplit("/", 1)[1] for f in result.files_failed] == [key.split("/")[1]]
+        assert "not found" in result.files_failed[0].reason
+    rows = json.loads(flow_run_artifacts(first.state_details.flow_run_id)["magg-cells"].data)
+    assert {int(r["parent_morton"]): r["status"] for r in rows if r["granules_failed"]} == lost
+    if accept_partial:  # written from the granules that could be read: fewer points
+        counts = store_arrays(store)["count"]
+        n = load_config().output.children_per_parent
+        for parent in partial:
+            i = sample.parents.index(parent)
+            assert 0 < counts[i * n : (i + 1) * n].sum() < sample.oracle[parent]["count"].sum()
+
+    # The same run again, the granule back: only the incomplete cells run.
+    second = process_cycle(**run)
+
+    assert second.is_completed(), second.message
+    states = {
+        int(r.name.removeprefix("cell-")): r.state.name
+        for r in cell_task_runs(second.state_details.flow_run_id)
+    }
+    assert states == {p: "Completed" if p in lost else "Cached" for p in sample.parents}
+    assert_store_matches_oracle(store, sample)
+    assert {r.result.status for r in records_by_parent(store).values()} <= {
+        "ok",
+        "empty",
+        "no_granules",
+    }

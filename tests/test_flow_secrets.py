@@ -181,11 +181,22 @@ def test_credentials_that_expire_mid_run_are_refreshed_and_no_cell_fails(
         np.testing.assert_array_equal(refreshed[name], local[name], err_msg=name)
 
 
-def test_a_read_refused_for_expired_credentials_is_retried_with_fresh_ones(
-    local_run, source, proxy
+REFUSALS = [
+    (400, "ExpiredToken", "The provided token has expired."),
+    (400, "InvalidToken", "The provided token is malformed or otherwise invalid."),
+    (400, "TokenRefreshRequired", "The provided token must be refreshed."),
+    (403, "AccessDenied", "Access Denied"),
+    (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist."),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "message"), REFUSALS, ids=[r[1] for r in REFUSALS])
+def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
+    local_run, source, proxy, status, code, message
 ):
-    """S3 may still refuse credentials (clock skew, early revocation): ``ExpiredToken``
-    (HTTP 400) must fail the cell for a retry, never leave the granule out of it."""
+    """S3 may refuse credentials mid-cell (clock skew, early revocation, a revoked
+    session): that says nothing about the granule. The cell fails for a retry that
+    runs with credentials fetched anew, never leaving the granule out of it."""
     store = f"s3://{OUT}/expired-mid-read.zarr"
     config = load_config()
     create_template(open_store(store), config, local_run.sample.catalog.parents, {})
@@ -199,7 +210,7 @@ def test_a_read_refused_for_expired_credentials_is_retried_with_fresh_ones(
     def refuse_once(method, bucket, key, access_key):
         if bucket == "magg-e2e-in" and not refused:
             refused.append(access_key)
-            return S3Error(400, "ExpiredToken", "The provided token has expired.")
+            return S3Error(status, code, message)
         return None
 
     @flow
@@ -208,15 +219,19 @@ def test_a_read_refused_for_expired_credentials_is_retried_with_fresh_ones(
         return quick(request, store_id, open_credentials("environment"), 60, return_state=True)
 
     usual, proxy.fault = proxy.fault, refuse_once
+    calls_before = len(proxy.calls)
     try:
         state = one_cell()
     finally:
         proxy.fault = usual
 
-    assert refused and state.is_completed()
+    assert refused and state.is_completed(), state.message
     (run,) = cell_task_runs(state.state_details.flow_run_id)
     assert run.run_count == 2
-    assert state.result().files_failed == [] and len(request.granule_urls) > 1
+    assert state.result().status == "ok" and state.result().files_failed == []
+    assert len(request.granule_urls) > 1
+    retried_with = {c.access_key for c in proxy.calls[calls_before:] if c.bucket == "magg-e2e-in"}
+    assert refused[0] in retried_with and len(retried_with) == 2  # the retry's are new ones
     n = config.output.children_per_parent
     cells = slice(request.chunk_idx * n, (request.chunk_idx + 1) * n)
     local, retried = store_arrays(local_run.store), store_arrays(store)

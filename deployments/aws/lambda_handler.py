@@ -5,7 +5,8 @@ orchestrators keep working: 200 carries the :class:`CellResult` (also when the
 cell's status is ``failed`` — that is an outcome, and the caller decides what
 to do with it), 400 a request that can never run (missing fields, a config
 that does not validate, a store without this cell in its template), 500
-anything unexpected, which is worth a retry.
+anything unexpected, which is worth a retry (its body names the exception's
+type in ``error_type``, so the caller can tell refused credentials apart).
 Answering 500 instead of raising keeps the error message under our control:
 an unhandled exception would put a traceback into the invoke response.
 
@@ -23,10 +24,11 @@ from typing import Any
 
 from magg_core.cell import process_cell
 from magg_core.config import ConfigError
+from magg_core.errors import CellDataError
 from magg_core.request import CellRequest, CellResult, RequestError
 from magg_core.store import TemplateMismatchError
 
-CALLER_ERRORS = (RequestError, ConfigError, TemplateMismatchError)
+CALLER_ERRORS = (RequestError, ConfigError, TemplateMismatchError, CellDataError)
 """Failures that repeat on every attempt until the caller changes something: 400."""
 
 
@@ -60,7 +62,8 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     except CALLER_ERRORS as exc:
         status, body = 400, {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - anything else is the 500 answer
-        status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+        status = 500
+        body = {"error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
     else:
         status, body = 200, result.to_dict()
         line.update(_result_fields(result))
