@@ -197,7 +197,7 @@ def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
     """S3 may refuse credentials mid-cell (clock skew, early revocation, a revoked
     session): that says nothing about the granule. The cell fails for a retry that
     runs with credentials fetched anew, never leaving the granule out of it."""
-    store = f"s3://{OUT}/expired-mid-read.zarr"
+    store = f"s3://{OUT}/refused-{code}.zarr"  # a store each: no cell from another's cache
     config = load_config()
     create_template(open_store(store), config, local_run.sample.catalog.parents, {})
     store_id = read_template(open_store(store), config).id
