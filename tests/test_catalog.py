@@ -3,7 +3,6 @@
 import copy
 import json
 import re
-import zlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +23,7 @@ from magg_core.grid import parent_of, point_morton
 from magg_core.regions import RegionError
 from magg_core.request import CellRequest
 from magg_core.sample import write_sample
-from tests.fakes.cmr import FakeCmr, umm_item
+from tests.fakes.cmr import FakeCmr, revision_of, umm_item
 
 CYCLE = 22
 ORDER = 6
@@ -299,15 +298,6 @@ def test_catalog_is_a_frozen_value():
 # --- each granule exactly once --------------------------------------------------------
 
 
-def as_revision(item: dict, revision: str) -> dict:
-    """The CMR record of another revision of the same acquisition (name, URLs, ids)."""
-    old = item["umm"]["GranuleUR"]
-    new = f"{old[: -len('01.h5')]}{revision}.h5"
-    record = json.loads(json.dumps(item).replace(old, new))
-    record["meta"]["concept-id"] = f"G{zlib.crc32(new.encode()):010d}-NSIDC_CPRD"
-    return record
-
-
 def https_only(item: dict, provider: str = "NSIDC_CPRD") -> dict:
     """The same granule's record as a provider without direct S3 access lists it."""
     record = copy.deepcopy(item)
@@ -325,9 +315,9 @@ def granule_lists(catalog) -> dict[int, list[str]]:
 def test_only_the_highest_revision_of_an_acquisition_is_catalogued(dome_c, fake_cmr):
     one, other = dome_c[0].umm, dome_c[5].umm
     one_02, other_02, other_03 = (
-        as_revision(one, "02"),
-        as_revision(other, "02"),
-        as_revision(other, "03"),
+        revision_of(one, "02"),
+        revision_of(other, "02"),
+        revision_of(other, "03"),
     )
     # Newer revisions served first, across short pages: neither order nor paging matters.
     fake_cmr.items = [other_03, one_02] + [g.umm for g in dome_c] + [other_02]

@@ -247,6 +247,21 @@ def umm_item(
     }
 
 
+def revision_of(item: dict[str, Any], revision: str) -> dict[str, Any]:
+    """The record of another revision (``"02"``…) of the same acquisition as ``item``.
+
+    Name, native id and URLs end in the new revision; the concept id is the
+    new record's own, as CMR gives each revision.
+    """
+    old = item["umm"]["GranuleUR"]
+    new = f"{old[: -len('01.h5')]}{revision}.h5"
+    record = json.loads(json.dumps(item).replace(old, new))
+    record["meta"]["concept-id"] = (
+        f"G{zlib.crc32(new.encode()):010d}-{record['meta']['provider-id']}"
+    )
+    return record
+
+
 def _matches(item: dict[str, Any], params: list[tuple[str, str]]) -> bool:
     umm, meta = item["umm"], item["meta"]
     for key, value in params:
