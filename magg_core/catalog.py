@@ -45,7 +45,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -569,7 +569,9 @@ def _one_record_per_name(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapp
     return chosen
 
 
-def _record_rank(name: str):
+def _record_rank(name: str) -> Callable[[Mapping[str, Any]], tuple]:
+    """Sort key for one name's records: the most usable first, ties broken by content."""
+
     def rank(item: Mapping[str, Any]) -> tuple:
         s3, https = _data_urls(item.get("umm") or {}, name)
         content = json.dumps(item, sort_keys=True, default=str)
@@ -624,17 +626,19 @@ def _check_order(order: int) -> None:
 
 
 def _data_urls(umm: Mapping[str, Any], name: str) -> tuple[str | None, str | None]:
-    """The granule's ``s3://`` and ``https://`` data URLs, preferring those ending in its name."""
+    """The granule's ``s3://`` and ``https://`` data URLs, preferring those ending in its name.
+
+    Only URLs a catalog file may hold (:func:`_is_url`) are picked, so a
+    built catalog always loads.
+    """
 
     def pick(kind: str, scheme: str) -> str | None:
         urls = [
             u.get("URL")
             for u in umm.get("RelatedUrls") or []
-            if isinstance(u, Mapping)
-            and u.get("Type") == kind
-            and str(u.get("URL", "")).startswith(scheme)
+            if isinstance(u, Mapping) and u.get("Type") == kind and _is_url(u.get("URL"), scheme)
         ]
-        exact = [u for u in urls if u.rsplit("/", 1)[-1] == name]
+        exact = [u for u in urls if _named_by_url(u, name)]
         return (exact or urls or [None])[0]
 
-    return pick("GET DATA VIA DIRECT ACCESS", "s3://"), pick("GET DATA", "https://")
+    return pick("GET DATA VIA DIRECT ACCESS", "s3"), pick("GET DATA", "https")

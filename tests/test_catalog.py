@@ -390,6 +390,17 @@ def test_a_record_whose_name_is_a_path_is_reported_not_catalogued(dome_c):
     assert catalog.granule_count == 10
 
 
+@pytest.mark.parametrize("url", ["/etc/passwd", "file:///etc/passwd", "s3://bucket-only"])
+def test_a_record_whose_direct_access_url_is_not_s3_is_reported(dome_c, url):
+    record = copy.deepcopy(dome_c[4].umm)
+    for link in record["umm"]["RelatedUrls"]:
+        if link["Type"] == "GET DATA VIA DIRECT ACCESS":
+            link["URL"] = url
+    catalog = catalog_from_records([g.umm for g in dome_c[5:]] + [record], cycle=CYCLE)
+    assert [(r.name, r.problem) for r in catalog.report] == [(dome_c[4].name, "no_s3_url")]
+    assert catalog.granule_count == 7
+
+
 def test_a_short_cmr_page_no_longer_shortens_the_catalog(dome_c, fake_cmr):
     fake_cmr.items = [g.umm for g in dome_c[:6]]
     fake_cmr.page_limit = 4  # was: 4 of 6 granules, silently
