@@ -8,6 +8,16 @@ where they cover the region (:mod:`magg_core.regions`). Granules whose
 footprint is missing or unusable are listed in the catalog's report instead
 of vanishing.
 
+Each granule is gridded once: a cell worker sums whatever it is given, so a
+granule listed twice would double its counts and shrink ``h_sigma`` by √2.
+CMR can list one granule under two providers (one record without an
+``s3://`` URL) and one acquisition as two revisions (``…_007_01`` and
+``…_007_02``, DESIGN §5). A catalog therefore keeps one record per granule
+name — the one with an ``s3://`` URL, whatever the order CMR sent them in —
+one granule per ``s3://`` URL, and only the highest revision of each
+acquisition (same start time, RGT, cycle, region and version); superseded
+revisions are named in the report.
+
 The file is JSON: ``metadata``; ``cells``, parent morton words as decimal
 strings (JSON numbers lose uint64 precision) in ascending order — the order
 of the store's chunks — each listing its granules with both URLs;
@@ -15,6 +25,16 @@ of the store's chunks — each listing its granules with both URLs;
 the cells (not the creation time) tells two catalogs with the same granules
 apart from different ones, and catches a file edited or cut short. Files are
 written atomically, so a failed run never leaves half a catalog.
+
+A catalog file is what a run grids, exactly, so reading one *rejects* what a
+built catalog never holds rather than quietly repairing it (a repaired file
+would grid something other than what it says, under a fingerprint that no
+longer describes it): a cell key that is not a morton word of the catalog's
+``parent_order``; a granule listed twice in a cell (by name or URL); two
+revisions of one acquisition; a granule name that is not a plain file name;
+and an ``s3`` URL that is not ``s3://bucket/key`` or an ``https`` URL that is
+not ``https://host/…`` — an entry must never send a worker to a local file.
+Each error names the cell and the granule; ``magg catalog`` rebuilds a clean file.
 """
 
 from __future__ import annotations
@@ -25,12 +45,14 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import mortie
 import numpy as np
 
 from magg_core import __version__
@@ -38,6 +60,7 @@ from magg_core.cmr import GranuleSearch, RetryPolicy, search_granules
 from magg_core.cmr import cmr_url as resolve_cmr_url
 from magg_core.cycles import (
     CycleError,
+    GranuleName,
     TimeRange,
     cycle_query_range,
     date_range,
@@ -50,7 +73,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 
-Problem = Literal["missing_footprint", "degenerate_footprint", "no_s3_url", "unrecognised_name"]
+Problem = Literal[
+    "missing_footprint", "degenerate_footprint", "no_s3_url", "unrecognised_name", "superseded"
+]
 
 
 class CatalogError(ValueError):
@@ -68,7 +93,12 @@ class CatalogGranule:
 
 @dataclass(frozen=True)
 class ReportEntry:
-    """A granule CMR returned that the catalog could not place in cells, and why."""
+    """A granule CMR returned that the catalog does not place in cells, and why.
+
+    Either it could not (no footprint, no ``s3://`` URL, a name that gives no
+    cycle) or it must not: a ``superseded`` revision, whose acquisition is
+    gridded from its highest revision only.
+    """
 
     name: str
     problem: Problem
@@ -170,23 +200,35 @@ def load_catalog(path: str | Path) -> Catalog:
 
 
 def catalog_from_dict(data: Any, *, where: str = "catalog") -> Catalog:
-    """The inverse of :meth:`Catalog.to_dict`, with the same checks as :func:`load_catalog`."""
+    """The inverse of :meth:`Catalog.to_dict`, with the same checks as :func:`load_catalog`.
+
+    Raises
+    ------
+    CatalogError
+        Naming the cell and granule, for anything a run must not grid: see
+        the module's description of what a catalog file may hold.
+    """
     if not isinstance(data, Mapping):
         raise CatalogError(f"{where}: expected a JSON object at the top level")
     metadata, raw_cells = data.get("metadata"), data.get("cells")
     if not isinstance(metadata, Mapping) or not isinstance(raw_cells, Mapping):
         raise CatalogError(f"{where}: 'metadata' and 'cells' must both be objects")
+    order = metadata.get("parent_order")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 29:
+        raise CatalogError(
+            f"{where}: metadata.parent_order must be an integer in 1..29, got {order!r}"
+        )
     cells: dict[int, tuple[CatalogGranule, ...]] = {}
     previous = -1
     for key, granules in raw_cells.items():
-        if not key.isdigit() or not 0 <= int(key) < 2**64:
-            raise CatalogError(f"{where}: cell key {key!r} is not a uint64 morton word in decimal")
-        if int(key) <= previous:
+        word = _cell_key(key, order, where)
+        if word <= previous:
             raise CatalogError(f"{where}: cells are not in ascending morton order at {key}")
-        previous = int(key)
+        previous = word
         if not isinstance(granules, list):
             raise CatalogError(f"{where}: cells[{key}] must be a list of granules")
-        cells[int(key)] = tuple(_granule(g, f"{where}: cells[{key}]") for g in granules)
+        cells[word] = tuple(_granule(g, f"{where}: cells[{key}]") for g in granules)
+    _check_each_granule_once(cells, where)
     report = []
     for i, entry in enumerate(data.get("report") or []):
         try:
@@ -208,15 +250,101 @@ def catalog_from_dict(data: Any, *, where: str = "catalog") -> Catalog:
     return catalog
 
 
+def cell_word_problem(word: int, order: int) -> str | None:
+    """Why ``word`` is not the morton word of an order-``order`` cell; ``None`` if it is.
+
+    mortie decides (DESIGN §4): the word must name a HEALPix cell
+    (``MortonWord.order`` refuses the empty word 0 and invalid base-cell
+    prefixes), at ``order``, and be that cell's canonical packing — the word
+    its decimal label parses back to. The last check matters because
+    mortie's decode ignores bits below a word's order: such a word names the
+    same cell as the canonical one but can match no chunk of the store.
+    """
+    if not 0 <= word < 2**64:
+        return "is not a uint64 morton word"
+    try:
+        cell = mortie.MortonWord(word)
+        word_order = cell.order
+        canonical = mortie.decimal_to_word(cell.decimal, dtype=int)
+    except ValueError:
+        return "is not a morton word (it names no HEALPix cell)"
+    if word_order != order:
+        return f"is a morton word of order {word_order}, not of order {order}"
+    if canonical != word:
+        return f"is not a canonical morton word (the cell's word is {canonical})"
+    return None
+
+
+def _cell_key(key: Any, order: int, where: str) -> int:
+    """A cell key (a decimal string) as a morton word of ``order``."""
+    if not isinstance(key, str) or not (key.isascii() and key.isdigit()):
+        raise CatalogError(f"{where}: cell key {key!r} is not a uint64 morton word in decimal")
+    problem = cell_word_problem(int(key), order)
+    if problem is not None:
+        raise CatalogError(f"{where}: cell key {key} {problem}")
+    return int(key)
+
+
 def _granule(raw: Any, where: str) -> CatalogGranule:
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
         raise CatalogError(f"{where}: each granule needs a name")
-    s3, https = raw.get("s3"), raw.get("https")
-    if not isinstance(s3, str) or not s3 or not (https is None or isinstance(https, str)):
+    name, s3, https = raw["name"], raw.get("s3"), raw.get("https")
+    if not _is_plain_name(name):
+        raise CatalogError(f"{where}: granule name {name!r} is not a plain file name")
+    if not _is_url(s3, "s3"):
+        raise CatalogError(f"{where}: granule {name!r}: s3 URL {s3!r} is not s3://bucket/key")
+    if https is not None and not _is_url(https, "https"):
         raise CatalogError(
-            f"{where}: granule {raw['name']!r} needs an s3 URL (and https URL or null)"
+            f"{where}: granule {name!r}: https URL {https!r} is not https://host/path (or null)"
         )
-    return CatalogGranule(name=raw["name"], s3=s3, https=https)
+    return CatalogGranule(name=name, s3=s3, https=https)
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no directory part: a mirror path built from it stays in the mirror."""
+    return bool(name) and name not in {".", ".."} and not any(c in name for c in "/\\\0")
+
+
+def _is_url(value: Any, scheme: str) -> bool:
+    """``scheme://host/path`` with a host and a non-empty path (never a local file)."""
+    if not isinstance(value, str) or not value.startswith(f"{scheme}://"):
+        return False
+    parts = urlsplit(value)
+    return bool(parts.netloc) and bool(parts.path.strip("/"))
+
+
+def _check_each_granule_once(cells: Mapping[int, tuple[CatalogGranule, ...]], where: str) -> None:
+    """Reject a granule (name or URL) twice in a cell, or two revisions of one acquisition."""
+    acquisitions: dict[tuple, tuple[str, int]] = {}
+    for cell, granules in cells.items():
+        names: set[str] = set()
+        urls: set[str] = set()
+        for g in granules:
+            if g.name in names:
+                raise CatalogError(f"{where}: cells[{cell}] lists granule {g.name!r} twice")
+            names.add(g.name)
+            for url in (g.s3, g.https):
+                if url in urls:
+                    raise CatalogError(
+                        f"{where}: cells[{cell}] lists URL {url!r} twice (granule {g.name!r})"
+                    )
+                if url is not None:
+                    urls.add(url)
+            parsed = parse_granule_name(g.name)
+            if parsed is None:
+                continue
+            first, first_cell = acquisitions.setdefault(_acquisition(parsed), (g.name, cell))
+            if first != g.name:
+                raise CatalogError(
+                    f"{where}: cells[{cell}] granule {g.name!r} and cells[{first_cell}] granule "
+                    f"{first!r} are two revisions of one acquisition; a catalog holds only the "
+                    "highest (rebuild it with magg catalog)"
+                )
+
+
+def _acquisition(name: GranuleName) -> tuple:
+    """What one acquisition's revisions share: every field of the name but the revision."""
+    return (name.product, name.start, name.rgt, name.cycle, name.region, name.version)
 
 
 def build_catalog(
@@ -290,9 +418,11 @@ def catalog_from_records(
 ) -> Catalog:
     """Build a catalog from UMM-G records already at hand (no CMR request).
 
-    The same placement as :func:`build_catalog`: with ``cycle``, only
-    granules whose name carries it; each footprint's cells within the
-    region; problems in the report.
+    The same placement as :func:`build_catalog`: one record per granule
+    name (the one with an ``s3://`` URL), one granule per ``s3://`` URL;
+    with ``cycle``, only granules whose name carries it; of each
+    acquisition only the highest revision; each footprint's cells within
+    the region; problems and superseded revisions in the report.
 
     Parameters
     ----------
@@ -311,34 +441,31 @@ def catalog_from_records(
     region_cells = region.cells(parent_order)
     by_cell: dict[int, list[CatalogGranule]] = defaultdict(list)
     report: list[ReportEntry] = []
-    counts = {"records": 0, "duplicates": 0, "other_cycle": 0, "outside_region": 0}
-    seen: set[str] = set()
-    for item in records:
-        counts["records"] += 1
-        umm = item.get("umm") or {}
-        name = umm.get("GranuleUR") or (item.get("meta") or {}).get("native-id") or "?"
-        if name in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(name)
-        if cycle is not None:
-            parsed = parse_granule_name(name)
-            if parsed is None:
-                report.append(
-                    ReportEntry(name, "unrecognised_name", "cannot tell its cycle from the name")
-                )
-                continue
-            if parsed.cycle != cycle:
-                counts["other_cycle"] += 1
-                continue
-        s3, https = _data_urls(umm, name)
+    records = list(records)
+    by_name = _one_record_per_name(records)
+    counts = {
+        "records": len(records),
+        "duplicates": len(records) - len(by_name),
+        "other_cycle": 0,
+        "superseded": 0,
+        "outside_region": 0,
+    }
+    newest = _granules_to_grid(by_name, cycle, counts, report)
+    urls = {name: _data_urls(by_name[name], name) for name in newest}
+    taken: set[str] = set()
+    for name in sorted(newest, key=lambda n: (not _named_by_url(urls[n][0], n), n)):
+        s3, https = urls[name]
         if s3 is None:
             report.append(
                 ReportEntry(name, "no_s3_url", "no 'GET DATA VIA DIRECT ACCESS' s3:// URL")
             )
             continue
+        if s3 in taken:  # another name for the same file
+            counts["duplicates"] += 1
+            continue
+        taken.add(s3)
         try:
-            cells = footprint_cells(umm, parent_order)
+            cells = footprint_cells(by_name[name], parent_order)
         except FootprintError as exc:
             report.append(ReportEntry(name, exc.problem, exc.detail))
             continue
@@ -384,6 +511,103 @@ def catalog_from_records(
     return Catalog(metadata=metadata, cells=cells, report=tuple(report))
 
 
+def _granules_to_grid(
+    by_name: Mapping[str, Any],
+    cycle: int | None,
+    counts: dict[str, int],
+    report: list[ReportEntry],
+) -> list[str]:
+    """The names to place: plain file names, of ``cycle``, the highest revision of each.
+
+    Counts the other cycles' and superseded granules in ``counts`` and adds
+    unusable names and superseded revisions to ``report``.
+    """
+    in_cycle = []
+    for name in sorted(by_name):
+        if not _is_plain_name(name):
+            report.append(ReportEntry(name, "unrecognised_name", "not a plain file name"))
+            continue
+        if cycle is not None:
+            parsed = parse_granule_name(name)
+            if parsed is None:
+                report.append(
+                    ReportEntry(name, "unrecognised_name", "cannot tell its cycle from the name")
+                )
+                continue
+            if parsed.cycle != cycle:
+                counts["other_cycle"] += 1
+                continue
+        in_cycle.append(name)
+    newest, superseded = _highest_revisions(in_cycle)
+    counts["superseded"] = len(superseded)
+    report.extend(
+        ReportEntry(old, "superseded", f"a later revision of the same acquisition, {new}, is used")
+        for old, new in superseded
+    )
+    return newest
+
+
+def _granule_name(item: Mapping[str, Any]) -> str:
+    umm = item.get("umm") or {}
+    return umm.get("GranuleUR") or (item.get("meta") or {}).get("native-id") or "?"
+
+
+def _one_record_per_name(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Each granule name's ``umm``: of several records (two providers), the most usable one's.
+
+    Chosen before duplicates are dropped, so the result does not depend on
+    the order of the records: one with an ``s3://`` URL (ending in the name)
+    and an ``https://`` URL wins, then the smallest by content.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for item in records:
+        groups[_granule_name(item)].append(item)
+    chosen = {}
+    for name, items in groups.items():
+        best = items[0] if len(items) == 1 else min(items, key=_record_rank(name))
+        chosen[name] = best.get("umm") or {}
+    return chosen
+
+
+def _record_rank(name: str) -> Callable[[Mapping[str, Any]], tuple]:
+    """Sort key for one name's records: the most usable first, ties broken by content."""
+
+    def rank(item: Mapping[str, Any]) -> tuple:
+        s3, https = _data_urls(item.get("umm") or {}, name)
+        content = json.dumps(item, sort_keys=True, default=str)
+        return (s3 is None, not _named_by_url(s3, name), https is None, content)
+
+    return rank
+
+
+def _named_by_url(url: str | None, name: str) -> bool:
+    return url is not None and url.rsplit("/", 1)[-1] == name
+
+
+def _highest_revisions(names: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split granule names into the highest revision of each acquisition and the rest.
+
+    Returns
+    -------
+    newest : list of str
+        One name per acquisition; a name that does not parse is its own acquisition.
+    superseded : list of (str, str)
+        ``(older revision, the name that supersedes it)``.
+    """
+    groups: dict[Any, list[tuple[int, str]]] = defaultdict(list)
+    for name in names:
+        parsed = parse_granule_name(name)
+        key = name if parsed is None else _acquisition(parsed)
+        groups[key].append((-1 if parsed is None else int(parsed.revision), name))
+    newest, superseded = [], []
+    for revisions in groups.values():
+        revisions.sort()
+        latest = revisions[-1][1]
+        newest.append(latest)
+        superseded.extend((old, latest) for _, old in revisions[:-1])
+    return newest, superseded
+
+
 def _time_range(
     cycle: int | None, start: date | datetime | str | None, end: date | datetime | str | None
 ) -> TimeRange:
@@ -402,17 +626,19 @@ def _check_order(order: int) -> None:
 
 
 def _data_urls(umm: Mapping[str, Any], name: str) -> tuple[str | None, str | None]:
-    """The granule's ``s3://`` and ``https://`` data URLs, preferring those ending in its name."""
+    """The granule's ``s3://`` and ``https://`` data URLs, preferring those ending in its name.
+
+    Only URLs a catalog file may hold (:func:`_is_url`) are picked, so a
+    built catalog always loads.
+    """
 
     def pick(kind: str, scheme: str) -> str | None:
         urls = [
             u.get("URL")
             for u in umm.get("RelatedUrls") or []
-            if isinstance(u, Mapping)
-            and u.get("Type") == kind
-            and str(u.get("URL", "")).startswith(scheme)
+            if isinstance(u, Mapping) and u.get("Type") == kind and _is_url(u.get("URL"), scheme)
         ]
-        exact = [u for u in urls if u.rsplit("/", 1)[-1] == name]
+        exact = [u for u in urls if _named_by_url(u, name)]
         return (exact or urls or [None])[0]
 
-    return pick("GET DATA VIA DIRECT ACCESS", "s3://"), pick("GET DATA", "https://")
+    return pick("GET DATA VIA DIRECT ACCESS", "s3"), pick("GET DATA", "https")

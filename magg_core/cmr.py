@@ -1,10 +1,15 @@
-"""Granule search in NASA's CMR, with a timeout and bounded retries.
+"""Granule search in NASA's CMR, with a timeout, bounded retries and a complete count.
 
-The query is python-cmr's ``GranuleQuery`` in earthaccess's subclass
-``DataGranules``, which pages through every result with ``CMR-Search-After``
-over a ``requests`` session it lets us supply. python-cmr's own pager calls
-``requests.get`` with no timeout and no retry, and a full cycle takes several
-2,000-granule pages; so the session carries both: each request times out,
+The query is built by python-cmr's ``GranuleQuery`` (parameter checks and
+encoding); the pages are fetched here. earthaccess's ``DataGranules.get_all()``
+ends the query at the first page shorter than the page size, and python-cmr's
+``get_all()`` counts every page as full: either turns a short page in the
+middle of a result (4 of 6 granules) into a silently shorter catalog. So
+:func:`search_granules` keeps paging while CMR returns a ``CMR-Search-After``
+token and the records received fall short of ``CMR-Hits``, and ends with a
+:class:`CmrError` naming hits against received when the two disagree.
+
+Every request goes through one ``requests`` session: each request times out,
 and throttling (429), server errors (5xx), timeouts and dropped connections
 are retried with exponential backoff (honouring ``Retry-After``) by urllib3.
 A retried page resends the same search-after token, so paging never restarts
@@ -18,13 +23,11 @@ default, ``MAGG_CMR_URL`` or an argument to point elsewhere (a test fake).
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import requests
-from cmr import CMR_OPS
-from earthaccess import DataGranules
+from cmr import CMR_OPS, GranuleQuery
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -32,6 +35,8 @@ from magg_core.cycles import TimeRange
 
 CMR_URL_ENV = "MAGG_CMR_URL"
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+PAGE_SIZE = 2000
+"""CMR's largest page."""
 
 
 class CmrError(RuntimeError):
@@ -90,30 +95,77 @@ def search_granules(
     Raises
     ------
     CmrError
-        When a request still fails after ``retry.attempts`` tries, or CMR
-        rejects the query outright (e.g. HTTP 400).
+        When a request still fails after ``retry.attempts`` tries, CMR
+        rejects the query outright (e.g. HTTP 400), answers without
+        ``CMR-Hits`` or with a body that is not a UMM-JSON page, or the
+        records received differ in number from ``CMR-Hits`` (CMR's own count
+        of the result, documented in its search API).
     """
     base = cmr_url(url)
-    query = DataGranules(mode=base)
-    query.session = _session(retry)
+    query = GranuleQuery(mode=base).format("umm_json")
     query.short_name(search.short_name).version(search.version).provider(search.provider)
     if search.time_range is not None:
         query.temporal(search.time_range.start, search.time_range.end)
     if search.bounding_box is not None:
         query.bounding_box(*search.bounding_box)
+    where = f"CMR granule search at {base}"
+    session = _session(retry)
     try:
-        with warnings.catch_warnings():
-            # earthaccess warns about a future API change on every granule it wraps.
-            warnings.simplefilter("ignore", FutureWarning)
-            granules = query.get_all()
-    except (requests.RequestException, RuntimeError, ValueError, KeyError) as exc:
+        # python-cmr has no public way to get the URL it would ask; earthaccess
+        # pages over ``_build_url()`` the same way.
+        return _all_pages(session, query._build_url(), dict(query.headers), where, search)
+    except requests.RequestException as exc:
         raise CmrError(
-            f"CMR granule search at {base} failed ({_reason(exc)}) after up to "
-            f"{retry.attempts} attempts per request; query: {search.describe()}"
+            f"{where} failed ({_reason(exc)}) after up to {retry.attempts} attempts per "
+            f"request; query: {search.describe()}"
+        ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CmrError(
+            f"{where} gave an answer that is not a UMM-JSON page ({_reason(exc)}); "
+            f"query: {search.describe()}"
         ) from None
     finally:
-        query.session.close()
-    return [{"meta": g["meta"], "umm": g["umm"]} for g in granules]
+        session.close()
+
+
+def _all_pages(
+    session: requests.Session,
+    url: str,
+    headers: dict[str, str],
+    where: str,
+    search: GranuleSearch,
+) -> list[dict[str, Any]]:
+    """Every page of one query: follow ``CMR-Search-After`` until ``CMR-Hits`` records arrived.
+
+    A short page does not end the query (CMR may serve one mid-result); a
+    page with no records or no token does. ``CMR-Hits`` is read from every
+    page, so a result that grows while it is paged is still followed to its end.
+    """
+    items: list[dict[str, Any]] = []
+    while True:
+        response = session.get(url, headers=headers, params={"page_size": PAGE_SIZE})
+        response.raise_for_status()
+        hits = _hits(response)
+        page = [{"meta": item["meta"], "umm": item["umm"]} for item in response.json()["items"]]
+        items.extend(page)
+        token = response.headers.get("CMR-Search-After")
+        if len(items) >= hits or not page or token is None:
+            break
+        headers["CMR-Search-After"] = token
+    if len(items) != hits:
+        raise CmrError(
+            f"{where}: CMR-Hits says {hits} granules but {len(items)} were received; "
+            f"a result that differs from CMR's own count is not used (search again). "
+            f"Query: {search.describe()}"
+        )
+    return items
+
+
+def _hits(response: requests.Response) -> int:
+    try:
+        return int(response.headers["CMR-Hits"])
+    except (KeyError, ValueError):
+        raise ValueError(f"CMR-Hits header is {response.headers.get('CMR-Hits')!r}") from None
 
 
 class _TimeoutAdapter(HTTPAdapter):
@@ -153,8 +205,11 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, requests.ConnectionError):
         inner = exc.args[0] if exc.args else exc
         return f"connection failed: {getattr(inner, 'reason', inner)}"[:300]
-    cause = exc.__cause__
-    response = getattr(cause, "response", None)
-    if isinstance(cause, requests.HTTPError) and response is not None:
+    response = getattr(exc, "response", None)
+    if isinstance(exc, requests.HTTPError) and response is not None:
         return f"HTTP {response.status_code}: {response.text[:300]}"
+    if isinstance(exc, KeyError):
+        return f"no {exc} field"
+    if isinstance(exc, ValueError):
+        return str(exc)[:300]
     return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from magg_core.catalog import Catalog
+from magg_core.catalog import Catalog, cell_word_problem
 from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.request import CellRequest
@@ -55,6 +55,28 @@ def cycle_store(template: str, cycle: int) -> str:
     return template.format(cycle=f"{int(cycle):02d}")
 
 
+def check_catalog_cells(catalog: Catalog, parent_order: int) -> None:
+    """Reject a catalog whose cells are not morton words of ``parent_order``.
+
+    Every cell becomes a chunk of the store's template at the config's
+    parent order, so this runs before anything is written. A catalog file is
+    already checked at its own order when loaded; this catches a catalog of
+    another order, and one built in memory.
+    """
+    catalog_order = catalog.metadata.get("parent_order")
+    if catalog_order is not None and catalog_order != parent_order:
+        raise PlanError(
+            f"catalog cells are order {catalog_order} but the config's "
+            f"output.parent_order is {parent_order}"
+        )
+    for parent in sorted(catalog.cells):
+        problem = cell_word_problem(int(parent), parent_order)
+        if problem is not None:
+            raise PlanError(
+                f"catalog cell {parent} {problem} (config output.parent_order: {parent_order})"
+            )
+
+
 def plan_cells(
     catalog: Catalog,
     config: PipelineConfig,
@@ -78,13 +100,14 @@ def plan_cells(
         ``s3://`` URL: a local directory or a bucket holding copies.
     accept_partial
         Let partial cells write statistics (see :class:`CellRequest`).
+
+    Raises
+    ------
+    PlanError
+        If the catalog's cells are not morton words of the config's parent
+        order (naming the first such cell), or the selection does not fit.
     """
-    catalog_order = catalog.metadata.get("parent_order")
-    if catalog_order is not None and catalog_order != config.output.parent_order:
-        raise PlanError(
-            f"catalog cells are order {catalog_order} but the config's "
-            f"output.parent_order is {config.output.parent_order}"
-        )
+    check_catalog_cells(catalog, config.output.parent_order)
     parents = [int(p) for p in catalog.parents]
     position = {parent: i for i, parent in enumerate(parents)}
     selected = parents

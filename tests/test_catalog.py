@@ -1,6 +1,9 @@
 """Catalogs built from the sample's granules, through a loopback fake CMR."""
 
+import copy
 import json
+import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import h5py
@@ -14,13 +17,13 @@ from magg_core.catalog import (
     catalog_from_records,
     load_catalog,
 )
-from magg_core.cmr import RetryPolicy
+from magg_core.cmr import CmrError, RetryPolicy
 from magg_core.cycles import CycleError, cycle_query_range
 from magg_core.grid import parent_of, point_morton
 from magg_core.regions import RegionError
 from magg_core.request import CellRequest
 from magg_core.sample import write_sample
-from tests.fakes.cmr import FakeCmr, umm_item
+from tests.fakes.cmr import FakeCmr, revision_of, umm_item
 
 CYCLE = 22
 ORDER = 6
@@ -290,3 +293,224 @@ def test_catalog_is_a_frozen_value():
     with pytest.raises(AttributeError):
         catalog.cells = {}
     assert catalog.is_empty and catalog.parents.dtype == np.uint64
+
+
+# --- each granule exactly once --------------------------------------------------------
+
+
+def https_only(item: dict, provider: str = "NSIDC_CPRD") -> dict:
+    """The same granule's record as a provider without direct S3 access lists it."""
+    record = copy.deepcopy(item)
+    record["meta"]["provider-id"] = provider
+    record["umm"]["RelatedUrls"] = [
+        u for u in record["umm"]["RelatedUrls"] if u["Type"] != "GET DATA VIA DIRECT ACCESS"
+    ]
+    return record
+
+
+def granule_lists(catalog) -> dict[int, list[str]]:
+    return {cell: [g.name for g in granules] for cell, granules in catalog.cells.items()}
+
+
+def test_only_the_highest_revision_of_an_acquisition_is_catalogued(dome_c, fake_cmr):
+    one, other = dome_c[0].umm, dome_c[5].umm
+    one_02, other_02, other_03 = (
+        revision_of(one, "02"),
+        revision_of(other, "02"),
+        revision_of(other, "03"),
+    )
+    # Newer revisions served first, across short pages: neither order nor paging matters.
+    fake_cmr.items = [other_03, one_02] + [g.umm for g in dome_c] + [other_02]
+    fake_cmr.page_limit = 4
+    catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+
+    newest = {dome_c[0].name: one_02, dome_c[5].name: other_03}
+    renamed = {old: item["umm"]["GranuleUR"] for old, item in newest.items()}
+    single = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    expected = {
+        cell: [renamed.get(name, name) for name in names]
+        for cell, names in granule_lists(single).items()
+    }
+    assert granule_lists(catalog) == expected
+    assert catalog.cells[next(iter(expected))][0].s3.endswith(expected[next(iter(expected))][0])
+    superseded = {r.name: r.detail for r in catalog.report if r.problem == "superseded"}
+    assert superseded.keys() == {dome_c[0].name, dome_c[5].name, other_02["umm"]["GranuleUR"]}
+    assert renamed[dome_c[0].name] in superseded[dome_c[0].name]
+    assert renamed[dome_c[5].name] in superseded[other_02["umm"]["GranuleUR"]]
+    counts = catalog.metadata["counts"]
+    assert (counts["records"], counts["superseded"], counts["granules"]) == (15, 3, 12)
+    assert catalog.to_dict()["report"] == [
+        {"name": r.name, "problem": r.problem, "detail": r.detail} for r in catalog.report
+    ]
+
+
+def test_a_granule_listed_twice_is_kept_once_with_its_s3_url_whatever_the_order(dome_c):
+    records = [g.umm for g in dome_c]
+    reference = catalog_from_records(records, cycle=CYCLE)
+    listed_twice = dome_c[3].umm
+    for extra in (https_only(listed_twice, "NSIDC_ECS"), listed_twice):
+        for order in (records + [extra], [extra] + records, records[3:] + [extra] + records[:3]):
+            catalog = catalog_from_records(order, cycle=CYCLE)
+            assert catalog.fingerprint == reference.fingerprint
+            assert catalog.report == ()
+            assert catalog.metadata["counts"]["duplicates"] == 1
+
+
+def test_a_duplicate_record_from_cmr_pages_is_gridded_once(dome_c, fake_cmr):
+    records = [g.umm for g in dome_c]
+    listed_twice = dome_c[7].umm
+    fake_cmr.items = [https_only(listed_twice)] + records + [copy.deepcopy(listed_twice)]
+    fake_cmr.page_limit = 5  # the three records of one granule on three pages
+    catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+    assert granule_lists(catalog) == granule_lists(catalog_from_records(records, cycle=CYCLE))
+    assert catalog.metadata["counts"]["duplicates"] == 2 and catalog.report == ()
+    for cell in catalog.parents:
+        urls = catalog.urls(cell)
+        assert len(urls) == len(set(urls)) and all(u.startswith("s3://") for u in urls)
+
+
+def test_one_file_under_two_names_is_listed_once(dome_c):
+    """A record whose name is not the file's (another id for the same s3 object)."""
+    records = [g.umm for g in dome_c]
+    alias = copy.deepcopy(dome_c[2].umm)
+    alias["umm"]["GranuleUR"] = alias["meta"]["native-id"] = "SC:ATL06.007:276351244"
+    for order in (records + [alias], [alias] + records):
+        catalog = catalog_from_records(order)  # a date-range catalog: no cycle filter
+        assert catalog.fingerprint == catalog_from_records(records).fingerprint
+        assert catalog.metadata["counts"]["duplicates"] == 1
+
+
+def test_a_record_whose_name_is_a_path_is_reported_not_catalogued(dome_c):
+    sneaky = copy.deepcopy(dome_c[1].umm)
+    sneaky["umm"]["GranuleUR"] = "../../" + dome_c[1].name
+    catalog = catalog_from_records([g.umm for g in dome_c[2:]] + [sneaky], cycle=CYCLE)
+    assert [(r.name, r.problem) for r in catalog.report] == [
+        (sneaky["umm"]["GranuleUR"], "unrecognised_name")
+    ]
+    assert catalog.granule_count == 10
+
+
+@pytest.mark.parametrize("url", ["/etc/passwd", "file:///etc/passwd", "s3://bucket-only"])
+def test_a_record_whose_direct_access_url_is_not_s3_is_reported(dome_c, url):
+    record = copy.deepcopy(dome_c[4].umm)
+    for link in record["umm"]["RelatedUrls"]:
+        if link["Type"] == "GET DATA VIA DIRECT ACCESS":
+            link["URL"] = url
+    catalog = catalog_from_records([g.umm for g in dome_c[5:]] + [record], cycle=CYCLE)
+    assert [(r.name, r.problem) for r in catalog.report] == [(dome_c[4].name, "no_s3_url")]
+    assert catalog.granule_count == 7
+
+
+def test_a_short_cmr_page_no_longer_shortens_the_catalog(dome_c, fake_cmr):
+    fake_cmr.items = [g.umm for g in dome_c[:6]]
+    fake_cmr.page_limit = 4  # was: 4 of 6 granules, silently
+    catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+    assert catalog.granule_count == 6
+    fake_cmr.unserved_hits = 1
+    with pytest.raises(CmrError, match="CMR-Hits says 7 granules but 6 were received"):
+        build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+
+
+# --- what a catalog file may hold -----------------------------------------------------
+
+
+@pytest.fixture
+def clean(dome_c):
+    return catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+
+
+def write_cells(tmp_path, catalog, cells, parent_order=ORDER):
+    """A catalog file with these cells and a fingerprint that matches them."""
+    metadata = {**catalog.metadata, "parent_order": parent_order}
+    return Catalog(metadata=metadata, cells=cells).write(tmp_path / "edited.json")
+
+
+def busiest(catalog):
+    return max(catalog.cells, key=lambda c: len(catalog.cells[c]))
+
+
+def test_a_file_listing_a_granule_twice_in_a_cell_is_rejected(clean, tmp_path):
+    cell = busiest(clean)
+    first, second = clean.cells[cell][:2]
+    twice = {**clean.cells, cell: (first, first, second)}
+    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists granule '{first.name}' twice"):
+        load_catalog(write_cells(tmp_path, clean, twice))
+    renamed = replace(second, name="ATL06_copy.h5", s3=first.s3)
+    same_url = {**clean.cells, cell: (first, renamed)}
+    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists URL .* twice .*ATL06_copy"):
+        load_catalog(write_cells(tmp_path, clean, same_url))
+
+
+def test_a_file_with_two_revisions_of_one_acquisition_is_rejected(clean, tmp_path):
+    cell_a, cell_b = list(clean.cells)[:2]
+    granule = clean.cells[cell_a][0]
+    newer_name = granule.name.replace("_01.h5", "_02.h5")
+    newer = replace(granule, name=newer_name, s3=granule.s3.replace("_01.h5", "_02.h5"))
+    cells = {**clean.cells, cell_b: (*clean.cells[cell_b], newer)}
+    with pytest.raises(CatalogError) as info:
+        load_catalog(write_cells(tmp_path, clean, cells))
+    message = str(info.value)
+    assert f"cells[{cell_b}] granule {newer_name!r}" in message
+    assert f"cells[{cell_a}] granule {granule.name!r}" in message
+    assert "two revisions of one acquisition" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("s3", "/etc/passwd", "s3 URL '/etc/passwd' is not s3://bucket/key"),
+        ("s3", "file:///etc/passwd", "s3 URL 'file:///etc/passwd' is not s3://"),
+        ("s3", "https://data.nsidc.earthdatacloud.nasa.gov/x.h5", "s3 URL 'https://"),
+        ("s3", "s3://bucket-only", "is not s3://bucket/key"),
+        ("s3", "s3:///no-bucket.h5", "is not s3://bucket/key"),
+        ("https", "file:///etc/passwd", "https URL 'file:///etc/passwd' is not https://"),
+        ("https", "http://data.nsidc.earthdatacloud.nasa.gov/x.h5", "https URL 'http://"),
+        ("https", "/etc/passwd", "https URL '/etc/passwd'"),
+        ("name", "../../etc/passwd", "granule name '../../etc/passwd' is not a plain file name"),
+        ("name", "sub/x.h5", "granule name 'sub/x.h5' is not a plain file name"),
+    ],
+)
+def test_a_file_pointing_a_worker_anywhere_but_s3_is_rejected(
+    clean, tmp_path, field, value, message
+):
+    cell = busiest(clean)
+    bad = replace(clean.cells[cell][1], **{field: value})
+    cells = {**clean.cells, cell: (clean.cells[cell][0], bad, *clean.cells[cell][2:])}
+    with pytest.raises(CatalogError) as info:
+        load_catalog(write_cells(tmp_path, clean, cells))
+    text = str(info.value)
+    assert f"cells[{cell}]" in text and message in text
+    if field != "name":
+        assert repr(bad.name) in text
+
+
+def order6(lat=-75.0, lon=123.0, order=ORDER) -> int:
+    return int(parent_of(point_morton(np.array([lat]), np.array([lon]), 18), order)[0])
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (order6(order=7), "is a morton word of order 7, not of order 6"),
+        (order6(order=5), "is a morton word of order 5, not of order 6"),
+        (12345, "is not a morton word"),
+        (0, "is not a morton word"),
+        (2**64 - 1, "is not a morton word"),
+        (order6() | 1 << 20, f"is not a canonical morton word (the cell's word is {order6()})"),
+        ((order6() & ~0x3F) | 48, "is a morton word of order 29"),  # a point, not a cell
+    ],
+)
+def test_a_cell_key_that_is_no_word_of_the_parent_order_is_rejected(clean, tmp_path, key, reason):
+    cells = dict(clean.cells)
+    cells[key] = cells.pop(busiest(clean))
+    with pytest.raises(CatalogError, match=re.escape(f"cell key {key} {reason}")):
+        load_catalog(write_cells(tmp_path, clean, dict(sorted(cells.items()))))
+
+
+def test_a_file_whose_words_are_of_its_own_order_loads(clean, tmp_path):
+    """The order the words are checked at is the file's parent_order, not always 6."""
+    cells = {order6(order=7): clean.cells[busiest(clean)]}
+    loaded = load_catalog(write_cells(tmp_path, clean, cells, parent_order=7))
+    assert list(loaded.cells) == [order6(order=7)]
+    with pytest.raises(CatalogError, match="metadata.parent_order must be an integer"):
+        load_catalog(write_cells(tmp_path, clean, cells, parent_order=None))

@@ -60,6 +60,53 @@ def test_pages_over_more_than_2000_granules_with_search_after(fake_cmr):
     assert dict(pages[0].params)["page_size"] == "2000"
 
 
+def test_short_pages_mid_result_do_not_end_the_query(fake_cmr):
+    # CMR serves 4 records although 2,000 were asked for, then the other 2:
+    # earthaccess's get_all() stopped after the first page (4 of 6).
+    fake_cmr.items = items(6)
+    fake_cmr.page_limit = 4
+    found = search_granules(search(), url=fake_cmr.url, retry=FAST)
+    assert [g["umm"]["GranuleUR"] for g in found] == [granule_name(i) for i in range(6)]
+    pages = fake_cmr.search_requests()
+    assert [dict(p.params)["page_size"] for p in pages] == ["2000", "2000"]
+    assert pages[0].search_after is None and pages[1].search_after is not None
+
+
+def test_many_short_pages_each_followed_by_its_token(fake_cmr):
+    fake_cmr.items = items(23)
+    fake_cmr.page_limit = 5
+    found = search_granules(search(), url=fake_cmr.url, retry=FAST)
+    assert [g["umm"]["GranuleUR"] for g in found] == [granule_name(i) for i in range(23)]
+    tokens = [p.search_after for p in fake_cmr.search_requests()]
+    assert len(tokens) == 5 and len(set(tokens)) == 5  # every page asked once, none twice
+
+
+@pytest.mark.parametrize("page_limit", [None, 3])
+def test_fewer_records_than_cmr_hits_is_an_error(fake_cmr, page_limit):
+    fake_cmr.items = items(6)
+    fake_cmr.page_limit = page_limit
+    fake_cmr.unserved_hits = 2  # CMR counts 8 but only ever serves 6
+    with pytest.raises(CmrError) as info:
+        search_granules(search(), url=fake_cmr.url, retry=FAST)
+    message = str(info.value)
+    assert "CMR-Hits says 8 granules but 6 were received" in message
+    assert f"CMR granule search at {fake_cmr.url}" in message
+    assert "short_name=ATL06 version=007 provider=NSIDC_CPRD" in message
+
+
+def test_an_answer_without_cmr_hits_is_an_error(fake_cmr, monkeypatch):
+    fake_cmr.items = items(2)
+    real_search = fake_cmr._search
+
+    def without_hits(params, token):
+        status, body, headers = real_search(params, token)
+        return status, body, {k: v for k, v in headers.items() if k != "CMR-Hits"}
+
+    monkeypatch.setattr(fake_cmr, "_search", without_hits)
+    with pytest.raises(CmrError, match="not a UMM-JSON page \\(CMR-Hits header is None\\)"):
+        search_granules(search(), url=fake_cmr.url, retry=FAST)
+
+
 def test_query_parameters_reach_cmr(fake_cmr):
     fake_cmr.items = items(3)
     search_granules(
@@ -102,14 +149,14 @@ def test_empty_result_is_an_empty_list(fake_cmr):
 
 def test_retries_429_and_500_during_paging(fake_cmr):
     fake_cmr.items = items(2345)
-    fake_cmr.inject(Fault(status=429, retry_after=0), times=2)  # the hits request
-    fake_cmr.inject(Fault(status=500), times=1, after=4)  # hits, page 1, then page 2 fails once
+    fake_cmr.inject(Fault(status=429, retry_after=0), times=2)  # page 1, twice
+    fake_cmr.inject(Fault(status=500), times=1, after=3)  # page 1 served, then page 2 fails once
     found = search_granules(search(), url=fake_cmr.url, retry=FAST)
     assert len({g["umm"]["GranuleUR"] for g in found}) == len(found) == 2345
     answered = [r.answered for r in fake_cmr.requests]
-    assert answered == [429, 429, 200, 200, 500, 200]
+    assert answered == [429, 429, 200, 500, 200]
     # The retried page asked for the same search-after position.
-    assert fake_cmr.requests[4].search_after == fake_cmr.requests[5].search_after is not None
+    assert fake_cmr.requests[3].search_after == fake_cmr.requests[4].search_after is not None
 
 
 def test_honours_retry_after(fake_cmr):
@@ -129,7 +176,7 @@ def test_retries_dropped_connections_and_stalls(fake_cmr):
     started = time.monotonic()
     assert len(search_granules(search(), url=fake_cmr.url, retry=policy)) == 10
     assert time.monotonic() - started < 1.4  # the stalled request was abandoned at the timeout
-    assert [r.fault for r in fake_cmr.requests] == [drop, stall, None, None]
+    assert [r.fault for r in fake_cmr.requests] == [drop, stall, None]
 
 
 def test_hard_failure_after_retry_budget(fake_cmr):

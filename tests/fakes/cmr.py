@@ -14,6 +14,12 @@ python-cmr/earthaccess run unchanged with only the base URL swapped:
 - errors as CMR returns them: ``{"errors": [...]}`` with 400 for bad
   parameters.
 
+Two departures from a perfect CMR can be switched on, both seen from the
+real one: short pages in the middle of a result (``page_limit``: fewer
+records than ``page_size`` asked, still with a token, and the pages after
+it), and a ``CMR-Hits`` count larger than what is ever served
+(``unserved_hits``).
+
 Spatial filtering keeps a granule when a footprint vertex lies in the box, a
 stand-in for CMR's exact spherical intersection that is good enough for
 region-sized boxes. Faults can be injected per request: an HTTP status (429
@@ -65,6 +71,10 @@ class FakeCmr:
     """Serves ``items`` (UMM-G search items) on ``http://127.0.0.1:<port>/search/``."""
 
     items: list[dict[str, Any]] = field(default_factory=list)
+    page_limit: int | None = None
+    """Serve at most this many records per page, whatever ``page_size`` asks."""
+    unserved_hits: int = 0
+    """Records counted in ``CMR-Hits`` that no page ever serves."""
     requests: list[SeenRequest] = field(default_factory=list)
     _faults: dict[int, Fault] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -171,16 +181,18 @@ class FakeCmr:
                     raise ValueError
             except (ValueError, TypeError, IndexError, KeyError) as exc:
                 raise ValueError(f"Invalid CMR-Search-After header value: {token}") from exc
-        page = matches[start : start + page_size]
+        served = page_size if self.page_limit is None else min(page_size, self.page_limit)
+        page = matches[start : start + served]
+        hits = len(matches) + self.unserved_hits
         headers = {
-            "CMR-Hits": str(len(matches)),
+            "CMR-Hits": str(hits),
             "CMR-Took": str(int((time.perf_counter() - started) * 1000)),
             "CMR-Request-Id": str(uuid.uuid4()),
         }
         if page:
             last = start + len(page) - 1
             headers["CMR-Search-After"] = json.dumps([page[-1]["umm"]["GranuleUR"], last])
-        return 200, {"hits": len(matches), "took": int(headers["CMR-Took"]), "items": page}, headers
+        return 200, {"hits": hits, "took": int(headers["CMR-Took"]), "items": page}, headers
 
 
 def umm_item(
@@ -233,6 +245,21 @@ def umm_item(
             ],
         },
     }
+
+
+def revision_of(item: dict[str, Any], revision: str) -> dict[str, Any]:
+    """The record of another revision (``"02"``…) of the same acquisition as ``item``.
+
+    Name, native id and URLs end in the new revision; the concept id is the
+    new record's own, as CMR gives each revision.
+    """
+    old = item["umm"]["GranuleUR"]
+    new = f"{old[: -len('01.h5')]}{revision}.h5"
+    record = json.loads(json.dumps(item).replace(old, new))
+    record["meta"]["concept-id"] = (
+        f"G{zlib.crc32(new.encode()):010d}-{record['meta']['provider-id']}"
+    )
+    return record
 
 
 def _matches(item: dict[str, Any], params: list[tuple[str, str]]) -> bool:
