@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import httpx
 from prefect import task
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
@@ -69,12 +70,24 @@ def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only failures that may succeed next time."""
+    """Prefect retry condition: retry only failures that may succeed next time.
+
+    Besides the cell's own transient failures, a Prefect API that is busy
+    (5xx, 429, a dropped connection) while an ECS child run is started or
+    polled says nothing about the cell.
+    """
     try:
         state.result()
     except Exception as exc:  # the failure we are classifying
-        return is_transient(exc) or is_retryable(exc)
+        return is_transient(exc) or is_retryable(exc) or _api_busy(exc)
     return False
+
+
+def _api_busy(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return status == 429 or status >= 500
+    return isinstance(exc, httpx.TransportError)
 
 
 def fresh(credentials: Credentials | None) -> S3Credentials | None:
