@@ -17,6 +17,10 @@ exact ranges and keeps small lines for metadata: on the demo sample the
 bytes fetched are 1.11–1.26x the compressed chunks read (DESIGN §6 asks for
 <= 1.5x; 8 KiB lines gave up to 1.45x, 4 MiB lines 1.9x), at the cost of
 one request per chunk and ~10 % more requests than 8 KiB lines.
+
+:class:`ExactH5Coro` also checks the superblock itself, so that a file h5coro
+cannot open is refused by name (:class:`NotHDF5Error`,
+:class:`UnsupportedFormatError`) rather than by whatever h5coro trips over.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ CACHE_LINE_BYTES = 4 * 1024
 """Line size for metadata reads: HDF5 headers and B-tree nodes are a few hundred bytes."""
 EXACT_READ_BYTES = 1024
 """Requests at least this large (chunks) bypass the line cache and fetch exactly."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+SUPERBLOCK_HEAD = (0, len(HDF5_SIGNATURE) + 1)
+"""``(offset, size)`` of h5coro's first read: the signature and the superblock version."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,18 @@ class TruncatedFileError(EOFError):
     """
 
 
+class NotHDF5Error(ValueError):
+    """A file that does not start with the HDF5 signature."""
+
+
+class UnsupportedFormatError(ValueError):
+    """An HDF5 structure this reader does not decode; the message names the structure only.
+
+    Messages are built from numbers we parse ourselves, never from the
+    file's bytes: a reason must not carry file content into results or logs.
+    """
+
+
 class ExactH5Coro(H5Coro):
     """An ``H5Coro`` whose large reads skip the line cache and whose short reads fail.
 
@@ -115,6 +134,9 @@ class ExactH5Coro(H5Coro):
     its link-name scanner then loops forever on empty reads, growing a list
     until memory runs out. Every request is therefore checked here, and
     answered as a ``memoryview`` as h5coro expects.
+
+    The superblock's first bytes are checked here too (see
+    :func:`_superblock_head`), before h5coro parses them.
     """
 
     def ioRequest(self, pos: int, size: int, caching: bool = True, prefetch: bool = False) -> Any:
@@ -132,9 +154,43 @@ class ExactH5Coro(H5Coro):
             data = super().ioRequest(pos, size, caching=caching, prefetch=prefetch)
         if data is not None and len(data) < size:
             raise TruncatedFileError(f"needed {size} bytes at offset {pos}, the file ends sooner")
+        if (pos, size) == SUPERBLOCK_HEAD:
+            data = _superblock_head(bytes(data))
         # h5coro calls ``.tobytes()`` on what it reads, which ``bytes`` lacks: its own
         # cache returns ``bytes`` when a read straddles two lines (e.g. a link name).
         return memoryview(data) if isinstance(data, bytes) else data
+
+
+def _superblock_head(head: bytes) -> bytes:
+    """The signature and superblock version as h5coro may parse them, or a named refusal.
+
+    h5coro parses superblock versions 0 and 2. Version 3 (``libver="v110"``
+    or ``"latest"``) lays out its fields exactly as version 2 and differs
+    only in the meaning of the file-consistency flags, which concern writers
+    (SWMR) and which h5coro does not read (HDF5 file format specification,
+    "Superblock" / "Version 3"): it is handed to h5coro as version 2, so that
+    such a file is read as far as h5coro can -- its groups and contiguous
+    datasets -- and a chunked dataset is refused by its chunk index type
+    (:mod:`magg_core.h5chunks`) instead of the whole file by its superblock.
+
+    Raises
+    ------
+    NotHDF5Error
+        If the file does not start with the HDF5 signature (HDF5 also allows
+        it after a user block at 512, 1024, ... bytes; h5coro does not, and
+        ATL06 granules have none).
+    UnsupportedFormatError
+        For superblock versions other than 0, 2 and 3 (version 1 is written
+        when non-default B-tree widths are set).
+    """
+    if head[: len(HDF5_SIGNATURE)] != HDF5_SIGNATURE:
+        raise NotHDF5Error("no HDF5 signature at the start of the file")
+    version = head[len(HDF5_SIGNATURE)]
+    if version == 3:
+        return HDF5_SIGNATURE + bytes([2])
+    if version not in (0, 2):
+        raise UnsupportedFormatError(f"superblock version {version}")
+    return head
 
 
 @lru_cache(maxsize=32)
