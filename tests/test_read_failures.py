@@ -48,6 +48,12 @@ def sample(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bucket(moto_server):
+    moto_server.create_bucket(BUCKET)
+    return moto_server
+
+
+@pytest.fixture(scope="module")
 def parent(sample):
     """The parent where granule 0's gt1l has the most good points."""
     points = oracle.good_points([sample[0].path])
@@ -121,12 +127,16 @@ def test_new_chunk_indexes_are_an_unsupported_format_named_by_type(
     )
 
 
-def test_superblock_3_itself_is_read(sample, parent, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_superblock_3_itself_is_read(sample, parent, bucket, tmp_path, where):
     """libver="latest" without chunking: superblock 3, object header v2, contiguous data."""
     path = rewritten(sample[0].path, tmp_path / sample[0].name, libver="latest")
     assert path.read_bytes()[8] == 3
+    [url] = bucket.upload_dir(tmp_path, BUCKET, "sb3") if where == "s3" else [str(path)]
     points = oracle.points_in_parent(oracle.good_points([path]), parent)
-    got = read_granule(str(path), parent, CONFIG)
+    got = read_granule(
+        url, parent, CONFIG, credentials=bucket.credentials, endpoint=bucket.endpoint
+    )
     assert len(got) == len(points) > 0
     np.testing.assert_array_equal(np.sort(got.columns["h_li"]), np.sort(points["h_li"]))
 
@@ -270,11 +280,10 @@ def damaged_copies(granule, directory: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.fixture(scope="module")
-def damaged(sample, moto_server, tmp_path_factory):
+def damaged(sample, bucket, tmp_path_factory):
     directory = tmp_path_factory.mktemp("damaged")
     cases = damaged_copies(sample[0], directory)
-    moto_server.create_bucket(BUCKET)
-    moto_server.upload_dir(directory, BUCKET, "damaged")
+    bucket.upload_dir(directory, BUCKET, "damaged")
     return cases
 
 
