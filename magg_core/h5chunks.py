@@ -18,13 +18,21 @@ A whole coordinate is then one request instead of fifteen, and the bytes
 fetched are exactly the chunks' stored bytes.
 
 Only what ATL06 uses is supported: 1-D integer or float datasets of either
-byte order, chunked with optional shuffle + deflate and a version-1 B-tree
-chunk index (or contiguous/compact, read as one uncompressed "chunk"). A
-dataset with zero rows, or never written, has no chunks at all: its index
-address is HDF5's undefined address and every row holds the fill value.
-Anything else raises :class:`UnsupportedDatasetError`, naming the structure,
-rather than returning wrong numbers. Damage this module detects raises
-:class:`CorruptFileError`. Neither message carries bytes of the file.
+byte order, chunked with optional shuffle + deflate (or contiguous/compact,
+read as one uncompressed "chunk"). A dataset with zero rows, or never
+written, has no chunks at all: its index address is HDF5's undefined address
+and every row holds the fill value. Anything else raises
+:class:`UnsupportedDatasetError`, naming the structure, rather than returning
+wrong numbers. Damage this module detects raises :class:`CorruptFileError`.
+Neither message carries bytes of the file.
+
+Chunk indexes: h5coro walks none, and version-1 B-trees (all that superblock
+v0/v2 files have, NSIDC's included) are walked here. The indexes of layout
+messages version 4 and 5 (written with ``libver="v110"`` or later: fixed and
+extensible arrays, version-2 B-trees, single and implicit chunks) are walked
+by HDF5 itself through h5py (:func:`_index_by_hdf5`), reading through the
+same driver; fetching and decoding chunks stays here. Where h5py is absent
+(the Lambda layer) such a dataset is refused by its chunk index type.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from h5coro.h5coro import H5Coro
 from h5coro.h5dataset import H5Dataset
 from h5coro.h5metadata import H5Metadata
 
-from magg_core.h5driver import TruncatedFileError, UnsupportedFormatError
+from magg_core.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
 
 COMPACT, CONTIGUOUS, CHUNKED = 0, 1, 2
 """HDF5's data layout classes, as h5coro reports them."""
@@ -65,6 +73,10 @@ followed by the child address it bounds (offset size 8, as h5py and NSIDC write)
 
 class UnsupportedDatasetError(UnsupportedFormatError):
     """A dataset stored in a way this reader does not decode (it says which)."""
+
+
+class ChunkIndexError(UnsupportedDatasetError):
+    """A chunk index of data layout message version 4 or 5, which h5coro cannot walk."""
 
 
 class CorruptFileError(ValueError):
@@ -97,7 +109,7 @@ class _Dataset(H5Dataset):
             at = self.pos + 5 + head[1] * head[2]
             kind = bytes(self.resourceObject.ioRequest(at, 1))[0]
             name = CHUNK_INDEX_TYPES.get(kind, f"type {kind}")
-            raise UnsupportedDatasetError(f"{self.dataset}: chunk index type: {name}")
+            raise ChunkIndexError(f"{self.dataset}: chunk index type: {name}")
         if version != 3:
             raise UnsupportedDatasetError(f"{self.dataset}: data layout version {version}")
         return super().datalayoutMsgHandler(msg_size, obj_hdr_flags, dlvl)
@@ -133,7 +145,10 @@ def index_column(h5: H5Coro, path: str) -> Column | None:
     Costs the object header (usually shared with its neighbours' in
     h5coro's metadata cache) and one B-tree node per 64 chunks.
     """
-    meta = _Dataset(h5, path, earlyExit=True, metaOnly=True, enableAttributes=False).meta
+    try:
+        meta = _Dataset(h5, path, earlyExit=True, metaOnly=True, enableAttributes=False).meta
+    except ChunkIndexError as refusal:
+        return _index_by_hdf5(h5, path, refusal)
     if meta.typeSize == 0:
         return None
     try:
@@ -173,6 +188,51 @@ def index_column(h5: H5Coro, path: str) -> Column | None:
         deflate=H5Metadata.DEFLATE_FILTER in filters,
         shuffle=H5Metadata.SHUFFLE_FILTER in filters,
         fill=fill,
+    )
+
+
+def _index_by_hdf5(h5: ExactH5Coro, path: str, refusal: ChunkIndexError) -> Column:
+    """The chunk index of ``path`` as HDF5 itself walks it (layout message version 4 or 5).
+
+    HDF5 reads the file through :meth:`ExactH5Coro.hdf5`, i.e. the same
+    driver (its bytes are counted); it lists the chunks in one pass
+    (``H5Dchunk_iter``, HDF5 >= 1.14), and the chunks are then fetched and
+    decoded by :func:`read_spans` like any other.
+
+    Raises
+    ------
+    ChunkIndexError
+        ``refusal``, where h5py is not installed.
+    UnsupportedDatasetError
+        For what :func:`index_column` refuses too.
+    """
+    try:
+        dset = h5.hdf5()[path]
+    except ImportError:
+        raise refusal from None
+    if dset.dtype.kind not in "iuf" or dset.ndim != 1:
+        raise UnsupportedDatasetError(f"{path}: only 1-D integer or float datasets are read")
+    plist = dset.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    if filters - _SUPPORTED_FILTERS:
+        raise UnsupportedDatasetError(f"{path}: unsupported HDF5 filter(s) {sorted(filters)}")
+    stored = []
+    dset.id.chunk_iter(stored.append)
+    if any(info.filter_mask for info in stored):
+        raise UnsupportedDatasetError(f"{path}: chunks with skipped filters")
+    chunks = sorted(
+        (Chunk(i.chunk_offset[0], i.byte_offset - h5.baseAddress, i.size) for i in stored),
+        key=lambda c: c.first_row,
+    )
+    return Column(
+        path=path,
+        dtype=dset.dtype,
+        n_rows=dset.shape[0],
+        chunk_rows=dset.chunks[0],
+        chunks=tuple(chunks),
+        deflate=H5Metadata.DEFLATE_FILTER in filters,
+        shuffle=H5Metadata.SHUFFLE_FILTER in filters,
+        fill=dset.dtype.type(dset.fillvalue),
     )
 
 

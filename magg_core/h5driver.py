@@ -20,11 +20,15 @@ one request per chunk and ~10 % more requests than 8 KiB lines.
 
 :class:`ExactH5Coro` also checks the superblock itself, so that a file h5coro
 cannot open is refused by name (:class:`NotHDF5Error`,
-:class:`UnsupportedFormatError`) rather than by whatever h5coro trips over.
+:class:`UnsupportedFormatError`) rather than by whatever h5coro trips over;
+and it opens the file with HDF5 itself (h5py, through :class:`DriverFile`)
+for the few structures h5coro cannot walk (see :mod:`magg_core.h5chunks`).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,6 +88,10 @@ class ObstoreDriver:
             self.requests += 1
         return data
 
+    def size(self) -> int:
+        """The object's length in bytes (one HEAD request)."""
+        return int(obstore.head(self._store, self._key)["size"])
+
     def close(self) -> None:
         """Nothing to release: the store is shared and outlives this file."""
 
@@ -102,6 +110,10 @@ class CountingFileDriver(FileDriver):
             self.bytes_fetched += len(data)
             self.requests += 1
         return data
+
+    def size(self) -> int:
+        """The file's length in bytes."""
+        return os.fstat(self.f.fileno()).st_size
 
 
 class UnsupportedURLError(ValueError):
@@ -127,6 +139,63 @@ class UnsupportedFormatError(ValueError):
     """
 
 
+class DriverFile(io.RawIOBase):
+    """A granule as a read-only file object over its h5coro driver, for HDF5 itself (h5py).
+
+    HDF5 reads its metadata a few bytes at a time; reads are served from
+    aligned blocks of ``BLOCK_BYTES`` fetched once, as h5coro's lines are, so
+    that a structure HDF5 walks costs a few ranged requests, counted by the
+    driver like every other read.
+    """
+
+    BLOCK_BYTES = 64 * 1024
+
+    def __init__(self, driver: Any):
+        super().__init__()
+        self._driver = driver
+        self._size = driver.size()
+        self._blocks: dict[int, bytes] = {}
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = start + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        size = max(0, min(len(out), self._size - self._pos))
+        done = 0
+        while done < size:
+            block = (self._pos + done) // self.BLOCK_BYTES
+            data = self._block(block)
+            at = self._pos + done - block * self.BLOCK_BYTES
+            n = min(size - done, len(data) - at)
+            out[done : done + n] = data[at : at + n]
+            done += n
+        self._pos += size
+        return size
+
+    def _block(self, block: int) -> bytes:
+        if block not in self._blocks:
+            start = block * self.BLOCK_BYTES
+            length = min(self.BLOCK_BYTES, self._size - start)
+            data = bytes(self._driver.read(start, length))
+            if len(data) < length:
+                raise TruncatedFileError(f"needed {length} bytes at offset {start}")
+            self._blocks[block] = data
+        return self._blocks[block]
+
+
 class ExactH5Coro(H5Coro):
     """An ``H5Coro`` whose large reads skip the line cache and whose short reads fail.
 
@@ -136,8 +205,35 @@ class ExactH5Coro(H5Coro):
     answered as a ``memoryview`` as h5coro expects.
 
     The superblock's first bytes are checked here too (see
-    :func:`_superblock_head`), before h5coro parses them.
+    :func:`_superblock_head`), before h5coro parses them. And :meth:`hdf5`
+    opens the same file with HDF5 itself, for the structures only it walks.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._hdf5: Any = None
+        self._hdf5_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def hdf5(self) -> Any:
+        """The file opened by HDF5 itself (an ``h5py.File``) through this driver, once.
+
+        Raises
+        ------
+        ImportError
+            Where h5py is not installed (the Lambda layer leaves it out).
+        """
+        with self._hdf5_lock:
+            if self._hdf5 is None:
+                import h5py
+
+                self._hdf5 = h5py.File(DriverFile(self.driver), "r")
+            return self._hdf5
+
+    def close(self) -> None:
+        with self._hdf5_lock:
+            if self._hdf5 is not None:
+                self._hdf5.close()
+        super().close()
 
     def ioRequest(self, pos: int, size: int, caching: bool = True, prefetch: bool = False) -> Any:
         if caching and size < EXACT_READ_BYTES:
@@ -169,9 +265,8 @@ def _superblock_head(head: bytes) -> bytes:
     only in the meaning of the file-consistency flags, which concern writers
     (SWMR) and which h5coro does not read (HDF5 file format specification,
     "Superblock" / "Version 3"): it is handed to h5coro as version 2, so that
-    such a file is read as far as h5coro can -- its groups and contiguous
-    datasets -- and a chunked dataset is refused by its chunk index type
-    (:mod:`magg_core.h5chunks`) instead of the whole file by its superblock.
+    such a file's groups and contiguous datasets are read by h5coro, and its
+    chunk indexes (layout version 4 and 5) by HDF5 (:mod:`magg_core.h5chunks`).
 
     Raises
     ------

@@ -1,9 +1,10 @@
-"""Granules the reader cannot read: refused by name, in our words, never quoting the file.
+"""Granules h5coro cannot read: read another way, or refused by name, never quoting the file.
 
-- HDF5 structures h5coro does not decode (the new chunk indexes that
-  ``libver="v110"``/``"latest"`` write, superblock versions it lacks, filters
-  it lacks) are "unsupported format (<structure>)", not "corrupt"; what can
-  be read cheaply in such files (superblock 3 itself, big-endian values) is.
+- Files written with ``libver="v110"``/``"latest"`` (superblock 3, the new
+  chunk indexes) and big-endian values are read, equal to the h5py oracle.
+- Structures nothing here decodes (superblock and layout versions, filters,
+  2-D datasets; the new chunk indexes where h5py is absent) are
+  "unsupported format (<structure>)", not "corrupt".
 - Damaged files (not HDF5, a corrupt deflate chunk, a damaged B-tree node,
   object header or symbol table, a truncated file) are reported without any
   byte of the file in the reason, the exception text or the logs.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,13 +115,43 @@ CHUNK_INDEXES = {
 }
 
 
-@pytest.mark.parametrize("structure", CHUNK_INDEXES)
-def test_new_chunk_indexes_are_an_unsupported_format_named_by_type(
-    sample, parent, tmp_path, structure
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("structure", ["extensible array", "fixed array", "single chunk"])
+def test_new_chunk_indexes_are_walked_by_hdf5_and_read(
+    sample, parent, bucket, tmp_path, structure, where
 ):
     libver, options = CHUNK_INDEXES[structure]
     path = rewritten(sample[0].path, tmp_path / sample[0].name, libver=libver, **options)
     assert path.read_bytes()[8] == 3, "these indexes come with superblock version 3"
+    [url] = bucket.upload_dir(tmp_path, BUCKET, f"index-{where}") if where == "s3" else [str(path)]
+    points = oracle.points_in_parent(oracle.good_points([path]), parent)
+    got = read_granule(
+        url, parent, CONFIG, credentials=bucket.credentials, endpoint=bucket.endpoint
+    )
+    assert len(got) == len(points) > 0
+    for name in ("h_li", "h_li_sigma"):
+        np.testing.assert_array_equal(np.sort(got.columns[name]), np.sort(points[name]))
+
+
+def test_a_version_2_b_tree_dataset_is_two_dimensional_and_refused(sample, parent, tmp_path):
+    """HDF5 uses a version-2 B-tree only for several unlimited dimensions: never 1-D."""
+    libver, options = CHUNK_INDEXES["version 2 B-tree"]
+    path = rewritten(sample[0].path, tmp_path / sample[0].name, libver=libver, **options)
+    error = fails(str(path), parent)
+    assert error.reason == (
+        "cannot read coordinates: unsupported format "
+        f"({SEGMENTS}/latitude: only 1-D integer or float datasets are read)"
+    )
+
+
+@pytest.mark.parametrize("structure", CHUNK_INDEXES)
+def test_without_h5py_new_chunk_indexes_are_refused_by_type(
+    sample, parent, tmp_path, monkeypatch, structure
+):
+    """As in the Lambda layer, which leaves h5py out."""
+    libver, options = CHUNK_INDEXES[structure]
+    path = rewritten(sample[0].path, tmp_path / sample[0].name, libver=libver, **options)
+    monkeypatch.setitem(sys.modules, "h5py", None)  # ``import h5py`` now raises ImportError
     error = fails(str(path), parent)
     assert error.reason == (
         "cannot read coordinates: unsupported format "
@@ -354,7 +386,8 @@ def test_a_cell_with_unreadable_granules_has_every_point_of_the_others(sample, t
     assert len(names) >= 3
     by_name = {g.name: g for g in sample}
     mixed = tmp_path / "mixed"
-    # one granule with an empty beam (read), one in an unsupported format, one damaged
+    # read: one granule with an empty beam, one written with libver="v110";
+    # refused: one with a filter nothing here decodes, one not HDF5 at all
     empty_beam = copy_of(by_name[names[0]], mixed)
     with h5py.File(empty_beam, "a") as f:
         group = f[SEGMENTS]
@@ -362,17 +395,20 @@ def test_a_cell_with_unreadable_granules_has_every_point_of_the_others(sample, t
             dtype = group[name].dtype
             del group[name]
             group.create_dataset(name, shape=(0,), dtype=dtype, maxshape=(None,), chunks=(100,))
-    unsupported = rewritten(
-        by_name[names[1]].path,
-        mixed / names[1],
-        libver="latest",
-        chunks=(10_000,),
-        maxshape=(None,),
+    v110 = rewritten(
+        by_name[names[1]].path, mixed / names[1], libver="v110", **CHUNK_INDEXES["fixed array"][1]
     )
+    unsupported = copy_of(by_name[names[0]], mixed, "ATL06_20240101000000_00012211_007_02.h5")
+    with h5py.File(unsupported, "a") as f:
+        for beam in (b for b in BEAMS if b in f):
+            dataset = f"{beam}/land_ice_segments/h_li"
+            data, chunks = f[dataset][:], f[dataset].chunks
+            del f[dataset]
+            f.create_dataset(dataset, data=data, chunks=chunks, fletcher32=True)
     not_hdf5 = mixed / "ATL06_20240101000000_00012211_007_01.h5"
     not_hdf5.write_bytes(CANARY * 100)
     good = [str(by_name[n].path) for n in names[2:]]
-    urls = (str(empty_beam), str(unsupported), str(not_hdf5), *good)
+    urls = (str(empty_beam), str(unsupported), str(v110), str(not_hdf5), *good)
 
     result = process_cell(replace(request, granule_urls=urls))
 
@@ -381,7 +417,7 @@ def test_a_cell_with_unreadable_granules_has_every_point_of_the_others(sample, t
     assert "unsupported format" in result.files_failed[0].reason
     assert "not an HDF5 file" in result.files_failed[1].reason
     assert CANARY.decode() not in repr(result)
-    expected = oracle.reference_statistics([empty_beam, *good])[request.parent_morton]
+    expected = oracle.reference_statistics([empty_beam, v110, *good])[request.parent_morton]
     n = CONFIG.output.children_per_parent
     chunk = slice(request.chunk_idx * n, (request.chunk_idx + 1) * n)
     group = zarr.open_group(store, path="12", mode="r")
