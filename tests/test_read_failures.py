@@ -183,8 +183,11 @@ def test_other_superblock_versions_are_an_unsupported_format(sample, parent, tmp
     assert error.reason == f"cannot open: unsupported format (superblock version {version})"
 
 
-def layout_message_offset(path: Path, dataset: str) -> int:
-    """File offset of the data layout message's body in ``dataset``'s version-1 object header.
+DATATYPE_MESSAGE, LAYOUT_MESSAGE = 0x0003, 0x0008
+
+
+def message_offset(path: Path, dataset: str, kind: int) -> int:
+    """File offset of the body of message ``kind`` in ``dataset``'s version-1 object header.
 
     Walked here from the HDF5 specification (16-byte header prefix, then
     messages of type (2 bytes), size (2), flags (1), reserved (3), body),
@@ -197,22 +200,34 @@ def layout_message_offset(path: Path, dataset: str) -> int:
     count = int.from_bytes(raw[address + 2 : address + 4], "little")
     at = address + 16
     for _ in range(count):
-        kind = int.from_bytes(raw[at : at + 2], "little")
         size = int.from_bytes(raw[at + 2 : at + 4], "little")
-        if kind == 0x0008:
+        if int.from_bytes(raw[at : at + 2], "little") == kind:
             return at + 8
         at += 8 + size
-    raise AssertionError("no data layout message in the first header block")
+    raise AssertionError(f"no message {kind} in the first header block")
 
 
 def test_old_data_layout_versions_are_an_unsupported_format(sample, parent, tmp_path):
     path = copy_of(sample[0], tmp_path)
-    at = layout_message_offset(path, f"{SEGMENTS}/h_li_sigma")
+    at = message_offset(path, f"{SEGMENTS}/h_li_sigma", LAYOUT_MESSAGE)
     assert path.read_bytes()[at] == 3
     overwrite(path, at, bytes([2]))  # HDF5 1.4/1.6's layout message
     error = fails(str(path), parent)
     assert error.reason == (
         f"cannot read variables: unsupported format ({SEGMENTS}/h_li_sigma: data layout version 2)"
+    )
+
+
+def test_vax_float_byte_order_is_an_unsupported_format(sample, parent, tmp_path):
+    path = copy_of(sample[0], tmp_path)
+    at = message_offset(path, f"{SEGMENTS}/h_li", DATATYPE_MESSAGE)
+    head = path.read_bytes()[at : at + 2]
+    assert head[0] & 0x0F == 1 and head[1] & 0x41 == 0, "a little-endian float"
+    overwrite(path, at + 1, bytes([head[1] | 0x41]))  # byte-order bits 0 and 6: VAX order
+    error = fails(str(path), parent)
+    assert error.reason == (
+        "cannot read variables: unsupported format "
+        f"({SEGMENTS}/h_li: VAX floating-point byte order)"
     )
 
 
