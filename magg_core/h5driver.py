@@ -189,10 +189,7 @@ class DriverFile(io.RawIOBase):
         if block not in self._blocks:
             start = block * self.BLOCK_BYTES
             length = min(self.BLOCK_BYTES, self._size - start)
-            data = bytes(self._driver.read(start, length))
-            if len(data) < length:
-                raise TruncatedFileError(f"needed {length} bytes at offset {start}")
-            self._blocks[block] = data
+            self._blocks[block] = bytes(self._driver.read(start, length))
         return self._blocks[block]
 
 
