@@ -205,11 +205,24 @@ def _index_by_hdf5(h5: ExactH5Coro, path: str, refusal: ChunkIndexError) -> Colu
         ``refusal``, where h5py is not installed.
     UnsupportedDatasetError
         For what :func:`index_column` refuses too.
+    CorruptFileError
+        If HDF5 cannot read the file's structure (h5py's plain ``OSError``;
+        the driver's own errors, which h5py passes through unchanged, keep
+        their type so that a dropped connection is still seen as transient).
     """
     try:
-        dset = h5.hdf5()[path]
+        return _hdf5_column(h5, path)
     except ImportError:
         raise refusal from None
+    except OSError as exc:
+        if type(exc) is not OSError:
+            raise
+        raise CorruptFileError(f"{path}: HDF5 cannot read the file (truncated or damaged)") from exc
+
+
+def _hdf5_column(h5: ExactH5Coro, path: str) -> Column:
+    """The :class:`Column` of ``path`` from HDF5's own reading of the dataset."""
+    dset = h5.hdf5()[path]
     if dset.dtype.kind not in "iuf" or dset.ndim != 1:
         raise UnsupportedDatasetError(f"{path}: only 1-D integer or float datasets are read")
     plist = dset.id.get_create_plist()

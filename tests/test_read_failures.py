@@ -133,6 +133,22 @@ def test_new_chunk_indexes_are_walked_by_hdf5_and_read(
         np.testing.assert_array_equal(np.sort(got.columns[name]), np.sort(points[name]))
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_truncated_v110_file_is_reported_as_truncated(sample, parent, bucket, tmp_path, where):
+    """Cut where h5coro still parses the groups and HDF5 itself finds the end missing."""
+    libver, options = CHUNK_INDEXES["fixed array"]
+    whole = rewritten(sample[0].path, tmp_path / "whole.h5", libver=libver, **options)
+    cut = tmp_path / "cut" / sample[0].name
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 19 // 20])
+    [url] = bucket.upload_dir(cut.parent, BUCKET, f"cut-{where}") if where == "s3" else [str(cut)]
+    error = fails(url, parent, bucket)
+    assert error.reason == (
+        "cannot read coordinates: corrupt HDF5 "
+        f"({SEGMENTS}/latitude: HDF5 cannot read the file (truncated or damaged))"
+    )
+
+
 def test_a_version_2_b_tree_dataset_is_two_dimensional_and_refused(sample, parent, tmp_path):
     """HDF5 uses a version-2 B-tree only for several unlimited dimensions: never 1-D."""
     libver, options = CHUNK_INDEXES["version 2 B-tree"]
