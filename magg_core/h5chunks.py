@@ -17,10 +17,22 @@ parses well (superblock, groups, object headers), but the data path is ours:
 A whole coordinate is then one request instead of fifteen, and the bytes
 fetched are exactly the chunks' stored bytes.
 
-Only what ATL06 uses is supported: 1-D integer or float datasets, chunked
-with optional shuffle + deflate (or contiguous/compact, read as one
-uncompressed "chunk"). Anything else raises :class:`UnsupportedDatasetError`
-rather than returning wrong numbers.
+Only what ATL06 uses is supported: 1-D integer or float datasets of either
+byte order, chunked with optional shuffle + deflate (or contiguous/compact,
+read as one uncompressed "chunk"). A dataset with zero rows, or never
+written, has no chunks at all: its index address is HDF5's undefined address
+and every row holds the fill value. Anything else raises
+:class:`UnsupportedDatasetError`, naming the structure, rather than returning
+wrong numbers. Damage this module detects raises :class:`CorruptFileError`.
+Neither message carries bytes of the file.
+
+Chunk indexes: h5coro walks none, and version-1 B-trees (all that superblock
+v0/v2 files have, NSIDC's included) are walked here. The indexes of layout
+messages version 4 and 5 (written with ``libver="v110"`` or later: fixed and
+extensible arrays, version-2 B-trees, single and implicit chunks) are walked
+by HDF5 itself through h5py (:func:`_index_by_hdf5`), reading through the
+same driver; fetching and decoding chunks stays here. Where h5py is absent
+(the Lambda layer) such a dataset is refused by its chunk index type.
 """
 
 from __future__ import annotations
@@ -34,10 +46,23 @@ from h5coro.h5coro import H5Coro
 from h5coro.h5dataset import H5Dataset
 from h5coro.h5metadata import H5Metadata
 
-from magg_core.h5driver import TruncatedFileError
+from magg_core.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
 
 COMPACT, CONTIGUOUS, CHUNKED = 0, 1, 2
 """HDF5's data layout classes, as h5coro reports them."""
+CHUNK_INDEX_TYPES = {
+    1: "single chunk",
+    2: "implicit",
+    3: "fixed array",
+    4: "extensible array",
+    5: "version 2 B-tree",
+}
+"""Chunk indexes of data layout messages version 4 and 5 (HDF5 file format
+specification, "Data Layout Message"), written when a file's low library
+bound is v110 or later; h5coro decodes only version 3's version-1 B-trees."""
+_BIG_ENDIAN_BIT, _VAX_ORDER_BIT = 0x100, 0x4000
+"""Byte-order bits of a fixed- or floating-point datatype's class bit field
+(bit 0, and bit 6 for floats), seen in the message's first little-endian word."""
 _SUPPORTED_FILTERS = {H5Metadata.DEFLATE_FILTER, H5Metadata.SHUFFLE_FILTER}
 _BTREE_ENTRY = np.dtype(
     [("size", "<u4"), ("mask", "<u4"), ("offset", "<u8"), ("zero", "<u8"), ("child", "<u8")]
@@ -46,8 +71,48 @@ _BTREE_ENTRY = np.dtype(
 followed by the child address it bounds (offset size 8, as h5py and NSIDC write)."""
 
 
-class UnsupportedDatasetError(ValueError):
+class UnsupportedDatasetError(UnsupportedFormatError):
     """A dataset stored in a way this reader does not decode (it says which)."""
+
+
+class ChunkIndexError(UnsupportedDatasetError):
+    """A chunk index of data layout message version 4 or 5, which h5coro cannot walk."""
+
+
+class CorruptFileError(ValueError):
+    """A dataset whose stored structure contradicts itself (it says where, not what bytes)."""
+
+
+class _Dataset(H5Dataset):
+    """h5coro's object-header parser, refusing by name what it would misread or reject blindly.
+
+    h5coro ignores a datatype's byte order (big-endian values would come back
+    byte-swapped) and rejects every data layout message but version 3 with a
+    generic error. Both messages are peeked at here before h5coro parses them.
+    """
+
+    def datatypeMsgHandler(self, msg_size, obj_hdr_flags, dlvl, meta=None):
+        if meta is None:  # the dataset's own type, not an attribute's
+            word = int.from_bytes(self.resourceObject.ioRequest(self.pos, 4), "little")
+            if word & 0x0F == H5Metadata.FLOATING_POINT_TYPE and word & _VAX_ORDER_BIT:
+                raise UnsupportedDatasetError(f"{self.dataset}: VAX floating-point byte order")
+            # Kept on the metadata, which h5coro caches per path, so a second
+            # lookup that skips this parser still knows the byte order.
+            self.meta.big_endian = bool(word & _BIG_ENDIAN_BIT)
+        return super().datatypeMsgHandler(msg_size, obj_hdr_flags, dlvl, meta)
+
+    def datalayoutMsgHandler(self, msg_size, obj_hdr_flags, dlvl):
+        version, layout = bytes(self.resourceObject.ioRequest(self.pos, 2))
+        if version >= 4 and layout == CHUNKED:
+            # flags, dimensionality, bytes per dimension size, the sizes, index type
+            head = bytes(self.resourceObject.ioRequest(self.pos + 2, 3))
+            at = self.pos + 5 + head[1] * head[2]
+            kind = bytes(self.resourceObject.ioRequest(at, 1))[0]
+            name = CHUNK_INDEX_TYPES.get(kind, f"type {kind}")
+            raise ChunkIndexError(f"{self.dataset}: chunk index type: {name}")
+        if version != 3:
+            raise UnsupportedDatasetError(f"{self.dataset}: data layout version {version}")
+        return super().datalayoutMsgHandler(msg_size, obj_hdr_flags, dlvl)
 
 
 @dataclass(frozen=True)
@@ -80,13 +145,18 @@ def index_column(h5: H5Coro, path: str) -> Column | None:
     Costs the object header (usually shared with its neighbours' in
     h5coro's metadata cache) and one B-tree node per 64 chunks.
     """
-    meta = H5Dataset(h5, path, earlyExit=True, metaOnly=True, enableAttributes=False).meta
+    try:
+        meta = _Dataset(h5, path, earlyExit=True, metaOnly=True, enableAttributes=False).meta
+    except ChunkIndexError as refusal:
+        return _index_by_hdf5(h5, path, refusal)
     if meta.typeSize == 0:
         return None
     try:
         dtype = np.dtype(H5Metadata.TO_NUMPY_TYPE[meta.type][meta.signedval][meta.typeSize])
     except KeyError:
         raise UnsupportedDatasetError(f"{path}: unsupported datatype") from None
+    if getattr(meta, "big_endian", False):
+        dtype = dtype.newbyteorder(">")
     if meta.ndims != 1:
         raise UnsupportedDatasetError(f"{path}: {meta.ndims}-D, only 1-D datasets are read")
     filters = {f for f, used in meta.filter.items() if used}
@@ -96,12 +166,16 @@ def index_column(h5: H5Coro, path: str) -> Column | None:
     if meta.fillsize == dtype.itemsize and meta.fillvalue is not None:
         fill = np.frombuffer(meta.fillvalue.to_bytes(meta.fillsize, "little"), dtype)[0]
     n_rows = int(meta.dimensions[0])
+    allocated = meta.address != _undefined_address(h5)
     if meta.layout == CHUNKED:
         chunk_rows = int(meta.chunkDimensions[0])
-        chunks = tuple(_btree_chunks(h5, path, meta.address, chunk_rows, n_rows))
+        chunks = (
+            tuple(_btree_chunks(h5, path, meta.address, chunk_rows, n_rows)) if allocated else ()
+        )
     elif meta.layout in (COMPACT, CONTIGUOUS):
         chunk_rows = max(n_rows, 1)
-        chunks = (Chunk(0, meta.address, n_rows * dtype.itemsize),) if n_rows else ()
+        stored = n_rows and allocated
+        chunks = (Chunk(0, meta.address, n_rows * dtype.itemsize),) if stored else ()
         filters = set()
     else:
         raise UnsupportedDatasetError(f"{path}: unsupported data layout {meta.layout}")
@@ -117,13 +191,83 @@ def index_column(h5: H5Coro, path: str) -> Column | None:
     )
 
 
-def _btree_chunks(h5: H5Coro, path: str, address: int, chunk_rows: int, n_rows: int) -> list:
-    """Every chunk below the B-tree node at ``address``, in row order."""
+def _index_by_hdf5(h5: ExactH5Coro, path: str, refusal: ChunkIndexError) -> Column:
+    """The chunk index of ``path`` as HDF5 itself walks it (layout message version 4 or 5).
+
+    HDF5 reads the file through :meth:`ExactH5Coro.hdf5`, i.e. the same
+    driver (its bytes are counted); it lists the chunks in one pass
+    (``H5Dchunk_iter``, HDF5 >= 1.14), and the chunks are then fetched and
+    decoded by :func:`read_spans` like any other.
+
+    Raises
+    ------
+    ChunkIndexError
+        ``refusal``, where h5py is not installed.
+    UnsupportedDatasetError
+        For what :func:`index_column` refuses too.
+    CorruptFileError
+        If HDF5 cannot read the file's structure (h5py's plain ``OSError``;
+        the driver's own errors, which h5py passes through unchanged, keep
+        their type so that a dropped connection is still seen as transient).
+    """
+    try:
+        return _hdf5_column(h5, path)
+    except ImportError:
+        raise refusal from None
+    except OSError as exc:
+        if type(exc) is not OSError:
+            raise
+        raise CorruptFileError(f"{path}: HDF5 cannot read the file (truncated or damaged)") from exc
+
+
+def _hdf5_column(h5: ExactH5Coro, path: str) -> Column:
+    """The :class:`Column` of ``path`` from HDF5's own reading of the dataset."""
+    dset = h5.hdf5()[path]
+    if dset.dtype.kind not in "iuf" or dset.ndim != 1:
+        raise UnsupportedDatasetError(f"{path}: only 1-D integer or float datasets are read")
+    plist = dset.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    if filters - _SUPPORTED_FILTERS:
+        raise UnsupportedDatasetError(f"{path}: unsupported HDF5 filter(s) {sorted(filters)}")
+    stored = []
+    dset.id.chunk_iter(stored.append)
+    if any(info.filter_mask for info in stored):
+        raise UnsupportedDatasetError(f"{path}: chunks with skipped filters")
+    chunks = sorted(
+        (Chunk(i.chunk_offset[0], i.byte_offset - h5.baseAddress, i.size) for i in stored),
+        key=lambda c: c.first_row,
+    )
+    return Column(
+        path=path,
+        dtype=dset.dtype,
+        n_rows=dset.shape[0],
+        chunk_rows=dset.chunks[0],
+        chunks=tuple(chunks),
+        deflate=H5Metadata.DEFLATE_FILTER in filters,
+        shuffle=H5Metadata.SHUFFLE_FILTER in filters,
+        fill=dset.dtype.type(dset.fillvalue),
+    )
+
+
+def _undefined_address(h5: H5Coro) -> int:
+    """HDF5's "undefined address" (all bits set): storage never allocated, e.g. zero rows."""
+    return 2 ** (8 * h5.offsetSize) - 1
+
+
+def _btree_chunks(
+    h5: H5Coro, path: str, address: int, chunk_rows: int, n_rows: int, level: int | None = None
+) -> list:
+    """Every chunk below the B-tree node at ``address``, in row order.
+
+    ``level`` is the level the parent node promised (``None`` at the root):
+    a child at any other level is damage, and checking it also keeps a
+    corrupt tree from sending the walk round in a loop.
+    """
     if h5.offsetSize != 8:
         raise UnsupportedDatasetError(f"{path}: offset size {h5.offsetSize}, only 8 is read")
     header = bytes(H5Coro.ioRequest(h5, address, 24))  # through the metadata cache
-    if header[:4] != b"TREE" or header[4] != 1:
-        raise ValueError(f"{path}: invalid chunk B-tree node at {address}")
+    if header[:4] != b"TREE" or header[4] != 1 or level not in (None, header[5]):
+        raise CorruptFileError(f"{path}: a chunk B-tree node is damaged")
     level, entries = header[5], int.from_bytes(header[6:8], "little")
     body = H5Coro.ioRequest(h5, address + 24, entries * _BTREE_ENTRY.itemsize)
     table = np.frombuffer(body, _BTREE_ENTRY, count=entries)
@@ -131,7 +275,7 @@ def _btree_chunks(h5: H5Coro, path: str, address: int, chunk_rows: int, n_rows: 
         return [
             chunk
             for child in table["child"]
-            for chunk in _btree_chunks(h5, path, int(child), chunk_rows, n_rows)
+            for chunk in _btree_chunks(h5, path, int(child), chunk_rows, n_rows, level - 1)
         ]
     if (
         np.any(table["mask"] != 0)
@@ -148,12 +292,16 @@ def _btree_chunks(h5: H5Coro, path: str, address: int, chunk_rows: int, n_rows: 
 def read_spans(h5: H5Coro, column: Column, spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """The values of ``column`` in each half-open row span, fetching only overlapping chunks.
 
+    Values come in native byte order whatever the file's.
+
     Raises
     ------
     TruncatedFileError
         If the file ends before a chunk does.
+    CorruptFileError
+        If a chunk does not inflate, or not to its size.
     ValueError
-        If a span lies outside the dataset or a chunk does not decode to its size.
+        If a span lies outside the dataset.
     """
     for start, stop in spans:
         if not 0 <= start <= stop <= column.n_rows:
@@ -166,7 +314,7 @@ def read_spans(h5: H5Coro, column: Column, spans: Sequence[tuple[int, int]]) -> 
     decoded = {c.first_row: _decode(column, data) for c, data in _fetch(h5, wanted)}
     out = []
     for start, stop in spans:
-        values = np.full(stop - start, column.fill, dtype=column.dtype)
+        values = np.full(stop - start, column.fill, dtype=column.dtype.newbyteorder("="))
         for first, chunk in decoded.items():
             a, b = max(start, first), min(stop, first + column.chunk_rows)
             if a < b:
@@ -197,10 +345,13 @@ def _fetch(h5: H5Coro, chunks: list[Chunk]) -> list[tuple[Chunk, memoryview]]:
 
 def _decode(column: Column, data: memoryview) -> np.ndarray:
     """One chunk's values: inflate, then undo the byte shuffle."""
-    raw = zlib.decompress(data) if column.deflate else data
+    try:
+        raw = zlib.decompress(data) if column.deflate else data
+    except zlib.error:
+        raise CorruptFileError(f"{column.path}: a compressed chunk does not inflate") from None
     itemsize = column.dtype.itemsize
     if len(raw) != column.chunk_rows * itemsize:
-        raise ValueError(
+        raise CorruptFileError(
             f"{column.path}: a chunk decodes to {len(raw)} bytes, "
             f"expected {column.chunk_rows * itemsize}"
         )

@@ -17,10 +17,18 @@ exact ranges and keeps small lines for metadata: on the demo sample the
 bytes fetched are 1.11–1.26x the compressed chunks read (DESIGN §6 asks for
 <= 1.5x; 8 KiB lines gave up to 1.45x, 4 MiB lines 1.9x), at the cost of
 one request per chunk and ~10 % more requests than 8 KiB lines.
+
+:class:`ExactH5Coro` also checks the superblock itself, so that a file h5coro
+cannot open is refused by name (:class:`NotHDF5Error`,
+:class:`UnsupportedFormatError`) rather than by whatever h5coro trips over;
+and it opens the file with HDF5 itself (h5py, through :class:`DriverFile`)
+for the few structures h5coro cannot walk (see :mod:`magg_core.h5chunks`).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,6 +46,9 @@ CACHE_LINE_BYTES = 4 * 1024
 """Line size for metadata reads: HDF5 headers and B-tree nodes are a few hundred bytes."""
 EXACT_READ_BYTES = 1024
 """Requests at least this large (chunks) bypass the line cache and fetch exactly."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+SUPERBLOCK_HEAD = (0, len(HDF5_SIGNATURE) + 1)
+"""``(offset, size)`` of h5coro's first read: the signature and the superblock version."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class ObstoreDriver:
             self.requests += 1
         return data
 
+    def size(self) -> int:
+        """The object's length in bytes (one HEAD request)."""
+        return int(obstore.head(self._store, self._key)["size"])
+
     def close(self) -> None:
         """Nothing to release: the store is shared and outlives this file."""
 
@@ -96,6 +111,10 @@ class CountingFileDriver(FileDriver):
             self.requests += 1
         return data
 
+    def size(self) -> int:
+        """The file's length in bytes."""
+        return os.fstat(self.f.fileno()).st_size
+
 
 class UnsupportedURLError(ValueError):
     """A granule URL that is neither ``s3://``, ``file://`` nor a path."""
@@ -108,6 +127,72 @@ class TruncatedFileError(EOFError):
     """
 
 
+class NotHDF5Error(ValueError):
+    """A file that does not start with the HDF5 signature."""
+
+
+class UnsupportedFormatError(ValueError):
+    """An HDF5 structure this reader does not decode; the message names the structure only.
+
+    Messages are built from numbers we parse ourselves, never from the
+    file's bytes: a reason must not carry file content into results or logs.
+    """
+
+
+class DriverFile(io.RawIOBase):
+    """A granule as a read-only file object over its h5coro driver, for HDF5 itself (h5py).
+
+    HDF5 reads its metadata a few bytes at a time; reads are served from
+    aligned blocks of ``BLOCK_BYTES`` fetched once, as h5coro's lines are, so
+    that a structure HDF5 walks costs a few ranged requests, counted by the
+    driver like every other read.
+    """
+
+    BLOCK_BYTES = 64 * 1024
+
+    def __init__(self, driver: Any):
+        super().__init__()
+        self._driver = driver
+        self._size = driver.size()
+        self._blocks: dict[int, bytes] = {}
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = start + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        size = max(0, min(len(out), self._size - self._pos))
+        done = 0
+        while done < size:
+            block = (self._pos + done) // self.BLOCK_BYTES
+            data = self._block(block)
+            at = self._pos + done - block * self.BLOCK_BYTES
+            n = min(size - done, len(data) - at)
+            out[done : done + n] = data[at : at + n]
+            done += n
+        self._pos += size
+        return size
+
+    def _block(self, block: int) -> bytes:
+        if block not in self._blocks:
+            start = block * self.BLOCK_BYTES
+            length = min(self.BLOCK_BYTES, self._size - start)
+            self._blocks[block] = bytes(self._driver.read(start, length))
+        return self._blocks[block]
+
+
 class ExactH5Coro(H5Coro):
     """An ``H5Coro`` whose large reads skip the line cache and whose short reads fail.
 
@@ -115,7 +200,37 @@ class ExactH5Coro(H5Coro):
     its link-name scanner then loops forever on empty reads, growing a list
     until memory runs out. Every request is therefore checked here, and
     answered as a ``memoryview`` as h5coro expects.
+
+    The superblock's first bytes are checked here too (see
+    :func:`_superblock_head`), before h5coro parses them. And :meth:`hdf5`
+    opens the same file with HDF5 itself, for the structures only it walks.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._hdf5: Any = None
+        self._hdf5_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def hdf5(self) -> Any:
+        """The file opened by HDF5 itself (an ``h5py.File``) through this driver, once.
+
+        Raises
+        ------
+        ImportError
+            Where h5py is not installed (the Lambda layer leaves it out).
+        """
+        with self._hdf5_lock:
+            if self._hdf5 is None:
+                import h5py
+
+                self._hdf5 = h5py.File(DriverFile(self.driver), "r")
+            return self._hdf5
+
+    def close(self) -> None:
+        with self._hdf5_lock:
+            if self._hdf5 is not None:
+                self._hdf5.close()
+        super().close()
 
     def ioRequest(self, pos: int, size: int, caching: bool = True, prefetch: bool = False) -> Any:
         if caching and size < EXACT_READ_BYTES:
@@ -132,9 +247,42 @@ class ExactH5Coro(H5Coro):
             data = super().ioRequest(pos, size, caching=caching, prefetch=prefetch)
         if data is not None and len(data) < size:
             raise TruncatedFileError(f"needed {size} bytes at offset {pos}, the file ends sooner")
+        if (pos, size) == SUPERBLOCK_HEAD:
+            data = _superblock_head(bytes(data))
         # h5coro calls ``.tobytes()`` on what it reads, which ``bytes`` lacks: its own
         # cache returns ``bytes`` when a read straddles two lines (e.g. a link name).
         return memoryview(data) if isinstance(data, bytes) else data
+
+
+def _superblock_head(head: bytes) -> bytes:
+    """The signature and superblock version as h5coro may parse them, or a named refusal.
+
+    h5coro parses superblock versions 0 and 2. Version 3 (``libver="v110"``
+    or ``"latest"``) lays out its fields exactly as version 2 and differs
+    only in the meaning of the file-consistency flags, which concern writers
+    (SWMR) and which h5coro does not read (HDF5 file format specification,
+    "Superblock" / "Version 3"): it is handed to h5coro as version 2, so that
+    such a file's groups and contiguous datasets are read by h5coro, and its
+    chunk indexes (layout version 4 and 5) by HDF5 (:mod:`magg_core.h5chunks`).
+
+    Raises
+    ------
+    NotHDF5Error
+        If the file does not start with the HDF5 signature (HDF5 also allows
+        it after a user block at 512, 1024, ... bytes; h5coro does not, and
+        ATL06 granules have none).
+    UnsupportedFormatError
+        For superblock versions other than 0, 2 and 3 (version 1 is written
+        when non-default B-tree widths are set).
+    """
+    if head[: len(HDF5_SIGNATURE)] != HDF5_SIGNATURE:
+        raise NotHDF5Error("no HDF5 signature at the start of the file")
+    version = head[len(HDF5_SIGNATURE)]
+    if version == 3:
+        return HDF5_SIGNATURE + bytes([2])
+    if version not in (0, 2):
+        raise UnsupportedFormatError(f"superblock version {version}")
+    return head
 
 
 @lru_cache(maxsize=32)

@@ -16,14 +16,23 @@ rows lies between them, so the chunks fetched are exactly the chunks that
 hold wanted rows.
 
 Failure policy. A granule lacking a whole beam is normal in ATL06 (a beam
-can be off or have no surface); its other beams are read. A missing,
-truncated or corrupt granule, or a beam that lacks one of the datasets the
-config names, raises :class:`GranuleReadError`: the granule is not what the
-catalog promised, and silently dropping part of it would bias statistics.
+can be off or have no surface); its other beams are read. So is a beam whose
+datasets exist with zero rows (HDF5 writes them without storage): a point
+needs a value of every dataset the config names -- coordinates, variables,
+quality flag -- so a beam in which any one of them has zero rows has no
+point to give, whether the others are empty too or not, and the granule's
+other beams are read. A missing, truncated or corrupt granule, a file in an
+HDF5 format this reader does not decode (refused by the structure's name), a
+beam that lacks one of the datasets, or one whose datasets have rows but
+disagree in length, raises :class:`GranuleReadError`: the granule is not
+what the catalog promised, and silently dropping part of it would bias
+statistics. Reasons are our own words and never quote the file's bytes
+(see :func:`_describe`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -44,8 +53,15 @@ from magg_core.errors import (
     is_transient,
     rejects_credentials,
 )
-from magg_core.h5chunks import Column, index_column, read_spans
-from magg_core.h5driver import S3Access, TruncatedFileError, UnsupportedURLError, open_h5
+from magg_core.h5chunks import Column, CorruptFileError, index_column, read_spans
+from magg_core.h5driver import (
+    NotHDF5Error,
+    S3Access,
+    TruncatedFileError,
+    UnsupportedFormatError,
+    UnsupportedURLError,
+    open_h5,
+)
 from magg_core.request import GranuleFailure
 from magg_core.s3 import S3Credentials, S3Endpoint
 
@@ -100,7 +116,7 @@ class _Beam:
     group: str
     rows: np.ndarray
     spans: tuple[tuple[int, int], ...]
-    index: Mapping[str, Future[Column | None]] = field(repr=False)
+    index: Mapping[str, Column] = field(repr=False)
 
 
 def read_granule(
@@ -131,8 +147,9 @@ def read_granule(
     Raises
     ------
     GranuleReadError
-        If the granule is missing, truncated or corrupt, or a present beam
-        lacks a dataset the config names.
+        If the granule is missing, truncated or corrupt, in an HDF5 format
+        this reader does not decode, or a present beam lacks a dataset the
+        config names (see the module's failure policy).
     """
     access = S3Access(credentials=credentials, endpoint=endpoint or S3Endpoint())
     with _reading(url, "cannot open"):
@@ -242,7 +259,7 @@ def _locate(
     Every beam's coordinates are read whole; as soon as the latitude's
     metadata has located the beam's group, the chunk indexes of the beam's
     variables are read too, so that phase 2 is a single round of chunk
-    fetches.
+    fetches. A beam with an empty dataset gives no rows (module docstring).
     """
     source = config.data_source
     coordinates = (source.latitude, source.longitude)
@@ -262,6 +279,8 @@ def _locate(
             if value.column is None:
                 path = f"{source.beam_group(beam)}/{name}"
                 raise GranuleReadError(url, f"dataset {path} is missing or unreadable")
+        if lat.values.size == 0 or lon.values.size == 0:
+            continue
         if lat.values.shape != lon.values.shape:
             group = source.beam_group(beam)
             raise GranuleReadError(url, f"{group}: {' and '.join(coordinates)} differ in length")
@@ -273,15 +292,33 @@ def _locate(
     lon = np.concatenate([values[b][1].values for b in present])
     inside, child_index = _child_index(lat, lon, parent_morton, config)
     beams = []
-    offset = 0
+    kept = np.ones(child_index.size, dtype=bool)
+    offset = position = 0
     for beam in present:
         latitude = values[beam][0]
         rows = np.flatnonzero(inside[offset : offset + latitude.values.size])
         offset += latitude.values.size
         if rows.size:
-            spans = row_spans(rows, latitude.column.chunk_rows)
-            beams.append(_Beam(source.beam_group(beam), rows, spans, latitude.neighbours))
-    return beams, child_index.astype(np.int64)
+            index = _variable_indexes(url, source.beam_group(beam), latitude.neighbours)
+            if any(column.n_rows == 0 for column in index.values()):
+                kept[position : position + rows.size] = False
+            else:
+                spans = row_spans(rows, latitude.column.chunk_rows)
+                beams.append(_Beam(source.beam_group(beam), rows, spans, index))
+        position += rows.size
+    return beams, child_index[kept].astype(np.int64)
+
+
+def _variable_indexes(
+    url: str, group: str, pending: Mapping[str, Future[Column | None]]
+) -> dict[str, Column]:
+    """The chunk indexes of a beam's variables and quality flag, each required to exist."""
+    with _reading(url, "cannot read variables"):
+        indexes = {name: future.result() for name, future in pending.items()}
+    for name, column in indexes.items():
+        if column is None:
+            raise GranuleReadError(url, f"dataset {group}/{name} is missing or unreadable")
+    return indexes
 
 
 def _row_variables(config: PipelineConfig) -> tuple[str, ...]:
@@ -380,14 +417,10 @@ def _read_rows(
 ) -> dict[str, np.ndarray]:
     """Phase 2: the variables and the quality flag at the located rows, all fetched at once."""
     names = _row_variables(config)
-    with _reading(url, "cannot read variables"):
-        indexes = {(b.group, n): b.index[n].result() for b in beams for n in names}
     pending = {}
     for beam in beams:
         for name in names:
-            column = indexes[beam.group, name]
-            if column is None:
-                raise GranuleReadError(url, f"dataset {beam.group}/{name} is missing or unreadable")
+            column = beam.index[name]
             if column.n_rows < beam.spans[-1][1]:
                 raise GranuleReadError(
                     url, f"dataset {column.path} is shorter than the coordinates"
@@ -451,25 +484,44 @@ def _reading(url: str, what: str) -> Iterator[None]:
 
 
 def _describe(exc: BaseException) -> str:
-    """A one-line reason: obstore's messages run to dozens of debug lines."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if len(detail) > MAX_REASON_CHARS:
-        detail = detail[: MAX_REASON_CHARS - 1] + "…"
+    """A one-line reason in our own words, never text built from the file's bytes.
+
+    h5coro's messages quote what it read (an invalid signature as hex, link
+    names, raw field values) and obstore's quote the server's reply, which
+    may run to dozens of debug lines. So only the messages of our own
+    exceptions are passed on -- built from numbers we parsed ourselves and
+    paths from the config -- and otherwise the exception's type name, with
+    the HTTP status for S3 failures.
+    """
+    kind = type(exc).__name__
+    status = _HTTP_STATUS.search(str(exc)) if isinstance(exc, obstore_errors.BaseError) else None
+    http = f", HTTP {status.group(1)}" if status else ""
     if isinstance(exc, UnsupportedURLError):
-        return text
-    if isinstance(exc, TruncatedFileError) or "416 Range Not Satisfiable" in text:
-        return "file is truncated (a read went past the end of the object)"
-    if "invalid file signature" in text:
-        return f"not an HDF5 file ({detail})"
-    if isinstance(
+        reason = str(exc)
+    elif isinstance(exc, NotHDF5Error):
+        reason = f"not an HDF5 file ({exc})"
+    elif isinstance(exc, UnsupportedFormatError):
+        reason = f"unsupported format ({exc})"
+    elif isinstance(exc, CorruptFileError):
+        reason = f"corrupt HDF5 ({exc})"
+    elif isinstance(exc, TruncatedFileError) or (status and status.group(1) == "416"):
+        reason = "file is truncated (a read went past the end of the object)"
+    elif isinstance(
         exc,
         PermissionError
         | obstore_errors.PermissionDeniedError
         | obstore_errors.UnauthenticatedError,
     ):
-        return f"access denied ({detail})"
-    if isinstance(exc, obstore_errors.BaseError):
-        return f"S3 request failed ({detail})"
-    return f"truncated or corrupt HDF5 ({detail})"
+        reason = f"access denied ({kind}{http})"
+    elif isinstance(exc, obstore_errors.BaseError):
+        reason = f"S3 request failed ({kind}{http})"
+    elif isinstance(exc, OSError):
+        reason = f"cannot read the file ({kind})"
+    else:
+        reason = f"truncated or corrupt HDF5 (the parser failed with {kind})"
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 1] + "…"
+    return reason
+
+
+_HTTP_STATUS = re.compile(r"status code: (\d{3})")

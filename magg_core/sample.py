@@ -7,10 +7,18 @@ tell the difference:
 
 - **Layout** as NSIDC writes it: six beam groups ``gt1l … gt3r`` with
   ``land_ice_segments/{latitude, longitude, h_li, h_li_sigma,
-  atl06_quality_summary, delta_time, segment_id}``, chunked 10,000 rows with
-  shuffle + gzip, ``_FillValue`` 3.4028235e38 on heights, superblock v0 (h5py's
-  default ``libver``; h5coro reads nothing newer). One granule lacks a beam, as
-  real granules sometimes do.
+  atl06_quality_summary, delta_time, segment_id}``, shuffle + gzip,
+  ``_FillValue`` 3.4028235e38 on heights. One granule lacks a beam, as real
+  granules sometimes do. Two file layouts (``layout=``, DESIGN §5):
+
+  - ``"r006"`` (the default): chunks of 10,000 rows, superblock v0 (h5py's
+    default ``libver``; h5coro reads nothing newer);
+  - ``"r007"``, release 007's cloud-optimized files: paged aggregation
+    (file-space strategy PAGE, 8 MiB pages, persistent free space, hence
+    superblock v2), unlimited maximum dimension, chunks of 100,000 rows,
+    creation-order-tracked groups, ``delta_time`` a dimension scale attached
+    to the other datasets; with ``repack=True`` each file is then passed
+    through ``h5repack`` keeping those file-space settings, as NSIDC does.
 - **Geometry** of ICESat-2's repeat orbit: 1,387 reference ground tracks (RGTs)
   per 91-day cycle, inclination 92°, the Earth turning under the orbit (so
   ground tracks are not quite great circles), segments every 20 m, beam pairs
@@ -30,6 +38,8 @@ The orbit is simplified (circular, spherical Earth, RGT 1's ascending node at
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +51,16 @@ import numpy as np
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")
 FILL_VALUE = np.float32(3.4028235e38)
 CHUNK_ROWS = 10_000
+LAYOUTS = ("r006", "r007")
+R007_CHUNK_ROWS = 100_000
+R007_PAGE_BYTES = 8 * 2**20
+R007_FILE_OPTIONS = {
+    "fs_strategy": "page",
+    "fs_persist": True,
+    "fs_page_size": R007_PAGE_BYTES,
+    "track_order": True,
+}
+"""h5py's spelling of release 007's file-space settings (DESIGN §5)."""
 VERSION = "007"
 REVISION = "01"
 
@@ -117,6 +137,9 @@ def write_sample(
     centre: tuple[float, float] = DEMO_CENTRE,
     extent_km: float = DEMO_EXTENT_KM,
     spacing_m: float = SEGMENT_M,
+    layout: str = "r006",
+    chunk_rows: int | None = None,
+    repack: bool = False,
 ) -> list[SampleGranule]:
     """Write ``n_granules`` synthetic ATL06 granules crossing one region.
 
@@ -138,17 +161,41 @@ def write_sample(
         Diameter of the (circular) region; each track is clipped to it.
     spacing_m
         Along-track segment spacing; 20 m is ATL06's.
+    layout
+        ``"r006"`` or ``"r007"``: the file layout of that ATL06 release (see
+        the module docstring). The values do not depend on it.
+    chunk_rows
+        Rows per chunk; ``None`` takes the layout's (10,000 for r006, capped
+        at a beam's length as h5py requires for a fixed size; 100,000 for
+        r007, whose unlimited dimension lets a chunk outgrow the beam).
+    repack
+        Pass each r007 file through ``h5repack`` as NSIDC does.
 
     Returns
     -------
     list of SampleGranule
         In acquisition order.
+
+    Raises
+    ------
+    ValueError
+        For an unknown layout, ``repack`` with r006, or arguments out of range.
+    FileNotFoundError
+        If ``repack`` is asked for and ``h5repack`` (Debian package
+        ``hdf5-tools``) is not on the ``PATH``.
     """
     lat_c, lon_c = centre
     if not -86.0 <= lat_c <= 86.0:
         raise ValueError(f"centre latitude must be within ±86°, got {lat_c}")
     if n_granules < 1 or extent_km <= 0 or spacing_m <= 0 or cycle < 1:
         raise ValueError("n_granules, extent_km, spacing_m and cycle must be positive")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if repack and layout != "r007":
+        raise ValueError(f"repack applies to the r007 layout only, got layout {layout!r}")
+    h5repack = _h5repack() if repack else None
     rng = np.random.default_rng(seed)
     passes = _choose_passes(rng, n_granules, cycle, lat_c, lon_c, extent_km)
     directory = Path(directory)
@@ -163,7 +210,9 @@ def write_sample(
         begin, end = _times(p, track["u"][[0, -1]])
         name = granule_name(begin, p.rgt, cycle, _region(lat_c, p.ascending))
         path = directory / name
-        _write_h5(path, beams, p.rgt, cycle)
+        _write_h5(path, beams, p.rgt, cycle, layout, chunk_rows)
+        if h5repack:
+            _repack(h5repack, path)
         umm = _umm_record(name, path, begin, end, _footprint(track, spacing_m), p.rgt, cycle)
         granules.append(SampleGranule(name=name, path=path, umm=umm))
     return granules
@@ -366,26 +415,42 @@ _ATTRS = {
 }
 
 
-def _write_h5(path: Path, beams: dict[str, dict[str, np.ndarray]], rgt: int, cycle: int) -> None:
-    with h5py.File(path, "w") as f:
+def _write_h5(
+    path: Path,
+    beams: dict[str, dict[str, np.ndarray]],
+    rgt: int,
+    cycle: int,
+    layout: str,
+    chunk_rows: int | None,
+) -> None:
+    r007 = layout == "r007"
+    order = True if r007 else None  # None is h5py's default, as r006 samples were written
+    with h5py.File(path, "w", **(R007_FILE_OPTIONS if r007 else {})) as f:
         f.attrs["short_name"] = "ATL06"
         f.attrs["identifier_product_format_version"] = VERSION
-        orbit = f.create_group("orbit_info")
+        orbit = f.create_group("orbit_info", track_order=order)
         orbit.create_dataset("rgt", data=np.array([rgt], dtype=np.int16))
         orbit.create_dataset("cycle_number", data=np.array([cycle], dtype=np.int8))
         orbit.create_dataset("sc_orient", data=np.array([1], dtype=np.int8))
-        ancillary = f.create_group("ancillary_data")
+        ancillary = f.create_group("ancillary_data", track_order=order)
         ancillary.create_dataset("atlas_sdp_gps_epoch", data=np.array([1198800018.0]))
         for beam, columns in beams.items():
-            group = f.create_group(f"{beam}/land_ice_segments")
+            if r007:
+                f.create_group(beam, track_order=order)
+            group = f.create_group(f"{beam}/land_ice_segments", track_order=order)
             n = columns["latitude"].size
+            if r007:
+                chunks, maxshape = (chunk_rows or R007_CHUNK_ROWS,), (None,)
+            else:
+                chunks, maxshape = (min(chunk_rows or CHUNK_ROWS, n),), None
             for name in _ATTRS:
                 data = columns[name]
                 heights = name in ("h_li", "h_li_sigma")
                 dset = group.create_dataset(
                     name,
                     data=data,
-                    chunks=(min(CHUNK_ROWS, n),),
+                    chunks=chunks,
+                    maxshape=maxshape,
                     compression="gzip",
                     shuffle=True,
                     fillvalue=FILL_VALUE if heights else None,
@@ -394,6 +459,34 @@ def _write_h5(path: Path, beams: dict[str, dict[str, np.ndarray]], rgt: int, cyc
                     dset.attrs[key] = value
                 if heights:
                     dset.attrs["_FillValue"] = np.array([FILL_VALUE], dtype=np.float32)
+            if r007:
+                _attach_time_scale(group)
+
+
+def _attach_time_scale(group: h5py.Group) -> None:
+    """Make ``delta_time`` the dimension scale of every dataset of the group, as ATL06 does."""
+    scale = group["delta_time"]
+    scale.make_scale("delta_time")
+    for name in _ATTRS:
+        if name != "delta_time":
+            group[name].dims[0].attach_scale(scale)
+
+
+def _h5repack() -> str:
+    found = shutil.which("h5repack")
+    if found is None:
+        raise FileNotFoundError(
+            "repack=True needs h5repack on the PATH (Debian package hdf5-tools)"
+        )
+    return found
+
+
+def _repack(h5repack: str, path: Path) -> None:
+    """Rewrite ``path`` through h5repack, keeping paged aggregation and persistent free space."""
+    packed = path.with_name(path.name + ".repacked")
+    options = ["-S", "PAGE", "-P", "1", "-G", str(R007_PAGE_BYTES)]
+    subprocess.run([h5repack, *options, str(path), str(packed)], check=True, capture_output=True)
+    packed.replace(path)
 
 
 # --- catalog record ------------------------------------------------------------------

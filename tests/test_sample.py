@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
 
-from magg_core.sample import BEAMS, FILL_VALUE, cycle_start, write_sample
+from magg_core.sample import BEAMS, FILL_VALUE, R007_PAGE_BYTES, cycle_start, write_sample
 from tests import oracle
 
 NAME = re.compile(r"^ATL06_(\d{14})_(\d{4})(\d{2})(\d{2})_(\d{3})_(\d{2})\.h5$")
@@ -52,6 +52,16 @@ def demo(tmp_path_factory):
     return granules, time.perf_counter() - started
 
 
+@pytest.fixture(scope="module")
+def r007(tmp_path_factory):
+    """The small sample in release 007's layout, as h5py writes it and after h5repack."""
+    options = {"n_granules": 3, "seed": 5, "extent_km": 200.0, "layout": "r007"}
+    return {
+        "h5py": write_sample(tmp_path_factory.mktemp("r007"), **options),
+        "h5repack": write_sample(tmp_path_factory.mktemp("r007p"), repack=True, **options),
+    }
+
+
 def test_same_seed_gives_identical_bytes_and_records(small, tmp_path):
     again = write_sample(tmp_path, n_granules=3, seed=5, extent_km=200.0)
     assert [g.name for g in again] == [g.name for g in small]
@@ -87,6 +97,55 @@ def test_files_have_the_atl06_layout(small):
                     fill = group[name].attrs["_FillValue"]
                     assert fill.dtype == np.float32 and fill[0] == np.float32(3.4028235e38)
                     assert group[name].fillvalue == FILL_VALUE
+
+
+@pytest.mark.parametrize("writer", ["h5py", "h5repack"])
+def test_r007_files_have_the_cloud_optimized_layout(r007, writer):
+    for granule in r007[writer]:
+        assert granule.path.read_bytes()[8] == 2, "paged aggregation needs superblock v2"
+        with h5py.File(granule.path, "r") as f:
+            fcpl = f.id.get_create_plist()
+            strategy, persist, _ = fcpl.get_file_space_strategy()
+            assert strategy == h5py.h5f.FSPACE_STRATEGY_PAGE and persist
+            assert fcpl.get_file_space_page_size() == R007_PAGE_BYTES
+            tracked = h5py.h5p.CRT_ORDER_TRACKED | h5py.h5p.CRT_ORDER_INDEXED
+            for beam in (b for b in BEAMS if b in f):
+                group = f[beam]["land_ice_segments"]
+                assert group.id.get_create_plist().get_link_creation_order() == tracked
+                assert list(group) == list(VARIABLES), "links listed in creation order"
+                assert group["delta_time"].is_scale
+                for name, dtype in VARIABLES.items():
+                    dset = group[name]
+                    assert dset.dtype == dtype and dset.maxshape == (None,)
+                    assert dset.chunks == (100_000,)
+                    assert dset.compression == "gzip" and dset.shuffle
+                    if name != "delta_time":
+                        assert dset.dims[0][0] == group["delta_time"]
+
+
+def test_r007_values_and_records_equal_r006_but_for_the_bytes(small, r007):
+    for old, new in zip(small, r007["h5repack"], strict=True):
+        assert old.name == new.name
+        assert old.path.read_bytes() != new.path.read_bytes()
+        with h5py.File(old.path, "r") as a, h5py.File(new.path, "r") as b:
+            assert set(a) == set(b)
+            for beam in (x for x in BEAMS if x in a):
+                for name in VARIABLES:
+                    path = f"{beam}/land_ice_segments/{name}"
+                    np.testing.assert_array_equal(a[path][:], b[path][:])
+        archive = new.umm["umm"]["DataGranule"]["ArchiveAndDistributionInformation"][0]
+        assert archive["SizeInBytes"] == new.path.stat().st_size, (
+            "the record is of the repacked file"
+        )
+        assert new.umm["umm"]["TemporalExtent"] == old.umm["umm"]["TemporalExtent"]
+
+
+def test_r007_is_deterministic_through_h5repack(r007, tmp_path):
+    again = write_sample(
+        tmp_path, n_granules=3, seed=5, extent_km=200.0, layout="r007", repack=True
+    )
+    for a, b in zip(r007["h5repack"], again, strict=True):
+        assert a.path.read_bytes() == b.path.read_bytes()
 
 
 def test_values_are_plausible_and_include_fill_and_bad_rows(small):
@@ -227,3 +286,19 @@ def test_bad_arguments_are_refused(tmp_path):
         write_sample(tmp_path, n_granules=0)
     with pytest.raises(ValueError, match="passes"):
         write_sample(tmp_path, n_granules=500, extent_km=50.0)
+    with pytest.raises(ValueError, match="'r008'"):
+        write_sample(tmp_path, layout="r008")
+    with pytest.raises(ValueError, match="r007 layout only"):
+        write_sample(tmp_path, repack=True)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        write_sample(tmp_path, layout="r007", chunk_rows=0)
+
+
+def test_repack_without_h5repack_says_which_package_brings_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH on which h5repack is absent
+    with pytest.raises(FileNotFoundError, match="hdf5-tools"):
+        write_sample(tmp_path / "out", n_granules=1, layout="r007", repack=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # h5py alone still writes the paged layout
+    [granule] = write_sample(tmp_path / "h5py", n_granules=1, layout="r007")
+    assert granule.path.read_bytes()[8] == 2
