@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -119,25 +119,40 @@ class _Beam:
     index: Mapping[str, Column] = field(repr=False)
 
 
-def read_granule(
+@dataclass(frozen=True)
+class GranuleRead:
+    """The good points of one granule in each of the parent cells it was read for."""
+
+    url: str
+    points: Mapping[int, GranulePoints] = field(repr=False)
+    """Parent morton word → its points (every requested parent, possibly empty)."""
+    bytes_fetched: int = 0
+    """Bytes the driver read, metadata included (for DESIGN §6's read-efficiency targets)."""
+    requests: int = 0
+
+
+def read_parents(
     url: str,
-    parent_morton: int,
+    parents: Sequence[int],
     config: PipelineConfig,
     *,
     credentials: S3Credentials | None = None,
     endpoint: S3Endpoint | None = None,
-) -> GranulePoints:
-    """Read the good points of one granule inside one parent cell.
+) -> GranuleRead:
+    """Read the good points of one granule inside each of several parent cells, in one pass.
 
-    Good means: inside the parent, quality flag equal to the accepted value,
-    and every variable finite and not equal to the fill value.
+    Good means: inside a parent, quality flag equal to the accepted value,
+    and every variable finite and not equal to the fill value. Each byte is
+    fetched once however many parents share it, so reading a granule for
+    every parent it crosses costs what reading it whole does, and reading it
+    for one parent only the chunks that parent's rows lie in.
 
     Parameters
     ----------
     url
         ``s3://bucket/key``, a local path or a ``file://`` URL.
-    parent_morton
-        The parent cell's morton word (uint64) at ``config.output.parent_order``.
+    parents
+        Parent cells' morton words (uint64) at ``config.output.parent_order``.
     config
         Says which beams, datasets and quality filter to read, and the orders.
     credentials, endpoint
@@ -151,31 +166,73 @@ def read_granule(
         this reader does not decode, or a present beam lacks a dataset the
         config names (see the module's failure policy).
     """
+    wanted = np.unique(np.asarray(parents, dtype=np.uint64))
     access = S3Access(credentials=credentials, endpoint=endpoint or S3Endpoint())
     with _reading(url, "cannot open"):
         h5 = open_h5(url, access)
     with h5:
         tasks = _Tasks()
         try:
-            beams, child_index = _locate(url, h5, tasks, parent_morton, config)
-            columns = _read_rows(url, h5, tasks, beams, config) if child_index.size else {}
+            beams, located = _locate(url, h5, tasks, wanted, config)
+            columns = _read_rows(url, h5, tasks, beams, config) if located.size else {}
         finally:
             tasks.settle()
         driver = h5.driver
     source = config.data_source
-    if child_index.size:
+    if located.size:
         good = _good_rows(columns, config)
-        child_index = child_index[good]
+        located = located[good]
         columns = {name: columns[name][good] for name in source.variables}
     else:
         columns = {name: np.empty(0, dtype=np.float32) for name in source.variables}
-    return GranulePoints(
+    return GranuleRead(
         url=url,
-        child_index=child_index,
-        columns=columns,
+        points=_by_parent(url, wanted, located, columns, config),
         bytes_fetched=driver.bytes_fetched,
         requests=driver.requests,
     )
+
+
+def read_granule(
+    url: str,
+    parent_morton: int,
+    config: PipelineConfig,
+    *,
+    credentials: S3Credentials | None = None,
+    endpoint: S3Endpoint | None = None,
+) -> GranulePoints:
+    """:func:`read_parents` for one parent: its points, with the granule's byte counts."""
+    read = read_parents(url, [parent_morton], config, credentials=credentials, endpoint=endpoint)
+    points = read.points[int(parent_morton)]
+    return replace(points, bytes_fetched=read.bytes_fetched, requests=read.requests)
+
+
+def _by_parent(
+    url: str,
+    parents: np.ndarray,
+    located: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    config: PipelineConfig,
+) -> dict[int, GranulePoints]:
+    """Split the granule's points (in beam, then row order) by parent, keeping that order.
+
+    ``located`` packs each point's parent position (high bits) and child
+    index (low bits), see :func:`_child_index`.
+    """
+    shift = np.int64(2 * (config.output.child_order - config.output.parent_order))
+    which = located >> shift
+    child = located & ((np.int64(1) << shift) - 1)
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(parents.size + 1))
+    points = {}
+    for i, parent in enumerate(parents):
+        mine = order[bounds[i] : bounds[i + 1]]
+        points[int(parent)] = GranulePoints(
+            url=url,
+            child_index=child[mine],
+            columns={name: values[mine] for name, values in columns.items()},
+        )
+    return points
 
 
 def _good_rows(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
@@ -252,9 +309,9 @@ def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:
 
 
 def _locate(
-    url: str, h5: H5Coro, tasks: _Tasks, parent_morton: int, config: PipelineConfig
+    url: str, h5: H5Coro, tasks: _Tasks, parents: np.ndarray, config: PipelineConfig
 ) -> tuple[list[_Beam], np.ndarray]:
-    """Phase 1: which rows of which beam fall in the parent, and their child index.
+    """Phase 1: which rows of which beam fall in a parent, and where (see :func:`_child_index`).
 
     Every beam's coordinates are read whole; as soon as the latitude's
     metadata has located the beam's group, the chunk indexes of the beam's
@@ -290,9 +347,9 @@ def _locate(
 
     lat = np.concatenate([values[b][0].values for b in present])
     lon = np.concatenate([values[b][1].values for b in present])
-    inside, child_index = _child_index(lat, lon, parent_morton, config)
+    inside, located = _child_index(lat, lon, parents, config)
     beams = []
-    kept = np.ones(child_index.size, dtype=bool)
+    kept = np.ones(located.size, dtype=bool)
     offset = position = 0
     for beam in present:
         latitude = values[beam][0]
@@ -306,7 +363,7 @@ def _locate(
                 spans = row_spans(rows, latitude.column.chunk_rows)
                 beams.append(_Beam(source.beam_group(beam), rows, spans, index))
         position += rows.size
-    return beams, child_index[kept].astype(np.int64)
+    return beams, located[kept]
 
 
 def _variable_indexes(
@@ -351,20 +408,35 @@ def _whole(h5: H5Coro, tasks: _Tasks, path: str, neighbours: Sequence[str]) -> _
 
 
 def _child_index(
-    lat: np.ndarray, lon: np.ndarray, parent_morton: int, config: PipelineConfig
+    lat: np.ndarray, lon: np.ndarray, parents: np.ndarray, config: PipelineConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`grid.child_index`, computed only for points near the parent.
+    """Which points lie in one of ``parents`` (sorted), and which parent and child that is.
 
-    A granule runs ~2,900 km and a parent is ~100 km across, so most
-    coordinates are far away; a bounding-box test costs a few ns a point,
-    the exact HEALPix assignment 35-150 ns.
+    Returns a flag per point and, for the points inside, ``position <<
+    2·(child_order − parent_order) | child`` (int64): the parent's position
+    in ``parents`` and the child's in that parent (see :func:`grid.children`).
+
+    A granule runs ~2,900 km and a parent is ~100 km across, so when few
+    parents are wanted most coordinates are far away; a bounding-box test
+    costs a few ns a point, the exact HEALPix assignment 35-150 ns.
     """
-    orders = config.output.parent_order, config.output.child_order
-    near = np.flatnonzero(_near_parent(lat, lon, parent_morton, orders[0]))
-    inside_near, child_index = grid.child_index(lat[near], lon[near], parent_morton, *orders)
+    parent_order, child_order = config.output.parent_order, config.output.child_order
+    shift = np.uint64(2 * (child_order - parent_order))
+    near = np.zeros(lat.shape, dtype=bool)
+    for parent in parents:
+        near |= _near_parent(lat, lon, int(parent), parent_order)
+    near = np.flatnonzero(near)
+    words = grid.point_morton(lat[near], lon[near], child_order)
+    ancestors = grid.parent_of(words, parent_order)
+    position = np.searchsorted(parents, ancestors)
+    found = position < parents.size
+    found[found] = parents[position[found]] == ancestors[found]
+    first = grid.healpix_ids(parents) << shift
+    child = grid.healpix_ids(words[found]) - first[position[found]]
     inside = np.zeros(lat.shape, dtype=bool)
-    inside[near[inside_near]] = True
-    return inside, child_index
+    inside[near[found]] = True
+    located = (position[found].astype(np.uint64) << shift) | child
+    return inside, located.astype(np.int64)
 
 
 def _near_parent(
