@@ -79,9 +79,13 @@ class PrefectServer:
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.log = workdir / "server.log"
+        # The UI's API address does not follow --port (it stays :4200 in
+        # prefect 3.9): without this, a browser on the UI talks to whatever
+        # server owns :4200, or to nothing.
         self._env = clean_environment(
             PREFECT_HOME=str(workdir / "server-home"),
             PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED=str(scheduler).lower(),
+            PREFECT_UI_API_URL=self.api_url,
         )
         self._process: subprocess.Popen | None = None
 
