@@ -30,6 +30,7 @@ from magg_core.aggregate import (
 )
 from magg_core.config import PipelineConfig, load_config
 from magg_core.errors import CellDataError, CellTimeoutError
+from magg_core.fragments import read_cell_fragments
 from magg_core.read import GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
@@ -99,14 +100,19 @@ def process_cell(
     points: list[GranulePoints] = []
     if request.granule_urls:
         t0 = time.perf_counter()
-        points, failures = read_granules(
-            request.granule_urls,
-            request.parent_morton,
-            config,
-            credentials=request.s3_credentials,
-            endpoint=endpoint,
-            max_workers=max_workers,
-        )
+        if request.from_fragments:
+            points, failures = read_cell_fragments(
+                store, config, request.granule_urls, request.parent_morton
+            )
+        else:
+            points, failures = read_granules(
+                request.granule_urls,
+                request.parent_morton,
+                config,
+                credentials=request.s3_credentials,
+                endpoint=endpoint,
+                max_workers=max_workers,
+            )
         timings.read = time.perf_counter() - t0
         result.files_processed = len(points)
         result.files_failed = failures

@@ -319,7 +319,9 @@ def _parse_statistic(path: str, name: Any, spec: Any, known: set[str]) -> Statis
         raise ConfigError(f"{s.key('column')}: required for function {function!r}")
     for key, value in (("column", column), ("weights", s.get("weights", str, None))):
         if value is not None and value not in known:
-            raise ConfigError(f"{s.key(key)}: unknown column {value!r} (available: {sorted(known)})")
+            raise ConfigError(
+                f"{s.key(key)}: unknown column {value!r} (available: {sorted(known)})"
+            )
     weights = s.get("weights", str, None)
     if weights is not None and function != "mean":
         raise ConfigError(f"{s.key('weights')}: only function 'mean' takes weights")

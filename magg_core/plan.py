@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from magg_core.catalog import Catalog, cell_word_problem
 from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
+from magg_core.extract import ExtractRequest
 from magg_core.request import CellRequest
 
 LAMBDA_MAX_TIMEOUT_S = 900
@@ -145,3 +146,29 @@ def _granule_urls(catalog: Catalog, parent: int, mirror: str | None) -> list[str
     if mirror is None:
         return catalog.urls(parent)
     return [f"{mirror.rstrip('/')}/{g.name}" for g in catalog.cells[parent]]
+
+
+def plan_extracts(requests: Sequence[CellRequest]) -> list[ExtractRequest]:
+    """One extract per granule the cells read, listing every cell it serves.
+
+    Granules come in the order cells first name them, so a run extracts in
+    chunk order and the first cells can be gridded early.
+    """
+    parents: dict[str, list[int]] = {}
+    for request in requests:
+        for url in request.granule_urls:
+            parents.setdefault(url, []).append(request.parent_morton)
+    if not requests:
+        return []
+    first = requests[0]
+    return [
+        ExtractRequest(
+            granule_url=url,
+            parents=tuple(cells),
+            store_path=first.store_path,
+            parent_order=first.parent_order,
+            child_order=first.child_order,
+            config=first.config,
+        )
+        for url, cells in parents.items()
+    ]

@@ -272,15 +272,7 @@ def read_granules(
                 url, parent_morton, config, credentials=credentials, endpoint=endpoint
             )
         except GranuleReadError as exc:
-            # Refused credentials, throttling or a dropped connection say
-            # nothing about the granule: fail the whole cell so it is retried
-            # (with fresh credentials), rather than leave this granule out.
-            cause = exc.__cause__
-            if cause is not None and rejects_credentials(cause):
-                raise CredentialsRejectedError(str(exc)) from exc
-            if cause is not None and is_transient(cause):
-                raise TransientReadError(str(exc)) from exc
-            return exc.failure()
+            return permanent_failure(exc)
 
     if not urls:
         return [], []
@@ -289,6 +281,26 @@ def read_granules(
     points = [o for o in outcomes if isinstance(o, GranulePoints)]
     failures = [o for o in outcomes if isinstance(o, GranuleFailure)]
     return points, failures
+
+
+def permanent_failure(exc: GranuleReadError) -> GranuleFailure:
+    """The granule's failure, if it is the granule's; otherwise raise for a retry.
+
+    Refused credentials, throttling or a dropped connection say nothing about
+    the granule: the work fails as a whole so it is retried (with fresh
+    credentials), rather than leave this granule out.
+
+    Raises
+    ------
+    CredentialsRejectedError, TransientReadError
+        When the cause is S3 refusing the credentials, or transient.
+    """
+    cause = exc.__cause__
+    if cause is not None and rejects_credentials(cause):
+        raise CredentialsRejectedError(str(exc)) from exc
+    if cause is not None and is_transient(cause):
+        raise TransientReadError(str(exc)) from exc
+    return exc.failure()
 
 
 def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:

@@ -39,6 +39,9 @@ class CellRequest:
     s3_credentials: S3Credentials | None = None
     config: Mapping[str, Any] | None = None
     """A pipeline config mapping; ``None`` means the built-in ``atl06``."""
+    from_fragments: bool = False
+    """Aggregate the fragments the extract stage stored for this cell
+    (:mod:`magg_core.fragments`) instead of reading the granules here."""
     accept_partial: bool = False
     """Write the statistics of a ``partial`` cell (some granules failed) instead of
     leaving its chunk as it was: for runs where a granule is known to be bad upstream."""
@@ -80,9 +83,10 @@ class CellRequest:
         config = event.get("config")
         if config is not None and not isinstance(config, Mapping):
             problems.append("config must be an object")
-        accept_partial = event.get("accept_partial", False)
-        if not isinstance(accept_partial, bool):
-            problems.append(f"accept_partial must be true or false, got {accept_partial!r}")
+        flags = {name: event.get(name, False) for name in ("accept_partial", "from_fragments")}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                problems.append(f"{name} must be true or false, got {value!r}")
         if problems:
             raise RequestError("; ".join(problems))
         if not 0 <= ints["parent_morton"] < 2**64:
@@ -96,7 +100,7 @@ class CellRequest:
             chunk_idx=ints.get("chunk_idx"),
             s3_credentials=credentials,
             config=config,
-            accept_partial=accept_partial,
+            **flags,
         )
 
     def to_event(self, *, include_credentials: bool = True) -> dict[str, Any]:
@@ -113,8 +117,9 @@ class CellRequest:
             event["s3_credentials"] = self.s3_credentials.to_event()
         if self.config is not None:
             event["config"] = dict(self.config)
-        if self.accept_partial:
-            event["accept_partial"] = True
+        for name in ("accept_partial", "from_fragments"):
+            if getattr(self, name):
+                event[name] = True
         return event
 
 

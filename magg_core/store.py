@@ -416,9 +416,7 @@ def _parents_difference(stored: np.ndarray, wanted: np.ndarray) -> str:
         if where < n
         else f"one list extends the other after position {n - 1}"
     )
-    return (
-        f"the store's template has {stored.size} parent cells, this run {wanted.size}; {first}"
-    )
+    return f"the store's template has {stored.size} parent cells, this run {wanted.size}; {first}"
 
 
 def _create_array(

@@ -1,0 +1,191 @@
+"""Fragments: one granule's points in one parent cell, kept between the extract and grid stages.
+
+A cycle is gridded in two stages so that each granule is read once however
+many cells it crosses (an Antarctic granule crosses 25-32 order-6 parents):
+
+- *extract*, per granule: read it once for every parent the catalog lists it
+  under (:func:`magg_core.read.read_parents`) and store one fragment per
+  (granule, parent), then the granule's extract record;
+- *grid*, per parent: fetch the parent's fragment of each of its granules
+  (one request each) and aggregate.
+
+Layout, under the output store (beside the ``records/`` of the cells)::
+
+    fragments/{child_order}/{granule name}/{parent morton}.npz
+    fragments/{child_order}/{granule name}/extract.json
+
+A fragment is an uncompressed ``.npz`` (numpy's zip of ``.npy`` arrays, read
+with ``allow_pickle=False``): ``child`` -- the point's child position in the
+parent, ``uint16`` while a parent has at most 65,536 children (4,096 for
+orders 6 → 12) -- and each ``data_source`` variable in the file's dtype, in
+the granule's beam-then-row order. For ATL06 that is 2 + 4 + 4 = 10 bytes a
+point. Every parent the catalog lists for the granule gets a fragment, empty
+if no good point falls in it, so a missing fragment always means the extract
+did not succeed; the record, written last, says why.
+
+Writing the same granule again overwrites the same objects (idempotent);
+each object is one PUT, which S3 applies atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from magg_core.config import PipelineConfig
+from magg_core.read import GranulePoints
+from magg_core.request import GranuleFailure
+
+FRAGMENTS_PREFIX = "fragments"
+RECORD_NAME = "extract.json"
+
+ExtractStatus = Literal["ok", "failed"]
+
+
+@dataclass(frozen=True)
+class ExtractRecord:
+    """What the extract stage did with one granule."""
+
+    url: str
+    status: ExtractStatus
+    fingerprint: str
+    """:func:`magg_core.records.input_fingerprint` of this granule, config and magg version."""
+    points: Mapping[str, int] = field(default_factory=dict)
+    """Parent morton word (decimal string, as JSON keeps uint64 exact) → good points."""
+    reason: str | None = None
+    bytes_fetched: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ExtractRecord:
+        raw = json.loads(data)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def granule_name(url: str) -> str:
+    """The granule's file name, which keys its fragments whatever bucket or mirror it came from."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def encode(points: GranulePoints, config: PipelineConfig) -> bytes:
+    """A fragment's bytes: ``child`` plus the config's variables (see the module docstring)."""
+    n_children = config.output.children_per_parent
+    child_dtype = np.uint16 if n_children <= 2**16 else np.uint32
+    buffer = io.BytesIO()
+    arrays = {name: np.asarray(points.columns[name]) for name in config.data_source.variables}
+    np.savez(buffer, child=points.child_index.astype(child_dtype), **arrays)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
+    """The points a fragment holds.
+
+    Raises
+    ------
+    ValueError
+        If the bytes are not a fragment of this config (an array is missing,
+        lengths differ, or it would need unpickling).
+    """
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        names = ("child", *config.data_source.variables)
+        missing = [n for n in names if n not in npz.files]
+        if missing:
+            raise ValueError(f"fragment of {granule_name(url)} lacks {missing}")
+        arrays = {name: npz[name] for name in names}
+    if len({a.shape for a in arrays.values()}) != 1:
+        raise ValueError(f"fragment of {granule_name(url)} has arrays of different lengths")
+    child = arrays.pop("child").astype(np.int64)
+    return GranulePoints(url=url, child_index=child, columns=arrays)
+
+
+def fragment_key(config: PipelineConfig, url: str, parent_morton: int) -> str:
+    return f"{_prefix(config, url)}{int(parent_morton)}.npz"
+
+
+def record_key(config: PipelineConfig, url: str) -> str:
+    return f"{_prefix(config, url)}{RECORD_NAME}"
+
+
+def write_fragments(
+    store: Store, config: PipelineConfig, url: str, points: Mapping[int, GranulePoints]
+) -> int:
+    """Store one fragment per parent; returns the bytes written."""
+    blobs = {fragment_key(config, url, p): encode(pts, config) for p, pts in points.items()}
+    sync(_put_all(store, blobs))
+    return sum(len(b) for b in blobs.values())
+
+
+def write_extract_record(store: Store, config: PipelineConfig, record: ExtractRecord) -> None:
+    sync(_put_all(store, {record_key(config, record.url): record.to_json()}))
+
+
+def read_extract_record(store: Store, config: PipelineConfig, url: str) -> ExtractRecord | None:
+    data = sync(_get(store, record_key(config, url)))
+    return None if data is None else ExtractRecord.from_json(data)
+
+
+def read_fragment(
+    store: Store, config: PipelineConfig, url: str, parent_morton: int
+) -> GranulePoints | None:
+    """The parent's fragment of ``url``, or ``None`` if the store has none."""
+    data = sync(_get(store, fragment_key(config, url, parent_morton)))
+    return None if data is None else decode(data, url, config)
+
+
+def read_cell_fragments(
+    store: Store, config: PipelineConfig, urls: Sequence[str], parent_morton: int
+) -> tuple[list[GranulePoints], list[GranuleFailure]]:
+    """The parent's fragment of each granule, fetched concurrently, in the order of ``urls``.
+
+    A granule without a fragment is a failure: its extract failed (the
+    record's reason) or never ran.
+    """
+    keys = [fragment_key(config, url, parent_morton) for url in urls]
+    blobs = sync(_get_all(store, keys))
+    points, failures = [], []
+    for url, data in zip(urls, blobs, strict=True):
+        if data is not None:
+            points.append(decode(data, url, config))
+            continue
+        record = read_extract_record(store, config, url)
+        if record is not None and record.status == "failed":
+            failures.append(GranuleFailure(url=url, reason=record.reason or "extract failed"))
+        else:
+            failures.append(GranuleFailure(url=url, reason="granule was not extracted"))
+    return points, failures
+
+
+def delete_fragments(store: Store, config: PipelineConfig) -> None:
+    """Remove every fragment and extract record of the config's child order."""
+    sync(store.delete_dir(f"{FRAGMENTS_PREFIX}/{config.output.child_order}"))
+
+
+def _prefix(config: PipelineConfig, url: str) -> str:
+    return f"{FRAGMENTS_PREFIX}/{config.output.child_order}/{granule_name(url)}/"
+
+
+async def _put_all(store: Store, blobs: Mapping[str, bytes]) -> None:
+    prototype = default_buffer_prototype()
+    await asyncio.gather(
+        *(store.set(key, prototype.buffer.from_bytes(data)) for key, data in blobs.items())
+    )
+
+
+async def _get_all(store: Store, keys: Sequence[str]) -> list[bytes | None]:
+    return await asyncio.gather(*(_get(store, key) for key in keys))
+
+
+async def _get(store: Store, key: str) -> bytes | None:
+    buffer = await store.get(key, prototype=default_buffer_prototype())
+    return None if buffer is None else buffer.to_bytes()
