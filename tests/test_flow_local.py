@@ -134,7 +134,7 @@ def test_magg_run_prints_the_summary_of_a_run_with_failed_cells(local_run, tmp_p
 
     assert code == 1
     out = capsys.readouterr().out
-    assert "| cells | 2 (failed: 2) |" in out and "**2 cells failed**" in out
+    assert "| cells | 2 (failed: 2) |" in out and "**2 cells incomplete**" in out
 
 
 def test_demo_runs_from_a_fresh_clone(tmp_path):
