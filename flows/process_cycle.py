@@ -1,7 +1,9 @@
 """Flow ``process-cycle``: one ICESat-2 cycle (or date range) into one gridded store.
 
-credentials → catalog → store template → every cell on the chosen backend →
-consolidated metadata → per-cell table, summary and cost estimate.
+credentials → catalog → store template → extract every granule once (fragments
+per cell it crosses) → grid every cell from its fragments, both stages on the
+chosen backend → consolidated metadata → per-cell table, summary and cost
+estimate.
 """
 
 from __future__ import annotations
@@ -9,27 +11,38 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from magg_core.errors import CellFailedError, CellsFailedError
-from magg_core.plan import check_cell_timeout, plan_cells, store_url_for
-from magg_core.request import CellRequest, CellResult
+from magg_core.extract import ExtractRequest
+from magg_core.plan import check_cell_timeout, plan_cells, plan_extracts, store_url_for
+from magg_core.request import CellRequest
 from tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
 from tasks.credentials import open_credentials
 from tasks.ecs import grid_cell_on_ecs
+from tasks.extract import extract_locally, extract_on_ecs, extract_on_lambda, record_failed_extracts
 from tasks.lambda_backend import lambda_client, lambda_concurrency
-from tasks.report import CellProgress, consolidate_store, record_failed_cells, report_run
+from tasks.report import (
+    CellProgress,
+    consolidate_store,
+    record_failed_cells,
+    remove_fragments,
+    report_run,
+)
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
+from tasks.workers import default_workers, worker_pool
 
 Backend = Literal["local", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]
 
-LOCAL_CONCURRENCY = 4
-"""Cells at once in this process; each reads up to 8 granules at a time."""
 ECS_CONCURRENCY = 200
+T = TypeVar("T")
+K = TypeVar("K")
 
 
 @flow(name="process-cycle")
@@ -57,6 +70,8 @@ def process_cycle(
     ecs_deployment: str = "process-cell/ecs",
     credentials_block: str = "magg-nsidc-s3-credentials",
     accept_partial: bool = False,
+    keep_fragments: bool = False,
+    ecs_extract_deployment: str = "extract-granule/ecs",
 ) -> dict[str, Any]:
     """Grid one cycle's ATL06 granules into a HEALPix Zarr store.
 
@@ -92,7 +107,8 @@ def process_cycle(
         before they expire), ``environment`` (plain AWS credentials) or
         ``none`` (local files, public buckets).
     concurrency
-        Cells in flight at once (default: 4 local, 200 ECS; for Lambda the
+        Granules or cells in flight at once (default: one worker process per
+        core for local, 200 ECS; for Lambda the
         ``magg-lambda`` global concurrency limit, which this sets when given
         and creates at 1,000 when missing).
     cell_timeout_s
@@ -118,6 +134,13 @@ def process_cycle(
         run where a granule is known to be bad upstream. Partial cells stay
         ``partial`` in the records, the table and the summary, and are still
         recomputed by the next run.
+    keep_fragments
+        Keep the extract stage's fragments (``fragments/`` in the store) after
+        a complete run, for later runs that add granules or for height change
+        across cycles. They are always kept while a cell is incomplete, so a
+        retry re-reads only granules whose extract failed.
+    ecs_extract_deployment
+        The ``extract-granule`` deployment for ``ecs``.
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -156,41 +179,65 @@ def process_cycle(
     provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
     store_id = prepare_store(store_url, pipeline, cell_catalog.parents, provenance)
 
-    if backend == "local":
-        window = concurrency or LOCAL_CONCURRENCY
+    extracts = plan_extracts(requests)
+    cells = [replace(r, from_fragments=True) for r in requests]
+    progress = CellProgress(total=len(extracts) + len(cells))
+    with ExitStack() as stack:
+        if backend == "local":
+            n_workers = concurrency or default_workers()
+            workers = stack.enter_context(worker_pool(n_workers))
+            window = 2 * n_workers  # one waiting in each worker's queue keeps it busy
 
-        def submit(request: CellRequest) -> PrefectFuture:
-            return grid_cell_locally.submit(request, store_id, source, cell_timeout_s)
-    elif backend == "lambda":
-        window = lambda_concurrency(concurrency)
-        client = lambda_client(aws_credentials_block, cell_timeout_s, window)
+            def extract(request: ExtractRequest) -> PrefectFuture:
+                return extract_locally.submit(request, source, workers)
 
-        def submit(request: CellRequest) -> PrefectFuture:
-            return grid_cell_on_lambda.submit(request, store_id, source, client, lambda_function)
-    elif backend == "ecs":
-        window = concurrency or ECS_CONCURRENCY
+            def grid(request: CellRequest) -> PrefectFuture:
+                return grid_cell_locally.submit(request, store_id, source, cell_timeout_s, workers)
+        elif backend == "lambda":
+            window = lambda_concurrency(concurrency)
+            client = lambda_client(aws_credentials_block, cell_timeout_s, window)
 
-        def submit(request: CellRequest) -> PrefectFuture:
-            return grid_cell_on_ecs.submit(
-                request, store_id, source, ecs_deployment, credentials_block
-            )
-    else:
-        raise ValueError(f"backend must be local, lambda or ecs, got {backend!r}")
+            def extract(request: ExtractRequest) -> PrefectFuture:
+                return extract_on_lambda.submit(request, source, client, lambda_function)
 
-    progress = CellProgress(total=len(requests))
-    results, failures = _run_windowed(submit, requests, window, progress.advance)
+            def grid(request: CellRequest) -> PrefectFuture:
+                return grid_cell_on_lambda.submit(
+                    request, store_id, source, client, lambda_function
+                )
+        elif backend == "ecs":
+            window = concurrency or ECS_CONCURRENCY
+
+            def extract(request: ExtractRequest) -> PrefectFuture:
+                return extract_on_ecs.submit(
+                    request, source, ecs_extract_deployment, credentials_block
+                )
+
+            def grid(request: CellRequest) -> PrefectFuture:
+                return grid_cell_on_ecs.submit(
+                    request, store_id, source, ecs_deployment, credentials_block
+                )
+        else:
+            raise ValueError(f"backend must be local, lambda or ecs, got {backend!r}")
+
+        extracted, lost = _run_windowed(extract, extracts, window, progress.advance, _granule_of)
+        if lost:
+            record_failed_extracts([e for e in extracts if e.granule_url in lost], lost)
+        results, failures = _run_windowed(grid, cells, window, progress.advance, _parent_of)
     if failures:
         record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
     consolidate_store(store_url)
     summary = report_run(
         results,
         failures,
+        extracted,
         wall_s=time.monotonic() - started,
         lambda_memory_mb=lambda_memory_mb,
         lambda_architecture=lambda_architecture,
         store_url=store_url,
         accept_partial=accept_partial,
     )
+    if not keep_fragments and not summary["failed_cells"]:
+        remove_fragments(store_url, pipeline)
     if summary["failed_cells"]:
         raise CellsFailedError(
             f"{len(summary['failed_cells'])} of {len(requests)} cells incomplete: "
@@ -202,39 +249,40 @@ def process_cycle(
 
 
 def _run_windowed(
-    submit: Callable[[CellRequest], PrefectFuture],
-    requests: Iterable[CellRequest],
+    submit: Callable[[T], PrefectFuture],
+    items: Iterable[T],
     window: int,
     on_done: Callable[[], None],
-) -> tuple[list[CellResult], dict[int, str]]:
-    """Keep at most ``window`` cells in flight; collect results and failures.
+    key: Callable[[T], K],
+) -> tuple[list[Any], dict[K, str]]:
+    """Keep at most ``window`` tasks in flight; collect results and failures.
 
     Results include the failed and partial cells whose task raised with their
-    result; ``failures`` are the cells whose task ended without one (parent →
-    one-line reason).
+    result; ``failures`` are the items whose task ended without one (``key``
+    → one-line reason).
 
-    Submitting every cell at once would start one thread per cell; a window
+    Submitting everything at once would start one thread per task; a window
     bounds threads and memory while keeping the backend saturated.
     """
-    pending = iter(requests)
+    pending = iter(items)
     done: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
-    in_flight: dict[PrefectFuture, int] = {}
-    results: list[CellResult] = []
-    failures: dict[int, str] = {}
+    in_flight: dict[PrefectFuture, K] = {}
+    results: list[Any] = []
+    failures: dict[K, str] = {}
 
     def fill() -> None:
         while len(in_flight) < window:
-            request = next(pending, None)
-            if request is None:
+            item = next(pending, None)
+            if item is None:
                 return
-            future = submit(request)
-            in_flight[future] = request.parent_morton
+            future = submit(item)
+            in_flight[future] = key(item)
             future.add_done_callback(done.put)
 
     fill()
     while in_flight:
         future = done.get()
-        parent = in_flight.pop(future)
+        name = in_flight.pop(future)
         future.wait()  # sets the final state locally; the API may not have it yet
         state = future.state
         if state.is_completed():
@@ -244,10 +292,18 @@ def _run_windowed(
         ):
             results.append(error.result)  # a failed or partial cell, with its granules' reasons
         else:
-            failures[parent] = _first_line(state.message or state.name)
+            failures[name] = _first_line(state.message or state.name)
         on_done()
         fill()
     return results, failures
+
+
+def _parent_of(request: CellRequest) -> int:
+    return request.parent_morton
+
+
+def _granule_of(request: ExtractRequest) -> str:
+    return request.granule_url
 
 
 def _first_line(message: str, limit: int = 300) -> str:

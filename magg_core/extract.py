@@ -11,20 +11,25 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import magg_core
 from magg_core.config import PipelineConfig, load_config
 from magg_core.fragments import (
     ExtractRecord,
+    granule_name,
     read_extract_record,
     write_extract_record,
     write_fragments,
 )
 from magg_core.read import GranuleReadError, permanent_failure, read_parents
+from magg_core.request import CellRequest, RequestError
 from magg_core.s3 import S3Credentials, S3Endpoint
 from magg_core.store import open_store
+
+EXTRACT_EVENT = "extract"
+"""The ``kind`` of a Lambda event that extracts a granule (a cell event has no ``kind``)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,63 @@ class ExtractRequest:
     s3_credentials: S3Credentials | None = None
     config: Mapping[str, Any] | None = None
 
+    @property
+    def name(self) -> str:
+        """The granule's file name."""
+        return granule_name(self.granule_url)
+
+    def to_event(self, *, include_credentials: bool = True) -> dict[str, Any]:
+        """The JSON event form (``"kind": "extract"``); carries secrets unless told not to."""
+        event: dict[str, Any] = {
+            "kind": EXTRACT_EVENT,
+            "granule_url": self.granule_url,
+            "parents": [str(p) for p in self.parents],  # uint64 words stay exact as strings
+            "store_path": self.store_path,
+            "parent_order": self.parent_order,
+            "child_order": self.child_order,
+        }
+        if include_credentials and self.s3_credentials is not None:
+            event["s3_credentials"] = self.s3_credentials.to_event()
+        if self.config is not None:
+            event["config"] = dict(self.config)
+        return event
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> ExtractRequest:
+        """Validate an extract event; every problem is named in one :class:`RequestError`.
+
+        Shares the cell event's checks (:meth:`CellRequest.from_event`): the
+        granule URL must be an S3 object, the orders integers, the
+        credentials complete.
+        """
+        if not isinstance(event, Mapping):
+            raise RequestError(f"event must be a JSON object, got {type(event).__name__}")
+        parents = event.get("parents")
+        if not isinstance(parents, list) or not parents:
+            raise RequestError("parents must be a non-empty list of morton words")
+        try:
+            words = tuple(int(p) for p in parents if not isinstance(p, bool | float))
+        except (TypeError, ValueError) as exc:
+            raise RequestError("parents must be morton words (decimal strings)") from exc
+        if len(words) != len(parents) or not all(0 <= w < 2**64 for w in words):
+            raise RequestError("parents must be uint64 morton words (decimal strings)")
+        cell = CellRequest.from_event(
+            {
+                **{k: v for k, v in event.items() if k not in ("kind", "granule_url", "parents")},
+                "parent_morton": words[0],
+                "granule_urls": [event.get("granule_url")],
+            }
+        )
+        return cls(
+            granule_url=cell.granule_urls[0],
+            parents=words,
+            store_path=cell.store_path,
+            parent_order=cell.parent_order,
+            child_order=cell.child_order,
+            s3_credentials=cell.s3_credentials,
+            config=cell.config,
+        )
+
     def pipeline_config(self) -> PipelineConfig:
         config = load_config(self.config)
         if (config.output.parent_order, config.output.child_order) != (
@@ -52,6 +114,13 @@ class ExtractRequest:
 @dataclass(frozen=True)
 class ExtractResult:
     """What one extract did; ``reused`` when the store already held it for these inputs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractResult:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     url: str
     status: str
@@ -103,16 +172,9 @@ def extract_granule(
     store = open_store(request.store_path, endpoint=endpoint)
     url = request.granule_url
     fingerprint = extract_fingerprint(url, request.parents, config)
-    done = read_extract_record(store, config, url)
-    if done is not None and done.status == "ok" and done.fingerprint == fingerprint:
-        return ExtractResult(
-            url=url,
-            status="ok",
-            points=sum(done.points.values()),
-            parents=len(done.points),
-            reused=True,
-            duration_s=time.perf_counter() - started,
-        )
+    done = stored_extract(request, endpoint=endpoint)
+    if done is not None and done.status == "ok":
+        return replace(done, reused=True, duration_s=time.perf_counter() - started)
     try:
         read = read_parents(
             url, request.parents, config, credentials=request.s3_credentials, endpoint=endpoint
@@ -152,3 +214,36 @@ def extract_granule(
         bytes_written=written,
         duration_s=time.perf_counter() - started,
     )
+
+
+def stored_extract(
+    request: ExtractRequest, *, endpoint: S3Endpoint | None = None
+) -> ExtractResult | None:
+    """The outcome the store records for this extract, if it was made from the same inputs."""
+    config = request.pipeline_config()
+    store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
+    record = read_extract_record(store, config, request.granule_url)
+    fingerprint = extract_fingerprint(request.granule_url, request.parents, config)
+    if record is None or record.fingerprint != fingerprint:
+        return None
+    return ExtractResult(
+        url=record.url,
+        status=record.status,
+        points=sum(record.points.values()),
+        parents=len(record.points),
+        bytes_fetched=record.bytes_fetched,
+        reason=record.reason,
+    )
+
+
+def record_extract_failure(
+    request: ExtractRequest, reason: str, *, endpoint: S3Endpoint | None = None
+) -> None:
+    """Record that the granule has no fragments because its extract raised (``reason``)."""
+    config = request.pipeline_config()
+    store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
+    fingerprint = extract_fingerprint(request.granule_url, request.parents, config)
+    record = ExtractRecord(
+        url=request.granule_url, status="failed", fingerprint=fingerprint, reason=reason
+    )
+    write_extract_record(store, config, record)

@@ -26,6 +26,7 @@ from botocore.exceptions import (
 )
 
 from magg_core.errors import CredentialsRejectedError
+from magg_core.extract import ExtractRequest, ExtractResult
 from magg_core.request import CellRequest, CellResult
 
 READ_TIMEOUT_MARGIN_S = 30
@@ -55,7 +56,12 @@ class LambdaInvokeError(RuntimeError):
     retryable = False
 
     def __init__(
-        self, message: str, *, function_name: str | None = None, parent_morton: int | None = None
+        self,
+        message: str,
+        *,
+        function_name: str | None = None,
+        parent_morton: int | None = None,
+        granule: str | None = None,
     ):
         # ``args`` holds only the message and the keywords have defaults, so the
         # exception pickles (Prefect persists a failed task's exception) and
@@ -63,9 +69,11 @@ class LambdaInvokeError(RuntimeError):
         super().__init__(message)
         self.function_name = function_name
         self.parent_morton = parent_morton
+        self.granule = granule
 
     def __str__(self) -> str:
-        return f"{self.function_name} cell {self.parent_morton}: {self.args[0]}"
+        subject = f"granule {self.granule}" if self.granule else f"cell {self.parent_morton}"
+        return f"{self.function_name} {subject}: {self.args[0]}"
 
 
 class LambdaRequestRejected(LambdaInvokeError):
@@ -162,12 +170,29 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
         retry with fresh ones. Messages never contain the request's secrets.
     """
     where = {"function_name": function_name, "parent_morton": request.parent_morton}
+    return CellResult.from_dict(_invoke(client, request.to_event(), request, where))
+
+
+def invoke_extract(client: Any, function_name: str, request: ExtractRequest) -> ExtractResult:
+    """Invoke the handler with an extract event; as :func:`invoke_cell`, for one granule."""
+    where = {"function_name": function_name, "granule": request.name}
+    return ExtractResult.from_dict(_invoke(client, request.to_event(), request, where))
+
+
+def _invoke(
+    client: Any,
+    event: dict[str, Any],
+    request: CellRequest | ExtractRequest,
+    where: dict[str, Any],
+) -> dict[str, Any]:
+    """One synchronous invocation; the handler's 200 body, or the exception its answer means."""
+    function_name = where["function_name"]
     secrets = request.s3_credentials.secrets() if request.s3_credentials else ()
     try:
         response = client.invoke(
             FunctionName=function_name,
             InvocationType="RequestResponse",
-            Payload=json.dumps(request.to_event()).encode(),
+            Payload=json.dumps(event).encode(),
         )
     except ReadTimeoutError as exc:
         raise LambdaTimeout(f"no response: {exc}", **where) from None
@@ -192,13 +217,13 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
 
     status, body = _envelope(raw)
     if status == 200 and isinstance(body, dict):
-        return CellResult.from_dict(body)
+        return body
     detail = body.get("error", "") if isinstance(body, dict) else ""
     if status == 400:
         raise LambdaRequestRejected(_redact(f"rejected: {detail}", secrets), **where)
     if status == 500 and body.get("error_type") == CredentialsRejectedError.__name__:
         # S3 refused the credentials sent: the caller retries with fresh ones.
-        raise CredentialsRejectedError(_redact(f"cell {request.parent_morton}: {detail}", secrets))
+        raise CredentialsRejectedError(_redact(f"{function_name}: {detail}", secrets))
     if status == 500:
         raise LambdaCellError(_redact(f"cell failed: {detail}", secrets), **where)
     raise LambdaInvokeError(

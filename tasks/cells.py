@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -142,19 +143,25 @@ def replacing_rejected(credentials: Credentials | None, used: S3Credentials | No
 
 @cell_task
 def grid_cell_locally(
-    request: CellRequest, store_id: str, credentials: Credentials | None, timeout_s: int
+    request: CellRequest,
+    store_id: str,
+    credentials: Credentials | None,
+    timeout_s: int,
+    workers: Executor,
 ) -> CellResult:
-    """Run the cell in this process (a thread of the flow's task runner).
+    """Run the cell in one of this machine's worker processes (:mod:`tasks.workers`).
 
-    A thread cannot be interrupted, so the timeout is a deadline the cell
-    checks before aggregating and before writing: an attempt that overran
-    raises :class:`~magg_core.errors.CellTimeoutError` without writing, and
-    only then may a retry start, so no stale attempt writes after a newer one.
+    The task waits for the worker, so the timeout is a deadline the cell
+    checks before aggregating and before writing (``time.monotonic`` is one
+    clock for every process of the machine): an attempt that overran raises
+    :class:`~magg_core.errors.CellTimeoutError` without writing, and only then
+    may a retry start, so no stale attempt writes after a newer one.
     """
     request = replace(request, s3_credentials=fresh(credentials))
     deadline = time.monotonic() + timeout_s
     with replacing_rejected(credentials, request.s3_credentials):
-        return raise_if_incomplete(process_cell(request, deadline=deadline))
+        result = workers.submit(process_cell, request, deadline=deadline).result()
+        return raise_if_incomplete(result)
 
 
 @cell_task

@@ -16,6 +16,9 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 
 from magg_core.cell import record_failure
+from magg_core.config import PipelineConfig
+from magg_core.extract import ExtractResult
+from magg_core.fragments import delete_fragments
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import consolidate, open_store
 from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
@@ -51,6 +54,12 @@ def consolidate_store(store_url: str) -> None:
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def remove_fragments(store_url: str, config: PipelineConfig) -> None:
+    """Delete the run's fragments once every cell is complete (unless the run keeps them)."""
+    delete_fragments(open_store(store_url), config)
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def record_failed_cells(requests: Sequence[CellRequest], failures: Mapping[int, str]) -> None:
     """Leave a ``failed`` record for each cell whose task ended without a result.
 
@@ -67,6 +76,7 @@ def record_failed_cells(requests: Sequence[CellRequest], failures: Mapping[int, 
 def report_run(
     results: Sequence[CellResult],
     failures: Mapping[int, str],
+    extracts: Sequence[ExtractResult],
     *,
     wall_s: float,
     lambda_memory_mb: int,
@@ -91,6 +101,13 @@ def report_run(
     rows = cell_table(results, failures)
     create_table_artifact(rows, key="magg-cells", description=f"one row per cell of {store_url}")
     markdown = to_markdown(summary, title=f"magg run into {store_url}")
+    fetched = sum(e.bytes_fetched for e in extracts)
+    written = sum(e.bytes_written for e in extracts)
+    reused = sum(e.reused for e in extracts)
+    markdown += (
+        f"\n| extract | {len(extracts):,} granules ({reused:,} already in the store): "
+        f"{fetched / 1e6:,.1f} MB fetched, {written / 1e6:,.1f} MB of fragments |"
+    )
     incomplete = incomplete_cells(results, failures, accept_partial=accept_partial)
     if incomplete:
         markdown += (
@@ -113,6 +130,9 @@ def report_run(
     return {
         **asdict(summary),
         "failed_cells": [str(p) for p in incomplete],
+        "granules_extracted": len(extracts),
+        "extract_bytes_fetched": fetched,
+        "fragment_bytes_written": written,
         "store": store_url,
         "markdown": markdown,
     }
