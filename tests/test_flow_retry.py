@@ -22,6 +22,7 @@ from magg_core.errors import CellsFailedError
 from magg_core.plan import plan_cells
 from magg_core.store import create_template, open_store, read_template
 from tasks.cells import grid_cell_locally
+from tasks.workers import worker_pool
 from tests.flow_support import (
     SAMPLE,
     S3Error,
@@ -187,7 +188,8 @@ def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(slow_cell, proxy,
     def one_cell():
         # Same task, no backoff: the property is what is retried, not how long it waits.
         quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
-        return quick(request, store_id, None, TIMEOUT_S, return_state=True)
+        with worker_pool(1) as workers:
+            return quick(request, store_id, None, TIMEOUT_S, workers, return_state=True)
 
     state = one_cell()
     assert state.is_completed()

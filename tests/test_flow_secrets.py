@@ -38,6 +38,7 @@ from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials
 from magg_core.store import create_template, open_store, read_template
 from tasks.cells import grid_cell_locally
+from tasks.workers import worker_pool
 from tasks.credentials import CREDENTIAL_SOURCES, open_credentials
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
@@ -216,7 +217,9 @@ def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
     @flow
     def one_cell():
         quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
-        return quick(request, store_id, open_credentials("environment"), 60, return_state=True)
+        credentials = open_credentials("environment")
+        with worker_pool(1) as workers:
+            return quick(request, store_id, credentials, 60, workers, return_state=True)
 
     usual, proxy.fault = proxy.fault, refuse_once
     calls_before = len(proxy.calls)
