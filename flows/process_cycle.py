@@ -179,6 +179,8 @@ def process_cycle(
     provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
     store_id = prepare_store(store_url, pipeline, cell_catalog.parents, provenance)
 
+    # Only extracts read NSIDC's granules; cells read fragments from the output
+    # store with the backend's own identity, so they are handed no credentials.
     extracts = plan_extracts(requests)
     cells = [replace(r, from_fragments=True) for r in requests]
     progress = CellProgress(total=len(extracts) + len(cells))
@@ -186,13 +188,13 @@ def process_cycle(
         if backend == "local":
             n_workers = concurrency or default_workers()
             workers = stack.enter_context(worker_pool(n_workers))
-            window = 2 * n_workers  # one waiting in each worker's queue keeps it busy
+            window = n_workers
 
             def extract(request: ExtractRequest) -> PrefectFuture:
                 return extract_locally.submit(request, source, workers)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_locally.submit(request, store_id, source, cell_timeout_s, workers)
+                return grid_cell_locally.submit(request, store_id, None, cell_timeout_s, workers)
         elif backend == "lambda":
             window = lambda_concurrency(concurrency)
             client = lambda_client(aws_credentials_block, cell_timeout_s, window)
@@ -201,9 +203,7 @@ def process_cycle(
                 return extract_on_lambda.submit(request, source, client, lambda_function)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_on_lambda.submit(
-                    request, store_id, source, client, lambda_function
-                )
+                return grid_cell_on_lambda.submit(request, store_id, None, client, lambda_function)
         elif backend == "ecs":
             window = concurrency or ECS_CONCURRENCY
 
@@ -214,7 +214,7 @@ def process_cycle(
 
             def grid(request: CellRequest) -> PrefectFuture:
                 return grid_cell_on_ecs.submit(
-                    request, store_id, source, ecs_deployment, credentials_block
+                    request, store_id, None, ecs_deployment, credentials_block
                 )
         else:
             raise ValueError(f"backend must be local, lambda or ecs, got {backend!r}")
