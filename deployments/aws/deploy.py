@@ -4,7 +4,9 @@ One command for both the first deployment and every update, so the function's
 settings live here rather than in someone's shell history: Python 3.12 on
 arm64 (cheaper per GB-second than x86 and what the layer is built for),
 2,048 MB (a dense polar cell peaks at ~1.5 GB), a 720 s timeout (the flow's
-per-cell timeout matches it) and the seed's handler path.
+per-cell timeout matches it), the seed's handler path, and the store prefixes
+the function may write below (``MAGG_ALLOWED_STORES``, from ``--allowed-store``:
+the handler refuses any other store an event names, and every store when unset).
 
 The layer zip (~60 MB) is over the 50 MB limit of a direct upload, so it goes
 through an S3 bucket you own in the function's region. Credentials and
@@ -15,7 +17,8 @@ Usage::
 
     python -m deployments.aws.deploy \\
         --role-arn arn:aws:iam::ACCOUNT_ID:role/magg-lambda \\
-        --artifact-bucket my-deploy-bucket
+        --artifact-bucket my-deploy-bucket \\
+        --allowed-store s3://my-magg-output/atl06/
 
 The IAM permissions this needs, and those the function's role needs, are in
 ``deployments/aws/iam/``.
@@ -32,6 +35,7 @@ from typing import Any
 import boto3
 
 from deployments.aws.package import BUILD_DIR, HANDLER, LAMBDA_PYTHON
+from magg_core.urls import ALLOWED_STORES_VARIABLE, URLError, parse_allowed_stores
 
 FUNCTION_NAME = "magg-process-cell"
 """The name ``process-cycle`` invokes by default (its ``lambda_function``)."""
@@ -53,6 +57,8 @@ class FunctionSettings:
     handler: str = HANDLER
     memory_mb: int = MEMORY_MB
     timeout_s: int = TIMEOUT_S
+    allowed_stores: tuple[str, ...] = ()
+    """``s3://bucket/prefix/`` URLs the handler may write stores below."""
 
     def configuration(self, layer_arn: str) -> dict[str, Any]:
         return {
@@ -63,6 +69,7 @@ class FunctionSettings:
             "MemorySize": self.memory_mb,
             "Timeout": self.timeout_s,
             "Layers": [layer_arn],
+            "Environment": {"Variables": {ALLOWED_STORES_VARIABLE: ",".join(self.allowed_stores)}},
         }
 
 
@@ -125,20 +132,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.aws.deploy", description=__doc__)
     parser.add_argument("--role-arn", required=True, help="the function's execution role")
     parser.add_argument("--artifact-bucket", required=True, help="bucket for the layer upload")
+    parser.add_argument(
+        "--allowed-store",
+        action="append",
+        required=True,
+        metavar="S3_PREFIX",
+        help="s3://bucket/prefix/ the function may write stores below (repeatable); "
+        "the same prefixes as the role's policy",
+    )
     parser.add_argument("--function-name", default=FUNCTION_NAME)
     parser.add_argument("--function-zip", type=Path, default=BUILD_DIR / "function.zip")
     parser.add_argument("--layer-zip", type=Path, default=BUILD_DIR / "layer-arm64.zip")
     args = parser.parse_args(argv)
+    try:
+        prefixes = parse_allowed_stores(",".join(args.allowed_store))
+    except URLError as exc:
+        parser.error(f"--allowed-store: {exc}")
 
     layer_arn = publish_layer(args.layer_zip, args.artifact_bucket)
     print(f"layer: {layer_arn}")
-    settings = FunctionSettings(name=args.function_name, role_arn=args.role_arn)
+    settings = FunctionSettings(
+        name=args.function_name,
+        role_arn=args.role_arn,
+        allowed_stores=tuple(f"{prefix.url}/" for prefix in prefixes),
+    )
     configuration = deploy_function(args.function_zip, layer_arn, settings)
     print(
         f"function: {configuration['FunctionArn']} ({configuration['Runtime']}, "
         f"{'/'.join(configuration['Architectures'])}, {configuration['MemorySize']} MB, "
         f"{configuration['Timeout']} s, handler {configuration['Handler']})"
     )
+    print(f"writes stores below: {', '.join(settings.allowed_stores)}")
     return 0
 
 
