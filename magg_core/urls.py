@@ -162,7 +162,7 @@ def allowed_store(url: str, allowed: str | None) -> str:
         location = parse_s3_url(url)
     except URLError as exc:
         raise URLError(f"store_path {url[:200]!r}: {exc}") from None
-    if not location.segments or not any(location.is_within(p) for p in prefixes):
+    if not any(location.is_within(p) for p in prefixes):
         raise URLError(
             f"store_path {location.url[:200]!r} is not below a prefix allowed by "
             f"{ALLOWED_STORES_VARIABLE} ({', '.join(p.url + '/' for p in prefixes)})"
@@ -185,7 +185,7 @@ def _split(url: str) -> SplitResult:
 def _nsidc_https(url: str) -> S3Location:
     parts = _split(url)
     if parts.netloc.lower() != NSIDC_DATA_HOST:
-        host = (parts.hostname or parts.netloc)[:70]
+        host = parts.netloc.rpartition("@")[2][:70]  # user info may hold a password
         raise URLError(
             f"scheme 'https' of host {host!r} is not accepted: only {NSIDC_DATA_HOST} "
             f"(expected {ACCEPTED_GRANULES})"

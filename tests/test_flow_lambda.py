@@ -54,6 +54,7 @@ def fake(moto_server):
         "AWS_ENDPOINT_URL_S3": moto_server.url,
         "AWS_ACCESS_KEY_ID": moto_server.credentials.access_key_id,
         "AWS_SECRET_ACCESS_KEY": moto_server.credentials.secret_access_key,
+        "MAGG_ALLOWED_STORES": f"s3://{OUT}/",  # set by the deploy script
     }
     with FakeLambda() as fake:
         fake.add_function(CELL, timeout_s=60, environment=role, delay_s=SLOW_S)
