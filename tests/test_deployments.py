@@ -274,8 +274,10 @@ def test_lambda_deploy_creates_then_updates_the_function(tmp_path, moto_server, 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.credentials.access_key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.credentials.secret_access_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_server.endpoint.region)
-    role = boto3.client("iam").create_role(
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # only AWS_REGION, as in AWS
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_REGION", moto_server.endpoint.region)
+    role = boto3.client("iam", region_name="us-east-1").create_role(
         RoleName="magg-lambda",
         AssumeRolePolicyDocument=(
             REPO_ROOT / "deployments/aws/iam/lambda-trust-policy.json"
@@ -295,7 +297,7 @@ def test_lambda_deploy_creates_then_updates_the_function(tmp_path, moto_server, 
     assert lambda_deploy.main(argv) == 0  # create
     assert lambda_deploy.main(argv) == 0  # update; the same layer build → the same version
 
-    client = boto3.client("lambda")
+    client = boto3.client("lambda", region_name=moto_server.endpoint.region)
     config = client.get_function_configuration(FunctionName="magg-process-cell")
     assert config["Runtime"] == "python3.12" and config["Architectures"] == ["arm64"]
     assert (config["MemorySize"], config["Timeout"]) == (2048, 720)

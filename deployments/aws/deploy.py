@@ -10,8 +10,9 @@ the handler refuses any other store an event names, and every store when unset).
 
 The layer zip (~60 MB) is over the 50 MB limit of a direct upload, so it goes
 through an S3 bucket you own in the function's region. Credentials and
-region come from the usual AWS chain (``AWS_PROFILE``, ``AWS_DEFAULT_REGION``, …);
-``AWS_ENDPOINT_URL`` points it elsewhere (the tests use a moto server).
+region come from the usual AWS chain (``AWS_PROFILE``, ``AWS_REGION``,
+``AWS_DEFAULT_REGION``, …); ``AWS_ENDPOINT_URL`` points it elsewhere (the tests
+use a moto server).
 
 Usage::
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,15 @@ class FunctionSettings:
         }
 
 
+def aws_client(service: str) -> Any:
+    """A boto3 client in ``AWS_REGION`` if set, else botocore's region.
+
+    botocore ignores ``AWS_REGION``, which the AWS CLI v2 and the other SDKs
+    read first (it overrides ``AWS_DEFAULT_REGION`` and the profile's region).
+    """
+    return boto3.client(service, region_name=os.environ.get("AWS_REGION"))
+
+
 def publish_layer(zip_path: Path, bucket: str, *, layer_name: str = LAYER_NAME) -> str:
     """Upload the layer zip to ``bucket`` and publish it; returns the version's ARN.
 
@@ -82,12 +93,12 @@ def publish_layer(zip_path: Path, bucket: str, *, layer_name: str = LAYER_NAME) 
     """
     digest = hashlib.sha256(zip_path.read_bytes()).hexdigest()[:16]
     description = f"magg cell dependencies, build {digest}"
-    client = boto3.client("lambda")
+    client = aws_client("lambda")
     latest = client.list_layer_versions(LayerName=layer_name)["LayerVersions"][:1]
     if latest and latest[0].get("Description") == description:
         return latest[0]["LayerVersionArn"]  # this build is already the newest version
     key = f"magg/lambda/{layer_name}-{digest}.zip"
-    boto3.client("s3").upload_file(str(zip_path), bucket, key)
+    aws_client("s3").upload_file(str(zip_path), bucket, key)
     response = client.publish_layer_version(
         LayerName=layer_name,
         Description=description,
@@ -105,7 +116,7 @@ def deploy_function(zip_path: Path, layer_arn: str, settings: FunctionSettings) 
     refuses a configuration change while a code update is in progress; the
     waiter between them is the documented way to sequence them.
     """
-    client = boto3.client("lambda")
+    client = aws_client("lambda")
     code = zip_path.read_bytes()
     configuration = settings.configuration(layer_arn)
     try:
