@@ -163,6 +163,19 @@ def _assert_one_clear_line(name: str, err: str, code: int, named: str) -> None:
     assert lines[0].startswith("magg "), f"{name}:\n{err}"
 
 
+def _run_logs(**parameters: str) -> str:
+    """Everything the API holds of the one ``process-cycle`` run given these parameters."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        recent = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+        (run,) = [r for r in recent if parameters.items() <= r.parameters.items()]
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return "\n".join(log.message for log in logs)
+
+
 def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefect_server, tmp_path):
     """Each mistake as a user sees it: stderr of a fresh process, Prefect logging at INFO.
 
@@ -203,6 +216,7 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefec
 
     _, err = script.communicate(timeout=300)
     _assert_one_clear_line("yaml syntax", err, script.returncode, first[1])
+    assert "Traceback" in _run_logs(config=files["syntax.yaml"])  # kept where the UI shows it
     _, err = many.communicate(timeout=300)
     assert many.returncode == 0, err
     outputs = err.split(SEPARATOR)[1:]
