@@ -14,29 +14,78 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+from magg_core.urls import parse_s3_url
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Prefect reads these when first imported (lazily, by the commands below).
+    """Run one command; a user error is one line on stderr and a non-zero exit code.
+
+    Prefect's console logging is off unless ``--debug``: a failed flow run
+    logs its traceback there, while the error itself is what a user needs —
+    the run's logs, tracebacks included, still reach the Prefect API (the UI).
+    Prefect reads this when first imported, which the commands do lazily, so
+    it takes effect when ``main`` is the process's entry point (the ``magg``
+    script).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
     # Without a configured server, flows run on a temporary local one whose
     # start-up can exceed Prefect's 20 s default on a busy small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    parser = _parser()
-    args = parser.parse_args(argv)
+    if not args.debug:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     try:
         return args.command(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's job is a clear one-line error
-        if getattr(args, "debug", False):
+        if args.debug:
             raise
-        print(f"magg {args.name}: error: {exc}", file=sys.stderr)
+        print(f"magg {args.name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 
+def _one_line(exc: Exception) -> str:
+    """The error's first line: S3 clients and parsers append pages of detail."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] + (" (more with --debug)" if len(lines) > 1 else "")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: the usage of ``magg run`` alone is
+    five, and ``--help`` shows it to whoever wants it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _store_url(value: str) -> str:
+    """``--store``: a path, a ``file://`` URL or ``s3://bucket/prefix`` (``{cycle}`` allowed).
+
+    Checked here because the flow opens the store only after the catalog and
+    the plan, and a dry run never does.
+    """
+    try:
+        scheme = urlsplit(value).scheme.lower()
+        if scheme == "s3":
+            parse_s3_url(value.replace("{cycle}", "00"))
+        elif scheme not in ("", "file"):
+            raise ValueError(f"scheme {scheme!r} is not a store (use a path, file:// or s3://)")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value[:200]!r}: {exc}") from None
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magg", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser = _Parser(prog="magg", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show Prefect's logs and full tracebacks"
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the main job on the built-in sample")
@@ -54,11 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_selection(run)
     run.add_argument("--catalog", help="catalog file (skips the CMR query)")
     run.add_argument("--config", default="atl06", help="built-in config name or YAML path")
-    run.add_argument("--store", help="output store URL (default: the config's, per cycle)")
+    run.add_argument(
+        "--store", type=_store_url, help="output store URL (default: the config's, per cycle)"
+    )
     run.add_argument("--backend", choices=("local", "lambda", "ecs"), default="local")
     run.add_argument("--cells", nargs="+", help="only these parent morton words")
     run.add_argument("--max-cells", type=int)
     run.add_argument("--dry-run", action="store_true")
+    run.add_argument(
+        "--accept-partial",
+        action="store_true",
+        help="write cells that lost some granules (still reported 'partial'); exit 0 if none failed",
+    )
     run.add_argument(
         "--credentials", choices=("earthdata", "environment", "none"), default="earthdata"
     )
@@ -154,6 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         credentials=args.credentials,
         concurrency=args.concurrency,
         granule_mirror=args.granule_mirror,
+        accept_partial=args.accept_partial,
         lambda_function=args.lambda_function,
     )
     if args.dry_run:

@@ -20,7 +20,13 @@ from prefect.futures import PrefectFuture
 
 from magg_core.errors import CellFailedError, CellsFailedError
 from magg_core.extract import ExtractRequest
-from magg_core.plan import check_cell_timeout, plan_cells, plan_extracts, store_url_for
+from magg_core.plan import (
+    check_cell_timeout,
+    check_mirror,
+    plan_cells,
+    plan_extracts,
+    store_url_for,
+)
 from magg_core.request import CellRequest
 from tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
 from tasks.credentials import open_credentials
@@ -145,6 +151,7 @@ def process_cycle(
     logger = get_run_logger()
     started = time.monotonic()
     check_cell_timeout(cell_timeout_s)
+    check_mirror(granule_mirror, backend)
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     pipeline = load_pipeline_config(config)

@@ -138,33 +138,96 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None) -> Pipelin
     Raises
     ------
     ConfigError
-        If the file is missing or not YAML, or any key is missing or invalid.
+        If the file is missing, larger than :data:`MAX_CONFIG_BYTES`, not UTF-8
+        or not YAML, uses aliases, nests deeper than :data:`MAX_CONFIG_DEPTH`,
+        or any key is missing or invalid. Errors in a file start with its name.
     """
-    raw = _read_source(source)
-    return _parse(raw)
-
-
-def _read_source(source: str | Path | Mapping[str, Any] | None) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
-        return source
+        return _parse(source)
+    raw, where = _read_yaml(source)
+    try:
+        return _parse(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is a few kilobytes (the built-in one: ~3 KB); reading stops past 1 MiB,
+so pointing ``--config`` at a huge file (or ``/dev/zero``) is an error, not a hang."""
+MAX_CONFIG_DEPTH = 32
+"""Nesting a config needs is ~5 levels; PyYAML composes recursively and would
+die of ``RecursionError`` on a document nested thousands deep."""
+
+
+def _read_yaml(source: str | Path | None) -> tuple[Any, str]:
+    """The parsed YAML of a built-in name or a file, and how to name it in errors."""
     if source is None or (isinstance(source, str) and source in BUILTIN_CONFIGS):
         name = source or "atl06"
         text = resources.files("magg_core.configs").joinpath(f"{name}.yaml").read_text()
         where = f"built-in config {name!r}"
     else:
-        path = Path(source)
-        where = f"config file {str(path)!r}"
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from exc
+        where = f"config file {str(source)!r}"
+        text = _read_text(Path(source), where)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping at the top level, got {type(raw).__name__}")
-    return raw
+    return raw, where
+
+
+def _read_text(path: Path, where: str) -> str:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}): not a config") from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and with bounded nesting.
+
+    An alias repeats a node by reference, so a few lines of nested aliases
+    ("billion laughs") expand into more objects than memory holds once the
+    config is walked or copied; a config never needs one.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a config", mark
+            )
+        if self._depth >= MAX_CONFIG_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: where, then what."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return " ".join(str(exc).split())
 
 
 class _Section:
@@ -312,7 +375,8 @@ def _parse_statistic(path: str, name: Any, spec: Any, known: set[str]) -> Statis
     function = s.get("function", str)
     if function not in STAT_FUNCTIONS:
         raise ConfigError(
-            f"{s.key('function')}: unknown function {function!r} (known: {', '.join(STAT_FUNCTIONS)})"
+            f"{s.key('function')}: unknown function {function!r} "
+            f"(known: {', '.join(STAT_FUNCTIONS)})"
         )
     column = s.get("column", str, None)
     if function != "count" and column is None:

@@ -7,12 +7,14 @@ the catalog's ascending order, which is also the store's chunk order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
-from magg_core.catalog import Catalog, cell_word_problem
+from magg_core.catalog import Catalog, CatalogGranule, cell_word_problem
 from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.extract import ExtractRequest
 from magg_core.request import CellRequest
+from magg_core.urls import URLError, granule_url, parse_s3_url
 
 LAMBDA_MAX_TIMEOUT_S = 900
 MAX_CELL_TIMEOUT_S = min(LAMBDA_MAX_TIMEOUT_S, int(DEFAULT_MARGIN.total_seconds()))
@@ -98,7 +100,10 @@ def plan_cells(
         Only the first N of the selection (a cheap trial run).
     granule_mirror
         Read each granule as ``{granule_mirror}/{name}`` instead of its NSIDC
-        ``s3://`` URL: a local directory or a bucket holding copies.
+        ``s3://`` URL: a local directory (``file://`` or a path) or a bucket
+        prefix (``s3://``) holding copies. This is the operator's choice, and
+        the only way a cell reads local files: a catalog's own URLs must be
+        S3 objects, as a cell event's are (:func:`magg_core.urls.granule_url`).
     accept_partial
         Let partial cells write statistics (see :class:`CellRequest`).
 
@@ -106,7 +111,10 @@ def plan_cells(
     ------
     PlanError
         If the catalog's cells are not morton words of the config's parent
-        order (naming the first such cell), or the selection does not fit.
+        order (naming the first such cell), the selection does not fit the
+        catalog, a catalog granule URL is not an S3 object, a granule name is
+        not a plain file name (with a mirror), or a mirror is neither a
+        directory nor an ``s3://`` prefix.
     """
     check_catalog_cells(catalog, config.output.parent_order)
     parents = [int(p) for p in catalog.parents]
@@ -127,12 +135,13 @@ def plan_cells(
         selected = selected[:max_cells]
 
     config_dict = config.to_dict()
+    mirror = None if granule_mirror is None else _mirror_base(granule_mirror)
     return [
         CellRequest(
             parent_morton=parent,
             parent_order=config.output.parent_order,
             child_order=config.output.child_order,
-            granule_urls=tuple(_granule_urls(catalog, parent, granule_mirror)),
+            granule_urls=tuple(_granule_urls(catalog, parent, mirror)),
             store_path=store_url,
             chunk_idx=position[parent],
             config=config_dict,
@@ -142,10 +151,72 @@ def plan_cells(
     ]
 
 
+def check_mirror(mirror: str | None, backend: str) -> None:
+    """Refuse a local mirror for a backend whose cells cannot read local files.
+
+    Lambda and ECS cells receive their request as an event, which may name
+    only S3 objects (:meth:`CellRequest.from_event`); finding out in every
+    cell would cost a failed invocation each.
+
+    Raises
+    ------
+    PlanError
+        If ``mirror`` is a directory and ``backend`` is not ``local``.
+    """
+    if mirror is not None and backend != "local" and _is_local(mirror):
+        raise PlanError(
+            f"granule_mirror {mirror!r} is a local directory, which only the local backend "
+            f"reads: {backend} cells read S3 objects only — copy the granules to a bucket "
+            "and pass s3://bucket/prefix"
+        )
+
+
 def _granule_urls(catalog: Catalog, parent: int, mirror: str | None) -> list[str]:
+    granules = catalog.cells[parent]
     if mirror is None:
-        return catalog.urls(parent)
-    return [f"{mirror.rstrip('/')}/{g.name}" for g in catalog.cells[parent]]
+        return [_catalog_url(parent, g) for g in granules]
+    return [f"{mirror}/{_mirror_name(parent, g)}" for g in granules]
+
+
+def _catalog_url(parent: int, granule: CatalogGranule) -> str:
+    """The granule's canonical ``s3://`` URL; a catalog never names a local file."""
+    try:
+        return granule_url(granule.s3)
+    except URLError as exc:
+        raise PlanError(f"catalog cell {parent}: granule {granule.name!r}: {exc}") from None
+
+
+def _mirror_base(mirror: str) -> str:
+    """The mirror without a trailing slash; an ``s3://`` one normalised and checked."""
+    if not mirror.strip():
+        raise PlanError("granule_mirror is empty: give a directory or an s3:// prefix")
+    if _is_local(mirror):
+        return mirror.rstrip("/")
+    try:
+        return parse_s3_url(mirror).url
+    except URLError as exc:
+        raise PlanError(
+            f"granule_mirror {mirror!r} is neither a directory nor an s3:// prefix: {exc}"
+        ) from None
+
+
+def _mirror_name(parent: int, granule: CatalogGranule) -> str:
+    """The granule's name, if it is a plain file name: a catalog must not steer a
+    mirror read outside the mirror (``../../etc/passwd``)."""
+    name = granule.name
+    if name in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise PlanError(
+            f"catalog cell {parent}: granule name {name[:100]!r} is not a plain file name, "
+            "so it cannot be read from a mirror"
+        )
+    return name
+
+
+def _is_local(mirror: str) -> bool:
+    try:
+        return urlsplit(mirror).scheme.lower() in ("", "file")
+    except ValueError:  # not a URL at all: _mirror_base names the problem
+        return False
 
 
 def plan_extracts(requests: Sequence[CellRequest]) -> list[ExtractRequest]:

@@ -8,11 +8,12 @@ The request keeps the seed's Lambda event field-for-field (``parent_morton``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from magg_core.s3 import S3Credentials
+from magg_core.urls import URLError, granule_url
 
 CellStatus = Literal["ok", "empty", "no_granules", "partial", "failed"]
 """``partial``: some granules were read and some failed, so the cell's statistics
@@ -48,7 +49,18 @@ class CellRequest:
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> CellRequest:
-        """Validate a Lambda-style event; every problem is named in one error."""
+        """Validate a Lambda-style event; every problem is named in one error.
+
+        An event is untrusted, so its granules must be S3 objects
+        (:func:`magg_core.urls.granule_url`: ``s3://bucket/key``, or NSIDC's
+        ``https://`` form mapped to it); a local path or ``file://`` URL is
+        refused before anything is read.
+
+        Raises
+        ------
+        RequestError
+            Naming each bad field; for a granule URL, its index and scheme.
+        """
         if not isinstance(event, Mapping):
             raise RequestError(f"event must be a JSON object, got {type(event).__name__}")
         missing = [name for name in REQUIRED_FIELDS if name not in event]
@@ -69,6 +81,9 @@ class CellRequest:
         urls = event["granule_urls"]
         if not isinstance(urls, list | tuple) or not all(isinstance(u, str) for u in urls):
             problems.append("granule_urls must be a list of URL strings")
+        else:
+            urls, url_problems = _granule_urls(urls)
+            problems += url_problems
         if not isinstance(event["store_path"], str) or not event["store_path"]:
             problems.append(f"store_path must be a non-empty string, got {event['store_path']!r}")
         credentials = None
@@ -121,6 +136,27 @@ class CellRequest:
             if getattr(self, name):
                 event[name] = True
         return event
+
+
+MAX_URL_PROBLEMS = 3
+
+
+def _granule_urls(urls: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The canonical ``s3://`` URLs of an event's granules, and a problem per bad one.
+
+    Only the first few problems are spelled out: an event of thousands of bad
+    URLs must not produce a megabyte of error message.
+    """
+    canonical, problems = [], []
+    for i, url in enumerate(urls):
+        try:
+            canonical.append(granule_url(url))
+        except URLError as exc:
+            problems.append(f"granule_urls[{i}]: {exc}")
+    if len(problems) > MAX_URL_PROBLEMS:
+        more = len(problems) - MAX_URL_PROBLEMS
+        problems = [*problems[:MAX_URL_PROBLEMS], f"and {more} more bad granule URL(s)"]
+    return canonical, problems
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ class S3Credentials:
 
     def __repr__(self) -> str:
         # Show only a short, non-secret hint of which key this is.
-        return f"S3Credentials(access_key_id='{self.access_key_id[:4]}…', expiration={self.expiration!r})"
+        hint = f"{self.access_key_id[:4]}…"
+        return f"S3Credentials(access_key_id='{hint}', expiration={self.expiration!r})"
 
     __str__ = __repr__
 

@@ -325,7 +325,8 @@ async def _write_chunks(
     if not 0 <= chunk_idx < n_chunks:
         raise ValueError(f"chunk index {chunk_idx} is outside the store's {n_chunks} chunks")
     cells = slice(chunk_idx * per_parent, (chunk_idx + 1) * per_parent)
-    await asyncio.gather(*(array.setitem(cells, stats[name]) for name, array in zip(stats, arrays)))
+    writes = (array.setitem(cells, stats[name]) for name, array in zip(stats, arrays, strict=True))
+    await asyncio.gather(*writes)
 
 
 def consolidate(store: Store) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from botocore.config import Config
@@ -29,13 +30,19 @@ def lambda_client(
     Parameters
     ----------
     aws_credentials_block
-        A prefect-aws ``AwsCredentials`` block (endpoint, profile, keys); the
-        ambient AWS configuration when ``None``.
+        A prefect-aws ``AwsCredentials`` block (endpoint, profile, keys, region);
+        the ambient AWS configuration when ``None``. The region is the block's,
+        else ``AWS_REGION``, else ``AWS_DEFAULT_REGION`` or the profile's.
     function_timeout_s
         The deployed function's timeout.
     connections
         Invocations in flight at once: the connection pool must hold them all,
         or every call past botocore's default 10 opens and drops a connection.
+
+    Raises
+    ------
+    ValueError
+        If no region is configured anywhere.
     """
     credentials = (
         AwsCredentials.load(aws_credentials_block) if aws_credentials_block else AwsCredentials()
@@ -45,9 +52,28 @@ def lambda_client(
     params = credentials.aws_client_parameters.get_params_override()
     safe = lambda_client_config(function_timeout_s).merge(Config(max_pool_connections=connections))
     params["config"] = params["config"].merge(safe) if "config" in params else safe
-    return credentials.get_boto3_session().client(
-        "lambda", region_name=credentials.region_name, **params
-    )
+    session = credentials.get_boto3_session()
+    region = _region(credentials.region_name, session.region_name)
+    return session.client("lambda", region_name=region, **params)
+
+
+def _region(block: str | None, botocore: str | None) -> str:
+    """The block's region, else ``AWS_REGION``, else botocore's.
+
+    botocore reads ``AWS_DEFAULT_REGION`` and the profile's region but not
+    ``AWS_REGION``, which AWS's own runtimes (Lambda, ECS) set and which the
+    AWS CLI v2 and the other SDKs read first ("overrides AWS_DEFAULT_REGION
+    and the profile setting region", AWS CLI environment variables docs);
+    without it a run with only ``AWS_REGION`` failed with botocore's "You
+    must specify a region".
+    """
+    region = block or os.environ.get("AWS_REGION") or botocore
+    if not region:
+        raise ValueError(
+            "no AWS region for invoking Lambda: set AWS_REGION (or AWS_DEFAULT_REGION, a "
+            "profile's region, or region_name in the AwsCredentials block)"
+        )
+    return region
 
 
 def lambda_concurrency(limit: int | None) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from flows.cli import main
-from magg_core.catalog import load_catalog
+from magg_core.catalog import Catalog, CatalogGranule, catalog_from_records, load_catalog
 from magg_core.sample import write_sample
+from tests.deploy_support import BIN, clean_environment
 from tests.fakes.cmr import FakeCmr
 
 CYCLE = 22
@@ -98,3 +101,127 @@ def test_demo_runs_the_main_job_on_the_sample(prefect_server, tmp_path, capsys):
     assert (tmp_path / "demo" / "quicklook.png").stat().st_size > 10_000
     catalog = json.loads((tmp_path / "demo" / "catalog.json").read_text())
     assert catalog["metadata"]["cycle"] == CYCLE
+
+
+# -- user errors through the real ``magg`` script: what a user sees on the terminal ----
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(granules, tmp_path_factory) -> dict[str, Path]:
+    """Files a user might pass by mistake, each broken in one way."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    good = catalog_from_records([g.umm for g in granules], cycle=CYCLE)
+    files = {"catalog": good.write(root / "catalog.json")}
+    files["syntax.yaml"] = root / "syntax.yaml"
+    files["syntax.yaml"].write_text("name: x\ndata_source: [1, 2\n")
+    files["unknown-key.yaml"] = root / "unknown-key.yaml"
+    files["unknown-key.yaml"].write_text("name: x\ncolour: blue\n")
+    files["deep.yaml"] = root / "deep.yaml"
+    files["deep.yaml"].write_text("a: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    files["not-json.json"] = root / "not-json.json"
+    files["not-json.json"].write_text('{"metadata": {"cycle": 22}, "cells": {')
+    bad_field = json.loads(files["catalog"].read_text())
+    bad_field["cells"]["not-a-cell"] = []
+    files["bad-field.json"] = root / "bad-field.json"
+    files["bad-field.json"].write_text(json.dumps(bad_field))
+    parent, granules_of_parent = next(iter(good.cells.items()))
+    local = CatalogGranule(name=granules_of_parent[0].name, s3="/etc/passwd", https=None)
+    files["local-granule.json"] = Catalog(
+        metadata=good.metadata, cells={**good.cells, parent: (local,)}
+    ).write(root / "local-granule.json")
+    return files
+
+
+SEPARATOR = "=== magg case ==="
+MANY_RUNS = f"""
+import json, sys
+from flows.cli import main
+for args in json.loads(sys.argv[1]):
+    print({SEPARATOR!r}, file=sys.stderr, flush=True)
+    try:
+        code = main(args)
+    except SystemExit as exited:  # argparse's usage errors
+        code = exited.code
+    print(f"{SEPARATOR} exit {{code}}", file=sys.stderr, flush=True)
+"""
+"""``main`` for each argument list in turn, as the ``magg`` script calls it: one
+Prefect import for many cases instead of one per case."""
+
+
+def _start(command: list[str], api_url: str, home: Path) -> subprocess.Popen:
+    env = clean_environment(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
+    return subprocess.Popen(
+        command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _assert_one_clear_line(name: str, err: str, code: int, named: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0, f"{name}: exit {code}"
+    assert 1 <= len(lines) <= 2, f"{name}:\n{err}"
+    assert "Traceback" not in err and named in err, f"{name}:\n{err}"
+    assert lines[0].startswith("magg "), f"{name}:\n{err}"
+
+
+def _run_logs(**parameters: str) -> str:
+    """Everything the API holds of the one ``process-cycle`` run given these parameters."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        recent = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+        (run,) = [r for r in recent if parameters.items() <= r.parameters.items()]
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefect_server, tmp_path):
+    """Each mistake as a user sees it: stderr of a fresh process, Prefect logging at INFO.
+
+    The first through the ``magg`` script itself, the rest through ``main`` in
+    one more process; flow errors come from a real run on the test server.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    files = {name: str(path) for name, path in bad_inputs.items()}
+    run = ["run", "--credentials", "none", "--store", str(tmp_path / "out.zarr")]
+    with_catalog = [*run, "--catalog", files["catalog"]]
+    first = ([*with_catalog, "--config", files["syntax.yaml"]], files["syntax.yaml"])
+    cases = {
+        "unknown key": ([*with_catalog, "--config", files["unknown-key.yaml"]], "colour"),
+        "nested 20,000 deep": ([*with_catalog, "--config", files["deep.yaml"]], "deep.yaml"),
+        "missing config": ([*with_catalog, "--config", "/no/such/config.yaml"], "config.yaml"),
+        "catalog not json": ([*run, "--catalog", files["not-json.json"]], "not-json.json"),
+        "catalog bad field": ([*run, "--catalog", files["bad-field.json"]], "'not-a-cell'"),
+        "catalog names a local file": (
+            [*run, "--catalog", files["local-granule.json"]],
+            "scheme '' (a local path)",
+        ),
+        "unknown cell": ([*with_catalog, "--cells", "12345"], "12345"),
+        "bad store": (["run", "--catalog", files["catalog"], "--store", "ftp://b/x.zarr"], "ftp:"),
+        "catalog bad region": (
+            ["catalog", "--cycle", "22", "--region", "/no/r.geojson"],
+            "r.geojson",
+        ),
+        "catalog bad date": (
+            ["catalog", "--start-date", "22/01/2024", "--end-date", "2024-02-01"],
+            "22/01/2024",
+        ),
+    }
+    api = PREFECT_API_URL.value()
+    script = _start([str(BIN / "magg"), *first[0]], api, tmp_path / "home-script")
+    arguments = json.dumps([args for args, _ in cases.values()])
+    many = _start([str(BIN / "python"), "-c", MANY_RUNS, arguments], api, tmp_path / "home")
+
+    _, err = script.communicate(timeout=300)
+    _assert_one_clear_line("yaml syntax", err, script.returncode, first[1])
+    assert "Traceback" in _run_logs(config=files["syntax.yaml"])  # kept where the UI shows it
+    _, err = many.communicate(timeout=300)
+    assert many.returncode == 0, err
+    outputs = err.split(SEPARATOR)[1:]
+    assert len(outputs) == 2 * len(cases), err
+    endings = [(outputs[i], outputs[i + 1]) for i in range(0, len(outputs), 2)]
+    for name, (output, ending) in zip(cases, endings, strict=True):
+        code = int(ending.split("exit")[1])
+        _assert_one_clear_line(name, output, code, cases[name][1])

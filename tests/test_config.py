@@ -43,7 +43,15 @@ def test_builtin_config_matches_the_design():
     assert cfg.aggregation.columns == {"weight": Expression.parse("1 / h_li_sigma**2")}
     stats = {s.name: s for s in cfg.aggregation.statistics}
     assert list(stats) == [
-        "count", "h_min", "h_max", "h_mean", "h_sigma", "h_variance", "h_q25", "h_q50", "h_q75",
+        "count",
+        "h_min",
+        "h_max",
+        "h_mean",
+        "h_sigma",
+        "h_variance",
+        "h_q25",
+        "h_q50",
+        "h_q75",
     ]
     assert stats["count"].dtype == np.dtype("int32") and stats["count"].fill_value == 0
     assert stats["h_mean"].weights == "weight"
@@ -433,5 +441,88 @@ def test_malformed_yaml_file_reports_the_same_key(tmp_path):
     raw["aggregation"]["coordinates"]["morton"] = "int64"
     path = tmp_path / "int64.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with pytest.raises(ConfigError, match=r"^aggregation\.coordinates\.morton: must be uint64"):
+    with pytest.raises(
+        ConfigError, match=r"^config file '.*int64\.yaml': aggregation\.coordinates\.morton: must"
+    ):
         load_config(path)
+
+
+# --- hostile or broken files: one clear error naming the file, bounded time and memory ---
+
+
+def _one_line_error(path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"config file {str(path)!r}") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: " + "[" * 20_000 + "]" * 20_000, "line 1, column 35: nested deeper than 32 levels"),
+        ("".join(f"{' ' * i}k{i}:\n" for i in range(200)), "nested deeper than 32 levels"),
+        ("a: " + "{x: " * 20_000 + "1" + "}" * 20_000, "nested deeper than 32 levels"),
+    ],
+    ids=["flow-sequences", "block-mappings", "flow-mappings"],
+)
+def test_a_deeply_nested_file_is_refused_not_a_recursion_error(tmp_path, text, message):
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    assert message in _one_line_error(path)
+
+
+def test_aliases_are_refused_so_a_billion_laughs_cannot_expand(tmp_path):
+    levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, 10):  # 9**10 strings were it expanded
+        previous = chr(ord("a") + i - 1)
+        levels.append(f"{chr(ord('a') + i)}: &{chr(ord('a') + i)} [" + f"*{previous}, " * 9 + "]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(levels) + "\n")
+    assert "line 2, column 8: aliases (*name) are not allowed" in _one_line_error(path)
+
+
+def test_a_merge_key_is_an_alias_too(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {reader: h5coro}\ndata_source:\n  <<: *b\n")
+    assert "aliases (*name) are not allowed" in _one_line_error(path)
+
+
+def test_a_huge_file_is_refused_after_reading_a_bounded_prefix(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("w") as f:  # valid YAML, 2.5 MB
+        for i in range(150_000):
+            f.write(f"key{i}: value\n")
+    assert "is larger than 1 MiB: not a config" in _one_line_error(path)
+
+
+def test_a_device_that_never_ends_is_refused():
+    assert "is larger than 1 MiB" in _one_line_error("/dev/zero")
+
+
+def test_a_binary_file_is_refused_as_not_utf8(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"name: \xff\xfe\x00\n")
+    assert "is not UTF-8 text (byte 6)" in _one_line_error(path)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata_source: [1, 2\n")
+    assert _one_line_error(path).endswith(
+        "is not valid YAML: line 3, column 1: while parsing a flow sequence; "
+        "expected ',' or ']', but got '<stream end>'"
+    )
+
+
+def test_an_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "extra.yaml"
+    path.write_text(yaml.safe_dump({**_raw(), "extra": 1}, sort_keys=False))
+    assert "extra: unknown key (allowed: name, data_source" in _one_line_error(path)
+
+
+def test_a_python_tag_is_refused_by_the_safe_loader(tmp_path):
+    path = tmp_path / "tag.yaml"
+    path.write_text("name: !!python/object/apply:os.system [id]\n")
+    assert "could not determine a constructor" in _one_line_error(path)

@@ -274,8 +274,10 @@ def test_lambda_deploy_creates_then_updates_the_function(tmp_path, moto_server, 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.credentials.access_key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.credentials.secret_access_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_server.endpoint.region)
-    role = boto3.client("iam").create_role(
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # only AWS_REGION, as in AWS
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_REGION", moto_server.endpoint.region)
+    role = boto3.client("iam", region_name="us-east-1").create_role(
         RoleName="magg-lambda",
         AssumeRolePolicyDocument=(
             REPO_ROOT / "deployments/aws/iam/lambda-trust-policy.json"
@@ -289,22 +291,46 @@ def test_lambda_deploy_creates_then_updates_the_function(tmp_path, moto_server, 
     argv = [
         "--role-arn", role, "--artifact-bucket", "magg-deploy-artifacts",
         "--function-zip", str(function.path), "--layer-zip", str(layer),
+        "--allowed-store", "s3://magg-output/atl06", "--allowed-store", "S3://magg-output/x/../y/",
     ]  # fmt: skip
 
     assert lambda_deploy.main(argv) == 0  # create
     assert lambda_deploy.main(argv) == 0  # update; the same layer build → the same version
 
-    client = boto3.client("lambda")
+    client = boto3.client("lambda", region_name=moto_server.endpoint.region)
     config = client.get_function_configuration(FunctionName="magg-process-cell")
     assert config["Runtime"] == "python3.12" and config["Architectures"] == ["arm64"]
     assert (config["MemorySize"], config["Timeout"]) == (2048, 720)
     assert config["Handler"] == "deployments.aws.lambda_handler.lambda_handler"
     digest = base64.b64encode(hashlib.sha256(function.path.read_bytes()).digest()).decode()
     assert config["CodeSha256"] == digest
+    assert config["Environment"]["Variables"] == {
+        "MAGG_ALLOWED_STORES": "s3://magg-output/atl06/,s3://magg-output/y/"
+    }
     versions = client.list_layer_versions(LayerName="magg-layer-arm64")["LayerVersions"]
     assert len(versions) == 1
     assert [layer["Arn"] for layer in config["Layers"]] == [versions[0]["LayerVersionArn"]]
     assert versions[0]["CompatibleArchitectures"] == ["arm64"]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "message"),
+    [
+        ([], "the following arguments are required: --allowed-store"),
+        (["--allowed-store", "/local/stores"], "scheme '' is not s3"),
+        (["--allowed-store", "s3://Not_A_Bucket/x"], "not a valid S3 bucket name"),
+    ],
+    ids=["missing", "local-path", "bad-bucket"],
+)
+def test_lambda_deploy_needs_valid_allowed_stores_before_touching_aws(
+    allowed, message, monkeypatch, capsys
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens here
+    argv = ["--role-arn", "arn:aws:iam::123456789012:role/r", "--artifact-bucket", "b"]
+    with pytest.raises(SystemExit) as exited:
+        lambda_deploy.main([*argv, *allowed])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def _pypi_reachable() -> bool:
@@ -395,6 +421,7 @@ def _run_in_sandbox(tmp_path: Path, moto_server) -> dict:
             "AWS_ACCESS_KEY_ID": moto_server.credentials.access_key_id,
             "AWS_SECRET_ACCESS_KEY": moto_server.credentials.secret_access_key,
             "AWS_REGION": moto_server.endpoint.region,
+            "MAGG_ALLOWED_STORES": "s3://magg-layer-test/",
         },
     )
     assert result.returncode == 0, result.stderr[-3000:]

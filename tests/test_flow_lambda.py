@@ -22,7 +22,10 @@ from prefect_aws import AwsClientParameters, AwsCredentials
 
 from flows.process_cycle import process_cycle
 from magg_core.config import load_config
+from magg_core.grid import point_morton
+from magg_core.lambda_client import invoke_cell
 from magg_core.plan import plan_cells
+from magg_core.request import CellRequest
 from magg_core.store import create_template, open_store, read_template
 from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, grid_cell_on_lambda
 from tasks.lambda_backend import DEFAULT_LAMBDA_CONCURRENCY, lambda_client, lambda_concurrency
@@ -54,6 +57,7 @@ def fake(moto_server):
         "AWS_ENDPOINT_URL_S3": moto_server.url,
         "AWS_ACCESS_KEY_ID": moto_server.credentials.access_key_id,
         "AWS_SECRET_ACCESS_KEY": moto_server.credentials.secret_access_key,
+        "MAGG_ALLOWED_STORES": f"s3://{OUT}/",  # set by the deploy script
     }
     with FakeLambda() as fake:
         fake.add_function(CELL, timeout_s=60, environment=role, delay_s=SLOW_S)
@@ -207,3 +211,44 @@ def test_the_concurrency_limit_is_created_once_then_left_to_the_operator(prefect
         assert lambda_concurrency(3) == 3
         limit = client.read_global_concurrency_limit_by_name(LAMBDA_CONCURRENCY_LIMIT)
     assert limit.limit == 3
+
+
+@pytest.fixture
+def only_aws_region(fake, monkeypatch, tmp_path):
+    """The ambient AWS configuration of a container: keys and ``AWS_REGION``, nothing else."""
+    for name in ("AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-invoker")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-invoker-secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_LAMBDA", fake.url)
+    monkeypatch.setenv("AWS_REGION", "eu-north-1")
+    return monkeypatch
+
+
+def test_the_lambda_client_takes_the_region_from_aws_region_alone(
+    only_aws_region, fake, moto_server, bucket
+):
+    store = f"s3://{OUT}/region.zarr"
+    parent = int(point_morton(np.array([-75.0]), np.array([123.0]), 6)[0])
+    with pytest.MonkeyPatch.context() as env:
+        ambient_s3(env, moto_server)
+        create_template(open_store(store), load_config(), [parent], {})
+    request = CellRequest(parent, 6, 12, (), store, chunk_idx=0)
+
+    client = lambda_client(None, 60, 1)
+
+    assert client.meta.region_name == "eu-north-1"
+    assert invoke_cell(client, THROTTLED, request).status == "no_granules"
+    assert fake.invocations(THROTTLED)[-1].outcome == "ok"
+
+
+def test_aws_region_is_overridden_by_the_blocks_region(only_aws_region, block):
+    assert lambda_client(block, 60, 1).meta.region_name == "us-west-2"
+
+
+def test_no_region_anywhere_is_a_clear_error(only_aws_region):
+    only_aws_region.delenv("AWS_REGION")
+    with pytest.raises(ValueError, match="no AWS region for invoking Lambda: set AWS_REGION"):
+        lambda_client(None, 60, 1)

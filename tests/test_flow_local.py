@@ -170,3 +170,30 @@ def test_demo_runs_from_a_fresh_clone(tmp_path):
         oracle=reference_statistics(paths),
     )
     assert_store_matches_oracle(str(demo / "atl06.zarr"), demo_sample)
+
+
+def test_magg_run_fails_on_a_partial_cell_unless_told_to_accept_it(local_run, tmp_path, capsys):
+    """One granule missing from the mirror: its cells are partial, never ok."""
+    sample = local_run.sample
+    mirror = tmp_path / "mirror"
+    shutil.copytree(sample.catalog_path.parent / "granules", mirror)
+    cells = {p: [g.name for g in sample.catalog.cells[p]] for p in sample.parents}
+    lost = next(n for names in cells.values() if len(names) > 1 for n in names)
+    (mirror / lost).unlink()
+    touched = {p for p, names in cells.items() if lost in names}
+    partial = {p for p in touched if len(cells[p]) > 1}
+    run = ["run", "--catalog", str(sample.catalog_path), "--credentials", "none"]
+    run += ["--granule-mirror", str(mirror), "--cells", *map(str, sorted(partial))]
+
+    strict = main([*run, "--store", str(tmp_path / "strict.zarr")])
+    strict_out = capsys.readouterr().out
+    accepting = main([*run, "--store", str(tmp_path / "accepted.zarr"), "--accept-partial"])
+    accepted_out = capsys.readouterr().out
+    inspected = main(["inspect", str(tmp_path / "accepted.zarr")])
+    inspect_out = capsys.readouterr().out
+
+    assert (strict, accepting, inspected) == (1, 0, 0)
+    assert f"(partial: {len(partial)})" in strict_out
+    assert f"**{len(partial)} cells incomplete**" in strict_out
+    assert f"**{len(partial)} partial cells accepted**" in accepted_out
+    assert f"partial {len(partial)}" in inspect_out and lost in inspect_out

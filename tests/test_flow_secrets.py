@@ -250,6 +250,7 @@ def lambda_runs(local_run, source, proxy, moto_server, logs):
         "AWS_ENDPOINT_URL_S3": proxy.url,
         "AWS_ACCESS_KEY_ID": moto_server.credentials.access_key_id,
         "AWS_SECRET_ACCESS_KEY": moto_server.credentials.secret_access_key,
+        "MAGG_ALLOWED_STORES": f"s3://{OUT}/",
     }
     with FakeLambda() as fake, pytest.MonkeyPatch.context() as env:
         fake.add_function(CELL, environment=role)

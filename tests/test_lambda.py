@@ -60,6 +60,11 @@ S3_DENIED = "magg-cell-s3-denied"
 LEAKY = "magg-leaky-raiser"
 CRASHES = "magg-crasher"
 WRONG_SHAPE = "magg-wrong-shape"
+NO_ALLOW_LIST = "magg-cell-no-allow-list"
+
+ALLOWED = "s3://magg-lambda-out/allowed"
+"""The functions' ``MAGG_ALLOWED_STORES``: no trailing slash, so a prefix check on
+strings (rather than path segments) would wrongly allow ``.../allowed-not/``."""
 
 FUNCTION_TIMEOUT_S = 60
 SLOW_DELAY_S = 2.5
@@ -101,6 +106,11 @@ class World:
     spare_parent: int
     lambda_store: str
     local_store: str
+    local_granules: tuple[str, ...]
+    """The same granules as local files: readable, were a handler to accept a path."""
+    foreign_stores: dict[str, str]
+    """Stores with this world's template that the allow-list must refuse: the
+    URL an event names → the store it really is."""
 
     def request(self, store: str, parent: int | None = None, **changes) -> CellRequest:
         parent = self.data_parent if parent is None else parent
@@ -131,6 +141,7 @@ def world(moto_server, tmp_path_factory) -> World:
     granules = write_sample(granule_dir, n_granules=2, extent_km=120.0, seed=7)
     moto_server.create_bucket("magg-lambda-in")
     moto_server.create_bucket("magg-lambda-out")
+    moto_server.create_bucket("magg-lambda-out-evil")
     urls = moto_server.upload_dir(granule_dir, "magg-lambda-in", "ATLAS/ATL06/007")
 
     words = []
@@ -145,12 +156,15 @@ def world(moto_server, tmp_path_factory) -> World:
     data_parent, spare_parent = int(ranked[0]), int(ranked[1])
 
     config = load_config()
-    stores = {}
-    for name in ("lambda", "local"):
-        url = f"s3://magg-lambda-out/{name}.zarr"
+    stores = {
+        "lambda": f"{ALLOWED}/lambda.zarr",
+        "local": "s3://magg-lambda-out/local.zarr",
+        "sibling": "s3://magg-lambda-out/allowed-not/cell.zarr",
+        "other bucket": "s3://magg-lambda-out-evil/allowed/cell.zarr",
+    }
+    for url in stores.values():
         store = open_store(url, credentials=moto_server.credentials, endpoint=moto_server.endpoint)
         create_template(store, config, sorted((data_parent, spare_parent)), {"test": "lambda"})
-        stores[name] = url
     return World(
         s3=moto_server,
         config=config,
@@ -160,6 +174,13 @@ def world(moto_server, tmp_path_factory) -> World:
         spare_parent=spare_parent,
         lambda_store=stores["lambda"],
         local_store=stores["local"],
+        local_granules=tuple(str(g.path) for g in granules),
+        foreign_stores={
+            stores["sibling"]: stores["sibling"],
+            stores["other bucket"]: stores["other bucket"],
+            f"{ALLOWED}/../local.zarr": stores["local"],
+            "S3://magg-lambda-out/allowed/./../local.zarr/": stores["local"],
+        },
     )
 
 
@@ -214,9 +235,12 @@ def fake(world, denying_s3, no_prefect):
         "AWS_ENDPOINT_URL_S3": world.s3.url,
         "AWS_ACCESS_KEY_ID": world.s3.credentials.access_key_id,
         "AWS_SECRET_ACCESS_KEY": world.s3.credentials.secret_access_key,
+        "MAGG_ALLOWED_STORES": ALLOWED,
     }
     with FakeLambda() as fake:
         fake.add_function(CELL, timeout_s=FUNCTION_TIMEOUT_S, environment=env)
+        no_allow_list = {k: v for k, v in env.items() if k != "MAGG_ALLOWED_STORES"}
+        fake.add_function(NO_ALLOW_LIST, timeout_s=FUNCTION_TIMEOUT_S, environment=no_allow_list)
         fake.add_function(SLOW, timeout_s=FUNCTION_TIMEOUT_S, environment=env, delay_s=SLOW_DELAY_S)
         fake.add_function(TIMES_OUT, timeout_s=2, environment=env, delay_s=30)
         fake.add_function(THROTTLED, timeout_s=FUNCTION_TIMEOUT_S, environment=env)
@@ -356,17 +380,135 @@ def test_cell_missing_from_the_store_template_is_rejected(world, client):
     assert not is_retryable(caught.value)
 
 
-def test_handler_masks_credentials_echoed_by_an_error(world, capsys):
+def test_handler_masks_credentials_echoed_by_an_error(world, capsys, monkeypatch):
+    monkeypatch.setenv("MAGG_ALLOWED_STORES", ALLOWED)
     secret = world.s3.credentials.secret_access_key
     event = world.request(f"ftp://bucket/{secret}.zarr").to_event()
 
     response = lambda_handler(event, None)  # called locally: no Lambda context
-    assert response["statusCode"] == 500
+    assert response["statusCode"] == 400
     error = json.loads(response["body"])["error"]
-    assert "unsupported store URL" in error and "***" in error
+    assert "scheme 'ftp' is not s3" in error and "***" in error
     log = capsys.readouterr().out
     assert json.loads(log)["error"] == error
     assert_no_secrets(world, response["body"], log)
+
+
+# -- untrusted URLs: granules must be S3 objects, stores below the allow-list ----------
+
+
+def _store_objects(world: World, url: str) -> dict[str, str]:
+    """Every object of a store: key → ETag (what a write would change)."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    pages = world.s3.client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix.rstrip("/") + "/"
+    )
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def _invoke_event(client, name: str, event: dict) -> tuple[int, str, str]:
+    """Invoke with a raw event; the handler's status, error (if any) and raw payload."""
+    response = client.invoke(FunctionName=name, Payload=json.dumps(event).encode())
+    raw = response["Payload"].read().decode()
+    assert "FunctionError" not in response, raw
+    payload = json.loads(raw)
+    return payload["statusCode"], json.loads(payload["body"]).get("error", ""), raw
+
+
+def test_local_files_named_by_an_event_are_refused_unread(world, fake, client):
+    """The issue's event: before, the handler read both and echoed their first bytes."""
+    event = world.request(world.lambda_store).to_event()
+    event["granule_urls"] = ["/proc/self/environ", "file:///etc/passwd"]
+
+    status, error, raw = _invoke_event(client, CELL, event)
+
+    assert status == 400
+    assert "granule_urls[0]: scheme '' (a local path) is not accepted" in error
+    assert "granule_urls[1]: scheme 'file' (a local file) is not accepted" in error
+    assert "root:" not in raw and "PATH=" not in raw  # /etc/passwd, the environment
+    line = handler_log(fake, CELL)
+    assert line["statusCode"] == 400 and "files_processed" not in line
+    assert_no_secrets(world, raw, fake.invocations(CELL)[-1].output)
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ("{local}", "scheme '' (a local path)"),
+        ("relative/ATL06_20181014103720_02410111_007_01.h5", "scheme '' (a local path)"),
+        ("file://{local}", "scheme 'file' (a local file)"),
+        ("http://127.0.0.1:9/ATL06.h5", "scheme 'http'"),
+        ("https://evil.example/x.h5", "scheme 'https' of host 'evil.example'"),
+        (
+            "https://data.nsidc.earthdatacloud.nasa.gov@evil.example/b/x.h5",
+            "scheme 'https' of host 'evil.example'",
+        ),
+        ("s3:/x", "s3 URL has no bucket"),
+        ("", "empty granule URL"),
+        ("s3://magg-lambda-in/../etc/passwd", "'..' climbs above the bucket"),
+        ("s3://magg-lambda-in", "s3 URL of bucket 'magg-lambda-in' names no object"),
+    ],
+    ids=[
+        "abs-path", "relative-path", "file-url", "http", "https-other-host",
+        "https-userinfo-trick", "s3-no-bucket", "empty", "s3-dotdot", "s3-bucket-only",
+    ],
+)  # fmt: skip
+def test_granule_urls_that_are_not_s3_objects_are_refused_naming_index_and_scheme(
+    world, s3_env, monkeypatch, capsys, bad, named
+):
+    """Every shape through the real handler, in-process (the fake runs the same code)."""
+    monkeypatch.setenv("MAGG_ALLOWED_STORES", ALLOWED)
+    before = _store_objects(world, world.lambda_store)
+    event = world.request(world.lambda_store).to_event()
+    event["granule_urls"] = [world.granule_urls[0], bad.format(local=world.local_granules[1])]
+
+    response = lambda_handler(event, None)
+
+    assert response["statusCode"] == 400, response
+    error = json.loads(response["body"])["error"]
+    assert f"granule_urls[1]: {named}" in error and "granule_urls[0]" not in error
+    assert json.loads(capsys.readouterr().out)["statusCode"] == 400
+    assert _store_objects(world, world.lambda_store) == before  # nothing ran
+
+
+def test_other_spellings_of_an_s3_object_read_the_same_granules(world, fake, client):
+    """``S3://`` is ``s3://``; NSIDC's https form is mapped to its ``s3://`` object."""
+    first, second = world.granule_urls
+    https = "https://DATA.nsidc.earthdatacloud.nasa.gov/" + second.removeprefix("s3://")
+    spelled = world.request(
+        world.lambda_store, granule_urls=("S3://" + first.removeprefix("s3://"), https)
+    )
+
+    result = invoke_cell(client, CELL, spelled)
+    canonical = invoke_cell(client, CELL, world.request(world.lambda_store))
+
+    assert result.status == "ok" and result.files_processed == 2 and not result.files_failed
+    assert _comparable(result) == _comparable(canonical)
+
+
+@pytest.mark.parametrize("index", range(4), ids=["sibling", "other-bucket", "dotdot", "S3-dot"])
+def test_a_store_outside_the_allow_list_is_refused_untouched(world, fake, client, index):
+    named, real = list(world.foreign_stores.items())[index]
+    before = _store_objects(world, real)
+    assert before  # a valid template: only the allow-list stands in the way
+
+    status, error, raw = _invoke_event(client, CELL, world.request(named).to_event())
+
+    assert status == 400
+    assert "is not below a prefix allowed by MAGG_ALLOWED_STORES" in error
+    assert f"({ALLOWED}/)" in error
+    assert _store_objects(world, real) == before
+    assert_no_secrets(world, raw)
+
+
+def test_without_an_allow_list_the_function_writes_no_store(world, fake, client):
+    before = _store_objects(world, world.lambda_store)
+
+    event = world.request(world.lambda_store).to_event()
+    status, error, _ = _invoke_event(client, NO_ALLOW_LIST, event)
+
+    assert status == 400 and error.startswith("MAGG_ALLOWED_STORES is not set")
+    assert _store_objects(world, world.lambda_store) == before
 
 
 # -- failures ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from magg_core.plan import (
     MAX_CELL_TIMEOUT_S,
     PlanError,
     check_cell_timeout,
+    check_mirror,
     cycle_store,
     plan_cells,
     store_url_for,
@@ -89,6 +91,78 @@ def test_a_mirror_replaces_where_granules_are_read(catalog, mirror):
     (request,) = plan_cells(catalog, load_config(), "x.zarr", cells=[A], granule_mirror=mirror)
     base = mirror.rstrip("/")
     assert request.granule_urls == (f"{base}/{G1}", f"{base}/{G2}")
+
+
+@pytest.mark.parametrize(
+    ("mirror", "base"),
+    [
+        ("S3://copies/a/./atl06//", "s3://copies/a/atl06"),
+        ("file:///data/atl06/", "file:///data/atl06"),
+    ],
+)
+def test_a_mirror_is_normalised(catalog, mirror, base):
+    (request,) = plan_cells(catalog, load_config(), "x.zarr", cells=[A], granule_mirror=mirror)
+    assert request.granule_urls == (f"{base}/{G1}", f"{base}/{G2}")
+
+
+@pytest.mark.parametrize(
+    ("mirror", "message"),
+    [
+        ("https://copies.example/atl06", "neither a directory nor an s3:// prefix: scheme 'https'"),
+        ("s3://Copies/atl06", "not a valid S3 bucket name"),
+        ("", "granule_mirror is empty"),
+    ],
+)
+def test_a_mirror_that_is_neither_a_directory_nor_a_bucket_is_refused(catalog, mirror, message):
+    with pytest.raises(PlanError, match=message):
+        plan_cells(catalog, load_config(), "x.zarr", granule_mirror=mirror)
+
+
+def _with_granule(catalog: Catalog, name: str, s3: str) -> Catalog:
+    cells = {**catalog.cells, B: (CatalogGranule(name=name, s3=s3, https=None),)}
+    return Catalog(metadata=catalog.metadata, cells=cells)
+
+
+@pytest.mark.parametrize(
+    ("s3", "message"),
+    [
+        ("/etc/passwd", "scheme '' (a local path) is not accepted"),
+        ("file:///etc/passwd", "scheme 'file' (a local file) is not accepted"),
+        ("https://evil.example/x.h5", "scheme 'https' of host 'evil.example' is not accepted"),
+    ],
+)
+def test_a_catalog_never_names_a_local_file(catalog, s3, message):
+    """Local files are the operator's mirror only, never a catalog entry (which may come
+    from anyone): the plan refuses it, naming the cell and the granule."""
+    bad = _with_granule(catalog, G3, s3)
+    with pytest.raises(PlanError, match=re.escape(f"catalog cell {B}: granule '{G3}': {message}")):
+        plan_cells(bad, load_config(), "x.zarr")
+    # With a mirror, the catalog's URL is not used; the request reads the mirror's copy.
+    (request,) = plan_cells(bad, load_config(), "x.zarr", cells=[B], granule_mirror="/m")
+    assert request.granule_urls == (f"/m/{G3}",)
+
+
+def test_a_catalogs_nsidc_https_url_is_read_as_its_s3_object(catalog):
+    https = f"https://data.nsidc.earthdatacloud.nasa.gov/nsidc-cumulus-prod-protected/x/{G3}"
+    (request,) = plan_cells(_with_granule(catalog, G3, https), load_config(), "x.zarr", cells=[B])
+    assert request.granule_urls == (f"s3://nsidc-cumulus-prod-protected/x/{G3}",)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "sub/x.h5", "..", "a\\b.h5", "x\n.h5"])
+def test_a_catalog_granule_name_cannot_leave_the_mirror(catalog, name):
+    bad = _with_granule(catalog, name, f"s3://nsidc-cumulus-prod-protected/{G3}")
+    with pytest.raises(PlanError, match=f"catalog cell {B}: granule name .* is not a plain file"):
+        plan_cells(bad, load_config(), "x.zarr", granule_mirror="/data/atl06")
+
+
+@pytest.mark.parametrize("backend", ["lambda", "ecs"])
+@pytest.mark.parametrize("mirror", ["/data/atl06", "file:///data/atl06", "rel/atl06"])
+def test_a_local_mirror_is_for_the_local_backend_only(backend, mirror):
+    with pytest.raises(PlanError, match=f"only the local backend reads: {backend} cells"):
+        check_mirror(mirror, backend)
+    check_mirror(mirror, "local")
+    check_mirror("s3://copies/atl06", backend)
+    check_mirror(None, backend)
 
 
 def test_the_default_store_is_the_configs_for_the_cycle(catalog):

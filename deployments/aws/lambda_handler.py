@@ -3,7 +3,8 @@
 The event and the ``{"statusCode", "body"}`` answer are the seed's, so existing
 orchestrators keep working: 200 carries the :class:`CellResult` (also when the
 cell's status is ``failed`` — that is an outcome, and the caller decides what
-to do with it), 400 a request that can never run (missing fields, a config
+to do with it), 400 a request that can never run (missing fields, a granule
+that is not an S3 object, a store outside the operator's allow-list, a config
 that does not validate, a store without this cell in its template), 500
 anything unexpected, which is worth a retry (its body names the exception's
 type in ``error_type``, so the caller can tell refused credentials apart).
@@ -17,9 +18,11 @@ The handler is configured as ``deployments.aws.lambda_handler.lambda_handler``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from magg_core.cell import process_cell
@@ -27,8 +30,9 @@ from magg_core.config import ConfigError
 from magg_core.errors import CellDataError
 from magg_core.request import CellRequest, CellResult, RequestError
 from magg_core.store import TemplateMismatchError
+from magg_core.urls import ALLOWED_STORES_VARIABLE, URLError, allowed_store
 
-CALLER_ERRORS = (RequestError, ConfigError, TemplateMismatchError, CellDataError)
+CALLER_ERRORS = (RequestError, URLError, ConfigError, TemplateMismatchError, CellDataError)
 """Failures that repeat on every attempt until the caller changes something: 400."""
 
 
@@ -38,8 +42,11 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     Parameters
     ----------
     event
-        The cell request as a Lambda event (see :meth:`CellRequest.from_event`).
-        Its ``config`` is validated by :func:`process_cell` before any work.
+        The cell request as a Lambda event (see :meth:`CellRequest.from_event`:
+        its granules must be S3 objects). Its ``store_path`` must lie below a
+        prefix of the function's ``MAGG_ALLOWED_STORES`` (set at deploy time;
+        unset refuses every store). Its ``config`` is validated by
+        :func:`process_cell` before any work.
     context
         The Lambda context; only ``aws_request_id`` is used, for the log line.
 
@@ -58,7 +65,8 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     }
     try:
         request = CellRequest.from_event(event)
-        result = process_cell(request)
+        store = allowed_store(request.store_path, os.environ.get(ALLOWED_STORES_VARIABLE))
+        result = process_cell(replace(request, store_path=store))
     except CALLER_ERRORS as exc:
         status, body = 400, {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - anything else is the 500 answer
