@@ -4,7 +4,9 @@ Retried like a cell on transient failures, with fresh credentials after S3
 refused them. Not cached by Prefect: the store itself says which granules
 are extracted (their extract records), so a retried or later run re-reads
 only granules whose fragments are missing or stale -- including after a run
-removed its fragments, which a Prefect cache entry would not know about.
+removed its fragments, which a Prefect cache entry would not know about. A
+granule the store already holds costs one GET here, not an invocation or a
+child run.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def extract_on_lambda(
     request: ExtractRequest, credentials: Credentials | None, lambda_client: Any, function_name: str
 ) -> ExtractResult:
     """Invoke the deployed function with an extract event, once per attempt."""
+    if (done := _already_extracted(request)) is not None:
+        return done
     with concurrency(
         LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False
     ):
@@ -86,6 +90,8 @@ def extract_on_ecs(
     credentials_block: str,
 ) -> ExtractResult:
     """Run the extract as a child flow run of the ``extract-granule`` deployment."""
+    if (done := _already_extracted(request)) is not None:
+        return done
     used = publish_credentials(credentials, credentials_block)
     with replacing_rejected(credentials, used):
         flow_run = run_deployment(
@@ -106,6 +112,12 @@ def extract_on_ecs(
         if CredentialsRejectedError.__name__ in (message or ""):
             raise CredentialsRejectedError(f"granule {request.name}: {message}")
         raise RuntimeError(f"granule {request.name}: child flow run {flow_run.name}: {message}")
+
+
+def _already_extracted(request: ExtractRequest) -> ExtractResult | None:
+    """The store's record of this extract, if it succeeded: no invocation, no child run."""
+    stored = stored_extract(request)
+    return replace(stored, reused=True) if stored is not None and stored.status == "ok" else None
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

@@ -1,6 +1,9 @@
-"""AWS Lambda entry point: one parent cell per invocation.
+"""AWS Lambda entry point: one parent cell, or one granule's extract, per invocation.
 
-The event and the ``{"statusCode", "body"}`` answer are the seed's, so existing
+A run's first stage sends extract events (``"kind": "extract"``: one granule
+into fragments, see :mod:`magg_core.extract`), its second cell events with
+``from_fragments``. A cell event without it reads its granules itself, as
+the seed's did. The event and the ``{"statusCode", "body"}`` answer are the seed's, so existing
 orchestrators keep working: 200 carries the :class:`CellResult` (also when the
 cell's status is ``failed`` — that is an outcome, and the caller decides what
 to do with it), 400 a request that can never run (missing fields, a granule
@@ -28,6 +31,7 @@ from typing import Any
 from magg_core.cell import process_cell
 from magg_core.config import ConfigError
 from magg_core.errors import CellDataError
+from magg_core.extract import EXTRACT_EVENT, ExtractRequest, ExtractResult, extract_granule
 from magg_core.request import CellRequest, CellResult, RequestError
 from magg_core.store import TemplateMismatchError
 from magg_core.urls import ALLOWED_STORES_VARIABLE, URLError, allowed_store
@@ -43,9 +47,10 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     ----------
     event
         The cell request as a Lambda event (see :meth:`CellRequest.from_event`:
-        its granules must be S3 objects). Its ``store_path`` must lie below a
-        prefix of the function's ``MAGG_ALLOWED_STORES`` (set at deploy time;
-        unset refuses every store). Its ``config`` is validated by
+        its granules must be S3 objects), or, with ``"kind": "extract"``, one
+        granule to extract into fragments (:meth:`ExtractRequest.from_event`).
+        Its ``store_path`` must lie below a prefix of the function's
+        ``MAGG_ALLOWED_STORES`` (set at deploy time; unset refuses every store). Its ``config`` is validated by
         :func:`process_cell` before any work.
     context
         The Lambda context; only ``aws_request_id`` is used, for the log line.
@@ -57,16 +62,16 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     """
     started = time.perf_counter()
     secrets = _event_secrets(event)
+    extract = isinstance(event, Mapping) and event.get("kind") == EXTRACT_EVENT
     line: dict[str, Any] = {
-        "event": "cell_invocation",
+        "event": "extract_invocation" if extract else "cell_invocation",
         "request_id": getattr(context, "aws_request_id", None),
         "parent_morton": _field(event, "parent_morton"),
         "granule_count": _granule_count(event),
     }
     try:
-        request = CellRequest.from_event(event)
-        store = allowed_store(request.store_path, os.environ.get(ALLOWED_STORES_VARIABLE))
-        result = process_cell(replace(request, store_path=store))
+        run = _extract if extract else _cell
+        result = run(event)
     except CALLER_ERRORS as exc:
         status, body = 400, {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - anything else is the 500 answer
@@ -74,12 +79,24 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         body = {"error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
     else:
         status, body = 200, result.to_dict()
-        line.update(_result_fields(result))
+        line.update(_result_fields(result) if isinstance(result, CellResult) else body)
     line.update(statusCode=status, handler_s=round(time.perf_counter() - started, 3))
     if status != 200:
         line["error"] = body["error"]
     _log(_scrub(line, secrets))
     return {"statusCode": status, "body": json.dumps(_scrub(body, secrets))}
+
+
+def _cell(event: Any) -> CellResult:
+    request = CellRequest.from_event(event)
+    store = allowed_store(request.store_path, os.environ.get(ALLOWED_STORES_VARIABLE))
+    return process_cell(replace(request, store_path=store))
+
+
+def _extract(event: Any) -> ExtractResult:
+    request = ExtractRequest.from_event(event)
+    store = allowed_store(request.store_path, os.environ.get(ALLOWED_STORES_VARIABLE))
+    return extract_granule(replace(request, store_path=store))
 
 
 def _result_fields(result: CellResult) -> dict[str, Any]:
