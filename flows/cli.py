@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--accept-partial",
         action="store_true",
-        help="write cells that lost some granules (still reported 'partial'); exit 0 if none failed",
+        help="write cells that lost some granules (reported 'partial'); exit 0 if none failed",
     )
     run.add_argument(
         "--credentials", choices=("earthdata", "environment", "none"), default="earthdata"
