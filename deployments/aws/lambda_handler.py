@@ -50,8 +50,8 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         its granules must be S3 objects), or, with ``"kind": "extract"``, one
         granule to extract into fragments (:meth:`ExtractRequest.from_event`).
         Its ``store_path`` must lie below a prefix of the function's
-        ``MAGG_ALLOWED_STORES`` (set at deploy time; unset refuses every store). Its ``config`` is validated by
-        :func:`process_cell` before any work.
+        ``MAGG_ALLOWED_STORES`` (set at deploy time; unset refuses every store).
+        Its ``config`` is validated before any work.
     context
         The Lambda context; only ``aws_request_id`` is used, for the log line.
 
