@@ -32,6 +32,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from deployments.aws.lambda_handler import lambda_handler
 from magg_core.cell import process_cell
 from magg_core.config import PipelineConfig, load_config
+from magg_core.extract import ExtractRequest, extract_granule
+from magg_core.fragments import fragment_key
 from magg_core.grid import point_morton
 from magg_core.lambda_client import (
     LambdaCellError,
@@ -41,6 +43,7 @@ from magg_core.lambda_client import (
     LambdaThrottled,
     LambdaTimeout,
     invoke_cell,
+    invoke_extract,
     is_retryable,
     lambda_client_config,
 )
@@ -325,6 +328,62 @@ def test_cell_on_lambda_matches_the_same_cell_in_process(world, fake, client, s3
     assert_no_secrets(world, fake.invocations(CELL)[-1].output, json.dumps(remote.to_dict()))
 
 
+def _object(world: World, store: str, key: str) -> bytes:
+    bucket, _, prefix = store.removeprefix("s3://").partition("/")
+    return world.s3.client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
+
+
+def _extract_request(world: World, store: str, url: str | None = None) -> ExtractRequest:
+    return ExtractRequest(
+        granule_url=url or world.granule_urls[0],
+        parents=world.parents,
+        store_path=store,
+        parent_order=6,
+        child_order=12,
+        s3_credentials=world.s3.credentials,
+    )
+
+
+def test_an_extract_on_lambda_stores_what_it_stores_in_process(world, fake, client, s3_env):
+    """The second event kind: one granule into a fragment per parent, as in process."""
+    remote = invoke_extract(client, CELL, _extract_request(world, world.lambda_store))
+    local = extract_granule(_extract_request(world, world.local_store), endpoint=world.s3.endpoint)
+
+    assert remote.status == local.status == "ok" and remote.points == local.points > 0
+    assert remote.parents == len(world.parents)
+    for parent in world.parents:
+        key = fragment_key(world.config, world.granule_urls[0], parent)
+        assert _object(world, world.lambda_store, key) == _object(world, world.local_store, key)
+    line = handler_log(fake, CELL)
+    assert line["event"] == "extract_invocation" and line["statusCode"] == 200
+    assert_no_secrets(world, fake.invocations(CELL)[-1].output, json.dumps(remote.to_dict()))
+
+
+@pytest.mark.parametrize(
+    "url", ["/proc/self/environ", "file:///etc/passwd", "https://evil.example/ATL06_x.h5"]
+)
+def test_an_extract_event_naming_a_local_or_foreign_granule_is_refused(world, fake, client, url):
+    event = _extract_request(world, world.lambda_store).to_event()
+    event["granule_url"] = url
+    before = _store_objects(world, world.lambda_store)
+
+    status, error, raw = _invoke_event(client, CELL, event)
+
+    assert status == 400 and "granule_urls[0]" in error
+    assert _store_objects(world, world.lambda_store) == before
+    assert "root:" not in raw and "PATH=" not in raw
+
+
+def test_an_extract_into_a_store_outside_the_allow_list_is_refused(world, fake, client):
+    named, real = next(iter(world.foreign_stores.items()))
+    before = _store_objects(world, real)
+
+    status, error, _ = _invoke_event(client, CELL, _extract_request(world, named).to_event())
+
+    assert status == 400 and "MAGG_ALLOWED_STORES" in error
+    assert _store_objects(world, real) == before
+
+
 # -- requests the handler refuses -----------------------------------------------------
 
 
@@ -343,9 +402,7 @@ def test_bad_fields_are_named_in_a_400(world, fake, client, change, named):
             del event[key]
         else:
             event[key] = value
-    response = client.invoke(
-        FunctionName=CELL, Payload=json.dumps(event).encode(), LogType="Tail"
-    )
+    response = client.invoke(FunctionName=CELL, Payload=json.dumps(event).encode(), LogType="Tail")
     raw = response["Payload"].read().decode()
     payload = json.loads(raw)
 
@@ -551,8 +608,10 @@ def test_crashed_function_is_a_function_error(world, client):
 def test_errors_survive_pickling_with_their_details():
     # Prefect persists a failed task's exception; it must come back intact.
     error = LambdaFunctionError(
-        "Sandbox.Timedout: Task timed out", error_type="Sandbox.Timedout",
-        function_name="magg-cell", parent_morton=2**63 + 5,
+        "Sandbox.Timedout: Task timed out",
+        error_type="Sandbox.Timedout",
+        function_name="magg-cell",
+        parent_morton=2**63 + 5,
     )
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is LambdaFunctionError and str(copy) == str(error)
