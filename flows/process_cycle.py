@@ -41,9 +41,9 @@ from tasks.report import (
     report_run,
 )
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
-from tasks.workers import default_workers, worker_pool
+from tasks.workers import dask_workers, default_workers, worker_pool
 
-Backend = Literal["local", "lambda", "ecs"]
+Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]
 
 ECS_CONCURRENCY = 200
@@ -78,6 +78,7 @@ def process_cycle(
     accept_partial: bool = False,
     keep_fragments: bool = False,
     ecs_extract_deployment: str = "extract-granule/ecs",
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Grid one cycle's ATL06 granules into a HEALPix Zarr store.
 
@@ -102,8 +103,10 @@ def process_cycle(
         Output store URL (``{cycle}`` is filled in); defaults to the config's
         ``output.store``.
     backend
-        ``local`` (threads here), ``lambda`` (the deployed function) or
-        ``ecs`` (child flow runs of the ``process-cell`` deployment).
+        ``local`` (worker processes here, one per core), ``dask`` (the workers
+        of the Dask cluster at ``dask_address``), ``lambda`` (the deployed
+        function) or ``ecs`` (child flow runs of the ``extract-granule`` and
+        ``process-cell`` deployments).
     cells, max_cells
         Process only these parent cells (morton words) / only the first N.
     dry_run
@@ -147,6 +150,9 @@ def process_cycle(
         retry re-reads only granules whose extract failed.
     ecs_extract_deployment
         The ``extract-granule`` deployment for ``ecs``.
+    dask_address
+        The scheduler of an existing Dask cluster for ``dask``, e.g.
+        ``tcp://login1:8786`` (dask-jobqueue on SLURM/PBS prints it).
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -192,10 +198,15 @@ def process_cycle(
     cells = [replace(r, from_fragments=True) for r in requests]
     progress = CellProgress(total=len(extracts) + len(cells))
     with ExitStack() as stack:
-        if backend == "local":
-            n_workers = concurrency or default_workers()
-            workers = stack.enter_context(worker_pool(n_workers))
-            window = n_workers
+        if backend in ("local", "dask"):
+            if backend == "local":
+                window = concurrency or default_workers()
+                workers = stack.enter_context(worker_pool(window))
+            else:
+                if not dask_address:
+                    raise ValueError("backend dask needs dask_address (the scheduler's address)")
+                workers, threads = stack.enter_context(dask_workers(dask_address))
+                window = concurrency or threads
 
             def extract(request: ExtractRequest) -> PrefectFuture:
                 return extract_locally.submit(request, source, workers)
@@ -224,7 +235,7 @@ def process_cycle(
                     request, store_id, None, ecs_deployment, credentials_block
                 )
         else:
-            raise ValueError(f"backend must be local, lambda or ecs, got {backend!r}")
+            raise ValueError(f"backend must be local, dask, lambda or ecs, got {backend!r}")
 
         extracted, lost = _run_windowed(extract, extracts, window, progress.advance, _granule_of)
         if lost:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,7 +30,6 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 import magg_core
-from magg_core.cell import process_cell
 from magg_core.config import load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
@@ -39,6 +37,7 @@ from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
 from magg_core.store import input_fingerprint
+from tasks.workers import process_cell_within
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -149,18 +148,16 @@ def grid_cell_locally(
     timeout_s: int,
     workers: Executor,
 ) -> CellResult:
-    """Run the cell in one of this machine's worker processes (:mod:`tasks.workers`).
+    """Run the cell in a worker process: this machine's, or a Dask cluster's (:mod:`tasks.workers`).
 
     The task waits for the worker, so the timeout is a deadline the cell
-    checks before aggregating and before writing (``time.monotonic`` is one
-    clock for every process of the machine): an attempt that overran raises
-    :class:`~magg_core.errors.CellTimeoutError` without writing, and only then
-    may a retry start, so no stale attempt writes after a newer one.
+    checks before aggregating and before writing: an attempt that overran
+    raises :class:`~magg_core.errors.CellTimeoutError` without writing, and
+    only then may a retry start, so no stale attempt writes after a newer one.
     """
     request = replace(request, s3_credentials=fresh(credentials))
-    deadline = time.monotonic() + timeout_s
     with replacing_rejected(credentials, request.s3_credentials):
-        result = workers.submit(process_cell, request, deadline=deadline).result()
+        result = workers.submit(process_cell_within, request, timeout_s).result()
         return raise_if_incomplete(result)
 
 

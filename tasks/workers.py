@@ -1,4 +1,4 @@
-"""Worker processes for the local backend: every core busy.
+"""Where the local and dask backends run extracts and cells: worker processes.
 
 Reading and aggregating are CPU-bound Python and numpy; in threads of one
 process they share one interpreter lock and keep about one core busy. The
@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+
+from magg_core.cell import process_cell
+from magg_core.request import CellRequest, CellResult
 
 PRELOAD = ["magg_core.cell", "magg_core.extract"]
 
@@ -43,3 +49,33 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
 def _take_environment(environment: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(environment)
+
+
+@contextmanager
+def dask_workers(address: str) -> Iterator[tuple[Executor, int]]:
+    """An executor over an existing Dask cluster, and how many tasks it runs at once.
+
+    HPC users start the cluster themselves (dask-jobqueue on SLURM or PBS, or
+    ``dask scheduler`` plus ``dask worker``) and give its scheduler address.
+    The work is submitted impure, so a retried cell runs again rather than
+    reusing the failed attempt's result. Requests travel to the workers over
+    Dask's own connection, credentials included, and never through anything
+    Prefect stores.
+    """
+    from distributed import Client
+
+    client = Client(address, set_as_default=False, timeout=30)
+    try:
+        threads = sum(client.nthreads().values())
+        yield client.get_executor(pure=False), max(threads, 1)
+    finally:
+        client.close()
+
+
+def process_cell_within(request: CellRequest, timeout_s: float) -> CellResult:
+    """:func:`process_cell` with its deadline ``timeout_s`` from now, on the worker's own clock.
+
+    A monotonic instant means nothing on another machine of a Dask cluster,
+    so the deadline is set where the cell runs.
+    """
+    return process_cell(request, deadline=time.monotonic() + timeout_s)
