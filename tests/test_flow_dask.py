@@ -1,4 +1,4 @@
-"""``process-cycle`` on the ``dask`` backend: a real ``dask.distributed`` cluster of worker processes.
+"""``process-cycle`` on the ``dask`` backend: a real ``dask.distributed`` cluster of processes.
 
 The cluster is started by the test (scheduler and two single-threaded worker
 processes on loopback), as an HPC user would with dask-jobqueue, and the run
