@@ -23,6 +23,7 @@ EXPECTED_RATIOS = {
     "orchestration": 1,
     "memory": 1,
     "end_to_end": 3,
+    "cycle": 6,
 }
 
 
