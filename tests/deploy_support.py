@@ -33,6 +33,7 @@ ALL_DEPLOYMENTS = {
     "process-cycle/lambda": "magg-process",
     "process-cycle/ecs": "magg-process",
     "process-cell/ecs": "magg-ecs",
+    "extract-granule/ecs": "magg-ecs",
     "watch-cycles/antarctica": "magg-process",
 }
 """Every deployment in ``prefect.yaml`` and its work pool."""
