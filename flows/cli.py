@@ -106,7 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--store", type=_store_url, help="output store URL (default: the config's, per cycle)"
     )
-    run.add_argument("--backend", choices=("local", "lambda", "ecs"), default="local")
+    run.add_argument("--backend", choices=("local", "dask", "lambda", "ecs"), default="local")
+    run.add_argument("--dask-address", help="scheduler of the Dask cluster for --backend dask")
+    run.add_argument(
+        "--keep-fragments",
+        action="store_true",
+        help="keep the per-granule fragments after a complete run (for later runs)",
+    )
     run.add_argument("--cells", nargs="+", help="only these parent morton words")
     run.add_argument("--max-cells", type=int)
     run.add_argument("--dry-run", action="store_true")
@@ -118,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--credentials", choices=("earthdata", "environment", "none"), default="earthdata"
     )
-    run.add_argument("--concurrency", type=int, help="cells in flight at once")
+    run.add_argument(
+        "--concurrency", type=int, help="granules or cells in flight at once (local: processes)"
+    )
     run.add_argument(
         "--granule-mirror", help="read granules from DIR_OR_S3_PREFIX/<name> instead of NSIDC"
     )
@@ -211,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         granule_mirror=args.granule_mirror,
         accept_partial=args.accept_partial,
+        keep_fragments=args.keep_fragments,
+        dask_address=args.dask_address,
         lambda_function=args.lambda_function,
     )
     if args.dry_run:
