@@ -115,6 +115,10 @@ class ExtractRequest:
 class ExtractResult:
     """What one extract did; ``reused`` when the store already held it for these inputs."""
 
+    def as_found(self) -> ExtractResult:
+        """This stored outcome as a run that found it reports it: nothing fetched now."""
+        return replace(self, reused=True, bytes_fetched=0, bytes_written=0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -133,14 +137,9 @@ class ExtractResult:
     reused: bool = False
 
 
-def extract_fingerprint(url: str, parents: tuple[int, ...], config: PipelineConfig) -> str:
-    """A hash of everything an extract's fragments depend on."""
-    material = {
-        "granule": url,
-        "parents": sorted(str(p) for p in parents),
-        "config": config.hash,
-        "magg": magg_core.__version__,
-    }
+def extract_fingerprint(url: str, config: PipelineConfig) -> str:
+    """A hash of what an extract's fragments depend on, besides which parents they are for."""
+    material = {"granule": granule_name(url), "config": config.hash, "magg": magg_core.__version__}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -149,9 +148,9 @@ def extract_granule(
 ) -> ExtractResult:
     """Read the granule once and store one fragment per listed parent, then its record.
 
-    An extract the store already holds for the same inputs (granule, parents,
-    config, magg version) is not read again: a retried or resumed run costs
-    one small GET per granule that finished.
+    An extract the store already holds for the same inputs (granule, config,
+    magg version, the requested parents among its own) is not read again: a
+    retried or resumed run costs one small GET per granule that finished.
 
     Returns
     -------
@@ -171,10 +170,10 @@ def extract_granule(
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint)
     url = request.granule_url
-    fingerprint = extract_fingerprint(url, request.parents, config)
+    fingerprint = extract_fingerprint(url, config)
     done = stored_extract(request, endpoint=endpoint)
     if done is not None and done.status == "ok":
-        return replace(done, reused=True, duration_s=time.perf_counter() - started)
+        return replace(done.as_found(), duration_s=time.perf_counter() - started)
     try:
         read = read_parents(
             url, request.parents, config, credentials=request.s3_credentials, endpoint=endpoint
@@ -219,12 +218,18 @@ def extract_granule(
 def stored_extract(
     request: ExtractRequest, *, endpoint: S3Endpoint | None = None
 ) -> ExtractResult | None:
-    """The outcome the store records for this extract, if it was made from the same inputs."""
+    """The outcome the store records for this extract, if it stands for this request.
+
+    A success stands if it was made from the same granule, config and magg
+    version for at least the requested parents (a later run restricted to a
+    few cells reuses a whole-cycle extract); a failure, for the same inputs.
+    """
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
     record = read_extract_record(store, config, request.granule_url)
-    fingerprint = extract_fingerprint(request.granule_url, request.parents, config)
-    if record is None or record.fingerprint != fingerprint:
+    if record is None or record.fingerprint != extract_fingerprint(request.granule_url, config):
+        return None
+    if record.status == "ok" and not {str(p) for p in request.parents} <= record.points.keys():
         return None
     return ExtractResult(
         url=record.url,
@@ -242,7 +247,7 @@ def record_extract_failure(
     """Record that the granule has no fragments because its extract raised (``reason``)."""
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
-    fingerprint = extract_fingerprint(request.granule_url, request.parents, config)
+    fingerprint = extract_fingerprint(request.granule_url, config)
     record = ExtractRecord(
         url=request.granule_url, status="failed", fingerprint=fingerprint, reason=reason
     )

@@ -58,7 +58,7 @@ class ExtractRecord:
     url: str
     status: ExtractStatus
     fingerprint: str
-    """:func:`magg_core.records.input_fingerprint` of this granule, config and magg version."""
+    """:func:`magg_core.extract.extract_fingerprint`: the granule, config and magg version."""
     points: Mapping[str, int] = field(default_factory=dict)
     """Parent morton word (decimal string, as JSON keeps uint64 exact) → good points."""
     reason: str | None = None

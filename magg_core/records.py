@@ -65,12 +65,15 @@ class CellRecord:
 def input_fingerprint(granule_urls: Iterable[str], config_hash: str, magg_version: str) -> str:
     """A hash of everything a cell's output depends on.
 
-    The granules are a *set*: the catalog may list them in any order, and the
-    same inputs must give the same fingerprint so a resumed run can skip cells
-    whose inputs did not change.
+    The granules are a *set* of file names: the catalog may list them in any
+    order, and NSIDC's bucket or a mirror holding copies serve the same
+    files, so the same inputs give the same fingerprint -- which is how a
+    resumed run skips cells whose inputs did not change, and how the watcher
+    finds the cells a late granule touches.
     """
+    names = {url.rstrip("/").rsplit("/", 1)[-1] for url in granule_urls}
     canonical = json.dumps(
-        {"granules": sorted(set(granule_urls)), "config": config_hash, "magg": magg_version},
+        {"granules": sorted(names), "config": config_hash, "magg": magg_version},
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -117,7 +117,7 @@ def extract_on_ecs(
 def _already_extracted(request: ExtractRequest) -> ExtractResult | None:
     """The store's record of this extract, if it succeeded: no invocation, no child run."""
     stored = stored_extract(request)
-    return replace(stored, reused=True) if stored is not None and stored.status == "ok" else None
+    return stored.as_found() if stored is not None and stored.status == "ok" else None
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

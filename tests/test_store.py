@@ -492,3 +492,5 @@ def test_input_fingerprint_is_a_function_of_the_granule_set():
     assert input_fingerprint(urls[:2], "abc", "0.1.0") != base
     assert input_fingerprint(urls, "abd", "0.1.0") != base
     assert input_fingerprint(urls, "abc", "0.1.1") != base
+    mirrored = ["/data/mirror/a.h5", "file:///m/b.h5", "s3://copies/x/c.h5"]
+    assert input_fingerprint(mirrored, "abc", "0.1.0") == base  # the same files, elsewhere
