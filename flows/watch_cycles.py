@@ -20,6 +20,7 @@ from tasks.watch import (
     cycle_done,
     cycle_granules_in_cmr,
     due_cycles,
+    late_cells,
     start_cycle_run,
 )
 
@@ -33,6 +34,7 @@ def watch_cycles(
     latency_days: float = 45.0,
     lookback_cycles: int = 2,
     cmr_url: str | None = None,
+    keep_fragments: bool = True,
 ) -> dict[str, str]:
     """Start the runs of cycles that are complete in CMR and not yet done in the store.
 
@@ -50,13 +52,19 @@ def watch_cycles(
         in CMR. Earlier, a run would grid an incomplete cycle.
     lookback_cycles
         How many of the latest due cycles each tick checks: more than one, so
-        a missed tick or an unfinished cycle is picked up by the next.
+        a missed tick or an unfinished cycle is picked up by the next. A done
+        cycle is asked of CMR again: granules published late (new names or
+        revisions) start a run that re-grids only the cells they change.
+    keep_fragments
+        Passed to each run: keeping a cycle's fragments lets a late granule's
+        run read only that granule, not every granule of the cells it touches.
 
     Returns
     -------
     dict
-        Cycle number → what happened: ``done``, ``not in CMR yet``, or
-        ``run <name> <id> (<state>)`` for the run started or found.
+        Cycle number → what happened: ``done``, ``not in CMR yet``,
+        ``run <name> <id> (<state>)`` for the run started or found, or
+        ``late granules in N cells: run …`` for a done cycle's update.
     """
     logger = get_run_logger()
     pipeline = load_pipeline_config(config)
@@ -64,14 +72,38 @@ def watch_cycles(
     outcome: dict[str, str] = {}
     for cycle in cycles:
         store_url = cycle_store(store, cycle)
+        parameters = {
+            "store": store_url,
+            "region": region,
+            "config": config,
+            "keep_fragments": keep_fragments,
+        }
+        if cmr_url:
+            parameters["cmr_url"] = cmr_url
         if cycle_done(store_url, pipeline):
-            outcome[str(cycle)] = "done"
+            stale, outside, catalog = late_cells(store_url, pipeline, cycle, region, cmr_url)
+            if outside:
+                logger.warning(
+                    "cycle %d: %d cells with late granules are outside the store's template "
+                    "(first: %s); re-grid the cycle into a new store to include them",
+                    cycle,
+                    len(outside),
+                    outside[0],
+                )
+            if not stale:
+                outcome[str(cycle)] = "done"
+            else:
+                cells = [str(p) for p in stale]
+                run = start_cycle_run(
+                    deployment, cycle, {**parameters, "cells": cells}, update=catalog
+                )
+                state = run.state.name if run.state else "unknown"
+                outcome[str(cycle)] = (
+                    f"late granules in {len(stale)} cells: run {run.name} {run.id} ({state})"
+                )
         elif cycle_granules_in_cmr(cycle, region, cmr_url) == 0:
             outcome[str(cycle)] = "not in CMR yet"
         else:
-            parameters = {"store": store_url, "region": region, "config": config}
-            if cmr_url:
-                parameters["cmr_url"] = cmr_url
             run = start_cycle_run(deployment, cycle, parameters)
             state = run.state.name if run.state else "unknown"
             outcome[str(cycle)] = f"run {run.name} {run.id} ({state})"

@@ -4,7 +4,8 @@
 which its granules reach CMR); "done" is read from the store's durable
 per-cell records, not from Prefect's history, which may be gone or belong to
 another server; "published" asks CMR for granules whose *name* carries the
-cycle (the dates of a cycle are approximate, the name is exact).
+cycle (the dates of a cycle are approximate, the name is exact); "late" asks
+CMR again for a done cycle and compares each cell's granules with its record.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
+from magg_core.catalog import build_catalog
 from magg_core.cmr import GranuleSearch, search_granules
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_query_range, cycle_range, parse_granule_name
 from magg_core.regions import load_region
+from magg_core.records import cells_to_update
 from magg_core.store import open_store, read_records, read_template
 
 FINISHED = frozenset({"ok", "empty", "no_granules"})
@@ -55,6 +58,29 @@ def cycle_done(store_url: str, config: PipelineConfig) -> bool:
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=30)
+def late_cells(
+    store_url: str, config: PipelineConfig, cycle: int, region: str, cmr_url: str | None
+) -> tuple[list[int], list[int], str]:
+    """The cells of a gridded cycle whose granules CMR now lists differently.
+
+    Builds the cycle's catalog as ``process-cycle`` would and compares each
+    cell's granules with the store's record of it
+    (:func:`magg_core.records.cells_to_update`). Returns the stale cells, the
+    catalog cells outside the store's template, and the catalog's fingerprint
+    (which names this state of the archive).
+    """
+    catalog = build_catalog(
+        cycle=cycle, region=region, parent_order=config.output.parent_order, cmr_url=cmr_url
+    )
+    store = open_store(store_url, read_only=True)
+    template = read_template(store, config)
+    stale, outside = cells_to_update(
+        catalog, template.parents, read_records(store, config), config.hash
+    )
+    return stale, outside, catalog.fingerprint
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=30)
 def cycle_granules_in_cmr(cycle: int, region: str, cmr_url: str | None) -> int:
     """How many granules of ``cycle`` CMR lists over the region's bounding box.
 
@@ -71,22 +97,26 @@ def cycle_granules_in_cmr(cycle: int, region: str, cmr_url: str | None) -> int:
 
 
 @task(cache_policy=NONE, task_run_name="start-cycle-{cycle}")
-def start_cycle_run(deployment: str, cycle: int, parameters: dict[str, Any]) -> FlowRun:
+def start_cycle_run(
+    deployment: str, cycle: int, parameters: dict[str, Any], update: str | None = None
+) -> FlowRun:
     """Create the cycle's flow run, or find the one an earlier tick created.
 
     The idempotency key names the cycle, the deployment and the store, so
     two overlapping ticks — or a tick after a run that is still going, or
     that failed and awaits a retry from the UI — get the same run back
-    instead of starting a second one. The run is not a subflow of the
+    instead of starting a second one. An ``update`` (the fingerprint of the
+    catalog that made cells stale) makes a run of its own, once per state of
+    the archive. The run is not a subflow of the
     watcher (``as_subflow=False``): cancelling or retrying a watcher tick
     must not touch an hours-long cycle run.
     """
-    target = f"{deployment}\n{parameters['store']}".encode()
+    target = f"{deployment}\n{parameters['store']}\n{update or ''}".encode()
     key = f"process-cycle-{cycle:02d}-{hashlib.sha256(target).hexdigest()[:16]}"
     return run_deployment(
         deployment,
         parameters={"cycle": cycle, **parameters},
-        flow_run_name=f"cycle-{cycle:02d}",
+        flow_run_name=f"cycle-{cycle:02d}" + (f"-update-{update[:8]}" if update else ""),
         idempotency_key=key,
         timeout=0,
         as_subflow=False,
