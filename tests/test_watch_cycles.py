@@ -20,16 +20,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from flows.process_cycle import process_cycle
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
 from magg_core.config import load_config
 from magg_core.cycles import cycle_query_range, cycle_range
+from magg_core.fragments import read_extract_record
 from magg_core.plan import cycle_store, plan_cells
 from magg_core.sample import write_sample
-from magg_core.store import create_template, open_store
+from magg_core.store import create_template, open_store, read_template
 from tasks.watch import due_cycles
 from tests.deploy_support import ALL_DEPLOYMENTS, BIN, PrefectServer, prefect_cli
 from tests.fakes.cmr import FakeCmr
+from tests.flow_support import store_arrays
+from tests.oracle import reference_statistics
 
 LATENCY = timedelta(days=45)
 TARGET = "process-cycle/ecs"
@@ -110,10 +114,36 @@ def _grid(store_url, catalog, mirror):
         assert process_cell(request).status == "ok"
 
 
+def _ticks(server, env, cwd, parameters, n: int) -> list[dict]:
+    """``n`` scheduled ticks, executed at the same time as a worker would."""
+    runs = [server.create_run("watch-cycles/antarctica", parameters) for _ in range(n)]
+    processes = [
+        subprocess.Popen(
+            [str(BIN / "prefect"), "flow-run", "execute", run["id"]],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for run in runs
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-4000:]
+    finished = [server.flow_run(run["id"]) for run in runs]
+    assert [r["state"]["type"] for r in finished] == ["COMPLETED"] * n
+    return finished
+
+
+def _newest_due_cycle() -> int:
+    now = datetime.now(UTC)
+    return max(c for c in range(1, 100) if cycle_range(c).end + LATENCY <= now)
+
+
 def test_two_overlapping_ticks_start_one_run_for_a_newly_published_cycle(registered, tmp_path):
     server, env = registered
-    now = datetime.now(UTC)
-    newest = max(c for c in range(1, 100) if cycle_range(c).end + LATENCY <= now)
+    newest = _newest_due_cycle()
     previous = newest - 1
     store = str(tmp_path / "stores" / "cycle{cycle}.zarr")
     old, old_catalog = _granules(tmp_path / "old", previous)
@@ -128,38 +158,17 @@ def test_two_overlapping_ticks_start_one_run_for_a_newly_published_cycle(registe
         "latency_days": LATENCY.days,
     }
 
-    def ticks(n: int) -> list[dict]:
-        """``n`` scheduled ticks, executed at the same time as a worker would."""
-        runs = [server.create_run("watch-cycles/antarctica", parameters) for _ in range(n)]
-        processes = [
-            subprocess.Popen(
-                [str(BIN / "prefect"), "flow-run", "execute", run["id"]],
-                env=env,
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for run in runs
-        ]
-        for process in processes:
-            output, _ = process.communicate(timeout=300)
-            assert process.returncode == 0, output[-4000:]
-        finished = [server.flow_run(run["id"]) for run in runs]
-        assert [r["state"]["type"] for r in finished] == ["COMPLETED"] * n
-        return finished
-
     try:
-        [first] = ticks(1)
+        [first] = _ticks(server, env, tmp_path, parameters, 1)
         assert server.flow_runs(TARGET) == []  # the newest cycle is not in CMR yet
         assert any(f"cycle {previous}: done" in m for m in server.logs([first["id"]]))
-        newest_range = ",".join(cycle_query_range(newest).isoformat())
-        asked = cmr.search_requests(with_results=False)
+        ranges = {",".join(cycle_query_range(c).isoformat()) for c in (previous, newest)}
+        asked = cmr.search_requests()
         queried = {dict(r.params).get("temporal[]") for r in asked}
-        assert queried == {newest_range}  # the finished cycle cost no CMR query
+        assert queried == ranges  # the finished cycle is asked again, for late granules
 
         cmr.items.extend(g.umm for g in new)  # CMR publishes the new cycle
-        overlapping = ticks(2)
+        overlapping = _ticks(server, env, tmp_path, parameters, 2)
     finally:
         cmr.stop()
 
@@ -173,8 +182,98 @@ def test_two_overlapping_ticks_start_one_run_for_a_newly_published_cycle(registe
         "store": cycle_store(store, newest),
         "region": "antarctica",
         "config": "atl06",
+        "keep_fragments": True,
         "cmr_url": cmr.url,
     }
     for tick in overlapping:
         assert any(run["id"] in m for m in server.logs([tick["id"]])), "each tick names the run"
     assert server.flow_runs("process-cycle/lambda") == []
+
+
+def test_a_late_granule_regrids_only_the_cells_it_changes(registered, prefect_server, tmp_path):
+    """A cycle gridded in full; then CMR lists one more granule of it. The next tick starts
+    one run for exactly the cells that granule crosses; that run reads only the late
+    granule (the others' fragments were kept) and leaves the store equal to the oracle
+    of every granule. The tick after that finds the cycle done."""
+    server, env = registered
+    cycle = _newest_due_cycle()
+    granules = write_sample(
+        tmp_path / "granules", n_granules=3, extent_km=40, centre=(-78.0, 40.0), seed=3,
+        cycle=cycle,
+    )  # fmt: skip
+    early, late = granules[:2], granules[2]
+    store = cycle_store(str(tmp_path / "stores" / "cycle{cycle}.zarr"), cycle)
+    mirror = str(tmp_path / "granules")
+    run = {"cycle": cycle, "store": store, "credentials": "none", "granule_mirror": mirror}
+    cmr = FakeCmr(items=[g.umm for g in early]).start()
+    try:
+        first = process_cycle(**run, cmr_url=cmr.url, keep_fragments=True, return_state=True)
+        assert first.is_completed(), first.message
+        gridded = {int(p) for p in read_template(open_store(store), load_config()).parents}
+        touched = {p for p, gs in catalog_from_records([late.umm], cycle=cycle).cells.items()}
+        assert touched <= gridded, "the late granule crosses only cells the store has"
+
+        cmr.items.append(late.umm)  # CMR publishes a granule of the gridded cycle
+        parameters = {"store": str(tmp_path / "stores" / "cycle{cycle}.zarr"), "cmr_url": cmr.url}
+        parameters |= {"deployment": TARGET, "latency_days": LATENCY.days}
+        [tick] = _ticks(server, env, tmp_path, parameters, 1)
+        updates = [r for r in server.flow_runs(TARGET) if "-update-" in r["name"]]
+        [update] = updates
+        assert update["name"].startswith(f"cycle-{cycle:02d}-update-")
+        assert sorted(map(int, update["parameters"]["cells"])) == sorted(touched)
+        assert update["parameters"]["keep_fragments"] is True
+        assert any("late granules in" in m for m in server.logs([tick["id"]]))
+
+        # The worker's part, here: the update run's parameters on the local backend.
+        wanted = {k: v for k, v in update["parameters"].items() if k in WATCHED}
+        second = process_cycle(**wanted, credentials="none", granule_mirror=mirror,
+                               return_state=True)  # fmt: skip
+        assert second.is_completed(), second.message
+        summary = second.result()
+        extracts = {r.name.removeprefix("extract-"): r for r in task_runs(second, "extract-")}
+        cells = {int(r.name.removeprefix("cell-")) for r in task_runs(second, "cell-")}
+        assert cells == touched
+        assert summary["granules_extracted"] == len(extracts) >= 1
+        read = sum(1 for n in extracts if n == late.name)
+        assert read == 1 and summary["extract_bytes_fetched"] > 0
+        assert _fetched_only(store, late.name, summary)
+
+        [again] = _ticks(server, env, tmp_path, parameters, 1)
+        assert any(f"cycle {cycle}: done" in m for m in server.logs([again["id"]]))
+        assert [r["id"] for r in server.flow_runs(TARGET) if "-update-" in r["name"]] == [
+            update["id"]
+        ]
+    finally:
+        cmr.stop()
+
+    expected = reference_statistics([g.path for g in granules])
+    arrays = store_arrays(store)
+    n = load_config().output.children_per_parent
+    parents = [int(p) for p in read_template(open_store(store), load_config()).parents]
+    for i, parent in enumerate(parents):
+        got = arrays["count"][i * n : (i + 1) * n]
+        want = expected.get(parent)
+        assert (got == 0).all() if want is None else (got == want["count"]).all(), parent
+
+
+WATCHED = {"cycle", "store", "region", "config", "keep_fragments", "cmr_url", "cells"}
+"""The update run's parameters that say what to grid (not where: the test runs it locally)."""
+
+
+def _fetched_only(store: str, name: str, summary: dict) -> bool:
+    """The run's fetched bytes are the late granule's, as its extract record counted them."""
+    record = read_extract_record(open_store(store), load_config(), name)
+    return record is not None and record.bytes_fetched == summary["extract_bytes_fetched"]
+
+
+def task_runs(state, prefix: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    return [r for r in runs if r.name.startswith(prefix)]
