@@ -196,7 +196,7 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefec
         "catalog bad field": ([*run, "--catalog", files["bad-field.json"]], "'not-a-cell'"),
         "catalog names a local file": (
             [*run, "--catalog", files["local-granule.json"]],
-            "scheme '' (a local path)",
+            "s3 URL '/etc/passwd' is not s3://bucket/key",
         ),
         "unknown cell": ([*with_catalog, "--cells", "12345"], "12345"),
         "bad store": (["run", "--catalog", files["catalog"], "--store", "ftp://b/x.zarr"], "ftp:"),
