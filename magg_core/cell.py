@@ -28,7 +28,7 @@ from magg_core.aggregate import (
     require_finite,
     valid_points,
 )
-from magg_core.config import PipelineConfig, load_config
+from magg_core.config import PipelineConfig, load_config_at
 from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.read import GranulePoints, read_granules
@@ -47,13 +47,7 @@ from magg_core.store import (
 
 def request_config(request: CellRequest) -> PipelineConfig:
     """The request's config (built-in ``atl06`` by default) at the request's orders."""
-    config = load_config(request.config)
-    if (config.output.parent_order, config.output.child_order) != (
-        request.parent_order,
-        request.child_order,
-    ):
-        config = config.with_orders(request.parent_order, request.child_order)
-    return config
+    return load_config_at(request.config, request.parent_order, request.child_order)
 
 
 def process_cell(

@@ -125,6 +125,16 @@ class PipelineConfig:
         return load_config(raw)
 
 
+def load_config_at(
+    source: str | Path | Mapping[str, Any] | None, parent_order: int, child_order: int
+) -> PipelineConfig:
+    """:func:`load_config`, at the HEALPix orders a cell or extract request names."""
+    config = load_config(source)
+    if (config.output.parent_order, config.output.child_order) != (parent_order, child_order):
+        config = config.with_orders(parent_order, child_order)
+    return config
+
+
 def load_config(source: str | Path | Mapping[str, Any] | None = None) -> PipelineConfig:
     """Load and validate a pipeline config.
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import magg_core
-from magg_core.config import PipelineConfig, load_config
+from magg_core.config import PipelineConfig, load_config_at
 from magg_core.fragments import (
     ExtractRecord,
     granule_name,
@@ -102,13 +102,8 @@ class ExtractRequest:
         )
 
     def pipeline_config(self) -> PipelineConfig:
-        config = load_config(self.config)
-        if (config.output.parent_order, config.output.child_order) != (
-            self.parent_order,
-            self.child_order,
-        ):
-            config = config.with_orders(self.parent_order, self.child_order)
-        return config
+        """The request's config (built-in ``atl06`` by default) at the request's orders."""
+        return load_config_at(self.config, self.parent_order, self.child_order)
 
 
 @dataclass(frozen=True)

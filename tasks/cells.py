@@ -95,14 +95,22 @@ def fresh(credentials: Credentials | None) -> S3Credentials | None:
     return credentials.refresh_if_needed() if credentials is not None else None
 
 
-def cell_task(fn):
-    """The shared per-cell task policy (see the module docstring)."""
+def work_task(fn, **options: Any):
+    """A task with the retry policy of all per-cell and per-granule work, plus ``options``."""
     return task(
         fn,
         retries=CELL_RETRIES,
         retry_delay_seconds=exponential_backoff(backoff_factor=CELL_RETRY_BACKOFF_S),
         retry_jitter_factor=0.5,
         retry_condition_fn=retry_transient,
+        **options,
+    )
+
+
+def cell_task(fn):
+    """The shared per-cell task policy (see the module docstring)."""
+    return work_task(
+        fn,
         persist_result=True,
         cache_key_fn=cell_cache_key,
         task_run_name="cell-{request.parent_morton}",

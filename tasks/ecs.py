@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from magg_core.cell import request_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError
+from magg_core.extract import ExtractRequest
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import open_store, read_records
 from tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, replacing_rejected
@@ -29,10 +31,7 @@ def grid_cell_on_ecs(
     """Run the cell as a child flow run of the ``process-cell`` deployment.
 
     The child reads credentials from a Prefect Secret block that this task
-    refreshes first; its parameters carry no secret, only the block's name —
-    and not even that when the run uses no credentials (local files, public
-    buckets, or the container's own role), so a child never picks up a stale
-    block left by another run. Its outcome is read back from the durable
+    refreshes first (see :func:`run_child`). Its outcome is read back from the durable
     record it wrote in the store, so no result storage has to be shared
     between the containers and this process.
     """
@@ -41,19 +40,37 @@ def grid_cell_on_ecs(
         return _run_child(request, credentials, deployment, credentials_block)
 
 
-def _run_child(
-    request: CellRequest, credentials: Credentials | None, deployment: str, credentials_block: str
-) -> CellResult:
-    flow_run = run_deployment(
+def run_child(
+    deployment: str,
+    request: CellRequest | ExtractRequest,
+    credentials: Credentials | None,
+    credentials_block: str,
+    name: str,
+) -> FlowRun:
+    """Start a child flow run with the request (no secret in it) and wait until it ends.
+
+    Its parameters name the Secret block holding the credentials -- and not
+    even that when the run uses none (local files, public buckets, or the
+    container's own role), so a child never picks up a stale block left by
+    another run.
+    """
+    return run_deployment(
         deployment,
         parameters={
             "request": request.to_event(include_credentials=False),
             "credentials_block": credentials_block if credentials is not None else None,
         },
-        flow_run_name=f"cell-{request.parent_morton}",
+        flow_run_name=name,
         timeout=CHILD_RUN_TIMEOUT_S,
         poll_interval=2,
     )
+
+
+def _run_child(
+    request: CellRequest, credentials: Credentials | None, deployment: str, credentials_block: str
+) -> CellResult:
+    name = f"cell-{request.parent_morton}"
+    flow_run = run_child(deployment, request, credentials, credentials_block, name)
     state = flow_run.state
     if state is None or not state.is_final():
         raise CellFailedError(

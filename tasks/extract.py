@@ -19,8 +19,6 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
-from prefect.deployments import run_deployment
-from prefect.tasks import exponential_backoff
 
 from magg_core.credentials import Credentials
 from magg_core.errors import CredentialsRejectedError
@@ -32,29 +30,14 @@ from magg_core.extract import (
     stored_extract,
 )
 from magg_core.lambda_client import invoke_extract
-from tasks.cells import (
-    CELL_RETRIES,
-    CELL_RETRY_BACKOFF_S,
-    LAMBDA_CONCURRENCY_LIMIT,
-    fresh,
-    replacing_rejected,
-    retry_transient,
-)
+from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from tasks.credentials import publish_credentials
-from tasks.ecs import CHILD_RUN_TIMEOUT_S
+from tasks.ecs import run_child
 
 
 def extract_task(fn):
-    """The per-granule task policy (see the module docstring)."""
-    return task(
-        fn,
-        retries=CELL_RETRIES,
-        retry_delay_seconds=exponential_backoff(backoff_factor=CELL_RETRY_BACKOFF_S),
-        retry_jitter_factor=0.5,
-        retry_condition_fn=retry_transient,
-        cache_policy=NONE,
-        task_run_name="extract-{request.name}",
-    )
+    """The per-granule task policy: the cells' retries, no Prefect cache (see above)."""
+    return work_task(fn, cache_policy=NONE, task_run_name="extract-{request.name}")
 
 
 @extract_task
@@ -94,16 +77,8 @@ def extract_on_ecs(
         return done
     used = publish_credentials(credentials, credentials_block)
     with replacing_rejected(credentials, used):
-        flow_run = run_deployment(
-            deployment,
-            parameters={
-                "request": request.to_event(include_credentials=False),
-                "credentials_block": credentials_block if credentials is not None else None,
-            },
-            flow_run_name=f"extract-{request.name}",
-            timeout=CHILD_RUN_TIMEOUT_S,
-            poll_interval=2,
-        )
+        name = f"extract-{request.name}"
+        flow_run = run_child(deployment, request, credentials, credentials_block, name)
         state = flow_run.state
         stored = stored_extract(request)  # the child's outcome, read where it wrote it
         if state is not None and state.is_completed() and stored is not None:
