@@ -38,8 +38,8 @@ from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials
 from magg_core.store import create_template, open_store, read_template
 from tasks.cells import grid_cell_locally
-from tasks.workers import worker_pool
 from tasks.credentials import CREDENTIAL_SOURCES, open_credentials
+from tasks.workers import worker_pool
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     S3Error,

@@ -148,7 +148,8 @@ def test_retry_clicked_in_the_ui_reruns_only_the_unreadable_cells(
             assert {p: r.result.status for p, r in before.items()} == {
                 p: cell.first_status for p, cell in broken.cells.items()
             }
-            assert f"{len(rerun)} of {len(broken.cells)} cells incomplete" in first["state"]["message"]
+            incomplete = f"{len(rerun)} of {len(broken.cells)} cells incomplete"
+            assert incomplete in first["state"]["message"]
             assert _cell_states(server, run_id, attempt=1) == {
                 p: "Failed" if p in rerun else "Completed" for p in broken.cells
             }
