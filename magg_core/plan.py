@@ -6,13 +6,15 @@ the catalog's ascending order, which is also the store's chunk order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+import magg_core
 from magg_core.catalog import Catalog, CatalogGranule, cell_word_problem
 from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.extract import ExtractRequest
+from magg_core.records import CellRecord, input_fingerprint
 from magg_core.request import CellRequest
 from magg_core.urls import URLError, granule_url, parse_s3_url
 
@@ -243,3 +245,37 @@ def plan_extracts(requests: Sequence[CellRequest]) -> list[ExtractRequest]:
         )
         for url, cells in parents.items()
     ]
+
+
+def cells_to_update(
+    catalog: Catalog,
+    template_parents: Iterable[int],
+    records: Mapping[int, CellRecord],
+    config_hash: str,
+) -> tuple[list[int], list[int]]:
+    """Which cells of a gridded store a newer catalog of the same cycle changes.
+
+    A cell is stale when its record is missing or was made from another
+    granule set (a granule published late, a new revision) -- compared by
+    :func:`input_fingerprint`, so by granule names. Cells the catalog lists
+    that the store's template lacks cannot be updated in place.
+
+    Returns
+    -------
+    (stale, outside)
+        Parent morton words, ascending: stale cells of the template, and
+        catalog cells outside it.
+    """
+    parents = {int(p) for p in template_parents}
+    stale, outside = [], []
+    for parent in sorted(catalog.cells):
+        if parent not in parents:
+            outside.append(parent)
+            continue
+        granules = [g.name for g in catalog.cells[parent]]
+        record = records.get(parent)
+        if record is None or record.fingerprint != input_fingerprint(
+            granules, config_hash, magg_core.__version__
+        ):
+            stale.append(parent)
+    return stale, outside

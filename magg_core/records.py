@@ -26,8 +26,6 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-import magg_core
-from magg_core.catalog import Catalog
 from magg_core.config import PipelineConfig
 from magg_core.request import CellResult
 
@@ -112,37 +110,3 @@ def _prefix(config: PipelineConfig) -> str:
 
 def _key(config: PipelineConfig, parent_morton: int) -> str:
     return f"{_prefix(config)}{int(parent_morton)}.json"
-
-
-def cells_to_update(
-    catalog: Catalog,
-    template_parents: Iterable[int],
-    records: Mapping[int, CellRecord],
-    config_hash: str,
-) -> tuple[list[int], list[int]]:
-    """Which cells of a gridded store a newer catalog of the same cycle changes.
-
-    A cell is stale when its record is missing or was made from another
-    granule set (a granule published late, a new revision) -- compared by
-    :func:`input_fingerprint`, so by granule names. Cells the catalog lists
-    that the store's template lacks cannot be updated in place.
-
-    Returns
-    -------
-    (stale, outside)
-        Parent morton words, ascending: stale cells of the template, and
-        catalog cells outside it.
-    """
-    parents = {int(p) for p in template_parents}
-    stale, outside = [], []
-    for parent in sorted(catalog.cells):
-        if parent not in parents:
-            outside.append(parent)
-            continue
-        granules = [g.name for g in catalog.cells[parent]]
-        record = records.get(parent)
-        if record is None or record.fingerprint != input_fingerprint(
-            granules, config_hash, magg_core.__version__
-        ):
-            stale.append(parent)
-    return stale, outside

@@ -23,7 +23,7 @@ from magg_core.catalog import build_catalog
 from magg_core.cmr import GranuleSearch, search_granules
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_query_range, cycle_range, parse_granule_name
-from magg_core.records import cells_to_update
+from magg_core.plan import cells_to_update
 from magg_core.regions import load_region
 from magg_core.store import open_store, read_records, read_template
 
