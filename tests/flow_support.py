@@ -333,8 +333,13 @@ def ambient_s3(env: pytest.MonkeyPatch, s3: MotoS3, endpoint: str | None = None)
 # -- Prefect look-ups ----------------------------------------------------------------------
 
 
-def cell_task_runs(flow_run_id: UUID, flow_run_count: int | None = None) -> list[TaskRun]:
-    """The per-cell task runs of a flow run (of one of its attempts, if given)."""
+def cell_task_runs(
+    flow_run_id: UUID, flow_run_count: int | None = None, prefix: str = "cell-"
+) -> list[TaskRun]:
+    """The per-cell task runs of a flow run (of one of its attempts, if given).
+
+    ``prefix="extract-"`` gives its per-granule extract task runs instead.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -345,7 +350,7 @@ def cell_task_runs(flow_run_id: UUID, flow_run_count: int | None = None) -> list
     return [
         r
         for r in runs
-        if r.name.startswith("cell-")
+        if r.name.startswith(prefix)
         and (flow_run_count is None or r.flow_run_run_count == flow_run_count)
     ]
 

@@ -151,8 +151,10 @@ def _order_config(column: str):
     stats = {
         "lo": {"function": "min", "column": column},
         "hi": {"function": "max", "column": column},
-        **{f"q{i}": {"function": "quantile", "column": column, "q": q}
-           for i, q in enumerate(QUANTILES)},
+        **{
+            f"q{i}": {"function": "quantile", "column": column, "q": q}
+            for i, q in enumerate(QUANTILES)
+        },
     }
     for spec in stats.values():
         spec.update(dtype="float64", fill_value="nan")
@@ -207,16 +209,39 @@ def _custom_config():
     raw["aggregation"]["statistics"].update(
         {
             "n": {"function": "count", "dtype": "float64", "fill_value": -1},
-            "h_std": {"function": "variance", "column": "h_li", "transform": "sqrt(x)",
-                      "dtype": "float64", "fill_value": -9999},
-            "depth_sum_km": {"function": "sum", "column": "depth_km", "dtype": "float64",
-                             "fill_value": 0},
-            "depth_p10": {"function": "quantile", "column": "depth", "q": 0.1,
-                          "dtype": "float32", "fill_value": "-inf"},
-            "h_plain_mean": {"function": "mean", "column": "h_li", "dtype": "float32",
-                             "fill_value": "nan"},
-            "h_max_int": {"function": "max", "column": "h_li", "transform": "x * 100",
-                          "dtype": "int32", "fill_value": -2147483648},
+            "h_std": {
+                "function": "variance",
+                "column": "h_li",
+                "transform": "sqrt(x)",
+                "dtype": "float64",
+                "fill_value": -9999,
+            },
+            "depth_sum_km": {
+                "function": "sum",
+                "column": "depth_km",
+                "dtype": "float64",
+                "fill_value": 0,
+            },
+            "depth_p10": {
+                "function": "quantile",
+                "column": "depth",
+                "q": 0.1,
+                "dtype": "float32",
+                "fill_value": "-inf",
+            },
+            "h_plain_mean": {
+                "function": "mean",
+                "column": "h_li",
+                "dtype": "float32",
+                "fill_value": "nan",
+            },
+            "h_max_int": {
+                "function": "max",
+                "column": "h_li",
+                "transform": "x * 100",
+                "dtype": "int32",
+                "fill_value": -2147483648,
+            },
         }
     )
     return load_config(raw)
@@ -278,8 +303,11 @@ def test_input_columns_are_not_modified():
         (np.array([0.0, 1.0]), None, r"1-D integer array, got float64"),
         (np.zeros((2, 1), dtype=int), None, r"1-D integer array, got int64 of shape \(2, 1\)"),
         (np.array([0, 1]), {"h_li": np.zeros(2)}, r"needs column\(s\) \['h_li_sigma'\]"),
-        (np.array([0, 1]), {"h_li": np.zeros(3), "h_li_sigma": np.ones(2)},
-         r"column 'h_li' has shape \(3,\), expected \(2,\)"),
+        (
+            np.array([0, 1]),
+            {"h_li": np.zeros(3), "h_li_sigma": np.ones(2)},
+            r"column 'h_li' has shape \(3,\), expected \(2,\)",
+        ),
     ],
 )
 def test_bad_input_is_rejected(child, columns, message):

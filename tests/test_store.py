@@ -108,7 +108,9 @@ def without_creation_stamp(document: bytes) -> dict:
     def strip(node):
         if isinstance(node, dict):
             is_stamp = "config_hash" in node  # the template's provenance mapping
-            return {k: strip(v) for k, v in node.items() if not (is_stamp and k in ("created", "id"))}
+            return {
+                k: strip(v) for k, v in node.items() if not (is_stamp and k in ("created", "id"))
+            }
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
@@ -259,8 +261,11 @@ def test_mismatched_template_raises_and_writes_nothing(templated, config, parent
     swapped[2] = parent_of(point_morton(np.array([-86.0]), np.array([77.0]), 12), 6)[0]
     swapped = np.sort(swapped)
     first = int(np.flatnonzero(swapped != parents)[0])
-    with pytest.raises(TemplateMismatchError, match=f"first difference at position {first}: "
-                       f"store {parents[first]}, this run {swapped[first]}"):
+    with pytest.raises(
+        TemplateMismatchError,
+        match=f"first difference at position {first}: "
+        f"store {parents[first]}, this run {swapped[first]}",
+    ):
         create_template(store, config, swapped, {})
 
     assert local_files(path) == before

@@ -32,7 +32,7 @@ from magg_core.store import create_template, open_store, read_template
 from tasks.watch import due_cycles
 from tests.deploy_support import ALL_DEPLOYMENTS, BIN, PrefectServer, prefect_cli
 from tests.fakes.cmr import FakeCmr
-from tests.flow_support import store_arrays
+from tests.flow_support import cell_task_runs, store_arrays
 from tests.oracle import reference_statistics
 
 LATENCY = timedelta(days=45)
@@ -230,8 +230,11 @@ def test_a_late_granule_regrids_only_the_cells_it_changes(registered, prefect_se
                                return_state=True)  # fmt: skip
         assert second.is_completed(), second.message
         summary = second.result()
-        extracts = {r.name.removeprefix("extract-"): r for r in task_runs(second, "extract-")}
-        cells = {int(r.name.removeprefix("cell-")) for r in task_runs(second, "cell-")}
+        run_id = second.state_details.flow_run_id
+        extracts = {
+            r.name.removeprefix("extract-"): r for r in cell_task_runs(run_id, prefix="extract-")
+        }
+        cells = {int(r.name.removeprefix("cell-")) for r in cell_task_runs(run_id)}
         assert cells == touched
         assert summary["granules_extracted"] == len(extracts) >= 1
         read = sum(1 for n in extracts if n == late.name)
@@ -264,16 +267,3 @@ def _fetched_only(store: str, name: str, summary: dict) -> bool:
     """The run's fetched bytes are the late granule's, as its extract record counted them."""
     record = read_extract_record(open_store(store), load_config(), name)
     return record is not None and record.bytes_fetched == summary["extract_bytes_fetched"]
-
-
-def task_runs(state, prefix: str) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
-    return [r for r in runs if r.name.startswith(prefix)]
