@@ -100,21 +100,30 @@ def stored_bytes(paths: list[Path]) -> int:
     return total
 
 
-def one_stage_flow():
-    """The design before two stages, as a flow: cells on threads, each reading its granules."""
+def one_stage_flow(credentials):
+    """The design before two stages, as a flow: cells on threads, each reading its granules.
+
+    Its parameters name the inputs; the credentials stay in this process (a
+    flow parameter would be stored by the server).
+    """
     from prefect import flow, task
     from prefect.cache_policies import NONE
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    from magg_core.catalog import load_catalog
     from magg_core.cell import process_cell
+    from magg_core.config import load_config
+    from magg_core.plan import plan_cells
 
     @task(cache_policy=NONE)
     def cell(request):
-        return process_cell(request)
+        return process_cell(replace(request, s3_credentials=credentials))
 
     @flow(name="bench-one-stage", task_runner=ThreadPoolTaskRunner(max_workers=4))
-    def run(requests):
-        return [f.result() for f in [cell.submit(r) for r in requests]]
+    def run(catalog_path: str, store: str, mirror: str) -> int:
+        config, catalog = load_config(), load_catalog(catalog_path)
+        requests = plan_cells(catalog, config, store, granule_mirror=mirror)
+        return sum(f.result().total_obs for f in [cell.submit(r) for r in requests])
 
     return run
 
@@ -123,7 +132,6 @@ def run_both(catalog_path: Path, mirror: str, store_root: str) -> dict:
     from flows.process_cycle import process_cycle
     from magg_core.catalog import load_catalog
     from magg_core.config import load_config
-    from magg_core.plan import plan_cells
     from magg_core.store import create_template, open_store
 
     config = load_config()
@@ -133,17 +141,9 @@ def run_both(catalog_path: Path, mirror: str, store_root: str) -> dict:
     store = f"{store_root}/one-stage.zarr"
     create_template(open_store(store), config, catalog.parents, {"bench": True})
     credentials = CREDENTIALS if mirror.startswith("s3://") else None
-    requests = [
-        replace(r, s3_credentials=credentials)
-        for r in plan_cells(catalog, config, store, granule_mirror=mirror)
-    ]
     with CoreMeter() as meter:
-        results = one_stage_flow()(requests)
-    figures["one"] = {
-        "wall_s": meter.wall_s,
-        "cores": meter.cores,
-        "obs": sum(r.total_obs for r in results),
-    }
+        obs = one_stage_flow(credentials)(str(catalog_path), store, mirror)
+    figures["one"] = {"wall_s": meter.wall_s, "cores": meter.cores, "obs": obs}
 
     with CoreMeter() as meter:
         summary = process_cycle(
