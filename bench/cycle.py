@@ -161,7 +161,21 @@ def run_both(catalog_path: Path, mirror: str, store_root: str) -> dict:
     }
     if figures["one"]["obs"] != figures["two"]["obs"]:
         raise RuntimeError(f"the two ways disagree: {figures}")
+    one, two = (_arrays(f"{store_root}/{name}.zarr") for name in ("one-stage", "two-stage"))
+    differ = [name for name in one if one[name].tobytes() != two[name].tobytes()]
+    if differ:
+        raise RuntimeError(f"the two ways wrote different bytes in {differ}")
+    print("  the two stores are byte-identical")
     return figures
+
+
+def _arrays(url: str) -> dict:
+    import zarr
+
+    from magg_core.store import open_store
+
+    group = zarr.open_group(open_store(url, read_only=True), path="12", mode="r")
+    return {name: array[:] for name, array in group.arrays()}
 
 
 def report(name: str, key: str, figures: dict, needed: int) -> None:
