@@ -38,6 +38,7 @@ from zarr.storage import LocalStore, ObjectStore
 
 import magg_core
 from magg_core.config import PipelineConfig
+from magg_core.fragments import FRAGMENTS_PREFIX
 from magg_core.grid import children, healpix_ids, parent_of
 from magg_core.records import (
     RECORDS_PREFIX,
@@ -333,18 +334,17 @@ def consolidate(store: Store) -> None:
     """Consolidate the store's metadata so xarray opens it with one read.
 
     Run it once, after the cells: consolidated metadata is a snapshot. The
-    ``records/`` prefix is not a zarr node, which zarr reports with a warning
+    ``records/`` and ``fragments/`` prefixes are not zarr nodes, which zarr reports with a warning
     while it walks the hierarchy; that warning, and zarr's note that
     consolidated metadata is not yet part of the v3 spec, are expected here
     and silenced (``warnings.catch_warnings`` is process-wide, so other
     threads' warnings of the same text are silenced meanwhile too).
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=f"Object at {RECORDS_PREFIX} is not recognized",
-            category=ZarrUserWarning,
-        )
+        for prefix in (RECORDS_PREFIX, FRAGMENTS_PREFIX):
+            warnings.filterwarnings(
+                "ignore", message=f"Object at {prefix} is not recognized", category=ZarrUserWarning
+            )
         warnings.filterwarnings(
             "ignore",
             message="Consolidated metadata is currently not part",

@@ -163,7 +163,8 @@ def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
             "|---|---|",
             f"| cells | {summary.cells} ({statuses}) |",
             f"| observations | {summary.total_obs:,} in {summary.cells_with_data:,} child cells |",
-            f"| granules | {summary.granules_read:,} read, {summary.granules_failed:,} failed |",
+            f"| granules in cells | {summary.granules_read:,} read, "
+            f"{summary.granules_failed:,} failed |",
             f"| wall time | {summary.wall_s:.1f} s ({summary.cells_per_second:.2f} cells/s, "
             f"{summary.obs_per_second:,.0f} obs/s) |",
             f"| cell time | {summary.cell_seconds:.1f} s: "

@@ -82,7 +82,7 @@ def test_every_cell_is_tracked_in_prefect(local_run):
     granules = sum(len(sample.catalog.cells[p]) for p in sample.parents)
     assert f"| cells | {len(sample.parents)} ({counts}) |" in markdown
     assert f"| observations | {total:,} in" in markdown
-    assert f"| granules | {granules} read, 0 failed |" in markdown
+    assert f"| granules in cells | {granules} read, 0 failed |" in markdown
     gb_s = summary["cell_seconds"] * 2048 / 1024
     cost = gb_s * LAMBDA_PRICE_PER_GB_S["arm64"] + len(rows) * LAMBDA_PRICE_PER_REQUEST
     assert f"${cost:.4f}: {gb_s:,.1f} GB-s at 2048 MB arm64" in markdown

@@ -97,7 +97,7 @@ def test_markdown_shows_totals_throughput_and_cost():
     lines = set(text.splitlines())
     assert "| cells | 4 (empty: 1, failed: 1, no_granules: 1, ok: 1) |" in lines
     assert "| observations | 5,000 in 100 child cells |" in lines
-    assert "| granules | 3 read, 1 failed |" in lines
+    assert "| granules in cells | 3 read, 1 failed |" in lines
     assert "| wall time | 8.0 s (0.50 cells/s, 625 obs/s) |" in lines
     assert "| cell time | 15.0 s: read 71 %, aggregate 7 %, write 21 % |" in lines
     assert "| peak memory | 500 MiB |" in lines
