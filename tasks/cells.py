@@ -1,9 +1,10 @@
-"""The per-cell tasks: one parent cell on a thread, on AWS Lambda, or on an ECS flow run.
+"""The per-cell tasks: one parent cell in a worker process (this machine's or a Dask
+cluster's), on AWS Lambda, or on an ECS flow run.
 
-All three share one policy (retries with backoff + jitter on transient
-errors only, a persisted result, and a cache key over everything that
-determines the cell's output) so that retrying a failed flow run — the
-Prefect UI's Retry button — re-executes only the cells that failed.
+All share one policy (retries with backoff + jitter on transient errors
+only, a persisted result, and a cache key over everything that determines
+the cell's output) so that retrying a failed flow run — the Prefect UI's
+Retry button — re-executes only the cells that failed or are partial.
 Credentials are fetched at dispatch from an in-process source and never
 become a task parameter value the API stores, a cache key, a result or a
 log line.
