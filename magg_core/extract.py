@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from zarr.abc.store import Store
+
 import magg_core
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.fragments import (
@@ -166,7 +168,7 @@ def extract_granule(
     store = open_store(request.store_path, endpoint=endpoint)
     url = request.granule_url
     fingerprint = extract_fingerprint(url, config)
-    done = stored_extract(request, endpoint=endpoint)
+    done = _stored(store, config, request)
     if done is not None and done.status == "ok":
         return replace(done.as_found(), duration_s=time.perf_counter() - started)
     try:
@@ -221,6 +223,10 @@ def stored_extract(
     """
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
+    return _stored(store, config, request)
+
+
+def _stored(store: Store, config: PipelineConfig, request: ExtractRequest) -> ExtractResult | None:
     record = read_extract_record(store, config, request.granule_url)
     if record is None or record.fingerprint != extract_fingerprint(request.granule_url, config):
         return None
