@@ -21,7 +21,7 @@ import json
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from magg_core.records import (
 from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
 
 __all__ = [
+    "ArraySpec",
     "CellRecord",
     "Template",
     "TemplateMismatchError",
@@ -61,6 +62,7 @@ __all__ = [
     "open_store",
     "read_records",
     "read_template",
+    "statistic_arrays",
     "write_cell",
     "write_record",
 ]
@@ -107,6 +109,29 @@ WRITE_BLOCK_PARENTS = 2 * COORDINATE_SHARD_PARENTS
 (whole shards, ~32 MB of uint64), bounding memory for large catalogs."""
 
 
+@dataclass(frozen=True)
+class ArraySpec:
+    """One data array of a store's group: what a cell writes a chunk of.
+
+    A cycle store holds one per statistic of the config
+    (:func:`statistic_arrays`); other products built on the same grid and
+    chunk layout (height change) pass their own.
+    """
+
+    name: str
+    dtype: np.dtype
+    fill_value: Any
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    """Extra array attributes (``units``, ``long_name``), JSON-safe."""
+
+
+def statistic_arrays(config: PipelineConfig) -> tuple[ArraySpec, ...]:
+    """The arrays of a cycle store: one per statistic of the config, in config order."""
+    return tuple(
+        ArraySpec(stat.name, stat.dtype, stat.fill_value) for stat in config.aggregation.statistics
+    )
+
+
 class TemplateMismatchError(ValueError):
     """The store's template is missing or differs from what this run expects."""
 
@@ -121,6 +146,8 @@ class Template:
     config: Mapping[str, Any]
     parents: np.ndarray
     """Parent morton words (uint64) in chunk order."""
+    arrays: tuple[str, ...]
+    """Names of the data arrays, in creation order."""
 
 
 def open_store(
@@ -167,6 +194,8 @@ def create_template(
     config: PipelineConfig,
     parents: Sequence[int] | np.ndarray,
     provenance: Mapping[str, Any],
+    *,
+    arrays: Sequence[ArraySpec] | None = None,
 ) -> None:
     """Create the arrays and coordinates of every parent cell, once.
 
@@ -181,20 +210,24 @@ def create_template(
         catalog's order, which becomes the chunk order).
     provenance
         JSON-safe extra provenance, e.g. the catalog's ``metadata``.
+    arrays
+        The data arrays; default :func:`statistic_arrays` of ``config``.
 
     Raises
     ------
     TemplateMismatchError
-        If a finished template with another config or parent list exists;
+        If a finished template with another config, parent list or set of
+        arrays exists;
         nothing is written. The same config and parents make this a no-op.
     ValueError
         If ``parents`` are not unique ascending words of ``parent_order``.
     """
     words = _validate_parents(parents, config)
+    arrays = tuple(statistic_arrays(config) if arrays is None else arrays)
     provenance = json.loads(json.dumps(dict(provenance), allow_nan=False))  # fail before writing
     existing = read_template(store, config)
     if existing is not None:
-        _require_same(existing, config, words)
+        _require_same(existing, config, words, arrays)
         return
 
     root = zarr.open_group(store, mode="a", zarr_format=3)
@@ -202,10 +235,12 @@ def create_template(
     size = words.size * config.output.children_per_parent
     for name in COORDINATES:
         _create_array(group, name, config, size, config.aggregation.coordinates[name], 0)
-    for stat in config.aggregation.statistics:
-        _create_array(group, stat.name, config, size, stat.dtype, stat.fill_value)
+    for spec in arrays:
+        _create_array(
+            group, spec.name, config, size, spec.dtype, spec.fill_value, spec.attributes
+        )
     _write_coordinates(group, config, words)
-    group.update_attributes(_group_attributes(config, words, provenance))  # the commit marker
+    group.update_attributes(_group_attributes(config, words, provenance, arrays))  # the commit marker
 
 
 def read_template(store: Store, config: PipelineConfig) -> Template | None:
@@ -224,6 +259,7 @@ def read_template(store: Store, config: PipelineConfig) -> Template | None:
         config_hash=marker["config_hash"],
         config=marker["config"],
         parents=np.array([int(p) for p in marker["parents"]], dtype=np.uint64),
+        arrays=tuple(marker.get("arrays", ())),
     )
 
 
@@ -274,9 +310,14 @@ def check_template(
 
 
 def write_cell(
-    store: Store, config: PipelineConfig, chunk_idx: int, stats: Mapping[str, np.ndarray]
+    store: Store,
+    config: PipelineConfig,
+    chunk_idx: int,
+    stats: Mapping[str, np.ndarray],
+    *,
+    arrays: Sequence[ArraySpec] | None = None,
 ) -> None:
-    """Write one parent's chunk of every statistic.
+    """Write one parent's chunk of every data array (``arrays``, default the statistics).
 
     Everything is validated before the first byte is written, so a bad call
     leaves the store as it was. A chunk that is all fill values is removed
@@ -286,17 +327,18 @@ def write_cell(
     Raises
     ------
     ValueError
-        If the statistics' names differ from the config's, or an array has
+        If the names differ from the arrays' (the config's statistics), or an array has
         another dtype or length than its chunk, or ``chunk_idx`` is outside
         the store's arrays.
     """
     per_parent = config.output.children_per_parent
-    expected = {stat.name: stat.dtype for stat in config.aggregation.statistics}
+    specs = statistic_arrays(config) if arrays is None else arrays
+    expected = {spec.name: spec.dtype for spec in specs}
     missing = sorted(set(expected) - set(stats))
     unknown = sorted(set(stats) - set(expected))
     if missing or unknown:
         raise ValueError(
-            f"statistics do not match the config: missing {missing}, unknown {unknown}"
+            f"arrays do not match the store's: missing {missing}, unknown {unknown}"
         )
     for name, dtype in expected.items():
         values = stats[name]
@@ -382,9 +424,16 @@ def _validate_parents(parents: Sequence[int] | np.ndarray, config: PipelineConfi
     return words
 
 
-def _require_same(template: Template, config: PipelineConfig, words: np.ndarray) -> None:
+def _require_same(
+    template: Template, config: PipelineConfig, words: np.ndarray, arrays: Sequence[ArraySpec]
+) -> None:
     if template.config_hash != config.hash:
         raise TemplateMismatchError(_config_difference(template, config))
+    names = tuple(spec.name for spec in arrays)
+    if template.arrays != names:
+        raise TemplateMismatchError(
+            f"the store's template has arrays {list(template.arrays)}, this run {list(names)}"
+        )
     if not np.array_equal(template.parents, words):
         raise TemplateMismatchError(_parents_difference(template.parents, words))
 
@@ -421,7 +470,13 @@ def _parents_difference(stored: np.ndarray, wanted: np.ndarray) -> str:
 
 
 def _create_array(
-    group: zarr.Group, name: str, config: PipelineConfig, size: int, dtype: np.dtype, fill: Any
+    group: zarr.Group,
+    name: str,
+    config: PipelineConfig,
+    size: int,
+    dtype: np.dtype,
+    fill: Any,
+    extra_attributes: Mapping[str, Any] | None = None,
 ) -> None:
     per_parent = config.output.children_per_parent
     coordinate = name in COORDINATES
@@ -434,7 +489,7 @@ def _create_array(
         compressors=CODEC,
         fill_value=fill,
         dimension_names=(DIMENSION,),
-        attributes=_array_attributes(name, config),
+        attributes={**_array_attributes(name, config), **(extra_attributes or {})},
     )
 
 
@@ -464,7 +519,10 @@ def _write_coordinates(group: zarr.Group, config: PipelineConfig, words: np.ndar
 
 
 def _group_attributes(
-    config: PipelineConfig, words: np.ndarray, provenance: Mapping[str, Any]
+    config: PipelineConfig,
+    words: np.ndarray,
+    provenance: Mapping[str, Any],
+    arrays: Sequence[ArraySpec],
 ) -> dict[str, Any]:
     out = config.output
     return {
@@ -488,6 +546,7 @@ def _group_attributes(
             "child_order": out.child_order,
             "n_parents": int(words.size),
             "parents": [str(p) for p in words.tolist()],
+            "arrays": [spec.name for spec in arrays],
             "provenance": provenance,
         },
     }

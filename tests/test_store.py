@@ -21,6 +21,7 @@ from magg_core.config import load_config
 from magg_core.grid import children, parent_of, point_morton
 from magg_core.request import CellResult, GranuleFailure, Timings
 from magg_core.store import (
+    ArraySpec,
     CellRecord,
     TemplateMismatchError,
     check_template,
@@ -268,6 +269,31 @@ def test_mismatched_template_raises_and_writes_nothing(templated, config, parent
     ):
         create_template(store, config, swapped, {})
 
+    assert local_files(path) == before
+
+
+def test_template_with_other_arrays(local, config, parents):
+    """Products on the same grid (height change) declare their own arrays."""
+    path, store = local
+    arrays = (
+        ArraySpec("dhdt", np.dtype("float32"), np.nan, {"units": "m/yr"}),
+        ArraySpec("n_points", np.dtype("int32"), 0),
+    )
+    create_template(store, config, parents, {}, arrays=arrays)
+    n = config.output.children_per_parent
+    values = {"dhdt": np.full(n, -0.5, np.float32), "n_points": np.arange(n, dtype=np.int32)}
+    write_cell(store, config, 1, values, arrays=arrays)
+    group = zarr.open_group(store, path=str(config.output.child_order), mode="r")
+    assert sorted(group.array_keys()) == ["cell_ids", "dhdt", "morton", "n_points"]
+    assert group["dhdt"].attrs["units"] == "m/yr"
+    np.testing.assert_array_equal(group["n_points"][n : 2 * n], values["n_points"])
+    assert np.isnan(group["dhdt"][:n]).all()
+    with pytest.raises(ValueError, match="missing"):
+        write_cell(store, config, 0, values)  # the statistics are not this store's arrays
+
+    before = local_files(path)
+    with pytest.raises(TemplateMismatchError, match=r"arrays \['dhdt', 'n_points'\]"):
+        create_template(store, config, parents, {})
     assert local_files(path) == before
 
 
