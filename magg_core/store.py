@@ -236,11 +236,11 @@ def create_template(
     for name in COORDINATES:
         _create_array(group, name, config, size, config.aggregation.coordinates[name], 0)
     for spec in arrays:
-        _create_array(
-            group, spec.name, config, size, spec.dtype, spec.fill_value, spec.attributes
-        )
+        _create_array(group, spec.name, config, size, spec.dtype, spec.fill_value, spec.attributes)
     _write_coordinates(group, config, words)
-    group.update_attributes(_group_attributes(config, words, provenance, arrays))  # the commit marker
+    group.update_attributes(
+        _group_attributes(config, words, provenance, arrays)
+    )  # the commit marker
 
 
 def read_template(store: Store, config: PipelineConfig) -> Template | None:
@@ -337,9 +337,7 @@ def write_cell(
     missing = sorted(set(expected) - set(stats))
     unknown = sorted(set(stats) - set(expected))
     if missing or unknown:
-        raise ValueError(
-            f"arrays do not match the store's: missing {missing}, unknown {unknown}"
-        )
+        raise ValueError(f"arrays do not match the store's: missing {missing}, unknown {unknown}")
     for name, dtype in expected.items():
         values = stats[name]
         if not (
