@@ -10,25 +10,35 @@ Fitting the surface's slope together with the trend removes the bias that
 differencing cell means suffers where repeat tracks do not overlap exactly:
 on a surface sloping at ``s``, a pass ``d`` metres off its predecessor sees a
 height ``s * d`` different without any change (a 2 % slope and 40 m make
-0.8 m). This is the plane-plus-trend model of repeat-track altimetry
-(e.g. Smith et al., 2020, Science 368, 1239, supplementary methods).
+0.8 m). This is the surface-fit (plane plus trend) method of repeat-track
+altimetry, e.g. Moholdt et al., 2010, Remote Sensing of Environment 114,
+2756–2767, for ICESat.
 
 Method
 ------
-Ordinary, unweighted least squares. ATL06's ``h_li_sigma`` describes the
-photon-counting precision of one segment, not the scatter about a plane of
-real surfaces (roughness, crevasses, curvature within the cell), which
-dominates over all but the smoothest ice; weights from it would let a few
-"precise" segments decide the fit. The standard error therefore comes from
-the residuals themselves: ``s² = RSS / (n - 4)``,
-``SE(dhdt) = sqrt(s² [(XᵀX)⁻¹]_tt)``, the textbook OLS result.
+Weighted least squares with weights ``1 / h_sigma²`` (ATL06 ``h_li_sigma``)
+when ``h_sigma`` is given, ordinary least squares otherwise. Segment
+precision varies by an order of magnitude (the sample's ``h_li_sigma`` runs
+0.02–0.5 m); unweighted, residual-based rejection then trims the legitimate
+tails of the noisy segments, and the trimmed fit's residual variance
+understates its real scatter (a trimmed estimator's variance is that of the
+Winsorized, not the trimmed, residuals: Tukey & McLaughlin, 1963, Sankhyā A
+25, 331–352). Measured on N(0, h_li_sigma) noise with the sample's sigma
+distribution, 100–150 points per cell: unweighted at 3 robust sigmas, 59 %
+of cells hold the truth within 1 SE and 91 % within 2 SE; weighted at 4,
+67 % and 95 %. ``h_li_sigma`` may still understate the scatter about a plane
+(roughness, curvature within the cell), so it fixes only the *relative*
+weights: the scale comes from the residuals, ``s² = Σ w r² / (n - 4)``, and
+``SE(dhdt) = sqrt(s² [(XᵀWX)⁻¹]_tt)``, the textbook weighted-least-squares
+result. A common factor by which ``h_li_sigma`` errs therefore cancels.
 
 The fit is vectorized across the children of one parent: per child, the
-columns are centred on the child's mean (x, y in km), the 4×4 normal
-equations are accumulated with ``np.bincount`` and solved in one batched
-``np.linalg.solve``. Centring and scaling keep the normal matrix well
-conditioned (condition ~10²–10⁴ for tracks crossing a 1.6 km cell), so the
-result agrees with a per-child ``np.linalg.lstsq`` to far better than 1e-6.
+columns are centred on the child's weighted mean (x, y in km), the 4×4
+normal equations are accumulated with ``np.bincount`` and inverted in one
+batched ``np.linalg.inv``; later rounds refit only the children that
+changed. Centring and scaling keep the normal matrix well conditioned
+(condition 25–4·10⁴ for 98 % of the sample's cells, at most ~2·10⁵), so the result
+agrees with a per-child ``np.linalg.lstsq`` to far better than 1e-6.
 
 A child is filled (NaN, counts 0) when it has fewer than ``min_points``
 points or ``min_cycles`` distinct cycles, or when its design cannot separate
@@ -95,8 +105,12 @@ class FitOptions:
         difference, with nothing in time to show a bad cycle; three is the
         least that leaves a temporal residual.
     rejection_threshold
-        Points farther than this many robust sigmas from the fit are dropped
-        (3: a normal residual exceeds it 0.27 % of the time).
+        Points farther than this many robust sigmas from the fit are dropped.
+        Not 3: the MAD of ~100 residuals is itself uncertain by ~10 %, and
+        repeated rounds at 3 trim ~2 % of normal residuals, enough to shrink
+        the SE measurably (module docstring); at 4 a normal residual is
+        dropped 0.006 % of the time, while blunders of metres stand tens of
+        sigmas off.
     max_iterations
         Most rounds of rejection.
     min_sigma
