@@ -31,6 +31,11 @@ tell the difference:
   counter-clockwise footprint polygon enclosing all beams, temporal extent,
   S3 and HTTPS URLs in NSIDC's layout, sizes and an MD5 checksum.
 
+:func:`write_cycles` flies the same passes in several cycles over a surface
+that changes in time, for the height-change fit: a known slope field
+(:func:`planted_surface`) and rate (:func:`planted_dhdt`), a steep, thinning
+"glacier" patch among them, with repeat passes offset across track.
+
 The orbit is simplified (circular, spherical Earth, RGT 1's ascending node at
 0°E); no statement about where a real RGT lies should be drawn from it.
 """
