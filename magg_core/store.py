@@ -69,12 +69,14 @@ __all__ = [
     "chunk_index",
     "consolidate",
     "create_template",
+    "Level",
     "level_chunk_parents",
     "input_fingerprint",
     "open_store",
     "read_records",
     "read_template",
     "statistic_arrays",
+    "store_levels",
     "write_cell",
     "write_record",
 ]
@@ -301,6 +303,33 @@ def read_template(store: Store, config: PipelineConfig) -> Template | None:
         parents=np.array([int(p) for p in marker["parents"]], dtype=np.uint64),
         arrays=tuple(marker.get("arrays", ())),
     )
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level as the store holds it (read from its ``cell_ids`` array)."""
+
+    order: int
+    cells: int
+    """Cells of the level: parents × ``4**(order - parent_order)``."""
+    chunk_cells: int
+    """Cells per chunk of its arrays."""
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.cells // self.chunk_cells)
+
+
+def store_levels(store: Store, config: PipelineConfig) -> list[Level]:
+    """The levels of ``config`` that have a group in the store, ascending by order."""
+    levels = []
+    for order in config.output.orders:
+        try:
+            ids = zarr.open_array(store, path=f"{order}/cell_ids", mode="r", zarr_format=3)
+        except FileNotFoundError:  # zarr's NodeNotFoundError: a level this store lacks
+            continue
+        levels.append(Level(order=order, cells=ids.shape[0], chunk_cells=ids.chunks[0]))
+    return levels
 
 
 def chunk_index(store: Store, config: PipelineConfig, parent_morton: int) -> int:
