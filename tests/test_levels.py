@@ -19,6 +19,7 @@ import zarr
 
 from flows.cli import main
 from flows.process_cycle import process_cycle
+from magg_core import assembly
 from magg_core.assembly import assemble_levels
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
@@ -256,6 +257,12 @@ def test_assembly_is_idempotent_and_follows_every_rerun_of_a_cell(
     before = level_files()
     assemble_levels(store, CONFIG)
     assert level_files() == before
+    for batch in (1, 4):  # chunks whose parents span batches are carried over whole
+        shutil.rmtree(Path(url) / "6" / "count" / "c")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(assembly, "PARENTS_PER_BATCH", batch)
+            assemble_levels(store, CONFIG)
+        assert level_files() == before
 
     request = max(requests_for(sample, url), key=lambda r: len(r.granule_urls))
     index = parents.index(request.parent_morton)
