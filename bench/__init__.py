@@ -6,6 +6,7 @@
 ``python -m bench.orchestration`` 2,000 no-op cells through a real Prefect server (<= 30 ms/cell)
 ``python -m bench.memory``        peak RSS of one 5M-point cell (<= 1 GB)
 ``python -m bench.end_to_end``    the demo workload, with and without the latency proxy
+``python -m bench.levels``        a cell's time and the store's bytes with levels 6..12 vs order 12
 ``python -m bench``               all of the above
 
 Every script takes ``--quick`` (tiny inputs, for the smoke test) and prints one

@@ -11,7 +11,7 @@ import sys
 
 from bench._common import REPO, parser
 
-BENCHMARKS = ("statistics", "read", "orchestration", "memory", "end_to_end", "cycle")
+BENCHMARKS = ("statistics", "read", "orchestration", "memory", "end_to_end", "cycle", "levels")
 
 
 def main(argv: list[str] | None = None) -> int:

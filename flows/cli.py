@@ -3,8 +3,8 @@
 ``magg demo``     the main job on the built-in sample, locally, no AWS needed
 ``magg catalog``  CMR granules of a cycle × the region's cells → catalog file
 ``magg run``      the ``process-cycle`` flow on a catalog or a cycle
-``magg inspect``  what a store holds: per-cell records and provenance
-``magg plot``     a quicklook PNG of a statistic
+``magg inspect``  what a store holds: pyramid levels, per-cell records and provenance
+``magg plot``     a quicklook PNG of a statistic at any level
 """
 
 from __future__ import annotations
@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("store")
     plot.add_argument("--variable", default="h_mean")
     plot.add_argument("--config", default="atl06")
+    plot.add_argument(
+        "--order", type=int, help="HEALPix order of the level to draw (default: the child order)"
+    )
     plot.add_argument("--output", "-o", default="quicklook.png")
     plot.set_defaults(command=_plot, name="plot")
     return parser
@@ -234,7 +237,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from magg_core.config import load_config
-    from magg_core.store import open_store, read_records, read_template
+    from magg_core.store import open_store, read_records, read_template, store_levels
 
     config = load_config(args.config)
     store = open_store(args.store, read_only=True)
@@ -247,6 +250,11 @@ def _inspect(args: argparse.Namespace) -> int:
     print(
         f"store {args.store}: {len(template.parents)} parent cells, config {template.config_hash}"
     )
+    for level in store_levels(store, config):
+        print(
+            f"level {level.order}: group /{level.order}/, {level.cells:,} cells, "
+            f"chunks of {level.chunk_cells:,} cells ({level.chunks:,} chunks)"
+        )
     print(
         "records: "
         + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
@@ -263,7 +271,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    print(_quicklook(args.store, args.config, args.variable, Path(args.output)))
+    print(_quicklook(args.store, args.config, args.variable, Path(args.output), args.order))
     return 0
 
 
@@ -284,15 +292,21 @@ def _run_flow(**parameters) -> dict:
         return exc.summary
 
 
-def _quicklook(store_url: str, config_name: str, variable: str, path: Path) -> Path:
+def _quicklook(
+    store_url: str, config_name: str, variable: str, path: Path, order: int | None = None
+) -> Path:
     import xarray as xr
 
     from magg_core.config import load_config
     from magg_core.quicklook import quicklook
-    from magg_core.store import open_store
+    from magg_core.store import open_store, store_levels
 
     config = load_config(config_name)
-    dataset = xr.open_zarr(
-        open_store(store_url, read_only=True), group=str(config.output.child_order)
-    )
-    return quicklook(dataset, path, variable)
+    store = open_store(store_url, read_only=True)
+    order = config.output.child_order if order is None else order
+    present = [level.order for level in store_levels(store, config)]
+    if order not in present:
+        raise ValueError(
+            f"--order {order}: {store_url} has levels {', '.join(map(str, present)) or 'none'}"
+        )
+    return quicklook(xr.open_zarr(store, group=str(order)), path, variable)

@@ -2,8 +2,8 @@
 
 credentials → catalog → store template → extract every granule once (fragments
 per cell it crosses) → grid every cell from its fragments, both stages on the
-chosen backend → consolidated metadata → per-cell table, summary and cost
-estimate.
+chosen backend → coarse pyramid levels (if the config has any) → consolidated
+metadata → per-cell table, summary and cost estimate.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prefect.futures import PrefectFuture
 
 from magg_core.errors import CellFailedError, CellsFailedError
 from magg_core.extract import ExtractRequest
+from magg_core.levels import staged_orders
 from magg_core.plan import (
     check_cell_timeout,
     check_mirror,
@@ -35,6 +36,7 @@ from tasks.extract import extract_locally, extract_on_ecs, extract_on_lambda, re
 from tasks.lambda_backend import lambda_client, lambda_concurrency
 from tasks.report import (
     CellProgress,
+    assemble_store_levels,
     consolidate_store,
     record_failed_cells,
     remove_fragments,
@@ -243,6 +245,10 @@ def process_cycle(
         results, failures = _run_windowed(grid, cells, window, progress.advance, _parent_of)
     if failures:
         record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
+    if staged_orders(pipeline):
+        # After every cell, failed ones included: the levels show what the
+        # order-12 chunks show, from every parent's staging object.
+        assemble_store_levels(store_url, pipeline)
     consolidate_store(store_url)
     summary = report_run(
         results,

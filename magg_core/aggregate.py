@@ -113,7 +113,11 @@ def _derive(
 
 
 def aggregate(
-    child_index: np.ndarray, columns: Mapping[str, np.ndarray], config: PipelineConfig
+    child_index: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    config: PipelineConfig,
+    *,
+    n_children: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Reduce the points of one parent cell to one value per child and statistic.
 
@@ -126,8 +130,11 @@ def aggregate(
         The ``data_source`` variables of each point (e.g. ``h_li``,
         ``h_li_sigma``), each as long as ``child_index``; any dtype.
     config
-        Supplies the derived columns, the statistics and ``n_children =
-        config.output.children_per_parent``.
+        Supplies the derived columns and the statistics.
+    n_children
+        Children per parent; default ``config.output.children_per_parent``.
+        A pyramid level passes its own, ``4**(order - parent_order)``, with
+        positions at that order (:mod:`magg_core.levels`).
 
     Returns
     -------
@@ -142,7 +149,8 @@ def aggregate(
         If indices are out of range or not integers, a needed column is
         missing, or lengths differ.
     """
-    n_children = config.output.children_per_parent
+    if n_children is None:
+        n_children = config.output.children_per_parent
     groups = _Groups.of(child_index, n_children)
     table = _point_columns(columns, config, groups.child.size)
     to_sort = {s.column for s in config.aggregation.statistics if s.function in ORDER_STATISTICS}

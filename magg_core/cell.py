@@ -7,6 +7,9 @@ Neither writes statistics (a partial chunk would look complete to anyone
 reading the arrays) unless the request accepts partial cells; both leave a
 record naming each failed granule and why.
 
+With pyramid levels configured, the points are aggregated once more per
+coarse order and staged for the flow's assembly (:mod:`magg_core.levels`).
+
 It raises for problems in the request or the store (a template that does
 not match), for statistics that come out non-finite, and for failures that
 may pass (throttling, refused credentials): the caller retries or reports.
@@ -31,6 +34,7 @@ from magg_core.aggregate import (
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
+from magg_core.levels import level_statistics, staged_orders, write_staging
 from magg_core.read import GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
@@ -120,6 +124,7 @@ def process_cell(
     counts = np.bincount(child_index, minlength=config.output.children_per_parent)
     try:
         require_finite(stats, counts, config)
+        levels = level_statistics(child_index, columns, config)
     except NonFiniteStatisticError as exc:
         raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
     timings.aggregate = time.perf_counter() - t0
@@ -132,11 +137,15 @@ def process_cell(
     # An incomplete cell keeps whatever an earlier complete run wrote (unless
     # partial cells are accepted); every other outcome, no data included, owns
     # its chunk and overwrites it, so a re-run after the inputs changed never
-    # leaves stale statistics behind.
+    # leaves stale statistics behind. The coarse levels' staging object follows
+    # the chunk: written with it, removed when the cell has no data.
     if result.is_complete or (result.status == "partial" and request.accept_partial):
         _check_deadline(deadline, request)
         t0 = time.perf_counter()
         write_cell(store, config, chunk_idx, stats)
+        if staged_orders(config):
+            staged = levels if result.total_obs else None
+            write_staging(store, config, request.parent_morton, staged)
         timings.write = time.perf_counter() - t0
 
     timings.total = time.perf_counter() - started

@@ -93,10 +93,22 @@ class OutputSpec:
     child_order: int
     store: str | None = None
     """Default store URL; may contain ``{cycle}``."""
+    levels: tuple[int, ...] = ()
+    """Orders of the store's pyramid, ascending; ``()`` (the key absent) means
+    ``child_order`` alone. Read :attr:`orders` rather than this."""
 
     @property
     def children_per_parent(self) -> int:
         return 4 ** (self.child_order - self.parent_order)
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        """Every order with a group in the store, ascending; the last is ``child_order``."""
+        return self.levels or (self.child_order,)
+
+    def cells_per_parent(self, order: int) -> int:
+        """Cells of ``order`` inside one parent cell: ``4**(order - parent_order)``."""
+        return 4 ** (order - self.parent_order)
 
 
 @dataclass(frozen=True)
@@ -119,9 +131,14 @@ class PipelineConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def with_orders(self, parent_order: int, child_order: int) -> PipelineConfig:
-        """The same config at other HEALPix orders (as a cell request may ask)."""
+        """The same config at other HEALPix orders (as a cell request may ask).
+
+        ``output.levels`` is dropped: it names orders of the original range, so
+        the result has the group of its ``child_order`` only.
+        """
         raw = self.to_dict()
-        raw["output"] = {**raw["output"], "parent_order": parent_order, "child_order": child_order}
+        output = {k: v for k, v in raw["output"].items() if k != "levels"}
+        raw["output"] = {**output, "parent_order": parent_order, "child_order": child_order}
         return load_config(raw)
 
 
@@ -431,7 +448,7 @@ def _parse_statistic(path: str, name: Any, spec: Any, known: set[str]) -> Statis
 
 def _parse_output(s: _Section) -> OutputSpec:
     s.reject_unknown(
-        ("grid", "indexing_scheme", "ellipsoid", "parent_order", "child_order", "store")
+        ("grid", "indexing_scheme", "ellipsoid", "parent_order", "child_order", "store", "levels")
     )
     grid = s.get("grid", str)
     if grid != "healpix":
@@ -455,7 +472,36 @@ def _parse_output(s: _Section) -> OutputSpec:
         parent_order=parent_order,
         child_order=child_order,
         store=s.get("store", str, None),
+        levels=_parse_levels(s, parent_order, child_order),
     )
+
+
+def _parse_levels(s: _Section, parent_order: int, child_order: int) -> tuple[int, ...]:
+    """``output.levels``: the orders of the store's pyramid, sorted; ``()`` when absent.
+
+    Each level is a group of its own with the statistics computed from the
+    points at that order, so it must lie between the parent order (one cell
+    per parent) and the child order (the finest the cells compute), and the
+    child order itself must be one of them (it is the group the cells' records
+    and the template belong to).
+    """
+    if "levels" not in s.raw:
+        return ()
+    key = s.key("levels")
+    levels = s.get("levels", list)
+    if not levels or not all(isinstance(k, int) and not isinstance(k, bool) for k in levels):
+        raise ConfigError(f"{key}: expected a non-empty list of integer orders, got {levels!r}")
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"{key}: orders must be unique, got {levels!r}")
+    outside = [k for k in levels if not parent_order <= k <= child_order]
+    if outside:
+        raise ConfigError(
+            f"{key}: orders must lie in parent_order..child_order "
+            f"({parent_order}..{child_order}), got {outside}"
+        )
+    if child_order not in levels:
+        raise ConfigError(f"{key}: must include child_order {child_order}, got {levels!r}")
+    return tuple(sorted(levels))
 
 
 def _parse_expression(key: str, text: str) -> Expression:

@@ -1,8 +1,11 @@
 """A quicklook PNG of one statistic in polar stereographic projection.
 
-For a first look at a run, not for publication: each child cell with data is
+For a first look at a run, not for publication: each cell with data is
 drawn as a dot at its centre, in EPSG:3031 (Antarctic) or EPSG:3413 (Arctic)
-coordinates, so the picture matches the maps glaciologists are used to.
+coordinates, so the picture matches the maps glaciologists are used to. Dots
+are about as wide as the cells of the dataset's order (read from the
+``level`` of its ``cell_ids``), and never smaller than 2 points², so an
+order-6 level shows as tiles and an order-12 one as fine dots.
 """
 
 from __future__ import annotations
@@ -21,10 +24,25 @@ from pyproj import Transformer  # noqa: E402
 
 SOUTH_POLAR_STEREO = "EPSG:3031"
 NORTH_POLAR_STEREO = "EPSG:3413"
+AUTHALIC_RADIUS_KM = 6371.0072
+"""Radius of the sphere with WGS84's area (Moritz 2000, Geodetic Reference System
+1980, J. Geodesy 74:128, R2), on which HEALPix cells are equal-area."""
+FIGURE_SIZE_IN = (8, 7)
+AXES_WIDTH_PT = 0.75 * FIGURE_SIZE_IN[0] * 72
+"""The map's approximate width in points (the colour bar and labels take the rest)."""
+
+
+def cell_width_km(order: int) -> float:
+    """Side of a square with a HEALPix cell's area: ``sqrt(4 pi R^2 / (12 * 4**order))``.
+
+    A HEALPix grid of order ``k`` has ``12 * 4**k`` equal-area cells
+    (Górski et al. 2005, ApJ 622:759, §3); about 1.6 km at order 12, 102 km at 6.
+    """
+    return float(np.sqrt(4 * np.pi * AUTHALIC_RADIUS_KM**2 / (12 * 4**order)))
 
 
 def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -> Path:
-    """Plot ``variable`` of a gridded dataset (one child-order group) to a PNG.
+    """Plot ``variable`` of a gridded dataset (one level's group) to a PNG.
 
     Returns the path written. Raises ``ValueError`` if the variable has no
     data at all, since an empty picture would look like a success.
@@ -37,13 +55,21 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
     crs = SOUTH_POLAR_STEREO if np.mean(lat) < 0 else NORTH_POLAR_STEREO
     x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
 
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
+    x_km, y_km = np.asarray(x) / 1e3, np.asarray(y) / 1e3
+    order = dataset["cell_ids"].attrs.get("level")
+    size = 2.0
+    if order is not None:
+        width = cell_width_km(int(order))
+        extent = max(np.ptp(x_km), np.ptp(y_km)) + width
+        size = max(size, (width / extent * AXES_WIDTH_PT) ** 2)
+
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=120)
     lo, hi = np.percentile(values[has_data], [2, 98])
     points = ax.scatter(
-        np.asarray(x) / 1e3,
-        np.asarray(y) / 1e3,
+        x_km,
+        y_km,
         c=values[has_data],
-        s=2,
+        s=size,
         vmin=lo,
         vmax=hi,
         cmap="viridis",
@@ -54,7 +80,8 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
     ax.set_aspect("equal")
     ax.set_xlabel(f"x ({crs}, km)")
     ax.set_ylabel(f"y ({crs}, km)")
-    ax.set_title(f"{variable}: {has_data.sum():,} cells with data")
+    at = "" if order is None else f" at order {int(order)}"
+    ax.set_title(f"{variable}{at}: {has_data.sum():,} cells with data")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,16 @@ as its commit marker: a group without them is an unfinished template that the
 next :func:`create_template` rebuilds, and that :func:`check_template` rejects.
 Per-cell records live beside the arrays (see :mod:`magg_core.records`, whose
 public names are re-exported here so callers need one import).
+
+Pyramid levels (``output.levels``, see :mod:`magg_core.levels` and
+docs/levels.md): every other order ``k`` of the config gets a group ``/{k}/``
+laid out the same way -- parents in catalog order, each parent's
+``4**(k - parent_order)`` cells contiguous -- but chunked by
+:func:`level_chunk_parents` parents, so that a coarse level is a few
+~4,096-cell chunks rather than thousands of one-value objects. Those chunks
+span several parents, so no cell writes them: the flow assembles them after
+the cells (:mod:`magg_core.assembly`). The template creates their groups
+and coordinates with the child group's, before the commit marker.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import magg_core
 from magg_core.config import PipelineConfig
 from magg_core.fragments import FRAGMENTS_PREFIX
 from magg_core.grid import children, healpix_ids, parent_of
+from magg_core.levels import LEVELS_PREFIX, clear_staging, staged_orders
 from magg_core.records import (
     RECORDS_PREFIX,
     CellRecord,
@@ -52,6 +63,7 @@ from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
 __all__ = [
     "ArraySpec",
     "CellRecord",
+    "Level",
     "Template",
     "TemplateMismatchError",
     "check_template",
@@ -59,10 +71,12 @@ __all__ = [
     "consolidate",
     "create_template",
     "input_fingerprint",
+    "level_chunk_parents",
     "open_store",
     "read_records",
     "read_template",
     "statistic_arrays",
+    "store_levels",
     "write_cell",
     "write_record",
 ]
@@ -107,6 +121,26 @@ would make each a read-modify-write of its neighbours' bytes.
 WRITE_BLOCK_PARENTS = 2 * COORDINATE_SHARD_PARENTS
 """Parents whose coordinates are computed and written in one bulk write
 (whole shards, ~32 MB of uint64), bounding memory for large catalogs."""
+
+LEVEL_CHUNK_CELLS = 4096
+"""Cells per chunk that a coarse pyramid level aims at: the child order's
+chunk size (one order-12 parent), so every level's chunks are alike -- tens
+of kilobytes a statistic, few enough objects that xarray opens a level
+quickly. One parent per chunk at order 6 would be one 4-byte object per
+parent and statistic (~18,000 for Antarctica)."""
+
+
+def level_chunk_parents(config: PipelineConfig, order: int) -> int:
+    """Parents per chunk of the group of ``order`` (1 for the child order).
+
+    The child order keeps one parent per chunk, whatever its size, because
+    each cell writes its own chunk there. A coarser level packs
+    ``LEVEL_CHUNK_CELLS // 4**(order - parent_order)`` parents into a chunk
+    (4 at order 11, 4,096 at order 6 for the built-in config), at least one.
+    """
+    if order == config.output.child_order:
+        return 1
+    return max(1, LEVEL_CHUNK_CELLS // config.output.cells_per_parent(order))
 
 
 @dataclass(frozen=True)
@@ -211,7 +245,10 @@ def create_template(
     provenance
         JSON-safe extra provenance, e.g. the catalog's ``metadata``.
     arrays
-        The data arrays; default :func:`statistic_arrays` of ``config``.
+        The data arrays; default :func:`statistic_arrays` of ``config``. Only
+        that default gets the coarse pyramid levels of ``output.levels`` (a
+        group per order, with the same arrays); a product passing its own
+        arrays has the child order's group alone.
 
     Raises
     ------
@@ -223,6 +260,7 @@ def create_template(
         If ``parents`` are not unique ascending words of ``parent_order``.
     """
     words = _validate_parents(parents, config)
+    levels = staged_orders(config) if arrays is None else ()
     arrays = tuple(statistic_arrays(config) if arrays is None else arrays)
     provenance = json.loads(json.dumps(dict(provenance), allow_nan=False))  # fail before writing
     existing = read_template(store, config)
@@ -231,16 +269,20 @@ def create_template(
         return
 
     root = zarr.open_group(store, mode="a", zarr_format=3)
-    group = root.create_group(_group_path(config), overwrite=True)  # clears an unfinished try
-    size = words.size * config.output.children_per_parent
-    for name in COORDINATES:
-        _create_array(group, name, config, size, config.aggregation.coordinates[name], 0)
-    for spec in arrays:
-        _create_array(group, spec.name, config, size, spec.dtype, spec.fill_value, spec.attributes)
-    _write_coordinates(group, config, words)
+    # overwrite=True clears an unfinished try, the child group first so that a
+    # crash from here on leaves no commit marker.
+    group = root.create_group(_group_path(config), overwrite=True)
+    level_groups = {k: root.create_group(str(k), overwrite=True) for k in levels}
+    if levels:  # a new template: no cell has run for it, whatever an old one left
+        clear_staging(store, config)
+    for order, target in [*level_groups.items(), (config.output.child_order, group)]:
+        _create_arrays(target, config, order, words.size, arrays)
+        _write_coordinates(target, config, words, order)
+    for order, target in level_groups.items():
+        target.update_attributes(_dggs_attributes(config, order))
     group.update_attributes(
         _group_attributes(config, words, provenance, arrays)
-    )  # the commit marker
+    )  # the commit marker, last
 
 
 def read_template(store: Store, config: PipelineConfig) -> Template | None:
@@ -261,6 +303,33 @@ def read_template(store: Store, config: PipelineConfig) -> Template | None:
         parents=np.array([int(p) for p in marker["parents"]], dtype=np.uint64),
         arrays=tuple(marker.get("arrays", ())),
     )
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level as the store holds it (read from its ``cell_ids`` array)."""
+
+    order: int
+    cells: int
+    """Cells of the level: parents × ``4**(order - parent_order)``."""
+    chunk_cells: int
+    """Cells per chunk of its arrays."""
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.cells // self.chunk_cells)
+
+
+def store_levels(store: Store, config: PipelineConfig) -> list[Level]:
+    """The levels of ``config`` that have a group in the store, ascending by order."""
+    levels = []
+    for order in config.output.orders:
+        try:
+            ids = zarr.open_array(store, path=f"{order}/cell_ids", mode="r", zarr_format=3)
+        except FileNotFoundError:  # zarr's NodeNotFoundError: a level this store lacks
+            continue
+        levels.append(Level(order=order, cells=ids.shape[0], chunk_cells=ids.chunks[0]))
+    return levels
 
 
 def chunk_index(store: Store, config: PipelineConfig, parent_morton: int) -> int:
@@ -374,14 +443,15 @@ def consolidate(store: Store) -> None:
     """Consolidate the store's metadata so xarray opens it with one read.
 
     Run it once, after the cells: consolidated metadata is a snapshot. The
-    ``records/`` and ``fragments/`` prefixes are not zarr nodes, which zarr reports with a warning
+    ``records/``, ``fragments/`` and ``levels/`` prefixes are not zarr nodes, which zarr
+    reports with a warning
     while it walks the hierarchy; that warning, and zarr's note that
     consolidated metadata is not yet part of the v3 spec, are expected here
     and silenced (``warnings.catch_warnings`` is process-wide, so other
     threads' warnings of the same text are silenced meanwhile too).
     """
     with warnings.catch_warnings():
-        for prefix in (RECORDS_PREFIX, FRAGMENTS_PREFIX):
+        for prefix in (RECORDS_PREFIX, FRAGMENTS_PREFIX, LEVELS_PREFIX):
             warnings.filterwarnings(
                 "ignore", message=f"Object at {prefix} is not recognized", category=ZarrUserWarning
             )
@@ -467,50 +537,69 @@ def _parents_difference(stored: np.ndarray, wanted: np.ndarray) -> str:
     return f"the store's template has {stored.size} parent cells, this run {wanted.size}; {first}"
 
 
-def _create_array(
+def _create_arrays(
     group: zarr.Group,
-    name: str,
     config: PipelineConfig,
-    size: int,
-    dtype: np.dtype,
-    fill: Any,
-    extra_attributes: Mapping[str, Any] | None = None,
+    order: int,
+    n_parents: int,
+    arrays: Sequence[ArraySpec],
 ) -> None:
-    per_parent = config.output.children_per_parent
-    coordinate = name in COORDINATES
-    group.create_array(
-        name,
-        shape=(size,),
-        dtype=dtype,
-        chunks=(per_parent,),
-        shards=(per_parent * COORDINATE_SHARD_PARENTS,) if coordinate else None,
-        compressors=CODEC,
-        fill_value=fill,
-        dimension_names=(DIMENSION,),
-        attributes={**_array_attributes(name, config), **(extra_attributes or {})},
+    """The coordinates and data arrays of the group of ``order``.
+
+    Coordinates are sharded by :data:`COORDINATE_SHARD_PARENTS` parents
+    unless a chunk already holds that many (coarse levels); at the child order
+    this is the layout the store always had.
+    """
+    per_parent = config.output.cells_per_parent(order)
+    chunk_parents = level_chunk_parents(config, order)
+    chunk = per_parent * chunk_parents
+    shards = (
+        (per_parent * COORDINATE_SHARD_PARENTS,)
+        if chunk_parents < COORDINATE_SHARD_PARENTS
+        and COORDINATE_SHARD_PARENTS % chunk_parents == 0
+        else None
     )
+    coordinates = [ArraySpec(name, config.aggregation.coordinates[name], 0) for name in COORDINATES]
+    for spec in [*coordinates, *arrays]:
+        coordinate = spec.name in COORDINATES
+        group.create_array(
+            spec.name,
+            shape=(n_parents * per_parent,),
+            dtype=spec.dtype,
+            chunks=(chunk,),
+            shards=shards if coordinate else None,
+            compressors=CODEC,
+            fill_value=spec.fill_value,
+            dimension_names=(DIMENSION,),
+            attributes={**_array_attributes(spec.name, config, order), **spec.attributes},
+        )
 
 
-def _array_attributes(name: str, config: PipelineConfig) -> dict[str, Any]:
+def _array_attributes(name: str, config: PipelineConfig, order: int) -> dict[str, Any]:
     out = config.output
     if name == "cell_ids":
         return {
             "grid_name": out.grid,
-            "level": out.child_order,
+            "level": order,
             "indexing_scheme": out.indexing_scheme,
             "ellipsoid": out.ellipsoid,
         }
     if name == "morton":
-        return {"long_name": f"morton word of the order-{out.child_order} cell (mortie)"}
+        return {"long_name": f"morton word of the order-{order} cell (mortie)"}
     return {"coordinates": " ".join(COORDINATES)}
 
 
-def _write_coordinates(group: zarr.Group, config: PipelineConfig, words: np.ndarray) -> None:
-    per_parent = config.output.children_per_parent
+def _write_coordinates(
+    group: zarr.Group, config: PipelineConfig, words: np.ndarray, order: int
+) -> None:
+    """Every parent's cells at ``order``, written in blocks of whole chunks (and shards)."""
+    per_parent = config.output.cells_per_parent(order)
+    chunk_parents = level_chunk_parents(config, order)
+    block_parents = chunk_parents * max(1, WRITE_BLOCK_PARENTS // chunk_parents)
     morton_array, ids_array = group["morton"], group["cell_ids"]
-    for start in range(0, words.size, WRITE_BLOCK_PARENTS):
-        block = words[start : start + WRITE_BLOCK_PARENTS]
-        morton = np.concatenate([children(int(p), config.output.child_order) for p in block])
+    for start in range(0, words.size, block_parents):
+        block = words[start : start + block_parents]
+        morton = np.concatenate([children(int(p), order) for p in block])
         cells = slice(start * per_parent, (start + block.size) * per_parent)
         morton_array[cells] = morton
         ids_array[cells] = healpix_ids(morton)
@@ -524,16 +613,7 @@ def _group_attributes(
 ) -> dict[str, Any]:
     out = config.output
     return {
-        "zarr_conventions": [ZARR_DGGS_CONVENTION],
-        "dggs": {
-            "name": out.grid,
-            "refinement_level": out.child_order,
-            "indexing_scheme": out.indexing_scheme,
-            "ellipsoid": out.ellipsoid,
-            "coordinate": "cell_ids",
-            "spatial_dimension": DIMENSION,
-            "compression": "none",
-        },
+        **_dggs_attributes(config, out.child_order),
         TEMPLATE_ATTR: {
             "id": uuid.uuid4().hex,
             "version": magg_core.__version__,
@@ -546,5 +626,22 @@ def _group_attributes(
             "parents": [str(p) for p in words.tolist()],
             "arrays": [spec.name for spec in arrays],
             "provenance": provenance,
+        },
+    }
+
+
+def _dggs_attributes(config: PipelineConfig, order: int) -> dict[str, Any]:
+    """The zarr DGGS convention's group attributes for the group of ``order``."""
+    out = config.output
+    return {
+        "zarr_conventions": [ZARR_DGGS_CONVENTION],
+        "dggs": {
+            "name": out.grid,
+            "refinement_level": order,
+            "indexing_scheme": out.indexing_scheme,
+            "ellipsoid": out.ellipsoid,
+            "coordinate": "cell_ids",
+            "spatial_dimension": DIMENSION,
+            "compression": "none",
         },
     }

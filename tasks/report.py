@@ -1,4 +1,4 @@
-"""Tasks that finish a run: consolidated metadata and what the run reports."""
+"""Tasks that finish a run: pyramid levels, consolidated metadata and what the run reports."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
+from magg_core.assembly import assemble_levels
 from magg_core.cell import record_failure
 from magg_core.config import PipelineConfig
 from magg_core.extract import ExtractResult
@@ -45,6 +46,22 @@ class CellProgress:
         if percent != self.shown:
             self.shown = percent
             update_progress_artifact(self.artifact_id, progress=float(percent))
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def assemble_store_levels(store_url: str, config: PipelineConfig) -> int:
+    """Build the coarse pyramid levels from the cells' staging objects (every run, idempotent).
+
+    Never cached: cells of this run may have replaced their staging objects.
+    Returns how many parents have data.
+    """
+    found = assemble_levels(open_store(store_url), config)
+    get_run_logger().info(
+        "levels %s assembled from %d parents with data",
+        ", ".join(map(str, config.output.orders[:-1])),
+        found,
+    )
+    return found
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

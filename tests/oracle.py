@@ -157,3 +157,29 @@ def reference_statistics(
             stats[name] = array
         result[parent_morton(int(parent_id), parent_order)] = stats
     return result
+
+
+def reference_level(
+    paths: Iterable[str | Path], parents: Iterable[int], order: int, parent_order: int = 6
+) -> dict[str, np.ndarray]:
+    """The statistics of every cell of ``order``, laid out as a store's group of that order.
+
+    Points are assigned to cells with healpy at ``order`` itself (not by
+    coarsening finer cells), so this checks a pyramid level independently.
+    ``parents`` (morton words) give the layout: each parent's
+    ``4**(order - parent_order)`` cells in nested-id order, parents one after
+    another. Cells without points hold 0 (``count``) or NaN.
+    """
+    parents = [int(p) for p in parents]
+    per_parent = 4 ** (order - parent_order)
+    by_parent = reference_statistics(paths, parent_order, order)
+    out = {}
+    for name in STATISTICS:
+        array = np.zeros(len(parents) * per_parent, dtype=np.int64)
+        if name != "count":
+            array = np.full(len(parents) * per_parent, np.nan)
+        for i, parent in enumerate(parents):
+            if parent in by_parent:
+                array[i * per_parent : (i + 1) * per_parent] = by_parent[parent][name]
+        out[name] = array
+    return out

@@ -1,0 +1,125 @@
+"""Assembly: the coarse pyramid levels' chunks, built from every parent's staging object.
+
+Run by the flow once all cells are over, before consolidation, on every run
+(a first run, a UI Retry, a watcher's update of a few cells): the cells of
+this run have replaced their staging objects, the others' (cached, or not in
+this run) are still in the store, so the result is the same whichever cells
+ran -- assembly is idempotent and rebuilds every coarse chunk from scratch.
+A parent without a staging object (no data, never run) contributes fill
+values, and a chunk that is all fill values is removed (zarr's default), so
+a cell that lost its data also disappears from the coarse levels.
+
+Parents are read in catalog order, :data:`PARENTS_PER_BATCH` at a time with at
+most :data:`READ_CONCURRENCY` requests in flight, and each level's chunks are
+written as soon as all their parents are read, so memory holds one batch plus
+at most one chunk per level and statistic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import zarr.api.asynchronous
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from magg_core.config import PipelineConfig
+from magg_core.levels import LevelStatistics, decode_staging, staged_orders, staging_key
+from magg_core.store import TemplateMismatchError, level_chunk_parents, read_template
+
+PARENTS_PER_BATCH = 256
+"""Staging objects read before the finished chunks are written (~50 KB each uncompressed)."""
+READ_CONCURRENCY = 64
+"""Staging objects fetched at once, as for the cells' records."""
+
+
+def assemble_levels(store: Store, config: PipelineConfig) -> int:
+    """Write every chunk of every coarse level of ``config`` from the staging objects.
+
+    Parameters
+    ----------
+    store
+        A store whose template was created with ``config``'s statistic arrays.
+    config
+        The run's config; its :func:`~magg_core.levels.staged_orders` are
+        assembled (none: nothing is read or written).
+
+    Returns
+    -------
+    int
+        How many parents had a staging object (parents with data).
+
+    Raises
+    ------
+    TemplateMismatchError
+        If the store has no finished template of ``config``.
+    ValueError
+        If a staging object does not match ``config`` (see
+        :func:`~magg_core.levels.decode_staging`).
+    """
+    orders = staged_orders(config)
+    if not orders:
+        return 0
+    template = read_template(store, config)
+    if template is None or template.config_hash != config.hash:
+        raise TemplateMismatchError(
+            f"the store has no finished template of config {config.hash} "
+            f"(group /{config.output.child_order}/); create it before assembling levels"
+        )
+    return sync(_assemble(store, config, [int(p) for p in template.parents], orders))
+
+
+async def _assemble(
+    store: Store, config: PipelineConfig, parents: Sequence[int], orders: Sequence[int]
+) -> int:
+    statistics = config.aggregation.statistics
+    arrays = {}
+    for order in orders:
+        group = await zarr.api.asynchronous.open_group(
+            store, path=str(order), mode="r+", zarr_format=3, use_consolidated=False
+        )
+        arrays[order] = {s.name: await group.getitem(s.name) for s in statistics}
+    empty = {
+        order: {
+            s.name: np.full(config.output.cells_per_parent(order), s.fill_value, dtype=s.dtype)
+            for s in statistics
+        }
+        for order in orders
+    }
+    limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def fetch(parent: int) -> LevelStatistics | None:
+        key = staging_key(config, parent)
+        async with limit:
+            buffer = await store.get(key, prototype=default_buffer_prototype())
+        return None if buffer is None else decode_staging(buffer.to_bytes(), config, key)
+
+    pending: dict[int, list[dict[str, np.ndarray]]] = {order: [] for order in orders}
+    written = dict.fromkeys(orders, 0)  # parents whose cells are written, per level
+    found = 0
+    for start in range(0, len(parents), PARENTS_PER_BATCH):
+        batch = await asyncio.gather(
+            *(fetch(p) for p in parents[start : start + PARENTS_PER_BATCH])
+        )
+        found += sum(staged is not None for staged in batch)
+        end = start + len(batch)
+        writes = []
+        for order in orders:
+            pending[order] += [empty[order] if s is None else s[order] for s in batch]
+            per_chunk = level_chunk_parents(config, order)
+            upto = end if end == len(parents) else end - end % per_chunk  # whole chunks only
+            if upto <= written[order]:
+                continue
+            ready = pending[order][: upto - written[order]]
+            del pending[order][: upto - written[order]]
+            per_parent = config.output.cells_per_parent(order)
+            cells = slice(written[order] * per_parent, upto * per_parent)
+            for stat in statistics:
+                values = np.concatenate([block[stat.name] for block in ready])
+                writes.append(arrays[order][stat.name].setitem(cells, values))
+            written[order] = upto
+        await asyncio.gather(*writes)
+    return found

@@ -1,0 +1,163 @@
+"""Pyramid levels: one parent cell's statistics at every coarser order, and their staging.
+
+A config's ``output.levels`` (e.g. ``[6, 7, ..., 12]``) asks for a group per
+order. Every level is computed *from the points*, not merged from finer cells,
+so order statistics (min, max, quantiles) are exact at every order: in
+HEALPix nested numbering the order-``k`` ancestor of the order-``c`` cell
+``i`` is ``i >> 2*(c - k)`` (Górski et al. 2005, ApJ 622:759, §4: each cell
+splits into 4 consecutive children), and so is a child *position* within a
+parent, because a parent's first child id is a multiple of ``4**(c - p)``.
+A cell therefore calls :func:`magg_core.aggregate.aggregate` once per level
+with the shifted positions and that level's number of cells per parent.
+
+The child order's chunk belongs to one cell, which writes it as always. A
+coarse level's chunk spans several parents (:func:`magg_core.store.level_chunk_parents`),
+and cells run concurrently, so a cell does not write it: it writes its
+coarse statistics as one *staging* object beside the arrays::
+
+    levels/{child_order}/{parent morton}.npz
+
+and the flow's assembly step (:mod:`magg_core.assembly`) builds every
+coarse chunk from all parents' staging objects after the cells. A staging
+object is written exactly when the cell writes its child-order chunk, and
+removed when that chunk is cleared (a cell with no data), so staging always
+matches the child order's chunk. It is a compressed ``.npz`` of
+arrays named ``"{order}/{statistic}"`` (read with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import numpy as np
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from magg_core.aggregate import aggregate, require_finite
+from magg_core.config import PipelineConfig
+
+LEVELS_PREFIX = "levels"
+
+LevelStatistics = dict[int, dict[str, np.ndarray]]
+"""Order → statistic name → one value per cell of that order in the parent."""
+
+
+def staged_orders(config: PipelineConfig) -> tuple[int, ...]:
+    """The coarse levels (every order of ``output.levels`` but the child order), ascending."""
+    return tuple(k for k in config.output.orders if k != config.output.child_order)
+
+
+def level_statistics(
+    child_index: np.ndarray, columns: Mapping[str, np.ndarray], config: PipelineConfig
+) -> LevelStatistics:
+    """One parent's statistics at every coarse level, each computed from the points.
+
+    Parameters
+    ----------
+    child_index
+        Child position (at ``child_order``) of each valid point, ``0 ..
+        4**(child_order - parent_order) - 1``, shape ``(n_points,)``.
+    columns
+        The ``data_source`` variables of those points, each ``(n_points,)``.
+    config
+        Its :func:`staged_orders` are computed; none gives ``{}``.
+
+    Returns
+    -------
+    dict
+        Order ``k`` → statistic → array of ``4**(k - parent_order)`` values in
+        the statistic's dtype (fill value where a cell has no point).
+
+    Raises
+    ------
+    magg_core.aggregate.NonFiniteStatisticError
+        If a statistic is not finite for a cell with points, naming the order.
+    ValueError
+        As :func:`magg_core.aggregate.aggregate`.
+    """
+    child_index = np.asarray(child_index).astype(np.int64, copy=False)
+    child_order = config.output.child_order
+    out: LevelStatistics = {}
+    for order in staged_orders(config):
+        n_cells = config.output.cells_per_parent(order)
+        index = child_index >> (2 * (child_order - order))
+        stats = aggregate(index, columns, config, n_children=n_cells)
+        counts = np.bincount(index, minlength=n_cells)
+        try:
+            require_finite(stats, counts, config)
+        except ValueError as exc:
+            raise type(exc)(f"order {order}: {exc}") from exc
+        out[order] = stats
+    return out
+
+
+def staging_key(config: PipelineConfig, parent_morton: int) -> str:
+    """Where a parent's staging object lives in the store."""
+    return f"{LEVELS_PREFIX}/{config.output.child_order}/{int(parent_morton)}.npz"
+
+
+def encode_staging(levels: LevelStatistics) -> bytes:
+    """A staging object's bytes (see the module docstring)."""
+    buffer = io.BytesIO()
+    arrays = {f"{k}/{name}": v for k, stats in levels.items() for name, v in stats.items()}
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def decode_staging(data: bytes, config: PipelineConfig, key: str) -> LevelStatistics:
+    """The coarse statistics a staging object holds, checked against ``config``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``key``, if an array is missing or has another dtype or length
+        than ``config`` gives it (a staging object of another config), or the
+        object would need unpickling.
+    """
+    out: LevelStatistics = {}
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        for order in staged_orders(config):
+            n_cells = config.output.cells_per_parent(order)
+            out[order] = {}
+            for stat in config.aggregation.statistics:
+                name = f"{order}/{stat.name}"
+                if name not in npz.files:
+                    raise ValueError(f"staging object {key} lacks {name!r}")
+                values = npz[name]
+                if values.dtype != stat.dtype or values.shape != (n_cells,):
+                    raise ValueError(
+                        f"staging object {key}: {name!r} is {values.dtype} {values.shape}, "
+                        f"expected {stat.dtype} ({n_cells},)"
+                    )
+                out[order][stat.name] = values
+    return out
+
+
+def write_staging(
+    store: Store, config: PipelineConfig, parent_morton: int, levels: LevelStatistics | None
+) -> int:
+    """Store a parent's coarse statistics, or remove them (``levels=None``: no data).
+
+    Called by the cell right after it writes (or clears) its child-order
+    chunk, under the same rules, so the two always agree. One PUT or DELETE,
+    which S3 applies atomically; writing again replaces the object.
+
+    Returns
+    -------
+    int
+        Bytes written (0 for a removal).
+    """
+    key = staging_key(config, parent_morton)
+    if levels is None:
+        sync(store.delete(key))
+        return 0
+    data = encode_staging(levels)
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    return len(data)
+
+
+def clear_staging(store: Store, config: PipelineConfig) -> None:
+    """Remove every staging object of ``config``'s child order (a new template has none)."""
+    sync(store.delete_dir(f"{LEVELS_PREFIX}/{config.output.child_order}"))
