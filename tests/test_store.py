@@ -173,7 +173,9 @@ def test_template_has_coordinates_of_every_parent(
     # Independent of mortie: healpy's order-6 id of each point, and its 4,096
     # contiguous nested children at order 12.
     order6 = healpy.ang2pix(64, LONS, authalic(LATS), nest=True, lonlat=True)
-    by_parent = dict(zip(parent_of(point_morton(LATS, LONS, 12), 6).tolist(), order6.tolist()))
+    by_parent = dict(
+        zip(parent_of(point_morton(LATS, LONS, 12), 6).tolist(), order6.tolist(), strict=True)
+    )
     for i, parent in enumerate(parents.tolist()):
         chunk = slice(i * n, (i + 1) * n)
         expected_ids = by_parent[parent] * n + np.arange(n, dtype=np.uint64)
