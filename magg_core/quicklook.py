@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from pyproj import Transformer  # noqa: E402
 
+DIVERGING = frozenset({"dhdt"})
+"""Signed quantities drawn with a diverging map centred on zero (thinning blue-red)."""
 SOUTH_POLAR_STEREO = "EPSG:3031"
 NORTH_POLAR_STEREO = "EPSG:3413"
 
@@ -38,7 +40,7 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
     x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
 
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
-    lo, hi = np.percentile(values[has_data], [2, 98])
+    cmap, lo, hi = colour_scale(variable, values[has_data])
     points = ax.scatter(
         np.asarray(x) / 1e3,
         np.asarray(y) / 1e3,
@@ -46,7 +48,7 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
         s=2,
         vmin=lo,
         vmax=hi,
-        cmap="viridis",
+        cmap=cmap,
         linewidths=0,
     )
     units = dataset[variable].attrs.get("units", "m")
@@ -61,3 +63,17 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def colour_scale(variable: str, values: np.ndarray) -> tuple[str, float, float]:
+    """The colour map and limits for ``values`` (finite) of ``variable``.
+
+    The 2nd–98th percentiles on ``viridis``; for a signed rate (:data:`DIVERGING`)
+    ``RdBu`` symmetric about zero out to the 98th percentile of ``|value|``, so
+    white is no change, red thinning and blue thickening.
+    """
+    if variable in DIVERGING:
+        limit = float(np.percentile(np.abs(values), 98)) or 1.0
+        return "RdBu", -limit, limit
+    lo, hi = np.percentile(values, [2, 98])
+    return "viridis", float(lo), float(hi)
