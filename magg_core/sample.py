@@ -31,6 +31,11 @@ tell the difference:
   counter-clockwise footprint polygon enclosing all beams, temporal extent,
   S3 and HTTPS URLs in NSIDC's layout, sizes and an MD5 checksum.
 
+:func:`write_cycles` flies the same passes in several cycles over a surface
+that changes in time, for the height-change fit: a known slope field
+(:func:`planted_surface`) and rate (:func:`planted_dhdt`), a steep, thinning
+"glacier" patch among them, with repeat passes offset across track.
+
 The orbit is simplified (circular, spherical Earth, RGT 1's ascending node at
 0°E); no statement about where a real RGT lies should be drawn from it.
 """
@@ -40,7 +45,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -204,7 +210,10 @@ def write_sample(
     granules = []
     for i, p in enumerate(passes):
         track = _track(p, centre, extent_km, spacing_m)
-        beams = {beam: _beam_data(rng, track, beam, centre) for beam in BEAMS}
+        beams = {
+            beam: _beam_data(rng, track, beam, lambda lat, lon, _: _surface(lat, lon, centre))
+            for beam in BEAMS
+        }
         if i == lacking:
             del beams["gt2r"]
         begin, end = _times(p, track["u"][[0, -1]])
@@ -216,6 +225,111 @@ def write_sample(
         umm = _umm_record(name, path, begin, end, _footprint(track, spacing_m), p.rgt, cycle)
         granules.append(SampleGranule(name=name, path=path, umm=umm))
     return granules
+
+
+def write_cycles(
+    directory: str | Path,
+    cycles: tuple[int, ...] = (20, 21, 22),
+    *,
+    n_granules: int = 12,
+    seed: int = 0,
+    centre: tuple[float, float] = DEMO_CENTRE,
+    extent_km: float = DEMO_EXTENT_KM,
+    spacing_m: float = SEGMENT_M,
+    repeat_offset_m: float = 30.0,
+    blunder_fraction: float = 0.005,
+) -> dict[int, list[SampleGranule]]:
+    """Write the same passes in several cycles over a surface that changes in time.
+
+    The ``n_granules`` passes (RGTs) are drawn once, as :func:`write_sample`
+    draws them for ``cycles[0]``, and flown again in every cycle: each repeat
+    is the same RGT one or more whole 91-day cycles later, so file names
+    differ only in the date and the cycle digits. Every pass of every cycle
+    is shifted across track, all six beams together, by an offset drawn
+    from a normal distribution with standard deviation ``repeat_offset_m``
+    (an assumption of the sample: ICESat-2 points its beams at the reference
+    tracks, and repeat passes miss them by some tens of metres).
+
+    Heights are :func:`planted_height` plus the noise, fill runs and
+    bad-quality runs of :func:`write_sample`, and a ``blunder_fraction`` of
+    the good (quality 0) rows moved 5–30 m up or down: blunders no flag
+    marks, which only outlier rejection removes. One granule of the first
+    cycle lacks beam ``gt2r``.
+
+    Parameters
+    ----------
+    directory
+        Created if missing; all cycles' files go into it.
+    cycles
+        Distinct, increasing cycle numbers (at least one).
+    n_granules, seed, centre, extent_km, spacing_m
+        As for :func:`write_sample`.
+    repeat_offset_m
+        Standard deviation (metres) of the cross-track offset of each pass.
+    blunder_fraction
+        Fraction (0–1) of good rows given an unflagged blunder.
+
+    Returns
+    -------
+    dict
+        Cycle → its granules in acquisition order.
+
+    Raises
+    ------
+    ValueError
+        For cycles that are not distinct, increasing and positive, a
+        negative offset, a fraction outside 0–1, or arguments
+        :func:`write_sample` refuses.
+    """
+    lat_c, _ = centre
+    if not -86.0 <= lat_c <= 86.0:
+        raise ValueError(f"centre latitude must be within ±86°, got {lat_c}")
+    if (
+        not cycles
+        or cycles[0] < 1
+        or any(b <= a for a, b in zip(cycles[:-1], cycles[1:], strict=True))
+    ):
+        raise ValueError(f"cycles must be positive and increasing, got {cycles}")
+    if n_granules < 1 or extent_km <= 0 or spacing_m <= 0:
+        raise ValueError("n_granules, extent_km and spacing_m must be positive")
+    if repeat_offset_m < 0 or not 0.0 <= blunder_fraction <= 1.0:
+        raise ValueError(
+            f"repeat_offset_m must be >= 0 and blunder_fraction within 0-1, "
+            f"got {repeat_offset_m} and {blunder_fraction}"
+        )
+    rng = np.random.default_rng(seed)
+    passes = _choose_passes(rng, n_granules, cycles[0], lat_c, centre[1], extent_km)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: dict[int, list[SampleGranule]] = {}
+    for cycle in cycles:
+        later = timedelta(days=CYCLE_DAYS * (cycle - cycles[0]))
+        granules = []
+        for i, first in enumerate(passes):
+            p = replace(first, node_time=first.node_time + later)
+            track = _track(p, centre, extent_km, spacing_m)
+            offset = float(rng.normal(0.0, repeat_offset_m))
+            beams = {
+                beam: _beam_data(
+                    rng,
+                    track,
+                    beam,
+                    lambda lat, lon, dt: planted_height(lat, lon, dt, centre),
+                    offset,
+                    blunder_fraction,
+                )
+                for beam in BEAMS
+            }
+            if cycle == cycles[0] and i == 1:
+                del beams["gt2r"]
+            begin, end = _times(p, track["u"][[0, -1]])
+            name = granule_name(begin, p.rgt, cycle, _region(lat_c, p.ascending))
+            path = directory / name
+            _write_h5(path, beams, p.rgt, cycle, "r006", None)
+            umm = _umm_record(name, path, begin, end, _footprint(track, spacing_m), p.rgt, cycle)
+            granules.append(SampleGranule(name=name, path=path, umm=umm))
+        written[cycle] = granules
+    return written
 
 
 def granule_name(begin: datetime, rgt: int, cycle: int, region: int) -> str:
@@ -352,6 +466,98 @@ def _times(p: _Pass, u: np.ndarray) -> list[datetime]:
 
 # --- values --------------------------------------------------------------------------
 
+PLANTED_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+"""Epoch at which the multi-cycle sample's surface is :func:`planted_surface`."""
+JULIAN_YEAR_S = 365.25 * 86_400
+"""Seconds in a Julian year, the year of the planted rates (IAU)."""
+GLACIER_DIRECTION_DEG = 30.0
+"""The glacier's ramp falls toward this azimuth, counted from east toward north."""
+GLACIER_CURVATURE = 2.0e-7
+"""Curvature (1/m) of the ramp: its slope grows by 0.2 ‰ per kilometre."""
+GLACIER_CENTRE_KM = 130.0
+"""Distance of the glacier patch's centre from the region centre, down the ramp."""
+GLACIER_RADIUS_KM = 45.0
+GLACIER_DHDT = -0.5
+BACKGROUND_DHDT = 0.05
+
+
+def _local_km(
+    lat: np.ndarray, lon: np.ndarray, centre: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """East and north distances (km) from the centre on a local equirectangular map."""
+    lat_c, lon_c = centre
+    x = np.radians(lon - lon_c) * np.cos(np.radians(lat_c)) * EARTH_RADIUS_M / 1000
+    y = np.radians(lat - lat_c) * EARTH_RADIUS_M / 1000
+    return x, y
+
+
+def _down_ramp_km(lat: np.ndarray, lon: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
+    x, y = _local_km(lat, lon, centre)
+    a = np.radians(GLACIER_DIRECTION_DEG)
+    return x * np.cos(a) + y * np.sin(a)
+
+
+def planted_surface(
+    lat: np.ndarray, lon: np.ndarray, centre: tuple[float, float] = DEMO_CENTRE
+) -> np.ndarray:
+    """The multi-cycle sample's surface (m) at :data:`PLANTED_EPOCH`.
+
+    The dome of :func:`write_sample` raised 800 m, without its short (33 km) undulation,
+    minus a ramp ``GLACIER_CURVATURE / 2 * d**2`` beyond the line through the
+    centre, ``d`` metres down the azimuth :data:`GLACIER_DIRECTION_DEG`. The
+    ramp steepens slowly, so within a 1.6 km cell it is nearly a plane (at
+    most ~5 cm off one), yet is 2–3.5 % steep over the glacier patch.
+
+    Parameters
+    ----------
+    lat, lon
+        Degrees, any matching shapes.
+    centre
+        The region centre ``(latitude, longitude)`` the sample was written for.
+    """
+    lat_c, lon_c = centre
+    dome = _unit(lat_c + 1.2, lon_c - 2.0)
+    r_km = np.arccos(np.clip(_unit(lat, lon) @ dome, -1.0, 1.0)) * EARTH_RADIUS_M / 1000
+    x, y = _local_km(lat, lon, centre)
+    profile = 3200.0 * np.clip(1.0 - r_km / 1500.0, 0.0, None) ** 0.375
+    d = np.clip(_down_ramp_km(lat, lon, centre), 0.0, None) * 1000
+    return (
+        800.0 + profile + 6.0 * np.sin(x / 23.0) * np.cos(y / 31.0) - GLACIER_CURVATURE / 2 * d**2
+    )
+
+
+def planted_dhdt(
+    lat: np.ndarray, lon: np.ndarray, centre: tuple[float, float] = DEMO_CENTRE
+) -> np.ndarray:
+    """The multi-cycle sample's rate of height change (m/yr).
+
+    :data:`GLACIER_DHDT` within :data:`GLACIER_RADIUS_KM` of the glacier
+    patch's centre (:data:`GLACIER_CENTRE_KM` down the ramp), where the
+    surface is steep; :data:`BACKGROUND_DHDT` elsewhere. The edge is sharp.
+    """
+    x, y = _local_km(lat, lon, centre)
+    a = np.radians(GLACIER_DIRECTION_DEG)
+    gx, gy = GLACIER_CENTRE_KM * np.cos(a), GLACIER_CENTRE_KM * np.sin(a)
+    inside = np.hypot(x - gx, y - gy) < GLACIER_RADIUS_KM
+    return np.where(inside, GLACIER_DHDT, BACKGROUND_DHDT)
+
+
+def planted_height(
+    lat: np.ndarray,
+    lon: np.ndarray,
+    delta_time: np.ndarray,
+    centre: tuple[float, float] = DEMO_CENTRE,
+) -> np.ndarray:
+    """Noise-free height (m): ``planted_surface + planted_dhdt * (t - PLANTED_EPOCH)``.
+
+    ``delta_time`` is ATL06's, GPS seconds since :data:`ATLAS_EPOCH`; ``t``
+    is in Julian years. No leap second has occurred since 2017, so GPS and
+    UTC seconds after 2018 differ by the constant 18 s that ATLAS_EPOCH holds.
+    """
+    since = (PLANTED_EPOCH - ATLAS_EPOCH).total_seconds()
+    years = (np.asarray(delta_time) - since) / JULIAN_YEAR_S
+    return planted_surface(lat, lon, centre) + planted_dhdt(lat, lon, centre) * years
+
 
 def _surface(lat: np.ndarray, lon: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
     """A dome-shaped ice sheet (a Vialov-like profile) with gentle undulations, in metres."""
@@ -375,16 +581,29 @@ def _runs(rng: np.random.Generator, n: int, count: int, shortest: int, longest: 
 
 
 def _beam_data(
-    rng: np.random.Generator, track: dict, beam: str, centre: tuple[float, float]
+    rng: np.random.Generator,
+    track: dict,
+    beam: str,
+    heights: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    pass_offset_m: float = 0.0,
+    blunder_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """One beam's ``land_ice_segments`` columns."""
-    lat, lon = _offset(track["xyz"], track["left"], _beam_offset_m(beam))
+    """One beam's ``land_ice_segments`` columns.
+
+    ``heights(lat, lon, delta_time)`` is the noise-free surface in metres;
+    ``pass_offset_m`` shifts the whole pass left of its reference track; a
+    ``blunder_fraction`` of the good (quality 0) rows is moved 5–30 m.
+    """
+    lat, lon = _offset(track["xyz"], track["left"], _beam_offset_m(beam) + pass_offset_m)
     n = lat.size
     sigma = np.clip(rng.lognormal(np.log(0.06), 0.6, n), 0.02, 0.5)
-    h = _surface(lat, lon, centre) + rng.normal(0.0, sigma)
+    h = heights(lat, lon, track["delta_time"]) + rng.normal(0.0, sigma)
     bad = _runs(rng, n, max(1, n // 4000), 10, 300)
     h[bad] += rng.choice([-1.0, 1.0], bad.sum()) * rng.uniform(5.0, 60.0, bad.sum())
     quality = bad.astype(np.int8)
+    if blunder_fraction > 0:
+        blunder = ~bad & (rng.random(n) < blunder_fraction)
+        h[blunder] += rng.choice([-1.0, 1.0], blunder.sum()) * rng.uniform(5.0, 30.0, blunder.sum())
     h = h.astype(np.float32)
     sigma = sigma.astype(np.float32)
     no_surface = _runs(rng, n, max(1, n // 8000), 5, 200)

@@ -13,7 +13,18 @@ import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
 
-from magg_core.sample import BEAMS, FILL_VALUE, R007_PAGE_BYTES, cycle_start, write_sample
+from magg_core.sample import (
+    BEAMS,
+    DEMO_CENTRE,
+    FILL_VALUE,
+    R007_PAGE_BYTES,
+    cycle_start,
+    planted_dhdt,
+    planted_height,
+    planted_surface,
+    write_cycles,
+    write_sample,
+)
 from tests import oracle
 
 NAME = re.compile(r"^ATL06_(\d{14})_(\d{4})(\d{2})(\d{2})_(\d{3})_(\d{2})\.h5$")
@@ -302,3 +313,102 @@ def test_repack_without_h5repack_says_which_package_brings_it(tmp_path, monkeypa
     # h5py alone still writes the paged layout
     [granule] = write_sample(tmp_path / "h5py", n_granules=1, layout="r007")
     assert granule.path.read_bytes()[8] == 2
+
+
+# --- the multi-cycle sample with a planted height change ------------------------------
+
+
+@pytest.fixture(scope="module")
+def cycles(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cycles")
+    started = time.perf_counter()
+    written = write_cycles(directory)
+    return written, time.perf_counter() - started
+
+
+def beam_columns(path, beam="gt2l"):
+    with h5py.File(path, "r") as f:
+        g = f[beam]["land_ice_segments"]
+        return {name: g[name][:] for name in VARIABLES}
+
+
+def test_cycles_repeat_the_same_passes_91_days_apart(cycles):
+    written, seconds = cycles
+    assert list(written) == [20, 21, 22]
+    assert seconds < 20
+    first = written[20]
+    assert len(first) == 12
+    for cycle, granules in written.items():
+        assert len(granules) == len(first)
+        for g0, g in zip(first, granules, strict=True):
+            m0, m = NAME.match(g0.name), NAME.match(g.name)
+            assert m0 and m
+            assert (m.group(2), m.group(4)) == (m0.group(2), m0.group(4)), "same RGT and region"
+            assert m.group(3) == f"{cycle:02d}"
+            assert g.name[20:25] + g.name[27:] == g0.name[20:25] + g0.name[27:]
+            begin0 = datetime.strptime(m0.group(1), "%Y%m%d%H%M%S")
+            begin = datetime.strptime(m.group(1), "%Y%m%d%H%M%S")
+            assert begin - begin0 == timedelta(days=91 * (cycle - 20))
+            track = g.umm["umm"]["SpatialExtent"]["HorizontalSpatialDomain"]["Track"]
+            assert track["Cycle"] == cycle
+            with h5py.File(g.path, "r") as f:
+                assert int(f["orbit_info/cycle_number"][0]) == cycle
+
+
+def test_repeat_passes_are_offset_across_track_by_tens_of_metres(cycles):
+    written, _ = cycles
+    offsets = []
+    for g0, g in zip(written[20], written[22], strict=True):
+        a, b = beam_columns(g0.path), beam_columns(g.path)
+        np.testing.assert_array_equal(a["segment_id"], b["segment_id"])
+        np.testing.assert_allclose(b["delta_time"] - a["delta_time"], 2 * 91 * 86400, atol=1e-3)
+        apart = distance_m(a["latitude"], a["longitude"], b["latitude"], b["longitude"])
+        assert np.ptp(apart) < 1.0, "a whole pass shifts by one offset"
+        offsets.append(apart.mean())
+    offsets = np.array(offsets)
+    assert offsets.max() < 150 and np.std(offsets) > 5, f"offsets {offsets.round(1)}"
+
+
+def test_heights_are_the_planted_surface_with_noise_and_unflagged_blunders(cycles):
+    written, _ = cycles
+    errors = []
+    for granules in written.values():
+        for g in granules[:4]:
+            c = beam_columns(g.path, "gt1r")
+            good = (c["atl06_quality_summary"] == 0) & (c["h_li"] != FILL_VALUE)
+            truth = planted_height(c["latitude"], c["longitude"], c["delta_time"])
+            errors.append(c["h_li"][good] - truth[good])
+    error = np.abs(np.concatenate(errors))
+    assert np.median(error) < 0.1
+    blunders = np.mean(error > 4.0)
+    assert 0.002 < blunders < 0.01, "about blunder_fraction = 0.5 % metres off, quality 0"
+
+
+def test_planted_fields_have_a_steep_thinning_glacier():
+    lat_c, lon_c = DEMO_CENTRE
+    # Points on a grid of ±180 km around the centre.
+    lat = lat_c + np.linspace(-1.6, 1.6, 161)[:, None] + 0 * np.arange(161)[None, :]
+    lon = lon_c + np.linspace(-6.4, 6.4, 161)[None, :] + 0 * lat
+    rate = planted_dhdt(lat, lon)
+    assert set(np.unique(rate)) == {-0.5, 0.05}
+    # Slope by finite differences of 100 m, east and north.
+    d_lat = 100 / 111_195
+    d_lon = d_lat / np.cos(np.radians(lat))
+    slope = np.hypot(
+        (planted_surface(lat, lon + d_lon) - planted_surface(lat, lon)) / 100,
+        (planted_surface(lat + d_lat, lon) - planted_surface(lat, lon)) / 100,
+    )
+    assert np.median(slope[rate < 0]) > 0.02, "several percent on the glacier"
+    assert np.median(slope[rate > 0]) < 0.01
+    assert planted_height(lat_c, lon_c, 0.0) > 1000
+
+
+def test_write_cycles_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="increasing"):
+        write_cycles(tmp_path, cycles=(21, 20))
+    with pytest.raises(ValueError, match="increasing"):
+        write_cycles(tmp_path, cycles=())
+    with pytest.raises(ValueError, match="blunder_fraction"):
+        write_cycles(tmp_path, blunder_fraction=2.0)
+    with pytest.raises(ValueError, match="latitude"):
+        write_cycles(tmp_path, centre=(-89.0, 0.0))
