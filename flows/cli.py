@@ -150,10 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     change.add_argument("--output", "-o", type=_store_url, required=True, help="dh/dt store URL")
     change.add_argument("--config", default="atl06", help="the cycles' config")
-    change.add_argument("--min-points", type=int, default=10)
-    change.add_argument("--min-cycles", type=int, default=3)
-    change.add_argument("--rejection-threshold", type=float, default=3.0, help="robust sigmas")
-    change.add_argument("--max-iterations", type=int, default=5)
+    change.add_argument("--min-points", type=int, help="fewest points a child needs (10)")
+    change.add_argument("--min-cycles", type=int, help="fewest distinct cycles (3)")
+    change.add_argument("--rejection-threshold", type=float, help="robust sigmas (4)")
+    change.add_argument("--max-iterations", type=int, help="rounds of rejection (5)")
     change.add_argument("--cells", nargs="+", help="only these parent morton words")
     change.add_argument("--concurrency", type=int, help="parents in flight (processes)")
     change.set_defaults(command=_height_change, name="height-change")
@@ -250,17 +250,16 @@ def _demo_height_change(args: argparse.Namespace) -> int:
 
 def _height_change(args: argparse.Namespace) -> int:
     stores = args.store[0] if args.store and len(args.store) == 1 else args.store
+    options = ("min_points", "min_cycles", "rejection_threshold", "max_iterations")
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     summary = _run_height_change(
         cycles=args.cycles,
         stores=stores,
         output=args.output,
         config=args.config,
-        min_points=args.min_points,
-        min_cycles=args.min_cycles,
-        rejection_threshold=args.rejection_threshold,
-        max_iterations=args.max_iterations,
         cells=args.cells,
         concurrency=args.concurrency,
+        **given,
     )
     print(summary["markdown"])
     return 0 if not summary["failed_cells"] else 1

@@ -48,6 +48,8 @@ from magg_core.store import (
 
 HEIGHT_VARIABLE = "h_li"
 """The fragment column fitted: ATL06's land-ice height (m above the WGS84 ellipsoid)."""
+SIGMA_VARIABLE = "h_li_sigma"
+"""Its standard error (m): the fit weights each point by ``1 / h_li_sigma**2``."""
 
 
 def fit_arrays(epoch: datetime) -> tuple[ArraySpec, ...]:
@@ -231,7 +233,8 @@ def fit_parent(
         The parent (uint64 morton word at ``config.output.parent_order``).
     points
         Cycle → that cycle's fragments of the parent (columns ``h_li``,
-        ``latitude``, ``longitude``, ``time``).
+        ``h_li_sigma``, ``latitude``, ``longitude``, ``time``). Points whose
+        ``h_li_sigma`` is not finite and positive are left out.
     config, options, epoch
         The orders; the fit's minimums and rejection rule; ``t0``.
 
@@ -258,11 +261,17 @@ def fit_parent(
         values = [np.asarray(p.columns[name], dtype=np.float64) for _, p in parts]
         return np.concatenate(values or [np.empty(0)])
 
-    lat, lon = column("latitude"), column("longitude")
+    # A sigma that is zero, negative or not finite describes no measurement and gives
+    # no weight (as for the cycle statistics, magg_core.aggregate.valid_points).
+    sigma = column(SIGMA_VARIABLE)
+    good = np.isfinite(sigma) & (sigma > 0)
+    child, labels, sigma = child[good], labels[good], sigma[good]
+    lat, lon = column("latitude")[good], column("longitude")[good]
     centre_lat, centre_lon = child_centres(parent_morton, config)
     x, y = cell_offsets(lat, lon, centre_lat[child], centre_lon[child])
-    t = years_since(column("time"), epoch)
-    return fit_height_change(child, x, y, t, column(HEIGHT_VARIABLE), labels, n_children, options)
+    t = years_since(column("time")[good], epoch)
+    h = column(HEIGHT_VARIABLE)[good]
+    return fit_height_change(child, x, y, t, h, labels, n_children, options, h_sigma=sigma)
 
 
 def child_centres(parent_morton: int, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
