@@ -180,6 +180,19 @@ def test_provenance_lists_the_cycle_stores_and_their_fragments(run, cycles):
         assert set(listed[cycle]["granules"]) == {g.name for g in granules}
 
 
+def test_magg_plot_draws_dhdt_on_a_scale_centred_on_zero(run, product, tmp_path):
+    from flows.cli import main
+    from magg_core.quicklook import colour_scale
+
+    png = tmp_path / "dhdt.png"
+    assert main(["plot", run["store"], "--variable", "dhdt", "-o", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    values = product["dhdt"].values[np.isfinite(product["dhdt"].values)]
+    cmap, lo, hi = colour_scale("dhdt", values)
+    assert cmap == "RdBu" and lo == -hi > -np.abs(values).max()
+    assert colour_scale("h_mean", values)[0] == "viridis"
+
+
 def test_a_cycle_store_without_fragments_is_a_clear_error(cycles):
     config = load_config()
     bare = f"s3://{OUT}/bare-cycle21.zarr"
