@@ -3,6 +3,7 @@
 ``magg demo``     the main job on the built-in sample, locally, no AWS needed
 ``magg catalog``  CMR granules of a cycle × the region's cells → catalog file
 ``magg run``      the ``process-cycle`` flow on a catalog or a cycle
+``magg height-change``  the ``height-change`` flow: dh/dt across cycles' kept fragments
 ``magg inspect``  what a store holds: pyramid levels, per-cell records and provenance
 ``magg plot``     a quicklook PNG of a statistic at any level
 """
@@ -91,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on the built-in sample")
     demo.add_argument("--dir", default="magg-demo", help="working directory (default ./magg-demo)")
     demo.add_argument("--granules", type=int, default=None, help="number of sample granules")
+    demo.add_argument(
+        "--height-change",
+        action="store_true",
+        help="three cycles of the sample, then the height-change flow and a dh/dt quicklook",
+    )
     demo.set_defaults(command=_demo, name="demo")
 
     catalog = sub.add_parser("catalog", help="build a cell → granule catalog from CMR")
@@ -133,6 +139,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lambda-function", default="magg-process-cell")
     run.set_defaults(command=_run, name="run")
 
+    change = sub.add_parser("height-change", help="run the height-change flow (dh/dt)")
+    change.add_argument("--cycles", type=int, nargs="+", required=True, help="cycles to fit")
+    change.add_argument(
+        "--store",
+        type=_store_url,
+        nargs="+",
+        help="the cycle stores: one pattern with {cycle} or one URL per cycle "
+        "(default: the config's)",
+    )
+    change.add_argument("--output", "-o", type=_store_url, required=True, help="dh/dt store URL")
+    change.add_argument("--config", default="atl06", help="the cycles' config")
+    change.add_argument("--min-points", type=int, help="fewest points a child needs (10)")
+    change.add_argument("--min-cycles", type=int, help="fewest distinct cycles (3)")
+    change.add_argument("--rejection-threshold", type=float, help="robust sigmas (4)")
+    change.add_argument("--max-iterations", type=int, help="rounds of rejection (5)")
+    change.add_argument("--cells", nargs="+", help="only these parent morton words")
+    change.add_argument("--concurrency", type=int, help="parents in flight (processes)")
+    change.set_defaults(command=_height_change, name="height-change")
+
     inspect = sub.add_parser("inspect", help="summarize what a store holds")
     inspect.add_argument("store")
     inspect.add_argument("--config", default="atl06")
@@ -163,6 +188,8 @@ def _demo(args: argparse.Namespace) -> int:
     from magg_core.catalog import catalog_from_records
     from magg_core.sample import write_sample
 
+    if args.height_change:
+        return _demo_height_change(args)
     workdir = Path(args.dir).resolve()
     options = {} if args.granules is None else {"n_granules": args.granules}
     print(f"writing the built-in ATL06 sample to {workdir / 'granules'} …")
@@ -183,6 +210,75 @@ def _demo(args: argparse.Namespace) -> int:
     png = _quicklook(str(store), "atl06", "h_mean", workdir / "quicklook.png")
     print(f"\nstore: {store}\nquicklook: {png}")
     return 0 if not summary["failed_cells"] else 1
+
+
+DEMO_CYCLES = (20, 21, 22)
+DEMO_CYCLE_GRANULES = 6
+"""Passes of the height-change demo, each flown in every cycle (fits in under two minutes)."""
+
+
+def _demo_height_change(args: argparse.Namespace) -> int:
+    """Three cycles of the sample, each gridded keeping its fragments, then dh/dt."""
+    from magg_core.catalog import catalog_from_records
+    from magg_core.sample import write_cycles
+
+    workdir = Path(args.dir).resolve()
+    n_granules = args.granules or DEMO_CYCLE_GRANULES
+    print(f"writing {n_granules} passes in cycles {DEMO_CYCLES} to {workdir / 'cycles'} …")
+    by_cycle = write_cycles(workdir / "cycles", DEMO_CYCLES, n_granules=n_granules)
+    pattern = str(workdir / "atl06-cycle{cycle}.zarr")
+    for cycle, granules in by_cycle.items():
+        catalog = catalog_from_records([g.umm for g in granules], cycle=cycle)
+        summary = _run_flow(
+            catalog=str(catalog.write(workdir / f"catalog-{cycle}.json")),
+            store=pattern.replace("{cycle}", str(cycle)),
+            backend="local",
+            credentials="none",
+            granule_mirror=str(workdir / "cycles"),
+            keep_fragments=True,
+        )
+        print(f"cycle {cycle}: {summary['cells']} cells, {summary['total_obs']:,} points")
+        if summary["failed_cells"]:
+            print(summary["markdown"])
+            return 1
+    output = workdir / "dhdt.zarr"
+    summary = _run_height_change(
+        cycles=list(DEMO_CYCLES), stores=pattern, output=str(output), backend="local"
+    )
+    print(summary["markdown"])
+    png = _quicklook(str(output), "atl06", "dhdt", workdir / "dhdt.png")
+    print(f"\nstore: {output}\nquicklook: {png}")
+    return 0 if not summary["failed_cells"] else 1
+
+
+def _height_change(args: argparse.Namespace) -> int:
+    stores = args.store[0] if args.store and len(args.store) == 1 else args.store
+    options = ("min_points", "min_cycles", "rejection_threshold", "max_iterations")
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    summary = _run_height_change(
+        cycles=args.cycles,
+        stores=stores,
+        output=args.output,
+        config=args.config,
+        cells=args.cells,
+        concurrency=args.concurrency,
+        **given,
+    )
+    print(summary["markdown"])
+    return 0 if not summary["failed_cells"] else 1
+
+
+def _run_height_change(**parameters) -> dict:
+    """Run ``height-change`` here; its summary, also when some parents failed."""
+    from flows.height_change import height_change
+    from magg_core.errors import CellsFailedError
+
+    try:
+        return height_change(**parameters)
+    except CellsFailedError as exc:
+        if exc.summary is None:
+            raise
+        return exc.summary
 
 
 def _catalog(args: argparse.Namespace) -> int:

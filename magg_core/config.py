@@ -112,6 +112,24 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class HeightChangeSource:
+    """What the extract stage keeps besides the variables, for height change across cycles.
+
+    With this section, each fragment also carries every point's ``latitude``
+    and ``longitude`` (float64, degrees, from the coordinates the reader
+    already holds) and ``time`` (the ``time`` dataset of the beam group, read
+    at the point's row: ATL06 ``delta_time``, GPS seconds since 2018-01-01).
+    """
+
+    time: str
+    """The per-point time dataset, e.g. ``delta_time``."""
+
+
+HEIGHT_CHANGE_COLUMNS = ("latitude", "longitude", "time")
+"""The columns a fragment carries, besides the variables, when ``height_change`` is set."""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str
     data_source: DataSource
@@ -119,6 +137,15 @@ class PipelineConfig:
     output: OutputSpec
     raw: Mapping[str, Any] = field(repr=False, compare=False)
     """The validated mapping as loaded; the canonical form for hashing and events."""
+    height_change: HeightChangeSource | None = None
+    """Keep what a height-change fit needs in the fragments (``None``: only the variables)."""
+
+    @property
+    def point_columns(self) -> tuple[str, ...]:
+        """The columns each point keeps in a fragment: the variables, then
+        :data:`HEIGHT_CHANGE_COLUMNS` when the config has a ``height_change`` section."""
+        extra = HEIGHT_CHANGE_COLUMNS if self.height_change is not None else ()
+        return (*self.data_source.variables, *extra)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe copy that :func:`load_config` turns back into this config."""
@@ -299,10 +326,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def _parse(raw: Mapping[str, Any]) -> PipelineConfig:
     top = _Section(raw, "")
-    top.reject_unknown(("name", "data_source", "aggregation", "output"))
+    top.reject_unknown(("name", "data_source", "aggregation", "output", "height_change"))
     data_source = _parse_data_source(top.section("data_source"))
     aggregation = _parse_aggregation(top.section("aggregation"), data_source)
     output = _parse_output(top.section("output"))
+    height_change = None
+    if "height_change" in top.raw:
+        height_change = _parse_height_change(top.section("height_change"), data_source)
     return PipelineConfig(
         name=top.get("name", str, "custom"),
         data_source=data_source,
@@ -310,7 +340,25 @@ def _parse(raw: Mapping[str, Any]) -> PipelineConfig:
         output=output,
         # A fresh copy: a caller mutating its mapping must not change our hash.
         raw=_jsonable(raw),
+        height_change=height_change,
     )
+
+
+def _parse_height_change(s: _Section, source: DataSource) -> HeightChangeSource:
+    s.reject_unknown(("time",))
+    time = s.get("time", str)
+    if not time.isidentifier():
+        raise ConfigError(f"{s.key('time')}: expected a dataset name, got {time!r}")
+    clash = sorted(set(source.variables) & set(HEIGHT_CHANGE_COLUMNS))
+    if clash:
+        raise ConfigError(
+            f"{s.key('time')}: data_source.variables {clash} would clash with the columns "
+            f"height change adds to fragments ({', '.join(HEIGHT_CHANGE_COLUMNS)})"
+        )
+    reserved = {source.latitude, source.longitude, source.quality.dataset, *source.variables}
+    if time in reserved:
+        raise ConfigError(f"{s.key('time')}: {time!r} is already read as another column")
+    return HeightChangeSource(time=time)
 
 
 def _parse_data_source(s: _Section) -> DataSource:

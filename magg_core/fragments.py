@@ -19,7 +19,10 @@ with ``allow_pickle=False``): ``child`` -- the point's child position in the
 parent, ``uint16`` while a parent has at most 65,536 children (4,096 for
 orders 6 → 12) -- and each ``data_source`` variable in the file's dtype, in
 the granule's beam-then-row order. For ATL06 that is 2 + 4 + 4 = 10 bytes a
-point. Every parent the catalog lists for the granule gets a fragment, empty
+point. A config with a ``height_change`` section adds each point's
+``latitude``, ``longitude`` and ``time`` (float64 each): 34 bytes a point, what
+fitting height change across cycles needs (:mod:`magg_core.height_change`).
+Every parent the catalog lists for the granule gets a fragment, empty
 if no good point falls in it, so a missing fragment always means the extract
 did not succeed; the record, written last, says why.
 
@@ -49,6 +52,8 @@ FRAGMENTS_PREFIX = "fragments"
 RECORD_NAME = "extract.json"
 
 ExtractStatus = Literal["ok", "failed"]
+READ_CONCURRENCY = 64
+"""Extract records fetched at once when listing a store's (as for cell records)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def encode(points: GranulePoints, config: PipelineConfig) -> bytes:
     n_children = config.output.children_per_parent
     child_dtype = np.uint16 if n_children <= 2**16 else np.uint32
     buffer = io.BytesIO()
-    arrays = {name: np.asarray(points.columns[name]) for name in config.data_source.variables}
+    arrays = {name: np.asarray(points.columns[name]) for name in config.point_columns}
     np.savez(buffer, child=points.child_index.astype(child_dtype), **arrays)
     return buffer.getvalue()
 
@@ -98,7 +103,7 @@ def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
         lengths differ, or it would need unpickling).
     """
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        names = ("child", *config.data_source.variables)
+        names = ("child", *config.point_columns)
         missing = [n for n in names if n not in npz.files]
         if missing:
             raise ValueError(f"fragment of {granule_name(url)} lacks {missing}")
@@ -133,6 +138,23 @@ def write_extract_record(store: Store, config: PipelineConfig, record: ExtractRe
 def read_extract_record(store: Store, config: PipelineConfig, url: str) -> ExtractRecord | None:
     data = sync(_get(store, record_key(config, url)))
     return None if data is None else ExtractRecord.from_json(data)
+
+
+def read_extract_records(store: Store, config: PipelineConfig) -> list[ExtractRecord]:
+    """Every extract record of the config's child order (one listing, then concurrent GETs)."""
+    return sync(_read_records(store, f"{FRAGMENTS_PREFIX}/{config.output.child_order}/"))
+
+
+async def _read_records(store: Store, prefix: str) -> list[ExtractRecord]:
+    keys = [k async for k in store.list_prefix(prefix) if k.endswith(f"/{RECORD_NAME}")]
+    limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def fetch(key: str) -> bytes | None:
+        async with limit:
+            return await _get(store, key)
+
+    blobs = await asyncio.gather(*(fetch(key) for key in keys))
+    return [ExtractRecord.from_json(b) for b in blobs if b is not None]
 
 
 def read_fragment(

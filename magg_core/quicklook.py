@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from pyproj import Transformer  # noqa: E402
 
+DIVERGING = frozenset({"dhdt"})
+"""Signed quantities drawn with a diverging map centred on zero (thinning blue-red)."""
 SOUTH_POLAR_STEREO = "EPSG:3031"
 NORTH_POLAR_STEREO = "EPSG:3413"
 AUTHALIC_RADIUS_KM = 6371.0072
@@ -64,7 +66,7 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
         size = max(size, (width / extent * AXES_WIDTH_PT) ** 2)
 
     fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=120)
-    lo, hi = np.percentile(values[has_data], [2, 98])
+    cmap, lo, hi = colour_scale(variable, values[has_data])
     points = ax.scatter(
         x_km,
         y_km,
@@ -72,7 +74,7 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
         s=size,
         vmin=lo,
         vmax=hi,
-        cmap="viridis",
+        cmap=cmap,
         linewidths=0,
     )
     units = dataset[variable].attrs.get("units", "m")
@@ -88,3 +90,17 @@ def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def colour_scale(variable: str, values: np.ndarray) -> tuple[str, float, float]:
+    """The colour map and limits for ``values`` (finite) of ``variable``.
+
+    The 2nd–98th percentiles on ``viridis``; for a signed rate (:data:`DIVERGING`)
+    ``RdBu`` symmetric about zero out to the 98th percentile of ``|value|``, so
+    white is no change, red thinning and blue thickening.
+    """
+    if variable in DIVERGING:
+        limit = float(np.percentile(np.abs(values), 98)) or 1.0
+        return "RdBu", -limit, limit
+    lo, hi = np.percentile(values, [2, 98])
+    return "viridis", float(lo), float(hi)

@@ -173,18 +173,20 @@ def read_parents(
     with h5:
         tasks = _Tasks()
         try:
-            beams, located = _locate(url, h5, tasks, wanted, config)
+            beams, located, coordinates = _locate(url, h5, tasks, wanted, config)
             columns = _read_rows(url, h5, tasks, beams, config) if located.size else {}
         finally:
             tasks.settle()
         driver = h5.driver
-    source = config.data_source
     if located.size:
+        columns = _point_columns(columns, coordinates, config)
         good = _good_rows(columns, config)
         located = located[good]
-        columns = {name: columns[name][good] for name in source.variables}
+        columns = {name: columns[name][good] for name in config.point_columns}
     else:
-        columns = {name: np.empty(0, dtype=np.float32) for name in source.variables}
+        columns = {name: np.empty(0, dtype=np.float32) for name in config.data_source.variables}
+        empty = np.empty(0, dtype=np.float64)
+        columns = _point_columns(columns, (empty, empty), config)
     return GranuleRead(
         url=url,
         points=_by_parent(url, wanted, located, columns, config),
@@ -233,6 +235,22 @@ def _by_parent(
             columns={name: values[mine] for name, values in columns.items()},
         )
     return points
+
+
+def _point_columns(
+    columns: Mapping[str, np.ndarray],
+    coordinates: tuple[np.ndarray, np.ndarray],
+    config: PipelineConfig,
+) -> dict[str, np.ndarray]:
+    """The rows' datasets, plus (with a ``height_change`` section) the points' latitude,
+    longitude (float64, as read in phase 1) and time, under the fragment's column names."""
+    columns = dict(columns)
+    empty = np.empty(0, dtype=np.float64)
+    if config.height_change is not None:
+        columns["latitude"] = coordinates[0].astype(np.float64)
+        columns["longitude"] = coordinates[1].astype(np.float64)
+        columns["time"] = columns.pop(config.height_change.time, empty).astype(np.float64)
+    return columns
 
 
 def _good_rows(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
@@ -322,8 +340,10 @@ def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:
 
 def _locate(
     url: str, h5: H5Coro, tasks: _Tasks, parents: np.ndarray, config: PipelineConfig
-) -> tuple[list[_Beam], np.ndarray]:
+) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Phase 1: which rows of which beam fall in a parent, and where (see :func:`_child_index`).
+
+    Also returns those rows' latitudes and longitudes, aligned with the located points.
 
     Every beam's coordinates are read whole; as soon as the latitude's
     metadata has located the beam's group, the chunk indexes of the beam's
@@ -355,7 +375,8 @@ def _locate(
             raise GranuleReadError(url, f"{group}: {' and '.join(coordinates)} differ in length")
         present.append(beam)
     if not present:
-        return [], np.empty(0, dtype=np.int64)
+        nowhere = np.empty(0, dtype=np.float64)
+        return [], np.empty(0, dtype=np.int64), (nowhere, nowhere)
 
     lat = np.concatenate([values[b][0].values for b in present])
     lon = np.concatenate([values[b][1].values for b in present])
@@ -375,7 +396,7 @@ def _locate(
                 spans = row_spans(rows, latitude.column.chunk_rows)
                 beams.append(_Beam(source.beam_group(beam), rows, spans, index))
         position += rows.size
-    return beams, located[kept]
+    return beams, located[kept], (lat[inside][kept], lon[inside][kept])
 
 
 def _variable_indexes(
@@ -393,7 +414,8 @@ def _variable_indexes(
 def _row_variables(config: PipelineConfig) -> tuple[str, ...]:
     """The datasets read at the located rows: the variables and the quality flag."""
     source = config.data_source
-    return (*source.variables, source.quality.dataset)
+    time = (config.height_change.time,) if config.height_change is not None else ()
+    return (*source.variables, source.quality.dataset, *time)
 
 
 @dataclass(frozen=True)

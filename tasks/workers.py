@@ -24,9 +24,10 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 
 from magg_core.cell import process_cell
+from magg_core.height_change import HeightChangeRequest, process_height_change
 from magg_core.request import CellRequest, CellResult
 
-PRELOAD = ["magg_core.cell", "magg_core.extract"]
+PRELOAD = ["magg_core.cell", "magg_core.extract", "magg_core.height_change"]
 
 
 def default_workers() -> int:
@@ -79,3 +80,8 @@ def process_cell_within(request: CellRequest, timeout_s: float) -> CellResult:
     so the deadline is set where the cell runs.
     """
     return process_cell(request, deadline=time.monotonic() + timeout_s)
+
+
+def process_height_change_within(request: HeightChangeRequest, timeout_s: float) -> CellResult:
+    """:func:`process_height_change` with its deadline ``timeout_s`` from now, on the worker."""
+    return process_height_change(request, deadline=time.monotonic() + timeout_s)

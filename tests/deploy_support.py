@@ -35,6 +35,7 @@ ALL_DEPLOYMENTS = {
     "process-cell/ecs": "magg-ecs",
     "extract-granule/ecs": "magg-ecs",
     "watch-cycles/antarctica": "magg-process",
+    "height-change/local": "magg-process",
 }
 """Every deployment in ``prefect.yaml`` and its work pool."""
 

@@ -44,7 +44,7 @@ def good_points(paths: Iterable[str | Path], child_order: int = 12) -> pd.DataFr
     """Every good point of the granules, with its HEALPix nested id at ``child_order``.
 
     Columns: ``granule`` (file name), ``beam``, ``row`` (within the beam),
-    ``latitude``, ``longitude``, ``h_li``, ``h_li_sigma`` (float32 as stored)
+    ``latitude``, ``longitude``, ``delta_time``, ``h_li``, ``h_li_sigma`` (float32 as stored)
     and ``cell`` (int64 nested id).
     """
     frames = []
@@ -73,6 +73,7 @@ def good_points(paths: Iterable[str | Path], child_order: int = 12) -> pd.DataFr
                             "row": rows,
                             "latitude": g["latitude"][:][rows],
                             "longitude": g["longitude"][:][rows],
+                            "delta_time": g["delta_time"][:][rows],
                             "h_li": h[rows],
                             "h_li_sigma": sigma[rows],
                         }

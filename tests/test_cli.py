@@ -86,6 +86,15 @@ def test_run_inspect_and_plot_consume_the_catalog(
         ),
         (["run", "--catalog", "c.json", "--store", "x.zarr"], "EARTHDATA_TOKEN"),
         (["inspect", "/nonexistent/store.zarr"], "store.zarr"),
+        (
+            ["height-change", "--cycles", "20", "21", "22", "--output", "dhdt.zarr"]
+            + ["--store", "/nonexistent/c{cycle}.zarr"],
+            "store /nonexistent/c20.zarr (cycle 20) has no finished magg template",
+        ),
+        (
+            ["height-change", "--cycles", "22", "--store", "c{cycle}.zarr", "-o", "d.zarr"],
+            "at least two distinct",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, prefect_server, capsys, tmp_path):

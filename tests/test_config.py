@@ -427,6 +427,21 @@ MALFORMED = [
         r"^data_source\.fill_value: number 1000.* is too large",
         id="huge-source-fill",
     ),
+    pytest.param(
+        lambda r: r["height_change"].update(epoch="2020"),
+        r"^height_change\.epoch: unknown key \(allowed: time\)",
+        id="height-change-unknown-key",
+    ),
+    pytest.param(
+        lambda r: r["height_change"].update(time="h_li"),
+        r"^height_change\.time: 'h_li' is already read as another column",
+        id="height-change-time-is-a-variable",
+    ),
+    pytest.param(
+        lambda r: r["data_source"].update(variables=["h_li", "h_li_sigma", "latitude"]),
+        r"^height_change\.time: data_source\.variables \['latitude'\] would clash",
+        id="height-change-column-clash",
+    ),
 ]
 
 
@@ -526,3 +541,12 @@ def test_a_python_tag_is_refused_by_the_safe_loader(tmp_path):
     path = tmp_path / "tag.yaml"
     path.write_text("name: !!python/object/apply:os.system [id]\n")
     assert "could not determine a constructor" in _one_line_error(path)
+
+
+def test_height_change_section_adds_the_fit_columns_and_is_optional():
+    config = load_config()
+    assert config.height_change is not None and config.height_change.time == "delta_time"
+    assert config.point_columns == ("h_li", "h_li_sigma", "latitude", "longitude", "time")
+    plain = load_config({k: v for k, v in _raw().items() if k != "height_change"})
+    assert plain.height_change is None and plain.point_columns == ("h_li", "h_li_sigma")
+    assert plain.hash != config.hash, "cycle stores made with and without it differ"

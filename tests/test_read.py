@@ -19,7 +19,11 @@ from magg_core.sample import BEAMS, write_sample
 from tests import oracle
 
 CONFIG = load_config("atl06")
+CYCLE_ONLY = load_config({k: v for k, v in CONFIG.to_dict().items() if k != "height_change"})
+"""The built-in config without its ``height_change`` section: variables only, as before."""
 VARIABLES = ("h_li", "h_li_sigma")
+COLUMNS = (*VARIABLES, "latitude", "longitude", "time")
+"""What a fragment keeps per point with the built-in config's ``height_change`` section."""
 BUCKET = "magg-read-tests"
 NORTHERN = int(mortie.norm2mort(0, 0, 6))  # a northern parent no Antarctic track touches
 
@@ -49,13 +53,15 @@ def s3_urls(sample, moto_server, tmp_path_factory):
 def expected(reference, granule, parent) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     points, _ = reference
     mine = oracle.points_in_parent(points[points["granule"] == granule.name], parent)
-    return mine["child"].to_numpy(), {v: mine[v].to_numpy() for v in VARIABLES}
+    columns = {v: mine[v].to_numpy() for v in COLUMNS if v != "time"}
+    return mine["child"].to_numpy(), {**columns, "time": mine["delta_time"].to_numpy()}
 
 
 def canonical(child, columns) -> tuple[np.ndarray, ...]:
     """Rows in a fixed order so two readings compare regardless of beam order."""
     order = np.lexsort((columns["h_li_sigma"], columns["h_li"], child))
-    return (child[order], *(columns[v][order] for v in VARIABLES))
+    names = COLUMNS if "time" in columns else VARIABLES
+    return (child[order], *(columns[v][order] for v in names))
 
 
 def rows_inside(path, parent_id: int) -> dict[str, np.ndarray]:
@@ -100,7 +106,8 @@ def test_reads_exactly_the_good_rows_inside_each_parent(sample, reference):
             child, columns = expected(reference, granule, parent)
             assert got.child_index.dtype == np.int64
             assert got.columns["h_li"].dtype == np.float32
-            assert set(got.columns) == set(VARIABLES)
+            assert set(got.columns) == set(COLUMNS)
+            assert all(got.columns[c].dtype == np.float64 for c in COLUMNS[2:])
             for a, b in zip(
                 canonical(got.child_index, got.columns), canonical(child, columns), strict=True
             ):
@@ -136,8 +143,20 @@ def test_file_url_reads_like_a_path(sample, reference):
 def test_parent_without_points_gives_empty_columns(sample):
     got = read_granule(str(sample[0].path), NORTHERN, CONFIG)
     assert len(got) == 0 and got.child_index.dtype == np.int64
-    assert {k: v.size for k, v in got.columns.items()} == {"h_li": 0, "h_li_sigma": 0}
+    assert {k: v.size for k, v in got.columns.items()} == dict.fromkeys(COLUMNS, 0)
     assert got.bytes_fetched > 0, "the coordinates had to be read to know"
+
+
+def test_without_height_change_the_points_keep_only_the_variables(sample, reference):
+    """A config without ``height_change`` reads and keeps what it did before the section existed."""
+    _, parents = reference
+    parent = next(iter(parents.values()))
+    full = read_granule(str(sample[0].path), parent, CONFIG)
+    plain = read_granule(str(sample[0].path), parent, CYCLE_ONLY)
+    assert set(plain.columns) == set(VARIABLES) and len(plain) == len(full) > 0
+    for name in VARIABLES:
+        np.testing.assert_array_equal(plain.columns[name], full.columns[name])
+    assert plain.bytes_fetched < full.bytes_fetched, "delta_time is read only when asked for"
 
 
 def test_fetches_little_more_than_the_chunks_holding_the_rows(sample, reference):
@@ -208,7 +227,7 @@ def test_track_leaving_and_reentering_a_parent_is_read_in_two_spans(sample, tmp_
     inside = rows_inside(path, int(mortie.mort2healpix(np.uint64(parent))[0]))["gt1l"]
     assert inside.min() < 10_000 and inside.max() >= 30_000
     assert len(row_spans(inside, 10_000)) == 2
-    got = read_granule(str(path), parent, CONFIG)
+    got = read_granule(str(path), parent, CYCLE_ONLY)  # the file has no delta_time
     good = inside[quality[inside] == 0]
     np.testing.assert_array_equal(np.sort(got.columns["h_li"]), np.sort(h[good]))
     two_chunks = sum(

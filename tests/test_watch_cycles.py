@@ -97,6 +97,8 @@ def test_deploy_all_works_offline_against_a_fresh_server(registered):
     [schedule] = watch["schedules"]
     assert schedule["schedule"]["cron"] == "0 6 * * *" and schedule["active"]
     assert "{cycle}" in watch["parameters"]["store"]
+    change = server.deployment("height-change/local")
+    assert change["parameters"] == {"stores": watch["parameters"]["store"], "backend": "local"}
 
 
 def _granules(directory, cycle):

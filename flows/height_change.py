@@ -1,0 +1,137 @@
+"""Flow ``height-change``: several cycles' kept fragments → one dh/dt store.
+
+plan (check each cycle store, list each parent's fragments) → output template
+→ one task per parent (fit, write its chunk, record) in local worker
+processes → consolidated metadata → per-parent table and summary. The
+method is in :mod:`magg_core.dhdt`; the product in docs/height-change.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+
+from flows.process_cycle import _run_windowed
+from magg_core.dhdt import FitOptions
+from magg_core.errors import CellsFailedError
+from magg_core.height_change import HeightChangeRequest
+from tasks.cells import CELL_TIMEOUT_S
+from tasks.height_change import (
+    fit_parent_locally,
+    plan_cycles,
+    prepare_output,
+    record_failed_parents,
+    report_height_change,
+)
+from tasks.report import CellProgress, consolidate_store
+from tasks.setup import load_pipeline_config
+from tasks.workers import default_workers, worker_pool
+
+
+@flow(name="height-change")
+def height_change(
+    cycles: list[int],
+    output: str,
+    stores: str | list[str] | None = None,
+    config: str = "atl06",
+    min_points: int = FitOptions.min_points,
+    min_cycles: int = FitOptions.min_cycles,
+    rejection_threshold: float = FitOptions.rejection_threshold,
+    max_iterations: int = FitOptions.max_iterations,
+    backend: Literal["local"] = "local",
+    cells: list[str] | None = None,
+    concurrency: int | None = None,
+    cell_timeout_s: int = CELL_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Fit the rate of surface height change in every child cell across ``cycles``.
+
+    Returns the run's summary. When any parent failed (a cycle lacks one of
+    its fragments), raises :class:`~magg_core.errors.CellsFailedError` after
+    every other parent has finished, so the run ends ``Failed`` and a retry
+    re-fits only those parents.
+
+    Parameters
+    ----------
+    cycles
+        The ICESat-2 cycles to fit together (at least two; the fit needs
+        ``min_cycles`` of them in a child).
+    output
+        The height-change store's URL (a path, ``file://`` or ``s3://``).
+    stores
+        The cycle stores: one pattern with ``{cycle}`` or one URL per cycle;
+        default the config's ``output.store``. Each must have been run with
+        ``keep_fragments`` and this config.
+    config
+        The cycles' pipeline config (a built-in name or a YAML path); it must
+        have a ``height_change`` section.
+    min_points, min_cycles, rejection_threshold, max_iterations
+        The fit's :class:`~magg_core.dhdt.FitOptions`: the fewest points and
+        distinct cycles a child needs, and the outlier-rejection rule. Run
+        parameters, not config: changing them re-fits without touching the
+        cycle stores.
+    backend
+        ``local``: worker processes on this machine, one per core. (Lambda,
+        ECS and Dask are not offered for this flow yet.)
+    cells
+        Fit only these parent cells (morton words).
+    concurrency
+        Parents in flight at once (default: one per core).
+    cell_timeout_s
+        How long one parent may take.
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    if backend != "local":
+        raise ValueError(f"height-change runs on backend local only, got {backend!r}")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    options = FitOptions(
+        min_points=min_points,
+        min_cycles=min_cycles,
+        rejection_threshold=rejection_threshold,
+        max_iterations=max_iterations,
+    )
+    pipeline = load_pipeline_config(config)
+    if stores is None:
+        if pipeline.output.store is None:
+            raise ValueError(f"config {pipeline.name!r} names no output.store: pass stores")
+        stores = pipeline.output.store
+    plan = plan_cycles(cycles, stores, pipeline)
+    requests = plan.requests(output, options, cells)
+    logger.info(
+        "%d of %d parents to fit from cycles %s into %s (t0 %s)",
+        len(requests),
+        plan.parents.size,
+        [c.cycle for c in plan.cycles],
+        output,
+        plan.epoch.isoformat(),
+    )
+    store_id = prepare_output(output, plan, options)
+
+    progress = CellProgress(total=len(requests))
+    window = concurrency or default_workers()
+    with worker_pool(window) as workers:
+
+        def fit(request: HeightChangeRequest) -> PrefectFuture:
+            return fit_parent_locally.submit(request, store_id, cell_timeout_s, workers)
+
+        results, failures = _run_windowed(
+            fit, requests, window, progress.advance, lambda r: r.parent_morton
+        )
+    if failures:
+        record_failed_parents([r for r in requests if r.parent_morton in failures], failures)
+    consolidate_store(output)
+    summary = report_height_change(
+        results, failures, plan, wall_s=time.monotonic() - started, output=output
+    )
+    if summary["failed_cells"]:
+        raise CellsFailedError(
+            f"{len(summary['failed_cells'])} of {len(requests)} parents failed: "
+            + ", ".join(summary["failed_cells"][:10])
+            + " — retry the flow run to re-fit only these parents",
+            summary=summary,
+        )
+    return summary

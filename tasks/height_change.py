@@ -1,0 +1,154 @@
+"""Tasks of the ``height-change`` flow: plan, output template, one task per parent, report.
+
+A parent's task has the policy of process-cycle's cells (:func:`tasks.cells.work_task`:
+retries on transient errors only, a persisted result, a cache key over
+everything that determines the output), so a re-run of the flow -- or the
+Prefect UI's Retry -- fits only the parents that failed. The fit runs in a
+worker process (:mod:`tasks.workers`); a failed parent raises with its result
+and so is never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import asdict
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.context import TaskRunContext
+
+from magg_core.config import PipelineConfig
+from magg_core.dhdt import FitOptions
+from magg_core.height_change import (
+    HeightChangeRequest,
+    fit_arrays,
+    height_change_fingerprint,
+    record_height_change,
+)
+from magg_core.height_change_plan import (
+    HeightChangePlan,
+    check_output_provenance,
+    plan_height_change,
+)
+from magg_core.request import CellResult
+from magg_core.store import create_template, open_store, read_template
+from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
+from tasks.cells import raise_if_incomplete, work_task
+from tasks.workers import process_height_change_within
+
+
+def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The parent's input fingerprint (cycle stores, granule names, config, fit options,
+    t0, magg version), the output store and its identity; nothing secret."""
+    request: HeightChangeRequest = parameters["request"]
+    material = {
+        "parent": str(request.parent_morton),
+        "inputs": height_change_fingerprint(request),
+        "store": request.output_path,
+        "store_id": parameters["store_id"],
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return f"magg-dhdt-{request.parent_morton}-{digest[:24]}"
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def plan_cycles(
+    cycles: Sequence[int], stores: str | Sequence[str], config: PipelineConfig
+) -> HeightChangePlan:
+    """Check the cycle stores, list each parent's fragments (magg_core.height_change_plan)."""
+    return plan_height_change(cycles, stores, config)
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def prepare_output(output: str, plan: HeightChangePlan, options: FitOptions) -> str:
+    """Create (or verify) the output store's template; return its identity for the cache keys."""
+    provenance = plan.provenance(options)
+    check_output_provenance(output, plan.config, provenance, None)
+    store = open_store(output)
+    create_template(store, plan.config, plan.parents, provenance, arrays=fit_arrays(plan.epoch))
+    return read_template(store, plan.config).id
+
+
+def _fit_parent(
+    request: HeightChangeRequest, store_id: str, timeout_s: int, workers: Executor
+) -> CellResult:
+    """Fit one parent in a worker process; a failed parent raises with its result."""
+    result = workers.submit(process_height_change_within, request, timeout_s).result()
+    return raise_if_incomplete(result)
+
+
+fit_parent_locally = work_task(
+    _fit_parent,
+    name="fit-parent",
+    persist_result=True,
+    cache_key_fn=height_change_cache_key,
+    task_run_name="cell-{request.parent_morton}",
+)
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def record_failed_parents(
+    requests: Sequence[HeightChangeRequest], failures: Mapping[int, str]
+) -> None:
+    """A ``failed`` record for each parent whose task ended without a result."""
+    for request in requests:
+        result = CellResult(
+            parent_morton=request.parent_morton,
+            status="failed",
+            granule_count=request.granule_count,
+            error=failures[request.parent_morton],
+        )
+        record_height_change(request, result)
+
+
+@task(cache_policy=NONE)
+def report_height_change(
+    results: Sequence[CellResult],
+    failures: Mapping[int, str],
+    plan: HeightChangePlan,
+    *,
+    wall_s: float,
+    output: str,
+) -> dict[str, Any]:
+    """Publish the per-parent table and a summary; return the summary as a dict."""
+    summary = summarize(results, failed=len(failures), wall_s=wall_s)
+    create_table_artifact(
+        cell_table(results, failures),
+        key="magg-height-change-cells",
+        description=f"one row per parent of {output}",
+    )
+    lines = to_markdown(summary, title=f"magg height change into {output}").splitlines()
+    markdown = "\n".join(line for line in lines if not line.startswith("| Lambda cost"))
+    markdown += f"\n| reference epoch t0 | {plan.epoch.isoformat()} |"
+    for cycle in plan.cycles:
+        markdown += (
+            f"\n| cycle {cycle.cycle} | {cycle.store_path}: "
+            f"{cycle.fragments:,} granules with fragments |"
+        )
+    incomplete = incomplete_cells(results, failures)
+    if incomplete:
+        markdown += (
+            f"\n\n**{len(incomplete)} parents failed**: retry the flow run to re-fit only them."
+        )
+    create_markdown_artifact(
+        markdown, key="magg-height-change-summary", description="height-change summary"
+    )
+    get_run_logger().info(
+        "%d parents (%s), %d points fitted in %.1f s",
+        summary.cells,
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.status_counts.items())),
+        summary.total_obs,
+        summary.wall_s,
+    )
+    return {
+        **asdict(summary),
+        "failed_cells": [str(p) for p in incomplete],
+        "store": output,
+        "reference_epoch": plan.epoch.isoformat(),
+        "markdown": markdown,
+    }
