@@ -14,7 +14,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from flows.process_cycle import _run_windowed
+from flows.process_cycle import run_windowed
 from magg_core.dhdt import FitOptions
 from magg_core.errors import CellsFailedError
 from magg_core.height_change import HeightChangeRequest
@@ -118,7 +118,7 @@ def height_change(
         def fit(request: HeightChangeRequest) -> PrefectFuture:
             return fit_parent_locally.submit(request, store_id, cell_timeout_s, workers)
 
-        results, failures = _run_windowed(
+        results, failures = run_windowed(
             fit, requests, window, progress.advance, lambda r: r.parent_morton
         )
     if failures:

@@ -239,10 +239,10 @@ def process_cycle(
         else:
             raise ValueError(f"backend must be local, dask, lambda or ecs, got {backend!r}")
 
-        extracted, lost = _run_windowed(extract, extracts, window, progress.advance, _granule_of)
+        extracted, lost = run_windowed(extract, extracts, window, progress.advance, _granule_of)
         if lost:
             record_failed_extracts([e for e in extracts if e.granule_url in lost], lost)
-        results, failures = _run_windowed(grid, cells, window, progress.advance, _parent_of)
+        results, failures = run_windowed(grid, cells, window, progress.advance, _parent_of)
     if failures:
         record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
     if staged_orders(pipeline):
@@ -272,7 +272,7 @@ def process_cycle(
     return summary
 
 
-def _run_windowed(
+def run_windowed(
     submit: Callable[[T], PrefectFuture],
     items: Iterable[T],
     window: int,

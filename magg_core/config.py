@@ -123,6 +123,11 @@ class HeightChangeSource:
 
     time: str
     """The per-point time dataset, e.g. ``delta_time``."""
+    height: str
+    """The variable fitted, e.g. ``h_li`` (metres)."""
+    sigma: str
+    """The variable holding each height's standard error (metres), e.g.
+    ``h_li_sigma``: the fit weights a point by ``1 / sigma**2``."""
 
 
 HEIGHT_CHANGE_COLUMNS = ("latitude", "longitude", "time")
@@ -345,7 +350,16 @@ def _parse(raw: Mapping[str, Any]) -> PipelineConfig:
 
 
 def _parse_height_change(s: _Section, source: DataSource) -> HeightChangeSource:
-    s.reject_unknown(("time",))
+    s.reject_unknown(("time", "height", "sigma"))
+    fitted = {}
+    for key in ("height", "sigma"):
+        name = s.get(key, str)
+        if name not in source.variables:
+            raise ConfigError(
+                f"{s.key(key)}: {name!r} is not one of data_source.variables "
+                f"{list(source.variables)}"
+            )
+        fitted[key] = name
     time = s.get("time", str)
     if not time.isidentifier():
         raise ConfigError(f"{s.key('time')}: expected a dataset name, got {time!r}")
@@ -358,7 +372,7 @@ def _parse_height_change(s: _Section, source: DataSource) -> HeightChangeSource:
     reserved = {source.latitude, source.longitude, source.quality.dataset, *source.variables}
     if time in reserved:
         raise ConfigError(f"{s.key('time')}: {time!r} is already read as another column")
-    return HeightChangeSource(time=time)
+    return HeightChangeSource(time=time, **fitted)
 
 
 def _parse_data_source(s: _Section) -> DataSource:

@@ -25,6 +25,14 @@ on 2018-10-13 (:data:`FIRST_DATA`), which is why that date is often quoted
 as the start of cycle 1.
 """
 
+ATLAS_EPOCH = datetime(2017, 12, 31, 23, 59, 42, tzinfo=UTC)
+"""The instant ATL06 ``delta_time`` counts from, in UTC.
+
+``delta_time`` is GPS seconds since 2018-01-01T00:00:00 GPS (ATL06 data
+dictionary, "ATLAS Standard Data Product epoch"); GPS ran 18 leap seconds
+ahead of UTC then, and no leap second has been added since.
+"""
+
 FIRST_DATA = datetime(2018, 10, 13, tzinfo=UTC)
 """First ATLAS science data: nothing earlier can be in any catalog."""
 

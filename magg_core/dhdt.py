@@ -70,7 +70,7 @@ from functools import lru_cache
 import numpy as np
 from pyproj import Transformer
 
-from magg_core.sample import ATLAS_EPOCH
+from magg_core.cycles import ATLAS_EPOCH
 
 JULIAN_YEAR_S = 365.25 * 86_400
 """Seconds in a Julian year (IAU), the year of ``t`` and of ``dhdt``."""

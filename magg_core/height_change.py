@@ -46,11 +46,6 @@ from magg_core.store import (
     write_record,
 )
 
-HEIGHT_VARIABLE = "h_li"
-"""The fragment column fitted: ATL06's land-ice height (m above the WGS84 ellipsoid)."""
-SIGMA_VARIABLE = "h_li_sigma"
-"""Its standard error (m): the fit weights each point by ``1 / h_li_sigma**2``."""
-
 
 def fit_arrays(epoch: datetime) -> tuple[ArraySpec, ...]:
     """The arrays of a height-change store (:data:`magg_core.dhdt.FIT_ARRAYS`), with units.
@@ -263,14 +258,17 @@ def fit_parent(
 
     # A sigma that is zero, negative or not finite describes no measurement and gives
     # no weight (as for the cycle statistics, magg_core.aggregate.valid_points).
-    sigma = column(SIGMA_VARIABLE)
+    source = config.height_change
+    if source is None:
+        raise ValueError(f"config {config.name!r} has no height_change section")
+    sigma = column(source.sigma)
     good = np.isfinite(sigma) & (sigma > 0)
     child, labels, sigma = child[good], labels[good], sigma[good]
     lat, lon = column("latitude")[good], column("longitude")[good]
     centre_lat, centre_lon = child_centres(parent_morton, config)
     x, y = cell_offsets(lat, lon, centre_lat[child], centre_lon[child])
     t = years_since(column("time")[good], epoch)
-    h = column(HEIGHT_VARIABLE)[good]
+    h = column(source.height)[good]
     return fit_height_change(child, x, y, t, h, labels, n_children, options, h_sigma=sigma)
 
 

@@ -54,6 +54,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from magg_core.cycles import ATLAS_EPOCH
+
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")
 FILL_VALUE = np.float32(3.4028235e38)
 CHUNK_ROWS = 10_000
@@ -80,9 +82,6 @@ REV_SECONDS = CYCLE_DAYS * 86_400 / RGTS_PER_CYCLE
 EARTH_TURN_DEG_PER_S = 360.0 / 86_400
 """Rate at which the ground turns under the orbit plane (rotation minus nodal
 precession); with an exact 91-day repeat this is one turn per solar day."""
-ATLAS_EPOCH = datetime(2017, 12, 31, 23, 59, 42, tzinfo=UTC)
-"""``delta_time`` counts GPS seconds from 2018-01-01T00:00:00 GPS, which is
-this UTC instant (GPS ran 18 leap seconds ahead of UTC)."""
 SEGMENT_M = 20.0
 """``segment_id`` counts 20 m steps from the ascending node, whatever spacing
 the sample uses."""

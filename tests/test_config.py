@@ -429,8 +429,13 @@ MALFORMED = [
     ),
     pytest.param(
         lambda r: r["height_change"].update(epoch="2020"),
-        r"^height_change\.epoch: unknown key \(allowed: time\)",
+        r"^height_change\.epoch: unknown key \(allowed: time, height, sigma\)",
         id="height-change-unknown-key",
+    ),
+    pytest.param(
+        lambda r: r["height_change"].update(sigma="h_sigma"),
+        r"^height_change\.sigma: 'h_sigma' is not one of data_source\.variables",
+        id="height-change-sigma-not-read",
     ),
     pytest.param(
         lambda r: r["height_change"].update(time="h_li"),
@@ -546,6 +551,7 @@ def test_a_python_tag_is_refused_by_the_safe_loader(tmp_path):
 def test_height_change_section_adds_the_fit_columns_and_is_optional():
     config = load_config()
     assert config.height_change is not None and config.height_change.time == "delta_time"
+    assert (config.height_change.height, config.height_change.sigma) == ("h_li", "h_li_sigma")
     assert config.point_columns == ("h_li", "h_li_sigma", "latitude", "longitude", "time")
     plain = load_config({k: v for k, v in _raw().items() if k != "height_change"})
     assert plain.height_change is None and plain.point_columns == ("h_li", "h_li_sigma")

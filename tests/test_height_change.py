@@ -24,6 +24,7 @@ from pyproj import Transformer
 
 from magg_core.catalog import catalog_from_records
 from magg_core.config import load_config
+from magg_core.cycles import ATLAS_EPOCH
 from magg_core.dhdt import FitOptions
 from magg_core.errors import CellsFailedError
 from magg_core.fragments import fragment_key
@@ -33,7 +34,7 @@ from magg_core.height_change_plan import (
     plan_height_change,
     reference_epoch,
 )
-from magg_core.sample import ATLAS_EPOCH, planted_dhdt, write_cycles
+from magg_core.sample import planted_dhdt, write_cycles
 from magg_core.store import create_template, open_store, read_records
 from tests import oracle
 from tests.flow_support import ambient_s3, cell_task_runs
