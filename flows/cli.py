@@ -156,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     change.add_argument("--max-iterations", type=int, help="rounds of rejection (5)")
     change.add_argument("--cells", nargs="+", help="only these parent morton words")
     change.add_argument("--concurrency", type=int, help="parents in flight (processes)")
+    change.add_argument("--backend", choices=("local", "dask"), default="local")
+    change.add_argument("--dask-address", help="scheduler of the Dask cluster for --backend dask")
     change.set_defaults(command=_height_change, name="height-change")
 
     inspect = sub.add_parser("inspect", help="summarize what a store holds")
@@ -262,6 +264,8 @@ def _height_change(args: argparse.Namespace) -> int:
         config=args.config,
         cells=args.cells,
         concurrency=args.concurrency,
+        backend=args.backend,
+        dask_address=args.dask_address,
         **given,
     )
     print(summary["markdown"])

@@ -28,7 +28,7 @@ from tasks.height_change import (
 )
 from tasks.report import CellProgress, consolidate_store
 from tasks.setup import load_pipeline_config
-from tasks.workers import default_workers, worker_pool
+from tasks.workers import local_workers
 
 
 @flow(name="height-change")
@@ -41,9 +41,10 @@ def height_change(
     min_cycles: int = FitOptions.min_cycles,
     rejection_threshold: float = FitOptions.rejection_threshold,
     max_iterations: int = FitOptions.max_iterations,
-    backend: Literal["local"] = "local",
+    backend: Literal["local", "dask"] = "local",
     cells: list[str] | None = None,
     concurrency: int | None = None,
+    dask_address: str | None = None,
     cell_timeout_s: int = CELL_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Fit the rate of surface height change in every child cell across ``cycles``.
@@ -73,19 +74,24 @@ def height_change(
         parameters, not config: changing them re-fits without touching the
         cycle stores.
     backend
-        ``local``: worker processes on this machine, one per core. (Lambda,
-        ECS and Dask are not offered for this flow yet.)
+        ``local``: worker processes on this machine, one per core; ``dask``:
+        the workers of the Dask cluster at ``dask_address`` (they read the
+        cycle stores and write the output with their own identity). Lambda and
+        ECS are not offered for this flow yet.
     cells
         Fit only these parent cells (morton words).
     concurrency
-        Parents in flight at once (default: one per core).
+        Parents in flight at once (default: one per core, or the Dask
+        cluster's threads).
+    dask_address
+        The scheduler of an existing Dask cluster, for ``dask``.
     cell_timeout_s
         How long one parent may take.
     """
     logger = get_run_logger()
     started = time.monotonic()
-    if backend != "local":
-        raise ValueError(f"height-change runs on backend local only, got {backend!r}")
+    if backend not in ("local", "dask"):
+        raise ValueError(f"height-change runs on backend local or dask, got {backend!r}")
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     options = FitOptions(
@@ -112,8 +118,7 @@ def height_change(
     store_id = prepare_output(output, plan, options)
 
     progress = CellProgress(total=len(requests))
-    window = concurrency or default_workers()
-    with worker_pool(window) as workers:
+    with local_workers(backend, concurrency, dask_address) as (workers, window):
 
         def fit(request: HeightChangeRequest) -> PrefectFuture:
             return fit_parent_locally.submit(request, store_id, cell_timeout_s, workers)

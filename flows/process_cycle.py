@@ -43,7 +43,7 @@ from tasks.report import (
     report_run,
 )
 from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
-from tasks.workers import dask_workers, default_workers, worker_pool
+from tasks.workers import local_workers
 
 Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]
@@ -201,14 +201,7 @@ def process_cycle(
     progress = CellProgress(total=len(extracts) + len(cells))
     with ExitStack() as stack:
         if backend in ("local", "dask"):
-            if backend == "local":
-                window = concurrency or default_workers()
-                workers = stack.enter_context(worker_pool(window))
-            else:
-                if not dask_address:
-                    raise ValueError("backend dask needs dask_address (the scheduler's address)")
-                workers, threads = stack.enter_context(dask_workers(dask_address))
-                window = concurrency or threads
+            workers, window = stack.enter_context(local_workers(backend, concurrency, dask_address))
 
             def extract(request: ExtractRequest) -> PrefectFuture:
                 return extract_locally.submit(request, source, workers)

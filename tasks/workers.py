@@ -47,6 +47,34 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+@contextmanager
+def local_workers(
+    backend: str, concurrency: int | None, dask_address: str | None
+) -> Iterator[tuple[Executor, int]]:
+    """The executor of the ``local`` or ``dask`` backend, and how many tasks to keep in flight.
+
+    ``local``: :func:`worker_pool`, ``concurrency`` processes (default one per
+    core). ``dask``: :func:`dask_workers` at ``dask_address``, as many tasks
+    as the cluster has threads unless ``concurrency`` says otherwise.
+
+    Raises
+    ------
+    ValueError
+        For ``dask`` without ``dask_address``, or another backend.
+    """
+    if backend == "local":
+        window = concurrency or default_workers()
+        with worker_pool(window) as pool:
+            yield pool, window
+    elif backend == "dask":
+        if not dask_address:
+            raise ValueError("backend dask needs dask_address (the scheduler's address)")
+        with dask_workers(dask_address) as (executor, threads):
+            yield executor, concurrency or threads
+    else:
+        raise ValueError(f"not a backend of worker processes: {backend!r}")
+
+
 def _take_environment(environment: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(environment)

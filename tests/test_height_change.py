@@ -301,3 +301,29 @@ def _fit_child(p: dict[str, np.ndarray]) -> dict[str, float] | None:
     if np.isnan(fit["dhdt"][0]):
         return None
     return {name: value[0] for name, value in fit.items()}
+
+
+def test_on_a_dask_cluster_the_product_equals_the_local_backend(run, product, env):
+    """The ``dask`` backend fits on a real cluster's worker processes, as process-cycle does."""
+    from distributed import LocalCluster
+
+    from flows.height_change import height_change
+
+    output = f"s3://{OUT}/dhdt-dask.zarr"
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        summary = height_change(
+            cycles=list(CYCLES),
+            stores=PATTERN,
+            output=output,
+            backend="dask",
+            dask_address=cluster.scheduler_address,
+        )
+        seen = {n: p.state_counts["memory"] for n, p in cluster.scheduler.task_prefixes.items()}
+    assert not summary["failed_cells"]
+    assert seen.get("process_height_change_within", 0) >= run["cells"], seen
+    remote = xr.open_zarr(open_store(output, read_only=True), group=str(ORDER))
+    for name in product.data_vars:
+        np.testing.assert_array_equal(remote[name].values, product[name].values, err_msg=name)
