@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
@@ -275,14 +275,8 @@ def _height_change(args: argparse.Namespace) -> int:
 def _run_height_change(**parameters) -> dict:
     """Run ``height-change`` here; its summary, also when some parents failed."""
     from flows.height_change import height_change
-    from magg_core.errors import CellsFailedError
 
-    try:
-        return height_change(**parameters)
-    except CellsFailedError as exc:
-        if exc.summary is None:
-            raise
-        return exc.summary
+    return _summary_of(height_change, parameters)
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -382,10 +376,16 @@ DEMO_CYCLE = 22
 def _run_flow(**parameters) -> dict:
     """Run ``process-cycle`` here; its summary, also when some cells failed."""
     from flows.process_cycle import process_cycle
+
+    return _summary_of(process_cycle, parameters)
+
+
+def _summary_of(flow: Callable[..., dict], parameters: dict) -> dict:
+    """The flow's summary: its return value, or the one its CellsFailedError carries."""
     from magg_core.errors import CellsFailedError
 
     try:
-        return process_cycle(**parameters)
+        return flow(**parameters)
     except CellsFailedError as exc:
         if exc.summary is None:
             raise

@@ -138,13 +138,7 @@ def report_height_change(
     create_markdown_artifact(
         markdown, key="magg-height-change-summary", description="height-change summary"
     )
-    get_run_logger().info(
-        "%d parents (%s), %d points fitted in %.1f s",
-        summary.cells,
-        ", ".join(f"{k} {v}" for k, v in sorted(summary.status_counts.items())),
-        summary.total_obs,
-        summary.wall_s,
-    )
+    get_run_logger().info("%s", summary.one_line("parents", "points fitted"))
     return {
         **asdict(summary),
         "failed_cells": [str(p) for p in incomplete],

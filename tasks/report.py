@@ -137,13 +137,7 @@ def report_run(
             "their statistics miss the granules listed in the table."
         )
     create_markdown_artifact(markdown, key="magg-summary", description="run summary")
-    get_run_logger().info(
-        "%d cells (%s), %d observations in %.1f s",
-        summary.cells,
-        ", ".join(f"{k} {v}" for k, v in sorted(summary.status_counts.items())),
-        summary.total_obs,
-        summary.wall_s,
-    )
+    get_run_logger().info("%s", summary.one_line())
     return {
         **asdict(summary),
         "failed_cells": [str(p) for p in incomplete],

@@ -50,6 +50,10 @@ def test_totals_count_cells_that_failed_without_a_result():
     assert summary.cell_seconds == 15.0
     assert summary.peak_rss_mb == 500.0
     assert summary.cells_per_second == 0.5 and summary.obs_per_second == 500.0
+    assert summary.one_line() == (
+        "5 cells (empty 1, failed 2, no_granules 1, ok 1), 5,000 observations in 10.0 s"
+    )
+    assert summary.one_line("parents", "points fitted").startswith("5 parents (")
 
 
 @pytest.mark.parametrize(
