@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    import flows.process_cycle
     import tasks.cells
     import tasks.extract
+    import tasks.workers
     from flows.process_cycle import process_cycle
 
     print(f"orchestration benchmark on {machine()}")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = NoOpWork()
     # The seams (see the module doc): the work, and the processes it would run in.
     tasks.cells.process_cell_within = tasks.extract.extract_granule = cells
-    flows.process_cycle.worker_pool = ThreadPoolExecutor
+    tasks.workers.worker_pool = ThreadPoolExecutor
 
     t0 = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=120):
