@@ -405,6 +405,8 @@ def _quicklook(
     store = open_store(store_url, read_only=True)
     order = config.output.child_order if order is None else order
     present = [level.order for level in store_levels(store, config)]
+    if not present:
+        raise ValueError(f"{store_url} holds no magg store made with config {config.name!r}")
     if order not in present:
         raise ValueError(
             f"--order {order}: {store_url} has levels {', '.join(map(str, present)) or 'none'}"

@@ -192,7 +192,7 @@ def scan_cycle_store(
     if template is None:
         raise HeightChangePlanError(
             f"{where} has no finished magg template for order {config.output.child_order}: "
-            "run process-cycle for it first"
+            "check the store URL (or pattern), or run process-cycle for that cycle first"
         )
     if template.config_hash != config.hash:
         raise HeightChangePlanError(

@@ -46,9 +46,14 @@ def cell_width_km(order: int) -> float:
 def quicklook(dataset: xr.Dataset, path: str | Path, variable: str = "h_mean") -> Path:
     """Plot ``variable`` of a gridded dataset (one level's group) to a PNG.
 
-    Returns the path written. Raises ``ValueError`` if the variable has no
-    data at all, since an empty picture would look like a success.
+    Returns the path written. Raises ``ValueError`` if the dataset has no such
+    variable, or it has no data at all, since an empty picture would look like
+    a success.
     """
+    if variable not in dataset.data_vars:
+        raise ValueError(
+            f"no variable {variable!r} here; this store has {', '.join(sorted(dataset.data_vars))}"
+        )
     values = np.asarray(dataset[variable].values, dtype=np.float64)
     has_data = np.isfinite(values)
     if not has_data.any():

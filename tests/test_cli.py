@@ -72,6 +72,9 @@ def test_run_inspect_and_plot_consume_the_catalog(
     png = tmp_path / "h_mean.png"
     assert main(["plot", str(store), "--output", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["plot", str(store), "--variable", "dhdt", "--output", str(png)]) == 1
+    assert "no variable 'dhdt' here; this store has count, h_max" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -86,6 +89,7 @@ def test_run_inspect_and_plot_consume_the_catalog(
         ),
         (["run", "--catalog", "c.json", "--store", "x.zarr"], "EARTHDATA_TOKEN"),
         (["inspect", "/nonexistent/store.zarr"], "store.zarr"),
+        (["plot", "/nonexistent/store.zarr"], "/nonexistent/store.zarr holds no magg store"),
         (
             ["height-change", "--cycles", "20", "21", "22", "--output", "dhdt.zarr"]
             + ["--store", "/nonexistent/c{cycle}.zarr"],
