@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
@@ -49,8 +49,6 @@ Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]
 
 ECS_CONCURRENCY = 200
-T = TypeVar("T")
-K = TypeVar("K")
 
 
 @flow(name="process-cycle")
@@ -265,7 +263,7 @@ def process_cycle(
     return summary
 
 
-def run_windowed(
+def run_windowed[T, K](
     submit: Callable[[T], PrefectFuture],
     items: Iterable[T],
     window: int,
