@@ -6,6 +6,7 @@
 ``magg height-change``  the ``height-change`` flow: dh/dt across cycles' kept fragments
 ``magg inspect``  what a store holds: pyramid levels, per-cell records and provenance
 ``magg plot``     a quicklook PNG of a statistic at any level
+``magg upgrade``  rewrite an older store's DGGS attributes as written today
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
+from magg_core import DISTRIBUTION, __version__
 from magg_core.urls import parse_s3_url
 
 
@@ -86,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="magg", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--debug", action="store_true", help="show Prefect's logs and full tracebacks"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__} ({DISTRIBUTION})"
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -174,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("--output", "-o", default="quicklook.png")
     plot.set_defaults(command=_plot, name="plot")
+
+    upgrade = sub.add_parser(
+        "upgrade", help="rewrite an older store's DGGS attributes as written today"
+    )
+    upgrade.add_argument("store")
+    upgrade.set_defaults(command=_upgrade, name="upgrade")
     return parser
 
 
@@ -274,9 +285,9 @@ def _height_change(args: argparse.Namespace) -> int:
 
 def _run_height_change(**parameters) -> dict:
     """Run ``height-change`` here; its summary, also when some parents failed."""
-    from flows.height_change import height_change
+    import magg
 
-    return _summary_of(height_change, parameters)
+    return magg.height_change(**parameters)
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -364,6 +375,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    """Attributes only (never array bytes): see ``magg_core.store.upgrade_dggs_attributes``."""
+    from magg_core.store import open_store, upgrade_dggs_attributes
+
+    groups = upgrade_dggs_attributes(open_store(args.store))
+    if groups:
+        print(f"{args.store}: DGGS attributes rewritten in groups {', '.join(groups)}")
+    else:
+        print(f"{args.store}: already current")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     print(_quicklook(args.store, args.config, args.variable, Path(args.output), args.order))
     return 0
@@ -375,21 +398,9 @@ DEMO_CYCLE = 22
 
 def _run_flow(**parameters) -> dict:
     """Run ``process-cycle`` here; its summary, also when some cells failed."""
-    from flows.process_cycle import process_cycle
+    import magg
 
-    return _summary_of(process_cycle, parameters)
-
-
-def _summary_of(flow: Callable[..., dict], parameters: dict) -> dict:
-    """The flow's summary: its return value, or the one its CellsFailedError carries."""
-    from magg_core.errors import CellsFailedError
-
-    try:
-        return flow(**parameters)
-    except CellsFailedError as exc:
-        if exc.summary is None:
-            raise
-        return exc.summary
+    return magg.run(**parameters)
 
 
 def _quicklook(

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from magg.tasks.credentials import load_published_credentials
 from prefect import flow, get_run_logger
 
 from magg_core.extract import ExtractRequest, extract_granule
-from tasks.credentials import load_published_credentials
 
 
 @flow(name="extract-granule")

@@ -7,7 +7,10 @@ code runs in a thread, in the AWS Lambda handler, and in an ECS flow run.
 
 from importlib.metadata import PackageNotFoundError, version
 
+DISTRIBUTION = "magg-icesat2"
+"""magg's name on the package index (``magg`` there is an unrelated project)."""
+
 try:
-    __version__ = version("magg")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0+unknown"

@@ -89,6 +89,8 @@ class OutputSpec:
     grid: str
     indexing_scheme: str
     ellipsoid: str
+    """The reference ellipsoid's name (e.g. ``WGS84``), checked at load against the
+    named ellipsoids of healpix-geo, the library xdggs computes HEALPix geometry with."""
     parent_order: int
     child_order: int
     store: str | None = None
@@ -100,6 +102,17 @@ class OutputSpec:
     @property
     def children_per_parent(self) -> int:
         return 4 ** (self.child_order - self.parent_order)
+
+    @property
+    def ellipsoid_parameters(self) -> dict[str, Any]:
+        """``{name, semimajor_axis (m), inverse_flattening}`` of :attr:`ellipsoid`
+        (``{name, radius (m)}`` for a sphere).
+
+        The object form is what the zarr DGGS convention's ``dggs.ellipsoid``
+        holds, and the only form both xdggs 0.6 and 0.7 decode (0.7 reads the
+        bare name as a mapping and fails). Values from ``healpix_geo.ellipsoid``.
+        """
+        return named_ellipsoid(self.ellipsoid)
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -530,12 +543,37 @@ def _parse_output(s: _Section) -> OutputSpec:
     return OutputSpec(
         grid=grid,
         indexing_scheme=scheme,
-        ellipsoid=s.get("ellipsoid", str, "WGS84"),
+        ellipsoid=_parse_ellipsoid(s),
         parent_order=parent_order,
         child_order=child_order,
         store=s.get("store", str, None),
         levels=_parse_levels(s, parent_order, child_order),
     )
+
+
+def named_ellipsoid(name: str) -> dict[str, Any]:
+    """The ellipsoid called ``name`` as the zarr DGGS convention writes it.
+
+    ``{"name", "semimajor_axis" (m), "inverse_flattening"}``, or ``{"name",
+    "radius" (m)}`` for a sphere; values from healpix-geo's table of named
+    ellipsoids (``healpix_geo.ellipsoid.resolve``). Raises ValueError if unknown.
+    """
+    from healpix_geo.ellipsoid import resolve
+
+    parameters = resolve(name)
+    return {"name": name, **{k: float(v) for k, v in parameters.items() if k != "name"}}
+
+
+def _parse_ellipsoid(s: _Section) -> str:
+    """``output.ellipsoid``: the name of an ellipsoid healpix-geo knows (default ``WGS84``)."""
+    name = s.get("ellipsoid", str, "WGS84")
+    try:
+        named_ellipsoid(name)
+    except ValueError:
+        raise ConfigError(
+            f"{s.key('ellipsoid')}: unknown ellipsoid {name!r} (a name such as WGS84 or GRS80)"
+        ) from None
+    return name
 
 
 def _parse_levels(s: _Section, parent_order: int, child_order: int) -> tuple[int, ...]:

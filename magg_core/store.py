@@ -47,7 +47,7 @@ from zarr.errors import ZarrUserWarning
 from zarr.storage import LocalStore, ObjectStore
 
 import magg_core
-from magg_core.config import PipelineConfig
+from magg_core.config import PipelineConfig, named_ellipsoid
 from magg_core.fragments import FRAGMENTS_PREFIX
 from magg_core.grid import children, healpix_ids, parent_of
 from magg_core.levels import LEVELS_PREFIX, clear_staging, staged_orders
@@ -582,7 +582,7 @@ def _array_attributes(name: str, config: PipelineConfig, order: int) -> dict[str
             "grid_name": out.grid,
             "level": order,
             "indexing_scheme": out.indexing_scheme,
-            "ellipsoid": out.ellipsoid,
+            "ellipsoid": out.ellipsoid_parameters,
         }
     if name == "morton":
         return {"long_name": f"morton word of the order-{order} cell (mortie)"}
@@ -639,9 +639,61 @@ def _dggs_attributes(config: PipelineConfig, order: int) -> dict[str, Any]:
             "name": out.grid,
             "refinement_level": order,
             "indexing_scheme": out.indexing_scheme,
-            "ellipsoid": out.ellipsoid,
+            "ellipsoid": out.ellipsoid_parameters,
             "coordinate": "cell_ids",
             "spatial_dimension": DIMENSION,
             "compression": "none",
         },
     }
+
+
+def current_dggs_attributes(
+    group_attrs: Mapping[str, Any], cell_ids_attrs: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A level's DGGS attributes (the group's ``dggs``, ``cell_ids``'s own) as written today.
+
+    magg before 0.2 wrote ``ellipsoid`` as a bare name (``"WGS84"``); the zarr
+    DGGS convention's decoder in xdggs 0.7 needs the object form, which 0.6
+    reads too. Returns the two mappings with a bare name replaced by
+    :func:`~magg_core.config.named_ellipsoid`; the other keys are unchanged.
+    """
+
+    def upgraded(attrs: Mapping[str, Any]) -> dict[str, Any]:
+        ellipsoid = attrs.get("ellipsoid")
+        return (
+            {**attrs, "ellipsoid": named_ellipsoid(ellipsoid)}
+            if isinstance(ellipsoid, str)
+            else dict(attrs)
+        )
+
+    group = dict(group_attrs)
+    if isinstance(group.get("dggs"), Mapping):
+        group["dggs"] = upgraded(group["dggs"])
+    return group, upgraded(cell_ids_attrs)
+
+
+def upgrade_dggs_attributes(store: Store) -> list[str]:
+    """Rewrite every level's DGGS attributes in place as :func:`current_dggs_attributes`.
+
+    For stores written by magg before 0.2, so that readers other than
+    ``magg.open`` (``xdggs.decode`` on xdggs 0.7) decode them. Only attributes
+    change, never array bytes; re-consolidates the metadata. Idempotent.
+    Returns the groups rewritten (``["6", …, "12"]``; ``[]`` when already current).
+    """
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    changed = []
+    for name, group in sorted(root.groups()):
+        if "cell_ids" not in group:
+            continue
+        cell_ids = group["cell_ids"]
+        new_group, new_cell_ids = current_dggs_attributes(
+            group.attrs.asdict(), cell_ids.attrs.asdict()
+        )
+        if new_group == group.attrs.asdict() and new_cell_ids == cell_ids.attrs.asdict():
+            continue
+        cell_ids.attrs.update(new_cell_ids)
+        group.attrs.update(new_group)
+        changed.append(name)
+    if changed:
+        consolidate(store)
+    return changed
