@@ -22,16 +22,16 @@ EARTHDATA_BLOCK = "magg-earthdata"
 
 
 def project_directory() -> dict[str, str]:
-    """The directory that holds the installed ``flows`` package.
+    """The directory that holds the installed ``flows`` folder (package ``magg.flows``).
 
     Prefect makes a step's ``directory`` output the run's working directory,
     so entrypoints such as ``flows/process_cycle.py:process_cycle`` resolve
     against the installed code: the checkout for an editable install,
-    ``site-packages`` for the image's regular install.
+    ``site-packages/magg`` for the image's regular install.
     """
     import magg.flows
 
-    return {"directory": str(Path(flows.__file__).resolve().parent.parent)}
+    return {"directory": str(Path(magg.flows.__file__).resolve().parent.parent)}
 
 
 def earthdata_login(block: str = EARTHDATA_BLOCK) -> dict[str, str]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from magg.tasks.credentials import load_published_credentials
 from prefect import flow, get_run_logger
 
+from magg.tasks.credentials import load_published_credentials
 from magg_core.extract import ExtractRequest, extract_granule
 
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
-from magg.tasks.credentials import load_published_credentials
 from prefect import flow, get_run_logger
 
+from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
+from magg.tasks.credentials import load_published_credentials
 from magg_core.cell import process_cell
 from magg_core.request import CellRequest
 

@@ -15,6 +15,9 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Literal
 
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+
 from magg.tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
 from magg.tasks.credentials import open_credentials
 from magg.tasks.ecs import grid_cell_on_ecs
@@ -35,9 +38,6 @@ from magg.tasks.report import (
 )
 from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 from magg.tasks.workers import local_workers
-from prefect import flow, get_run_logger
-from prefect.futures import PrefectFuture
-
 from magg_core.errors import CellFailedError, CellsFailedError
 from magg_core.extract import ExtractRequest
 from magg_core.levels import staged_orders

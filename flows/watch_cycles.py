@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from prefect import flow, get_run_logger
+
 from magg.tasks.setup import load_pipeline_config
 from magg.tasks.watch import (
     cycle_done,
@@ -20,8 +22,6 @@ from magg.tasks.watch import (
     late_cells,
     start_cycle_run,
 )
-from prefect import flow, get_run_logger
-
 from magg_core.plan import cycle_store
 
 

@@ -82,7 +82,10 @@ out = {"version": xdggs.__version__}
 for way, decoded in (("decode", xdggs.decode(ds)), ("zarr", ds.dggs.decode(convention="zarr"))):
     info = decoded.dggs.grid_info
     e = info.ellipsoid
-    params = [e, None, None] if isinstance(e, str) else [e.name, e.semimajor_axis, e.inverse_flattening]
+    if isinstance(e, str):
+        params = [e, None, None]
+    else:
+        params = [e.name, e.semimajor_axis, e.inverse_flattening]
     out[way] = [info.level, info.indexing_scheme, *params]
 print(json.dumps(out))
 """
