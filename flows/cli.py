@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from magg_core import DISTRIBUTION, __version__
+import magg
 from magg_core.urls import parse_s3_url
 
 
@@ -35,9 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    # Without a configured server, flows run on a temporary local one whose
-    # start-up can exceed Prefect's 20 s default on a busy small machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    magg._prefect_defaults()
     if not args.debug:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     try:
@@ -90,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show Prefect's logs and full tracebacks"
     )
     parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__} ({DISTRIBUTION})"
+        "--version", action="version", version=f"%(prog)s {magg.__version__} ({magg.DISTRIBUTION})"
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 

@@ -16,6 +16,7 @@ functions that need them. The flows and tasks live in :mod:`magg.flows` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ def run(**parameters: Any) -> dict[str, Any]:
     ValueError
         Bad input (config, catalog, store URL, cells), named in the message.
     """
+    _prefect_defaults()
     from magg.flows.process_cycle import process_cycle
 
     return _summary(process_cycle, parameters)
@@ -63,9 +65,20 @@ def height_change(**parameters: Any) -> dict[str, Any]:
     ``keep_fragments=True``), ``output="s3://bucket/dhdt.zarr"``, fit options.
     Returns the summary as :func:`run` does, also when some parents failed.
     """
+    _prefect_defaults()
     from magg.flows.height_change import height_change as flow
 
     return _summary(flow, parameters)
+
+
+def _prefect_defaults() -> None:
+    """Prefect settings for a run without a configured server, unless the user set them.
+
+    Without ``PREFECT_API_URL`` a flow runs on a temporary local server, whose
+    start-up can exceed Prefect's 20 s default on a busy small machine. Prefect
+    reads its settings when first imported, so this runs before the flows are.
+    """
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _summary(flow: Callable[..., dict[str, Any]], parameters: dict[str, Any]) -> dict[str, Any]:
