@@ -55,9 +55,16 @@ def test_pull_step_finds_the_installed_project_wherever_it_is(tmp_path):
     from deployments.steps import project_directory
 
     assert project_directory() == {"directory": str(REPO_ROOT)}
+    # A regular install's layout (pyproject's package-dir): flows/ and tasks/ under magg/.
     site = tmp_path / "site-packages"
-    for package in ("flows", "tasks", "deployments", "magg_core"):
-        shutil.copytree(REPO_ROOT / package, site / package)
+    for source, target in (
+        ("magg", "magg"),
+        ("flows", "magg/flows"),
+        ("tasks", "magg/tasks"),
+        ("deployments", "deployments"),
+        ("magg_core", "magg_core"),
+    ):
+        shutil.copytree(REPO_ROOT / source, site / target)
     found = subprocess.run(
         [sys.executable, "-c", "from deployments.steps import project_directory as p; print(p())"],
         env={"PYTHONPATH": str(site), "PATH": ""},
@@ -66,8 +73,8 @@ def test_pull_step_finds_the_installed_project_wherever_it_is(tmp_path):
         text=True,
         check=True,
     )
-    assert found.stdout.strip() == str({"directory": str(site)})
-    assert (site / "flows/process_cell.py").is_file()  # the entrypoint resolves there
+    assert found.stdout.strip() == str({"directory": str(site / "magg")})
+    assert (site / "magg/flows/process_cell.py").is_file()  # the entrypoint resolves there
 
 
 # -- end to end ------------------------------------------------------------------------
