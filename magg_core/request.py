@@ -21,6 +21,16 @@ miss points; they are written only when the request accepts partial cells."""
 INCOMPLETE_STATUSES = frozenset({"partial", "failed"})
 """Outcomes that are not a complete, correct cell: never cached, never silently accepted."""
 
+DROP_REASONS = ("quality", "fill", "sigma")
+"""Why a point of a cell's granules inside the cell is not in its statistics, in
+the order the filters apply (a point counts under the first that drops it):
+``quality``, its quality flag is not the config's accepted value; ``fill``, a
+variable has no value (the fill value, a non-finite number, or a dataset
+without rows in that beam); ``sigma``, an uncertainty (a read variable a
+``weights`` column is derived from) is not finite and positive. The first two
+apply when a granule is read (:mod:`magg_core.read`), the third when the cell
+aggregates (:func:`magg_core.aggregate.valid_points`)."""
+
 REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
 
 
@@ -185,6 +195,10 @@ class CellResult:
     duration_s: Timings = field(default_factory=Timings)
     peak_rss_mb: float = 0.0
     error: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Points of the read granules inside the cell left out of the statistics, by
+    :data:`DROP_REASONS`. ``total_obs`` plus these is every point the read
+    granules hold in the cell."""
 
     @property
     def is_complete(self) -> bool:
@@ -210,4 +224,5 @@ class CellResult:
             duration_s=Timings(**data.get("duration_s", {})),
             peak_rss_mb=float(data.get("peak_rss_mb", 0.0)),
             error=data.get("error"),
+            dropped={str(k): int(v) for k, v in (data.get("dropped") or {}).items()},
         )
