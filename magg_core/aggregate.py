@@ -156,14 +156,13 @@ def check_derived(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> 
         if bad.size:
             first = bad[0]
             given = ", ".join(
-                f"{n}={columns[n][first]!r}" for n in sorted(_inputs(name, derived) & inputs)
+                f"{n}={columns[n][first]:.6g}" for n in sorted(_inputs(name, derived) & inputs)
             )
-            domain = "finite and positive (it is a weight)" if name in weights else "finite"
+            domain = "finite and positive (a weight)" if name in weights else "finite"
             raise InvalidDerivedValueError(
-                f"config error: aggregation.columns.{name} = {expr.text!r} is {values[first]!r} "
-                f"for {bad.size:,} of {n_points:,} points whose read values passed every filter "
-                f"(the first: {given or 'no read values'}); a derived value must be {domain} "
-                "for every such point, so the expression must change"
+                f"config error: aggregation.columns.{name} = {expr.text!r} must be {domain} "
+                f"but is {values[first]:.6g} for {bad.size:,} of {n_points:,} points that "
+                f"passed every filter (first: {given or 'a constant'})"
             )
 
 

@@ -118,7 +118,8 @@ def describe_dropped(dropped: Mapping[str, int]) -> str:
     total = sum(dropped.values())
     if not total:
         return "none dropped"
-    return f"{total:,} dropped: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items())
+    order = [*DROP_REASONS, *sorted(dropped.keys() - set(DROP_REASONS))]
+    return f"{total:,} dropped: " + ", ".join(f"{k} {dropped.get(k, 0):,}" for k in order)
 
 
 def incomplete_cells(
