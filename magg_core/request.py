@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote
 
+from magg_core.cycles import parse_granule_name
 from magg_core.s3 import S3Credentials
 from magg_core.urls import URLError, granule_url
 
@@ -56,6 +58,24 @@ class CellRequest:
     accept_partial: bool = False
     """Write the statistics of a ``partial`` cell (some granules failed) instead of
     leaving its chunk as it was: for runs where a granule is known to be bad upstream."""
+
+    def __post_init__(self) -> None:
+        """Refuse a request that would grid one acquisition twice, whoever built it.
+
+        A cell sums whatever it is given, so a granule listed twice -- the same
+        URL, another spelling or bucket of the same file, or another revision
+        or release of the same acquisition -- would double its points and
+        shrink ``h_sigma`` by √2. Checked here, every channel is covered: a
+        catalog's plan, a Lambda event, an ECS flow run's parameters.
+
+        Raises
+        ------
+        RequestError
+            Naming both positions in ``granule_urls`` and the granules.
+        """
+        problem = duplicate_granule(self.granule_urls)
+        if problem is not None:
+            raise RequestError(f"cell {self.parent_morton}: {problem}")
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> CellRequest:
@@ -167,6 +187,39 @@ def _granule_urls(urls: Sequence[str]) -> tuple[list[str], list[str]]:
         more = len(problems) - MAX_URL_PROBLEMS
         problems = [*problems[:MAX_URL_PROBLEMS], f"and {more} more bad granule URL(s)"]
     return canonical, problems
+
+
+def duplicate_granule(urls: Sequence[str]) -> str | None:
+    """Why ``urls`` name one acquisition twice, or ``None`` if each is named once.
+
+    Two URLs are the same granule when their file names are equal (what
+    magg's fragments and fingerprints key by: a mirror or another bucket holds
+    the same file), and the same acquisition when their names differ only in
+    revision or release (:attr:`magg_core.cycles.GranuleName.acquisition`). A
+    ``file://`` URL's name is compared percent-decoded, as it is read; an
+    ``s3://`` key is literal (S3 does not decode it), and two spellings of one
+    key (``s3://b//k``) are one URL once canonical (:func:`granule_url`).
+    """
+    seen: dict[Any, tuple[int, str]] = {}
+    for i, url in enumerate(urls):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if url[:5].lower() == "file:":
+            name = unquote(name)
+        parsed = parse_granule_name(name)
+        for key in (name, parsed.acquisition if parsed is not None else None):
+            if key is None or key not in seen:
+                continue
+            first, other = seen[key]
+            if other == name:
+                return f"granule_urls[{i}] is granule {name!r} again (granule_urls[{first}])"
+            return (
+                f"granule_urls[{i}] ({name!r}) and granule_urls[{first}] ({other!r}) are two "
+                "revisions or releases of one acquisition: a cell grids each acquisition once"
+            )
+        seen[name] = (i, name)
+        if parsed is not None:
+            seen[parsed.acquisition] = (i, name)
+    return None
 
 
 @dataclass(frozen=True)

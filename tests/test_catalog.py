@@ -302,6 +302,8 @@ def https_only(item: dict, provider: str = "NSIDC_CPRD") -> dict:
     """The same granule's record as a provider without direct S3 access lists it."""
     record = copy.deepcopy(item)
     record["meta"]["provider-id"] = provider
+    # CMR gives each record its own concept id, ending in the provider's name
+    record["meta"]["concept-id"] = record["meta"]["concept-id"].replace("-", "0-", 1)
     record["umm"]["RelatedUrls"] = [
         u for u in record["umm"]["RelatedUrls"] if u["Type"] != "GET DATA VIA DIRECT ACCESS"
     ]
@@ -359,7 +361,9 @@ def test_a_granule_listed_twice_is_kept_once_with_its_s3_url_whatever_the_order(
 def test_a_duplicate_record_from_cmr_pages_is_gridded_once(dome_c, fake_cmr):
     records = [g.umm for g in dome_c]
     listed_twice = dome_c[7].umm
-    fake_cmr.items = [https_only(listed_twice)] + records + [copy.deepcopy(listed_twice)]
+    again = copy.deepcopy(listed_twice)  # a second record of the granule: its own concept id
+    again["meta"]["concept-id"] = again["meta"]["concept-id"].replace("-", "1-", 1)
+    fake_cmr.items = [https_only(listed_twice)] + records + [again]
     fake_cmr.page_limit = 5  # the three records of one granule on three pages
     catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
     assert granule_lists(catalog) == granule_lists(catalog_from_records(records, cycle=CYCLE))
@@ -437,8 +441,37 @@ def test_a_file_listing_a_granule_twice_in_a_cell_is_rejected(clean, tmp_path):
         load_catalog(write_cells(tmp_path, clean, twice))
     renamed = replace(second, name="ATL06_copy.h5", s3=first.s3)
     same_url = {**clean.cells, cell: (first, renamed)}
-    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists URL .* twice .*ATL06_copy"):
+    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists granule 'ATL06_copy.h5' tw"):
         load_catalog(write_cells(tmp_path, clean, same_url))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda url: url.replace("/ATLAS/", "//ATLAS/"),  # s3://b//k is s3://b/k
+        lambda url: url.replace("/ATLAS/", "/./ATLAS/"),
+        lambda url: url + "/.",  # the file name differs, the object does not
+    ],
+)
+def test_a_file_listing_one_s3_object_under_two_spellings_is_rejected(clean, tmp_path, spelling):
+    cell = busiest(clean)
+    first, second = clean.cells[cell][:2]
+    # another name, another https URL, the same object: it would be read twice
+    alias = replace(second, name="ATL06_alias.h5", s3=spelling(first.s3), https=None)
+    cells = {**clean.cells, cell: (first, alias)}
+    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists granule 'ATL06_alias.h5' tw"):
+        load_catalog(write_cells(tmp_path, clean, cells))
+
+
+def test_a_file_with_two_releases_of_one_acquisition_is_rejected(clean, tmp_path):
+    cell_a, cell_b = list(clean.cells)[:2]
+    granule = clean.cells[cell_a][0]
+    other = granule.name.replace("_007_01.h5", "_006_01.h5")
+    assert other != granule.name
+    older = replace(granule, name=other, s3=granule.s3.replace(granule.name, other), https=None)
+    cells = {**clean.cells, cell_b: (*clean.cells[cell_b], older)}
+    with pytest.raises(CatalogError, match="two revisions or releases of one acquisition"):
+        load_catalog(write_cells(tmp_path, clean, cells))
 
 
 def test_a_file_with_two_revisions_of_one_acquisition_is_rejected(clean, tmp_path):
@@ -452,7 +485,7 @@ def test_a_file_with_two_revisions_of_one_acquisition_is_rejected(clean, tmp_pat
     message = str(info.value)
     assert f"cells[{cell_b}] granule {newer_name!r}" in message
     assert f"cells[{cell_a}] granule {granule.name!r}" in message
-    assert "two revisions of one acquisition" in message
+    assert "two revisions or releases of one acquisition" in message
 
 
 @pytest.mark.parametrize(
