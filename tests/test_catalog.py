@@ -17,7 +17,7 @@ from magg_core.catalog import (
     catalog_from_records,
     load_catalog,
 )
-from magg_core.cmr import CmrError, RetryPolicy
+from magg_core.cmr import CmrError, GranuleSearch, RetryPolicy
 from magg_core.cycles import CycleError, cycle_query_range
 from magg_core.grid import parent_of, point_morton
 from magg_core.regions import RegionError
@@ -312,6 +312,34 @@ def https_only(item: dict, provider: str = "NSIDC_CPRD") -> dict:
 
 def granule_lists(catalog) -> dict[int, list[str]]:
     return {cell: [g.name for g in granules] for cell, granules in catalog.cells.items()}
+
+
+def release_of(item: dict, version: str) -> dict:
+    """The record of the same acquisition in another release (its name, path and collection)."""
+    old = item["umm"]["GranuleUR"]
+    new = old.replace("_007_", f"_{version}_")
+    record = json.loads(json.dumps(item).replace(old, new).replace("/007/", f"/{version}/"))
+    record["umm"]["CollectionReference"]["Version"] = version
+    record["meta"]["concept-id"] = record["meta"]["concept-id"].replace("-", f"{version}-", 1)
+    return record
+
+
+def test_a_catalog_keeps_its_release_and_reports_the_others(dome_c):
+    records = [g.umm for g in dome_c]
+    older = [release_of(r, "006") for r in records[:3]]
+    names_006 = {r["umm"]["GranuleUR"] for r in older}
+    only_007 = catalog_from_records(records, cycle=CYCLE)
+
+    catalog = catalog_from_records(older + records, cycle=CYCLE, search=GranuleSearch())
+    assert granule_lists(catalog) == granule_lists(only_007)
+    assert {r.name for r in catalog.report if r.problem == "other_release"} == names_006
+    assert catalog.metadata["counts"]["other_release"] == 3
+
+    chosen = catalog_from_records(older + records, cycle=CYCLE, search=GranuleSearch(version="006"))
+    assert {g.name for gs in chosen.cells.values() for g in gs} == names_006
+
+    with pytest.raises(CatalogError, match=r"releases 006, 007 of one acquisition \(ATL06_"):
+        catalog_from_records(records + older, cycle=CYCLE)  # which one, the records do not say
 
 
 def test_only_the_highest_revision_of_an_acquisition_is_catalogued(dome_c, fake_cmr):

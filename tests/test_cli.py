@@ -108,6 +108,32 @@ def test_a_run_counts_the_points_each_filter_dropped_in_its_summary_records_and_
     )
 
 
+@pytest.mark.parametrize("change", ["spelling", "release"])
+def test_a_catalog_file_naming_one_acquisition_twice_is_refused_before_any_work(
+    change, catalog_file, granules, prefect_server, tmp_path, capsys
+):
+    catalog = load_catalog(catalog_file)
+    cell = max(catalog.cells, key=lambda c: len(catalog.cells[c]))
+    first = catalog.cells[cell][0]
+    if change == "spelling":  # the same object: s3://bucket//key
+        bucket, _, key = first.s3.removeprefix("s3://").partition("/")
+        again = CatalogGranule(name="ATL06_alias.h5", s3=f"s3://{bucket}//{key}/.", https=None)
+    else:  # the same acquisition in another release, in another cell
+        name = first.name.replace("_007_", "_006_")
+        again = CatalogGranule(name=name, s3=first.s3.replace(first.name, name), https=None)
+        cell = next(c for c in catalog.cells if c != cell)
+    cells = {**catalog.cells, cell: (*catalog.cells[cell], again)}
+    edited = Catalog(metadata=catalog.metadata, cells=cells).write(tmp_path / "edited.json")
+    store = tmp_path / "out.zarr"
+    run = ["run", "--catalog", str(edited), "--store", str(store), "--credentials", "none"]
+
+    assert main([*run, "--granule-mirror", str(granules[0].path.parent)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("magg ") and f"cells[{cell}]" in err[-1]
+    assert ("twice" if change == "spelling" else "two revisions or releases") in err[-1]
+    assert not store.exists()
+
+
 @pytest.mark.parametrize("weight", ["0", "10**400"])
 def test_a_weight_invalid_for_every_point_fails_the_run_naming_the_expression(
     weight, catalog_file, granules, prefect_server, tmp_path, capsys
