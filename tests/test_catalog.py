@@ -433,6 +433,19 @@ def test_a_record_whose_direct_access_url_is_not_s3_is_reported(dome_c, url):
     assert catalog.granule_count == 7
 
 
+def test_overlapping_cmr_pages_neither_double_nor_hide_a_granule(dome_c, fake_cmr):
+    fake_cmr.items = [g.umm for g in dome_c]
+    fake_cmr.page_limit = 4
+    fake_cmr.overlap = 1  # page 2 repeats page 1's last record
+    catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+    single = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    assert granule_lists(catalog) == granule_lists(single)
+    assert catalog.metadata["counts"]["duplicates"] == 0  # the repeat never reached it
+    fake_cmr.unserved_hits = 1  # one record never served: the repeat must not stand for it
+    with pytest.raises(CmrError, match="but 12 were received, and 1 repeats"):
+        build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+
+
 def test_a_short_cmr_page_no_longer_shortens_the_catalog(dome_c, fake_cmr):
     fake_cmr.items = [g.umm for g in dome_c[:6]]
     fake_cmr.page_limit = 4  # was: 4 of 6 granules, silently
