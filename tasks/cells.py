@@ -38,7 +38,7 @@ from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
 from magg_core.store import input_fingerprint
-from tasks.workers import process_cell_within
+from magg.tasks.workers import process_cell_within
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""

@@ -30,9 +30,9 @@ from magg_core.extract import (
     stored_extract,
 )
 from magg_core.lambda_client import invoke_extract
-from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
-from tasks.credentials import publish_credentials
-from tasks.ecs import run_child
+from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
+from magg.tasks.credentials import publish_credentials
+from magg.tasks.ecs import run_child
 
 
 def extract_task(fn):
