@@ -15,9 +15,6 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from magg.flows.process_cycle import run_windowed
-from magg_core.dhdt import FitOptions
-from magg_core.errors import CellsFailedError
-from magg_core.height_change import HeightChangeRequest
 from magg.tasks.cells import CELL_TIMEOUT_S
 from magg.tasks.height_change import (
     fit_parent_locally,
@@ -29,6 +26,9 @@ from magg.tasks.height_change import (
 from magg.tasks.report import CellProgress, consolidate_store
 from magg.tasks.setup import load_pipeline_config
 from magg.tasks.workers import local_workers
+from magg_core.dhdt import FitOptions
+from magg_core.errors import CellsFailedError
+from magg_core.height_change import HeightChangeRequest
 
 
 @flow(name="height-change")

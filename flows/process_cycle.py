@@ -18,21 +18,15 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from magg_core.errors import CellFailedError, CellsFailedError
-from magg_core.extract import ExtractRequest
-from magg_core.levels import staged_orders
-from magg_core.plan import (
-    check_cell_timeout,
-    check_mirror,
-    plan_cells,
-    plan_extracts,
-    store_url_for,
-)
-from magg_core.request import CellRequest
 from magg.tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
 from magg.tasks.credentials import open_credentials
 from magg.tasks.ecs import grid_cell_on_ecs
-from magg.tasks.extract import extract_locally, extract_on_ecs, extract_on_lambda, record_failed_extracts
+from magg.tasks.extract import (
+    extract_locally,
+    extract_on_ecs,
+    extract_on_lambda,
+    record_failed_extracts,
+)
 from magg.tasks.lambda_backend import lambda_client, lambda_concurrency
 from magg.tasks.report import (
     CellProgress,
@@ -44,6 +38,17 @@ from magg.tasks.report import (
 )
 from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 from magg.tasks.workers import local_workers
+from magg_core.errors import CellFailedError, CellsFailedError
+from magg_core.extract import ExtractRequest
+from magg_core.levels import staged_orders
+from magg_core.plan import (
+    check_cell_timeout,
+    check_mirror,
+    plan_cells,
+    plan_extracts,
+    store_url_for,
+)
+from magg_core.request import CellRequest
 
 Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]

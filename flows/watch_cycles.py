@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger
 
-from magg_core.plan import cycle_store
 from magg.tasks.setup import load_pipeline_config
 from magg.tasks.watch import (
     cycle_done,
@@ -23,6 +22,7 @@ from magg.tasks.watch import (
     late_cells,
     start_cycle_run,
 )
+from magg_core.plan import cycle_store
 
 
 @flow(name="watch-cycles", log_prints=True)

@@ -22,6 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
+from magg.tasks.cells import raise_if_incomplete, work_task
+from magg.tasks.workers import process_height_change_within
 from magg_core.config import PipelineConfig
 from magg_core.dhdt import FitOptions
 from magg_core.height_change import (
@@ -38,8 +40,6 @@ from magg_core.height_change_plan import (
 from magg_core.request import CellResult
 from magg_core.store import create_template, open_store, read_template
 from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
-from magg.tasks.cells import raise_if_incomplete, work_task
-from magg.tasks.workers import process_height_change_within
 
 
 def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
