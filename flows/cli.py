@@ -341,6 +341,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from magg_core.config import load_config
     from magg_core.store import open_store, read_records, read_template, store_levels
+    from magg_core.summary import describe_dropped
 
     config = load_config(args.config)
     store = open_store(args.store, read_only=True)
@@ -363,6 +364,11 @@ def _inspect(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
         + f", not yet run {missing}"
     )
+    dropped: Counter[str] = Counter()
+    for record in records.values():
+        dropped.update(record.result.dropped)
+    points = sum(r.result.total_obs for r in records.values())
+    print(f"points: {points:,} in the statistics, {describe_dropped(dropped)}")
     for parent, record in sorted(records.items()):
         r = record.result
         if r.status == "failed" or r.files_failed:
@@ -370,6 +376,8 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"  {parent}: {r.status} {r.error or ''} "
                 + "; ".join(f"{f.url}: {f.reason}" for f in r.files_failed[:3])
             )
+        elif not r.total_obs and sum(r.dropped.values()):
+            print(f"  {parent}: {r.status}, every point left out: {describe_dropped(r.dropped)}")
     return 0
 
 

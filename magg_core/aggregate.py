@@ -19,12 +19,26 @@ variance too, through contiguous segmented sums instead of scattered
 per-point additions.
 
 NaN and infinities behave as in numpy's own reductions. The pipeline keeps
-them out: :func:`valid_points` marks the rows whose derived columns are not
-finite, or whose weights are not positive (σ = 0 gives an infinite weight,
-and one such point turns its child's weighted mean into NaN), and the caller
-drops them with the fill values; :func:`require_finite` then refuses any
-statistic that still comes out non-finite for a child with points, whatever
-config expression produced it, rather than let it be written.
+them out, and says so in numbers or in an error, never by a silent drop:
+
+- the reader drops points whose quality flag is bad or a variable has no value
+  (:data:`magg_core.read.READ_DROPS`), and counts them;
+- :func:`valid_points` marks the points whose uncertainty (a read variable a
+  ``weights`` column is, or is derived from: ATL06's ``h_li_sigma``) is not
+  finite and positive (σ = 0 gives an infinite weight, and one such point
+  turns its child's weighted mean into NaN); the caller drops and counts them;
+- :func:`check_derived` refuses, as a config error naming the expression, a
+  derived column that is not finite (or, for a weight, not positive) for a
+  point whose read values passed those filters: the expression, not the data,
+  is wrong there, and dropping the points would hide it (a weight of ``0``
+  would drop every point of a run);
+- a statistic, once reduced and transformed, that its output dtype cannot hold
+  for a child with points (NaN or infinity in an integer dtype, a value beyond
+  the dtype's range) makes :func:`aggregate` raise
+  :class:`NonFiniteStatisticError` naming it, rather than let the cast write
+  garbage (a NaN cast to int32 is -2147483648; 300 points counted in int8, 44);
+- :func:`require_finite` then refuses any statistic that is not finite for a
+  child with points, whatever config expression produced it.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import numpy as np
 
 from magg_core.config import PipelineConfig, Statistic
 from magg_core.expressions import Expression
+from magg_core.request import DROP_REASONS
 
 ORDER_STATISTICS = ("min", "max", "quantile")
 """Functions read from each child's sorted values rather than from sums."""
@@ -50,44 +65,105 @@ _LOW_HALF = 0 if sys.byteorder == "little" else 1
 
 
 class NonFiniteStatisticError(ValueError):
-    """A statistic came out NaN or infinite for a child that has points."""
+    """A statistic is not finite, or not representable in its dtype, for a child with points."""
+
+
+class InvalidDerivedValueError(ValueError):
+    """A derived column is invalid for a point whose read values passed every filter."""
+
+
+SIGMA_DROP = DROP_REASONS[2]
+"""The reason :func:`valid_points` drops a point (:data:`magg_core.request.DROP_REASONS`)."""
 
 
 def valid_points(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
-    """Which points can be weighted: a boolean mask as long as the columns.
+    """Which points have a valid uncertainty: a boolean mask as long as the columns.
 
     Statistics weighted by inverse variance (``weight = 1 / h_li_sigma**2``)
-    need a weight that is finite and positive, and so an uncertainty that is
-    too: a σ that is zero, negative or not finite describes no measurement
-    (ATL06 documents ``h_li_sigma`` as a positive standard error in metres).
-    A point is invalid when a column used as ``weights``, or a read variable
-    that column is derived from, is not finite and strictly positive. Other
-    columns are left alone: a statistic that comes out non-finite from them is
-    caught by :func:`require_finite`, not hidden by dropping points.
+    need an uncertainty that is finite and strictly positive: a σ that is
+    zero, negative or not finite describes no measurement (ATL06 documents
+    ``h_li_sigma`` as a positive standard error in metres). The uncertainties
+    are the read variables that a ``weights`` column is, or is derived from;
+    a point where one is not finite and positive is invalid (the caller drops
+    and counts it as :data:`SIGMA_DROP`). Derived columns are not judged here
+    but by :func:`check_derived`, which fails instead of dropping.
 
     Raises
     ------
     ValueError
         If a weights column or an input of its expression is missing.
     """
-    derived = config.aggregation.columns
     n_points = len(next(iter(columns.values()))) if columns else 0
     good = np.ones(n_points, dtype=bool)
-    weights = {s.weights for s in config.aggregation.statistics} - {None}
-    for name in sorted(weights):
-        checked = [name]
-        if name in derived:
-            checked += sorted(n for n in _inputs(name, derived) if n not in derived)
-        for column in checked:
-            if column in derived:
-                values = _derive(column, columns, derived, n_points)
-            elif column in columns:
-                values = np.asarray(columns[column])
-            else:
-                raise ValueError(f"weights column {column!r} is neither read nor derived")
-            with np.errstate(invalid="ignore"):
-                good &= np.isfinite(values) & (values > 0)
+    for column in uncertainties(config):
+        if column not in columns:
+            raise ValueError(f"weights column {column!r} is neither read nor derived")
+        values = np.asarray(columns[column])
+        with np.errstate(invalid="ignore"):
+            good &= np.isfinite(values) & (values > 0)
     return good
+
+
+def uncertainties(config: PipelineConfig) -> list[str]:
+    """The read variables that a ``weights`` column is, or is derived from, sorted."""
+    derived = config.aggregation.columns
+    found: set[str] = set()
+    for name in {s.weights for s in config.aggregation.statistics} - {None}:
+        found |= (_inputs(name, derived) | {name}) - derived.keys()
+    return sorted(found)
+
+
+def check_derived(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> None:
+    """Refuse a derived column that is invalid for a point whose read values passed.
+
+    ``columns`` are the points left after every filter (each ``(n_points,)``).
+    Every derived column a statistic reads, directly or through another, must
+    be finite there, and a ``weights`` column strictly positive too (a zero
+    weight leaves a child's weighted mean 0/0). A value outside that domain
+    comes from the expression, not from the data -- e.g. a weight written
+    ``0``, or ``1 / h_li_sigma**200``, which overflows to infinity -- so it is a
+    config error: dropping the points instead would let a run end Completed
+    with every cell empty.
+
+    Raises
+    ------
+    InvalidDerivedValueError
+        Naming the column, its expression, how many points it fails for and
+        the read values of the first one.
+    """
+    derived = config.aggregation.columns
+    statistics = config.aggregation.statistics
+    weights = {s.weights for s in statistics} - {None}
+    read = {s.column for s in statistics} | weights
+    needed = derived.keys() & set().union(
+        *(_inputs(name, derived) | {name} for name in read & derived.keys())
+    )
+    n_points = len(next(iter(columns.values()))) if columns else 0
+    if not needed or n_points == 0:
+        return
+    inputs = set().union(*(derived[name].names for name in needed)) - derived.keys()
+    namespace = {n: np.asarray(columns[n], dtype=np.float64) for n in inputs}
+    for name, expr in derived.items():  # in config order: later ones may use earlier
+        if name not in needed:
+            continue
+        values = np.broadcast_to(expr.evaluate(namespace), (n_points,))
+        namespace[name] = values
+        ok = np.isfinite(values)
+        if name in weights:
+            with np.errstate(invalid="ignore"):
+                ok &= values > 0
+        bad = np.flatnonzero(~ok)
+        if bad.size:
+            first = bad[0]
+            given = ", ".join(
+                f"{n}={columns[n][first]:.6g}" for n in sorted(_inputs(name, derived) & inputs)
+            )
+            domain = "finite and positive (a weight)" if name in weights else "finite"
+            raise InvalidDerivedValueError(
+                f"config error: aggregation.columns.{name} = {expr.text!r} must be {domain} "
+                f"but is {values[first]:.6g} for {bad.size:,} of {n_points:,} points that "
+                f"passed every filter (first: {given or 'a constant'})"
+            )
 
 
 def _inputs(name: str, derived: Mapping[str, Expression]) -> set[str]:
@@ -96,20 +172,6 @@ def _inputs(name: str, derived: Mapping[str, Expression]) -> set[str]:
     for inner in names & derived.keys():
         names |= _inputs(inner, derived)
     return names
-
-
-def _derive(
-    name: str, columns: Mapping[str, np.ndarray], derived: Mapping[str, Expression], n_points: int
-) -> np.ndarray:
-    """The derived column ``name`` (float64), evaluating the ones it reads first."""
-    namespace = {
-        n: np.asarray(columns[n], dtype=np.float64) for n in _inputs(name, derived) if n in columns
-    }
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for column, expr in derived.items():  # in config order: later ones may use earlier
-            if column in _inputs(name, derived) | {name}:
-                namespace[column] = np.broadcast_to(expr.evaluate(namespace), (n_points,))
-    return namespace[name]
 
 
 def aggregate(
@@ -148,6 +210,9 @@ def aggregate(
     ValueError
         If indices are out of range or not integers, a needed column is
         missing, or lengths differ.
+    NonFiniteStatisticError
+        If a statistic's dtype cannot hold its value for a child with points
+        (see :func:`_finish`).
     """
     if n_children is None:
         n_children = config.output.children_per_parent
@@ -313,7 +378,8 @@ def require_finite(
     """Check that every statistic is finite wherever a child has points.
 
     ``counts`` is the number of points per child (``n_children``). Empty
-    children hold fill values (NaN by default) and are not checked.
+    children hold fill values (NaN by default) and are not checked; integer
+    statistics hold only finite values (:func:`aggregate` refuses any other).
 
     Raises
     ------
@@ -468,10 +534,45 @@ def _order_statistic(
 
 
 def _finish(stat: Statistic, value: np.ndarray, groups: _Groups) -> np.ndarray:
-    """Apply the transform, cast to the output dtype, fill the empty children."""
+    """Apply the transform, cast to the output dtype, fill the empty children.
+
+    Raises
+    ------
+    NonFiniteStatisticError
+        If a child with points gets a value its dtype cannot hold (see
+        :func:`_unrepresentable`), naming the statistic, the first such child
+        and how many more there are.
+    """
     if stat.transform is not None:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             value = stat.transform.evaluate({"x": value})
+    value = np.broadcast_to(value, groups.present_counts.shape)
+    bad = np.flatnonzero(_unrepresentable(value, stat.dtype))
+    if bad.size:
+        child = int(np.flatnonzero(groups.present)[bad[0]])
+        raise NonFiniteStatisticError(
+            f"statistic {stat.name!r} is {value[bad[0]]!r} for child {child} "
+            f"({groups.counts[child]} points), which {stat.dtype} cannot hold, "
+            f"and for {bad.size - 1} more children"
+        )
     out = np.full(groups.counts.size, stat.fill_value, dtype=stat.dtype)
     out[groups.present] = value
     return out
+
+
+def _unrepresentable(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Where float64 ``value`` does not survive a cast to ``dtype``.
+
+    A float dtype holds NaN and infinities as they are (numpy's semantics,
+    which :func:`require_finite` then judges), but a finite value beyond
+    float32's range would become infinite. An integer dtype holds only finite
+    values whose truncation lies in its range: numpy's cast truncates toward
+    zero and wraps or saturates outside it, silently (NaN into int32 is
+    -2147483648, 300 into int8 is 44).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype.kind == "f":
+            return np.isfinite(value) & ~np.isfinite(value.astype(dtype))
+        info = np.iinfo(dtype)
+        inside = (value > float(info.min) - 1) & (value < float(info.max) + 1)
+        return ~(np.isfinite(value) & inside)

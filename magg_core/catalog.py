@@ -12,11 +12,16 @@ Each granule is gridded once: a cell worker sums whatever it is given, so a
 granule listed twice would double its counts and shrink ``h_sigma`` by √2.
 CMR can list one granule under two providers (one record without an
 ``s3://`` URL) and one acquisition as two revisions (``…_007_01`` and
-``…_007_02``, DESIGN §5). A catalog therefore keeps one record per granule
-name — the one with an ``s3://`` URL, whatever the order CMR sent them in —
-one granule per ``s3://`` URL, and only the highest revision of each
-acquisition (same start time, RGT, cycle, region and version); superseded
-revisions are named in the report.
+``…_007_02``, DESIGN §5), and a records list may hold two releases of it
+(``…_006_01`` and ``…_007_01``). A catalog therefore keeps one record per
+granule name — the one with an ``s3://`` URL, whatever the order CMR sent
+them in — one granule per ``s3://`` object (however its URL is spelled:
+``s3://b//k`` is ``s3://b/k``), only the release it was built for (the
+query's version; other releases are reported as ``other_release``), and only
+the highest revision of each acquisition (same product, start time, RGT,
+cycle and region: :attr:`~magg_core.cycles.GranuleName.acquisition`);
+superseded revisions are named in the report. Records of two releases of
+one acquisition with no release chosen are refused.
 
 The file is JSON: ``metadata``; ``cells``, parent morton words as decimal
 strings (JSON numbers lose uint64 precision) in ascending order — the order
@@ -30,8 +35,9 @@ A catalog file is what a run grids, exactly, so reading one *rejects* what a
 built catalog never holds rather than quietly repairing it (a repaired file
 would grid something other than what it says, under a fingerprint that no
 longer describes it): a cell key that is not a morton word of the catalog's
-``parent_order``; a granule listed twice in a cell (by name or URL); two
-revisions of one acquisition; a granule name that is not a plain file name;
+``parent_order``; a granule listed twice in a cell (by name, by its URL's
+file name, or by URL however spelled); two revisions or releases of one
+acquisition; a granule name that is not a plain file name;
 and an ``s3`` URL that is not ``s3://bucket/key`` or an ``https`` URL that is
 not ``https://host/…`` — an entry must never send a worker to a local file.
 Each error names the cell and the granule; ``magg catalog`` rebuilds a clean file.
@@ -68,13 +74,19 @@ from magg_core.cycles import (
 )
 from magg_core.footprints import FootprintError, footprint_cells
 from magg_core.regions import Region, load_region
+from magg_core.urls import URLError, granule_url
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 
 Problem = Literal[
-    "missing_footprint", "degenerate_footprint", "no_s3_url", "unrecognised_name", "superseded"
+    "missing_footprint",
+    "degenerate_footprint",
+    "no_s3_url",
+    "unrecognised_name",
+    "superseded",
+    "other_release",
 ]
 
 
@@ -314,37 +326,45 @@ def _is_url(value: Any, scheme: str) -> bool:
 
 
 def _check_each_granule_once(cells: Mapping[int, tuple[CatalogGranule, ...]], where: str) -> None:
-    """Reject a granule (name or URL) twice in a cell, or two revisions of one acquisition."""
+    """Reject a granule twice in a cell, or two revisions or releases of one acquisition.
+
+    A granule is the same when its name, its ``s3`` URL's file name or either
+    URL in canonical form (:func:`_same_object`) repeats; an acquisition is
+    the same across cells too, so one revision or release is gridded everywhere.
+    """
     acquisitions: dict[tuple, tuple[str, int]] = {}
     for cell, granules in cells.items():
-        names: set[str] = set()
-        urls: set[str] = set()
+        seen: dict[str, str] = {}
         for g in granules:
-            if g.name in names:
-                raise CatalogError(f"{where}: cells[{cell}] lists granule {g.name!r} twice")
-            names.add(g.name)
-            for url in (g.s3, g.https):
-                if url in urls:
+            names = {g.name, g.s3.rsplit("/", 1)[-1]}
+            keys = [*names, *(_same_object(u) for u in (g.s3, g.https) if u is not None)]
+            for key in keys:
+                if key in seen:
                     raise CatalogError(
-                        f"{where}: cells[{cell}] lists URL {url!r} twice (granule {g.name!r})"
+                        f"{where}: cells[{cell}] lists granule {g.name!r} twice "
+                        f"({key!r}, also as granule {seen[key]!r})"
                     )
-                if url is not None:
-                    urls.add(url)
-            parsed = parse_granule_name(g.name)
-            if parsed is None:
-                continue
-            first, first_cell = acquisitions.setdefault(_acquisition(parsed), (g.name, cell))
-            if first != g.name:
-                raise CatalogError(
-                    f"{where}: cells[{cell}] granule {g.name!r} and cells[{first_cell}] granule "
-                    f"{first!r} are two revisions of one acquisition; a catalog holds only the "
-                    "highest (rebuild it with magg catalog)"
-                )
+            seen.update(dict.fromkeys(keys, g.name))
+            for name in sorted(names):
+                parsed = parse_granule_name(name)
+                if parsed is None:
+                    continue
+                first, first_cell = acquisitions.setdefault(parsed.acquisition, (name, cell))
+                if first != name:
+                    raise CatalogError(
+                        f"{where}: cells[{cell}] granule {name!r} and cells[{first_cell}] "
+                        f"granule {first!r} are two revisions or releases of one acquisition; "
+                        "a catalog holds one of them (rebuild it with magg catalog)"
+                    )
 
 
-def _acquisition(name: GranuleName) -> tuple:
-    """What one acquisition's revisions share: every field of the name but the revision."""
-    return (name.product, name.start, name.rgt, name.cycle, name.region, name.version)
+def _same_object(url: str) -> str:
+    """A URL in the form two spellings of one object share: ``s3://`` canonical
+    (:func:`magg_core.urls.granule_url`), any other as given."""
+    try:
+        return granule_url(url)
+    except URLError:
+        return url
 
 
 def build_catalog(
@@ -419,10 +439,11 @@ def catalog_from_records(
     """Build a catalog from UMM-G records already at hand (no CMR request).
 
     The same placement as :func:`build_catalog`: one record per granule
-    name (the one with an ``s3://`` URL), one granule per ``s3://`` URL;
-    with ``cycle``, only granules whose name carries it; of each
-    acquisition only the highest revision; each footprint's cells within
-    the region; problems and superseded revisions in the report.
+    name (the one with an ``s3://`` URL), one granule per ``s3://`` object;
+    with ``cycle``, only granules whose name carries it; with ``search``,
+    only its release (``search.version``); of each acquisition only the
+    highest revision; each footprint's cells within the region; problems,
+    other releases and superseded revisions in the report.
 
     Parameters
     ----------
@@ -430,13 +451,15 @@ def catalog_from_records(
         CMR search items ``{"meta": …, "umm": …}`` (as ``granules.umm_json``
         pages and :func:`magg_core.sample.write_sample` give them).
     search
-        What the records answer, for the metadata; ATL06/007/NSIDC_CPRD
-        with no dates when ``None``.
+        What the records answer, for the metadata, and the release to keep;
+        ATL06/007/NSIDC_CPRD with no dates, and every release, when ``None``
+        (then records of two releases of one acquisition raise CatalogError).
     source
         Recorded as the metadata's ``query``; ``{"source": "records"}`` by default.
     """
     _check_order(parent_order)
     region = region if isinstance(region, Region) else load_region(region)
+    release = None if search is None else search.version
     search = search or GranuleSearch()
     region_cells = region.cells(parent_order)
     by_cell: dict[int, list[CatalogGranule]] = defaultdict(list)
@@ -447,10 +470,11 @@ def catalog_from_records(
         "records": len(records),
         "duplicates": len(records) - len(by_name),
         "other_cycle": 0,
+        "other_release": 0,
         "superseded": 0,
         "outside_region": 0,
     }
-    newest = _granules_to_grid(by_name, cycle, counts, report)
+    newest = _granules_to_grid(by_name, cycle, release, counts, report)
     urls = {name: _data_urls(by_name[name], name) for name in newest}
     taken: set[str] = set()
     for name in sorted(newest, key=lambda n: (not _named_by_url(urls[n][0], n), n)):
@@ -460,10 +484,10 @@ def catalog_from_records(
                 ReportEntry(name, "no_s3_url", "no 'GET DATA VIA DIRECT ACCESS' s3:// URL")
             )
             continue
-        if s3 in taken:  # another name for the same file
+        if _same_object(s3) in taken:  # another name, or spelling, for the same file
             counts["duplicates"] += 1
             continue
-        taken.add(s3)
+        taken.add(_same_object(s3))
         try:
             cells = footprint_cells(by_name[name], parent_order)
         except FootprintError as exc:
@@ -514,18 +538,33 @@ def catalog_from_records(
 def _granules_to_grid(
     by_name: Mapping[str, Any],
     cycle: int | None,
+    release: str | None,
     counts: dict[str, int],
     report: list[ReportEntry],
 ) -> list[str]:
-    """The names to place: plain file names, of ``cycle``, the highest revision of each.
+    """The names to place: plain file names, of ``cycle`` and ``release``, the highest
+    revision of each acquisition.
 
-    Counts the other cycles' and superseded granules in ``counts`` and adds
-    unusable names and superseded revisions to ``report``.
+    Counts the other cycles', other releases' and superseded granules in
+    ``counts`` and adds unusable names, other releases and superseded
+    revisions to ``report``.
+
+    Raises
+    ------
+    CatalogError
+        If, with no ``release`` chosen, two releases of one acquisition remain.
     """
     in_cycle = []
     for name in sorted(by_name):
         if not _is_plain_name(name):
             report.append(ReportEntry(name, "unrecognised_name", "not a plain file name"))
+            continue
+        parsed = parse_granule_name(name)
+        if release is not None and parsed is not None and not _same_release(parsed, release):
+            counts["other_release"] += 1
+            report.append(
+                ReportEntry(name, "other_release", f"release {parsed.version}, not {release}")
+            )
             continue
         if cycle is not None:
             parsed = parse_granule_name(name)
@@ -580,6 +619,15 @@ def _record_rank(name: str) -> Callable[[Mapping[str, Any]], tuple]:
     return rank
 
 
+def _same_release(name: GranuleName, release: str) -> bool:
+    """True if the name's release is ``release`` (CMR's ``Version``, e.g. ``"007"``).
+
+    Compared as numbers when both are (``"7"`` is ``"007"``), else as text."""
+    if name.version.isdigit() and release.isdigit():
+        return int(name.version) == int(release)
+    return name.version == release
+
+
 def _named_by_url(url: str | None, name: str) -> bool:
     return url is not None and url.rsplit("/", 1)[-1] == name
 
@@ -597,10 +645,17 @@ def _highest_revisions(names: Iterable[str]) -> tuple[list[str], list[tuple[str,
     groups: dict[Any, list[tuple[int, str]]] = defaultdict(list)
     for name in names:
         parsed = parse_granule_name(name)
-        key = name if parsed is None else _acquisition(parsed)
+        key = name if parsed is None else parsed.acquisition
         groups[key].append((-1 if parsed is None else int(parsed.revision), name))
     newest, superseded = [], []
     for revisions in groups.values():
+        releases = {p.version for _, name in revisions if (p := parse_granule_name(name))}
+        if len(releases) > 1:
+            names = ", ".join(name for _, name in sorted(revisions, key=lambda r: r[1]))
+            raise CatalogError(
+                f"records hold releases {', '.join(sorted(releases))} of one acquisition "
+                f"({names}): a catalog grids one; give the release to keep (the search's version)"
+            )
         revisions.sort()
         latest = revisions[-1][1]
         newest.append(latest)

@@ -10,9 +10,13 @@ record naming each failed granule and why.
 With pyramid levels configured, the points are aggregated once more per
 coarse order and staged for the flow's assembly (:mod:`magg_core.levels`).
 
-It raises for problems in the request or the store (a template that does
-not match), for statistics that come out non-finite, and for failures that
-may pass (throttling, refused credentials): the caller retries or reports.
+Every point of its granules inside the cell is either in the statistics or
+counted in the result's ``dropped``, by the filter that left it out (quality
+flag, no value, invalid σ). It raises for problems in the request or the
+store (a template that does not match), for a derived column that is
+invalid where the data passed (a config error naming the expression), for
+statistics its dtypes cannot hold, and for failures that may pass
+(throttling, refused credentials): the caller retries or reports.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from zarr.abc.store import Store
 
 import magg_core
 from magg_core.aggregate import (
+    SIGMA_DROP,
+    InvalidDerivedValueError,
     NonFiniteStatisticError,
     aggregate,
+    check_derived,
     require_finite,
     valid_points,
 )
@@ -35,7 +42,7 @@ from magg_core.config import PipelineConfig, load_config_at
 from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.levels import level_statistics, staged_orders, write_staging
-from magg_core.read import GranulePoints, read_granules
+from magg_core.read import READ_DROPS, GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
 from magg_core.store import (
@@ -119,13 +126,18 @@ def process_cell(
     t0 = time.perf_counter()
     child_index, columns = _concatenate(points, config)
     good = valid_points(columns, config)
+    result.dropped = {
+        **{reason: sum(p.dropped.get(reason, 0) for p in points) for reason in READ_DROPS},
+        SIGMA_DROP: int(good.size - np.count_nonzero(good)),
+    }
     child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
-    stats = aggregate(child_index, columns, config)
-    counts = np.bincount(child_index, minlength=config.output.children_per_parent)
     try:
+        check_derived(columns, config)
+        stats = aggregate(child_index, columns, config)
+        counts = np.bincount(child_index, minlength=config.output.children_per_parent)
         require_finite(stats, counts, config)
         levels = level_statistics(child_index, columns, config)
-    except NonFiniteStatisticError as exc:
+    except (InvalidDerivedValueError, NonFiniteStatisticError) as exc:
         raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
     timings.aggregate = time.perf_counter() - t0
 

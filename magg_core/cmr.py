@@ -7,7 +7,8 @@ ends the query at the first page shorter than the page size, and python-cmr's
 middle of a result (4 of 6 granules) into a silently shorter catalog. So
 :func:`search_granules` keeps paging while CMR returns a ``CMR-Search-After``
 token and the records received fall short of ``CMR-Hits``, and ends with a
-:class:`CmrError` naming hits against received when the two disagree.
+:class:`CmrError` naming hits against received when the two disagree; a
+record served twice (pages that overlap) is kept once and not counted twice.
 
 Every request goes through one ``requests`` session: each request times out,
 and throttling (429), server errors (5xx), timeouts and dropped connections
@@ -97,9 +98,10 @@ def search_granules(
     CmrError
         When a request still fails after ``retry.attempts`` tries, CMR
         rejects the query outright (e.g. HTTP 400), answers without
-        ``CMR-Hits`` or with a body that is not a UMM-JSON page, or the
-        records received differ in number from ``CMR-Hits`` (CMR's own count
-        of the result, documented in its search API).
+        ``CMR-Hits`` or with a body that is not a UMM-JSON page (a record
+        without ``meta.concept-id`` included), or the distinct records
+        received differ in number from ``CMR-Hits`` (CMR's own count of the
+        result, documented in its search API).
     """
     base = cmr_url(url)
     query = GranuleQuery(mode=base).format("umm_json")
@@ -140,25 +142,38 @@ def _all_pages(
     A short page does not end the query (CMR may serve one mid-result); a
     page with no records or no token does. ``CMR-Hits`` is read from every
     page, so a result that grows while it is paged is still followed to its end.
+
+    Records are told apart by ``meta.concept-id`` (CMR's identifier of a
+    granule record) and each is kept once: pages that overlap (a record
+    served again on the next page) must neither grid a granule twice nor,
+    by filling the count, hide a record that was never served. So it is the
+    *distinct* records that must reach ``CMR-Hits``.
     """
-    items: list[dict[str, Any]] = []
+    items: dict[str, dict[str, Any]] = {}
+    repeated = 0
     while True:
         response = session.get(url, headers=headers, params={"page_size": PAGE_SIZE})
         response.raise_for_status()
         hits = _hits(response)
         page = [{"meta": item["meta"], "umm": item["umm"]} for item in response.json()["items"]]
-        items.extend(page)
+        for item in page:
+            concept = item["meta"]["concept-id"]
+            if not isinstance(concept, str) or not concept:
+                raise ValueError(f"a record's meta.concept-id is {concept!r}")
+            repeated += concept in items
+            items.setdefault(concept, item)
         token = response.headers.get("CMR-Search-After")
         if len(items) >= hits or not page or token is None:
             break
         headers["CMR-Search-After"] = token
     if len(items) != hits:
+        again = f", and {repeated} repeats of records already received" if repeated else ""
         raise CmrError(
-            f"{where}: CMR-Hits says {hits} granules but {len(items)} were received; "
+            f"{where}: CMR-Hits says {hits} granules but {len(items)} were received{again}; "
             f"a result that differs from CMR's own count is not used (search again). "
             f"Query: {search.describe()}"
         )
-    return items
+    return list(items.values())
 
 
 def _hits(response: requests.Response) -> int:

@@ -86,6 +86,18 @@ class GranuleName:
     version: str
     revision: str
 
+    @property
+    def acquisition(self) -> tuple[str, datetime, int, int, int]:
+        """What every revision and release of one acquisition share: every field but those two.
+
+        A reference ground track is flown once per cycle, and each region of it
+        is one granule, so product, RGT, cycle and region name the
+        acquisition; its start time is the same in every release (NSIDC_CPRD
+        holds ``ATL03_20250104003608_02892602_006_01.h5`` and ``…_007_01.h5``:
+        ``realdata/cmr/earthaccess_fsspec_nb_atl03_cprd_reprs.json``).
+        """
+        return (self.product, self.start, self.rgt, self.cycle, self.region)
+
 
 def parse_granule_name(name: str) -> GranuleName | None:
     """Split a granule file name into its fields; ``None`` if it is not one.

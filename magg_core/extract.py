@@ -86,6 +86,9 @@ class ExtractRequest:
             raise RequestError("parents must be morton words (decimal strings)") from exc
         if len(words) != len(parents) or not all(0 <= w < 2**64 for w in words):
             raise RequestError("parents must be uint64 morton words (decimal strings)")
+        if len(set(words)) != len(words):
+            twice = next(w for w in words if words.count(w) > 1)
+            raise RequestError(f"parents lists {twice} twice: each parent gets one fragment")
         cell = CellRequest.from_event(
             {
                 **{k: v for k, v in event.items() if k not in ("kind", "granule_url", "parents")},

@@ -19,7 +19,11 @@ with ``allow_pickle=False``): ``child`` -- the point's child position in the
 parent, ``uint16`` while a parent has at most 65,536 children (4,096 for
 orders 6 → 12) -- and each ``data_source`` variable in the file's dtype, in
 the granule's beam-then-row order. For ATL06 that is 2 + 4 + 4 = 10 bytes a
-point. A config with a ``height_change`` section adds each point's
+point. Beside them, one int64 scalar per reason the reader left a point of
+the parent out (``dropped.quality``, ``dropped.fill``: see
+:data:`magg_core.read.READ_DROPS`), so the cell can count what its granules
+did not give it; the dot keeps these names apart from any variable's, which
+are identifiers. A config with a ``height_change`` section adds each point's
 ``latitude``, ``longitude`` and ``time`` (float64 each): 34 bytes a point, what
 fitting height change across cycles needs (:mod:`magg_core.height_change`).
 Every parent the catalog lists for the granule gets a fragment, empty
@@ -45,7 +49,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
-from magg_core.read import GranulePoints
+from magg_core.read import READ_DROPS, GranulePoints
 from magg_core.request import GranuleFailure
 
 FRAGMENTS_PREFIX = "fragments"
@@ -89,8 +93,13 @@ def encode(points: GranulePoints, config: PipelineConfig) -> bytes:
     child_dtype = np.uint16 if n_children <= 2**16 else np.uint32
     buffer = io.BytesIO()
     arrays = {name: np.asarray(points.columns[name]) for name in config.point_columns}
-    np.savez(buffer, child=points.child_index.astype(child_dtype), **arrays)
+    dropped = {_dropped_key(r): np.int64(points.dropped.get(r, 0)) for r in READ_DROPS}
+    np.savez(buffer, child=points.child_index.astype(child_dtype), **arrays, **dropped)
     return buffer.getvalue()
+
+
+def _dropped_key(reason: str) -> str:
+    return f"dropped.{reason}"
 
 
 def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
@@ -99,19 +108,24 @@ def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
     Raises
     ------
     ValueError
-        If the bytes are not a fragment of this config (an array is missing,
-        lengths differ, or it would need unpickling).
+        If the bytes are not a fragment of this config (an array or a dropped
+        count is missing, lengths differ, or it would need unpickling).
     """
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         names = ("child", *config.point_columns)
-        missing = [n for n in names if n not in npz.files]
+        counted = tuple(_dropped_key(r) for r in READ_DROPS)
+        missing = [n for n in (*names, *counted) if n not in npz.files]
         if missing:
             raise ValueError(f"fragment of {granule_name(url)} lacks {missing}")
         arrays = {name: npz[name] for name in names}
+        dropped = {r: npz[_dropped_key(r)] for r in READ_DROPS}
     if len({a.shape for a in arrays.values()}) != 1:
         raise ValueError(f"fragment of {granule_name(url)} has arrays of different lengths")
+    if any(v.shape != () or v.dtype.kind not in "iu" or v < 0 for v in dropped.values()):
+        raise ValueError(f"fragment of {granule_name(url)} has invalid dropped counts")
     child = arrays.pop("child").astype(np.int64)
-    return GranulePoints(url=url, child_index=child, columns=arrays)
+    counts = {reason: int(value) for reason, value in dropped.items()}
+    return GranulePoints(url=url, child_index=child, columns=arrays, dropped=counts)
 
 
 def fragment_key(config: PipelineConfig, url: str, parent_morton: int) -> str:

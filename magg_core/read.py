@@ -62,7 +62,7 @@ from magg_core.h5driver import (
     UnsupportedURLError,
     open_h5,
 )
-from magg_core.request import GranuleFailure
+from magg_core.request import DROP_REASONS, GranuleFailure
 from magg_core.s3 import S3Credentials, S3Endpoint
 
 MAX_REASON_CHARS = 300
@@ -75,6 +75,10 @@ DATASET_THREADS = 128
 (one granule reads up to 6 beams x 5 datasets at once)."""
 _DATASET_POOL = ThreadPoolExecutor(max_workers=DATASET_THREADS, thread_name_prefix="magg-dataset")
 T = TypeVar("T")
+
+READ_DROPS = DROP_REASONS[:2]
+"""The reasons the reader leaves a point inside a parent out: ``quality`` and
+``fill`` (see :data:`magg_core.request.DROP_REASONS`)."""
 
 
 class GranuleReadError(Exception):
@@ -101,6 +105,9 @@ class GranulePoints:
     url: str
     child_index: np.ndarray
     columns: Mapping[str, np.ndarray] = field(repr=False)
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    """Points of the granule inside the parent that the reader did not keep, by
+    reason (:data:`READ_DROPS`; see :func:`read_parents`)."""
     bytes_fetched: int = 0
     """Bytes the driver read, metadata included (for DESIGN §6's read-efficiency target)."""
     requests: int = 0
@@ -142,7 +149,10 @@ def read_parents(
     """Read the good points of one granule inside each of several parent cells, in one pass.
 
     Good means: inside a parent, quality flag equal to the accepted value,
-    and every variable finite and not equal to the fill value. Each byte is
+    and every variable finite and not equal to the fill value. The points
+    inside a parent that are not good are counted in each parent's
+    ``dropped``, by the first filter that drops them (:data:`READ_DROPS`),
+    so that nothing leaves a run without a number. Each byte is
     fetched once however many parents share it, so reading a granule for
     every parent it crosses costs what reading it whole does, and reading it
     for one parent only the chunks that parent's rows lie in.
@@ -173,14 +183,18 @@ def read_parents(
     with h5:
         tasks = _Tasks()
         try:
-            beams, located, coordinates = _locate(url, h5, tasks, wanted, config)
+            beams, located, coordinates, valueless = _locate(url, h5, tasks, wanted, config)
             columns = _read_rows(url, h5, tasks, beams, config) if located.size else {}
         finally:
             tasks.settle()
         driver = h5.driver
+    dropped = {"quality": np.empty(0, dtype=np.int64), "fill": valueless}
     if located.size:
         columns = _point_columns(columns, coordinates, config)
-        good = _good_rows(columns, config)
+        quality, values = _good_rows(columns, config)
+        dropped["quality"] = located[~quality]
+        dropped["fill"] = np.concatenate([valueless, located[quality & ~values]])
+        good = quality & values
         located = located[good]
         columns = {name: columns[name][good] for name in config.point_columns}
     else:
@@ -189,7 +203,7 @@ def read_parents(
         columns = _point_columns(columns, (empty, empty), config)
     return GranuleRead(
         url=url,
-        points=_by_parent(url, wanted, located, columns, config),
+        points=_by_parent(url, wanted, located, columns, dropped, config),
         bytes_fetched=driver.bytes_fetched,
         requests=driver.requests,
     )
@@ -214,18 +228,24 @@ def _by_parent(
     parents: np.ndarray,
     located: np.ndarray,
     columns: Mapping[str, np.ndarray],
+    dropped: Mapping[str, np.ndarray],
     config: PipelineConfig,
 ) -> dict[int, GranulePoints]:
     """Split the granule's points (in beam, then row order) by parent, keeping that order.
 
     ``located`` packs each point's parent position (high bits) and child
-    index (low bits), see :func:`_child_index`.
+    index (low bits), see :func:`_child_index`; so does ``dropped``, for the
+    points each filter left out, which are only counted per parent.
     """
     shift = np.int64(2 * (config.output.child_order - config.output.parent_order))
     which = located >> shift
     child = located & ((np.int64(1) << shift) - 1)
     order = np.argsort(which, kind="stable")
     bounds = np.searchsorted(which[order], np.arange(parents.size + 1))
+    counts = {
+        reason: np.bincount(words >> shift, minlength=parents.size)
+        for reason, words in dropped.items()
+    }
     points = {}
     for i, parent in enumerate(parents):
         mine = order[bounds[i] : bounds[i + 1]]
@@ -233,6 +253,7 @@ def _by_parent(
             url=url,
             child_index=child[mine],
             columns={name: values[mine] for name, values in columns.items()},
+            dropped={reason: int(counts[reason][i]) for reason in READ_DROPS},
         )
     return points
 
@@ -253,10 +274,13 @@ def _point_columns(
     return columns
 
 
-def _good_rows(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
-    """Accepted quality, and every variable finite and not the fill value."""
+def _good_rows(
+    columns: Mapping[str, np.ndarray], config: PipelineConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two masks: accepted quality; and every variable finite and not the fill value."""
     source = config.data_source
-    good = columns[source.quality.dataset] == source.quality.accept
+    quality = columns[source.quality.dataset] == source.quality.accept
+    good = np.ones(quality.shape, dtype=bool)
     for name in source.variables:
         values = columns[name]
         # Compare in the column's own type: float32(3.4028235e38) is not float64's 3.4028235e38.
@@ -264,7 +288,7 @@ def _good_rows(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.
             values.dtype.type(source.fill_value) if values.dtype.kind == "f" else source.fill_value
         )
         good &= np.isfinite(values) & (values != fill)
-    return good
+    return quality, good
 
 
 def read_granules(
@@ -340,10 +364,12 @@ def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:
 
 def _locate(
     url: str, h5: H5Coro, tasks: _Tasks, parents: np.ndarray, config: PipelineConfig
-) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray]:
     """Phase 1: which rows of which beam fall in a parent, and where (see :func:`_child_index`).
 
-    Also returns those rows' latitudes and longitudes, aligned with the located points.
+    Also returns those rows' latitudes and longitudes, aligned with the located
+    points, and where the points lie that a parent holds but that have no
+    values (their beam has a dataset without rows), to be counted as dropped.
 
     Every beam's coordinates are read whole; as soon as the latitude's
     metadata has located the beam's group, the chunk indexes of the beam's
@@ -376,7 +402,7 @@ def _locate(
         present.append(beam)
     if not present:
         nowhere = np.empty(0, dtype=np.float64)
-        return [], np.empty(0, dtype=np.int64), (nowhere, nowhere)
+        return [], np.empty(0, dtype=np.int64), (nowhere, nowhere), np.empty(0, dtype=np.int64)
 
     lat = np.concatenate([values[b][0].values for b in present])
     lon = np.concatenate([values[b][1].values for b in present])
@@ -396,7 +422,7 @@ def _locate(
                 spans = row_spans(rows, latitude.column.chunk_rows)
                 beams.append(_Beam(source.beam_group(beam), rows, spans, index))
         position += rows.size
-    return beams, located[kept], (lat[inside][kept], lon[inside][kept])
+    return beams, located[kept], (lat[inside][kept], lon[inside][kept]), located[~kept]
 
 
 def _variable_indexes(

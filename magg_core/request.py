@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote
 
+from magg_core.cycles import parse_granule_name
 from magg_core.s3 import S3Credentials
 from magg_core.urls import URLError, granule_url
 
@@ -20,6 +22,16 @@ CellStatus = Literal["ok", "empty", "no_granules", "partial", "failed"]
 miss points; they are written only when the request accepts partial cells."""
 INCOMPLETE_STATUSES = frozenset({"partial", "failed"})
 """Outcomes that are not a complete, correct cell: never cached, never silently accepted."""
+
+DROP_REASONS = ("quality", "fill", "sigma")
+"""Why a point of a cell's granules inside the cell is not in its statistics, in
+the order the filters apply (a point counts under the first that drops it):
+``quality``, its quality flag is not the config's accepted value; ``fill``, a
+variable has no value (the fill value, a non-finite number, or a dataset
+without rows in that beam); ``sigma``, an uncertainty (a read variable a
+``weights`` column is derived from) is not finite and positive. The first two
+apply when a granule is read (:mod:`magg_core.read`), the third when the cell
+aggregates (:func:`magg_core.aggregate.valid_points`)."""
 
 REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
 
@@ -46,6 +58,24 @@ class CellRequest:
     accept_partial: bool = False
     """Write the statistics of a ``partial`` cell (some granules failed) instead of
     leaving its chunk as it was: for runs where a granule is known to be bad upstream."""
+
+    def __post_init__(self) -> None:
+        """Refuse a request that would grid one acquisition twice, whoever built it.
+
+        A cell sums whatever it is given, so a granule listed twice -- the same
+        URL, another spelling or bucket of the same file, or another revision
+        or release of the same acquisition -- would double its points and
+        shrink ``h_sigma`` by √2. Checked here, every channel is covered: a
+        catalog's plan, a Lambda event, an ECS flow run's parameters.
+
+        Raises
+        ------
+        RequestError
+            Naming both positions in ``granule_urls`` and the granules.
+        """
+        problem = duplicate_granule(self.granule_urls)
+        if problem is not None:
+            raise RequestError(f"cell {self.parent_morton}: {problem}")
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> CellRequest:
@@ -159,6 +189,39 @@ def _granule_urls(urls: Sequence[str]) -> tuple[list[str], list[str]]:
     return canonical, problems
 
 
+def duplicate_granule(urls: Sequence[str]) -> str | None:
+    """Why ``urls`` name one acquisition twice, or ``None`` if each is named once.
+
+    Two URLs are the same granule when their file names are equal (what
+    magg's fragments and fingerprints key by: a mirror or another bucket holds
+    the same file), and the same acquisition when their names differ only in
+    revision or release (:attr:`magg_core.cycles.GranuleName.acquisition`). A
+    ``file://`` URL's name is compared percent-decoded, as it is read; an
+    ``s3://`` key is literal (S3 does not decode it), and two spellings of one
+    key (``s3://b//k``) are one URL once canonical (:func:`granule_url`).
+    """
+    seen: dict[Any, tuple[int, str]] = {}
+    for i, url in enumerate(urls):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if url[:5].lower() == "file:":
+            name = unquote(name)
+        parsed = parse_granule_name(name)
+        for key in (name, parsed.acquisition if parsed is not None else None):
+            if key is None or key not in seen:
+                continue
+            first, other = seen[key]
+            if other == name:
+                return f"granule_urls[{i}] is granule {name!r} again (granule_urls[{first}])"
+            return (
+                f"granule_urls[{i}] ({name!r}) and granule_urls[{first}] ({other!r}) are two "
+                "revisions or releases of one acquisition: a cell grids each acquisition once"
+            )
+        seen[name] = (i, name)
+        if parsed is not None:
+            seen[parsed.acquisition] = (i, name)
+    return None
+
+
 @dataclass(frozen=True)
 class GranuleFailure:
     url: str
@@ -185,6 +248,10 @@ class CellResult:
     duration_s: Timings = field(default_factory=Timings)
     peak_rss_mb: float = 0.0
     error: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Points of the read granules inside the cell left out of the statistics, by
+    :data:`DROP_REASONS`. ``total_obs`` plus these is every point the read
+    granules hold in the cell."""
 
     @property
     def is_complete(self) -> bool:
@@ -210,4 +277,5 @@ class CellResult:
             duration_s=Timings(**data.get("duration_s", {})),
             peak_rss_mb=float(data.get("peak_rss_mb", 0.0)),
             error=data.get("error"),
+            dropped={str(k): int(v) for k, v in (data.get("dropped") or {}).items()},
         )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from magg_core.request import CellResult
+from magg_core.request import DROP_REASONS, CellResult
 
 LAMBDA_PRICE_PER_GB_S = {"arm64": 0.0000133334, "x86_64": 0.0000166667}
 """AWS Lambda on-demand compute price (USD per GB-second, us-west-2, first tier)."""
@@ -35,6 +35,9 @@ class RunSummary:
     peak_rss_mb: float
     lambda_memory_mb: int
     lambda_architecture: str
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Points inside the cells left out of the statistics, by filter
+    (:attr:`magg_core.request.CellResult.dropped`)."""
 
     @property
     def failed(self) -> int:
@@ -86,6 +89,9 @@ def summarize(
             f"got {lambda_architecture!r}"
         )
     status_counts = Counter(r.status for r in results)
+    dropped: Counter[str] = Counter()
+    for r in results:
+        dropped.update(r.dropped)
     if failed:
         status_counts["failed"] += failed
     return RunSummary(
@@ -103,7 +109,17 @@ def summarize(
         peak_rss_mb=max((r.peak_rss_mb for r in results), default=0.0),
         lambda_memory_mb=lambda_memory_mb,
         lambda_architecture=lambda_architecture,
+        dropped=dict(dropped),
     )
+
+
+def describe_dropped(dropped: Mapping[str, int]) -> str:
+    """E.g. ``12,041 dropped: quality 9,870, fill 2,160, sigma 11``, or ``none dropped``."""
+    total = sum(dropped.values())
+    if not total:
+        return "none dropped"
+    order = [*DROP_REASONS, *sorted(dropped.keys() - set(DROP_REASONS))]
+    return f"{total:,} dropped: " + ", ".join(f"{k} {dropped.get(k, 0):,}" for k in order)
 
 
 def incomplete_cells(
@@ -134,6 +150,7 @@ def cell_table(
             "parent_morton": str(r.parent_morton),
             "status": r.status,
             "obs": r.total_obs,
+            **{f"dropped_{reason}": r.dropped.get(reason, 0) for reason in DROP_REASONS},
             "child_cells": r.cells_with_data,
             "granules_ok": r.files_processed,
             "granules_failed": len(r.files_failed),
@@ -148,6 +165,7 @@ def cell_table(
             "parent_morton": str(parent),
             "status": "failed",
             "obs": 0,
+            **{f"dropped_{reason}": 0 for reason in DROP_REASONS},
             "child_cells": 0,
             "granules_ok": 0,
             "granules_failed": 0,
@@ -170,6 +188,7 @@ def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
             "|---|---|",
             f"| cells | {summary.cells} ({statuses}) |",
             f"| observations | {summary.total_obs:,} in {summary.cells_with_data:,} child cells |",
+            f"| points left out | {describe_dropped(summary.dropped)} |",
             f"| granules in cells | {summary.granules_read:,} read, "
             f"{summary.granules_failed:,} failed |",
             f"| wall time | {summary.wall_s:.1f} s ({summary.cells_per_second:.2f} cells/s, "

@@ -90,6 +90,57 @@ def good_points(paths: Iterable[str | Path], child_order: int = 12) -> pd.DataFr
     return points
 
 
+FILTERS = ("quality", "fill", "sigma")
+"""The filters in the order they apply: a point is counted under the first that drops it."""
+
+
+def filter_counts(
+    paths: Iterable[str | Path], parent: int, parent_order: int = 6, child_order: int = 12
+) -> dict[str, int]:
+    """How many points of the granules inside one parent each filter drops.
+
+    Every row of every beam is placed with healpy, whatever its quality; a
+    row inside the parent is dropped for ``quality`` if its flag is not 0,
+    else for ``fill`` if ``h_li`` or ``h_li_sigma`` is the fill value or not
+    finite, else for ``sigma`` if ``h_li_sigma`` is not positive.
+    """
+    frames = []
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            for beam in BEAMS:
+                if beam not in f:
+                    continue
+                g = f[beam]["land_ice_segments"]
+                h, sigma = g["h_li"][:], g["h_li_sigma"][:]
+                no_value = (h == FILL) | (sigma == FILL) | ~np.isfinite(h) | ~np.isfinite(sigma)
+                with np.errstate(invalid="ignore"):
+                    reason = np.select(
+                        [g["atl06_quality_summary"][:] != 0, no_value, ~(sigma > 0)],
+                        list(FILTERS),
+                        "kept",
+                    )
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "latitude": g["latitude"][:],
+                            "longitude": g["longitude"][:],
+                            "reason": reason,
+                        }
+                    )
+                )
+    rows = pd.concat(frames, ignore_index=True)
+    rows["cell"] = healpy.ang2pix(
+        2**child_order,
+        rows["longitude"].to_numpy(),
+        mortie.geodetic_to_authalic(rows["latitude"].to_numpy()),
+        nest=True,
+        lonlat=True,
+    ).astype(np.int64)
+    inside = points_in_parent(rows, parent, parent_order, child_order)
+    counts = inside["reason"].value_counts()
+    return {name: int(counts.get(name, 0)) for name in FILTERS}
+
+
 def parent_morton(parent_id: int, parent_order: int) -> int:
     """The morton word (as a Python int) of a HEALPix nested id."""
     per_base = 4**parent_order

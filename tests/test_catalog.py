@@ -17,7 +17,7 @@ from magg_core.catalog import (
     catalog_from_records,
     load_catalog,
 )
-from magg_core.cmr import CmrError, RetryPolicy
+from magg_core.cmr import CmrError, GranuleSearch, RetryPolicy
 from magg_core.cycles import CycleError, cycle_query_range
 from magg_core.grid import parent_of, point_morton
 from magg_core.regions import RegionError
@@ -302,6 +302,8 @@ def https_only(item: dict, provider: str = "NSIDC_CPRD") -> dict:
     """The same granule's record as a provider without direct S3 access lists it."""
     record = copy.deepcopy(item)
     record["meta"]["provider-id"] = provider
+    # CMR gives each record its own concept id, ending in the provider's name
+    record["meta"]["concept-id"] = record["meta"]["concept-id"].replace("-", "0-", 1)
     record["umm"]["RelatedUrls"] = [
         u for u in record["umm"]["RelatedUrls"] if u["Type"] != "GET DATA VIA DIRECT ACCESS"
     ]
@@ -310,6 +312,34 @@ def https_only(item: dict, provider: str = "NSIDC_CPRD") -> dict:
 
 def granule_lists(catalog) -> dict[int, list[str]]:
     return {cell: [g.name for g in granules] for cell, granules in catalog.cells.items()}
+
+
+def release_of(item: dict, version: str) -> dict:
+    """The record of the same acquisition in another release (its name, path and collection)."""
+    old = item["umm"]["GranuleUR"]
+    new = old.replace("_007_", f"_{version}_")
+    record = json.loads(json.dumps(item).replace(old, new).replace("/007/", f"/{version}/"))
+    record["umm"]["CollectionReference"]["Version"] = version
+    record["meta"]["concept-id"] = record["meta"]["concept-id"].replace("-", f"{version}-", 1)
+    return record
+
+
+def test_a_catalog_keeps_its_release_and_reports_the_others(dome_c):
+    records = [g.umm for g in dome_c]
+    older = [release_of(r, "006") for r in records[:3]]
+    names_006 = {r["umm"]["GranuleUR"] for r in older}
+    only_007 = catalog_from_records(records, cycle=CYCLE)
+
+    catalog = catalog_from_records(older + records, cycle=CYCLE, search=GranuleSearch())
+    assert granule_lists(catalog) == granule_lists(only_007)
+    assert {r.name for r in catalog.report if r.problem == "other_release"} == names_006
+    assert catalog.metadata["counts"]["other_release"] == 3
+
+    chosen = catalog_from_records(older + records, cycle=CYCLE, search=GranuleSearch(version="006"))
+    assert {g.name for gs in chosen.cells.values() for g in gs} == names_006
+
+    with pytest.raises(CatalogError, match=r"releases 006, 007 of one acquisition \(ATL06_"):
+        catalog_from_records(records + older, cycle=CYCLE)  # which one, the records do not say
 
 
 def test_only_the_highest_revision_of_an_acquisition_is_catalogued(dome_c, fake_cmr):
@@ -359,7 +389,9 @@ def test_a_granule_listed_twice_is_kept_once_with_its_s3_url_whatever_the_order(
 def test_a_duplicate_record_from_cmr_pages_is_gridded_once(dome_c, fake_cmr):
     records = [g.umm for g in dome_c]
     listed_twice = dome_c[7].umm
-    fake_cmr.items = [https_only(listed_twice)] + records + [copy.deepcopy(listed_twice)]
+    again = copy.deepcopy(listed_twice)  # a second record of the granule: its own concept id
+    again["meta"]["concept-id"] = again["meta"]["concept-id"].replace("-", "1-", 1)
+    fake_cmr.items = [https_only(listed_twice)] + records + [again]
     fake_cmr.page_limit = 5  # the three records of one granule on three pages
     catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
     assert granule_lists(catalog) == granule_lists(catalog_from_records(records, cycle=CYCLE))
@@ -401,6 +433,19 @@ def test_a_record_whose_direct_access_url_is_not_s3_is_reported(dome_c, url):
     assert catalog.granule_count == 7
 
 
+def test_overlapping_cmr_pages_neither_double_nor_hide_a_granule(dome_c, fake_cmr):
+    fake_cmr.items = [g.umm for g in dome_c]
+    fake_cmr.page_limit = 4
+    fake_cmr.overlap = 1  # page 2 repeats page 1's last record
+    catalog = build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+    single = catalog_from_records([g.umm for g in dome_c], cycle=CYCLE)
+    assert granule_lists(catalog) == granule_lists(single)
+    assert catalog.metadata["counts"]["duplicates"] == 0  # the repeat never reached it
+    fake_cmr.unserved_hits = 1  # one record never served: the repeat must not stand for it
+    with pytest.raises(CmrError, match="but 12 were received, and 1 repeats"):
+        build_catalog(cycle=CYCLE, cmr_url=fake_cmr.url, retry=FAST)
+
+
 def test_a_short_cmr_page_no_longer_shortens_the_catalog(dome_c, fake_cmr):
     fake_cmr.items = [g.umm for g in dome_c[:6]]
     fake_cmr.page_limit = 4  # was: 4 of 6 granules, silently
@@ -437,8 +482,37 @@ def test_a_file_listing_a_granule_twice_in_a_cell_is_rejected(clean, tmp_path):
         load_catalog(write_cells(tmp_path, clean, twice))
     renamed = replace(second, name="ATL06_copy.h5", s3=first.s3)
     same_url = {**clean.cells, cell: (first, renamed)}
-    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists URL .* twice .*ATL06_copy"):
+    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists granule 'ATL06_copy.h5' tw"):
         load_catalog(write_cells(tmp_path, clean, same_url))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda url: url.replace("/ATLAS/", "//ATLAS/"),  # s3://b//k is s3://b/k
+        lambda url: url.replace("/ATLAS/", "/./ATLAS/"),
+        lambda url: url + "/.",  # the file name differs, the object does not
+    ],
+)
+def test_a_file_listing_one_s3_object_under_two_spellings_is_rejected(clean, tmp_path, spelling):
+    cell = busiest(clean)
+    first, second = clean.cells[cell][:2]
+    # another name, another https URL, the same object: it would be read twice
+    alias = replace(second, name="ATL06_alias.h5", s3=spelling(first.s3), https=None)
+    cells = {**clean.cells, cell: (first, alias)}
+    with pytest.raises(CatalogError, match=rf"cells\[{cell}\] lists granule 'ATL06_alias.h5' tw"):
+        load_catalog(write_cells(tmp_path, clean, cells))
+
+
+def test_a_file_with_two_releases_of_one_acquisition_is_rejected(clean, tmp_path):
+    cell_a, cell_b = list(clean.cells)[:2]
+    granule = clean.cells[cell_a][0]
+    other = granule.name.replace("_007_01.h5", "_006_01.h5")
+    assert other != granule.name
+    older = replace(granule, name=other, s3=granule.s3.replace(granule.name, other), https=None)
+    cells = {**clean.cells, cell_b: (*clean.cells[cell_b], older)}
+    with pytest.raises(CatalogError, match="two revisions or releases of one acquisition"):
+        load_catalog(write_cells(tmp_path, clean, cells))
 
 
 def test_a_file_with_two_revisions_of_one_acquisition_is_rejected(clean, tmp_path):
@@ -452,7 +526,7 @@ def test_a_file_with_two_revisions_of_one_acquisition_is_rejected(clean, tmp_pat
     message = str(info.value)
     assert f"cells[{cell_b}] granule {newer_name!r}" in message
     assert f"cells[{cell_a}] granule {granule.name!r}" in message
-    assert "two revisions of one acquisition" in message
+    assert "two revisions or releases of one acquisition" in message
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,6 +115,24 @@ def test_records_describe_every_cell(local_run):
     for parent, record in records.items():
         assert record.result.status == results[parent].status
         assert record.result.total_obs == results[parent].total_obs
+
+
+def test_every_point_in_a_cell_is_in_its_statistics_or_counted_by_the_filter_that_dropped_it(
+    sample, local_run
+):
+    _, granules, catalog = sample
+    _, store, results = local_run
+    paths = [g.path for g in granules]
+    records = read_records(store, CONFIG)
+    totals = dict.fromkeys(oracle.FILTERS, 0)
+    for parent in (int(p) for p in catalog.parents):
+        expected = oracle.filter_counts(paths, parent)
+        assert results[parent].dropped == expected, parent
+        assert records[parent].result.dropped == expected, parent
+        for name, n in expected.items():
+            totals[name] += n
+    # the sample has bad-quality runs and fill runs in every granule; σ is never ≤ 0 there
+    assert totals["quality"] > 1000 and totals["fill"] > 100 and totals["sigma"] == 0
 
 
 def test_output_decodes_with_xdggs_both_ways(local_run):
@@ -254,6 +273,72 @@ def test_points_with_an_invalid_sigma_are_dropped(sample, tmp_path, bad_sigma):
         oracle.points_in_parent(oracle.good_points(paths), request.parent_morton)
     )
     _assert_chunk_equals_oracle(store, request, paths)
+    counted = oracle.filter_counts(paths, request.parent_morton)
+    assert result.dropped == counted
+    # a σ of 0 or below is an invalid σ; a non-finite one is a value that is not there
+    assert (counted["sigma"] > 0) == (np.isfinite(bad_sigma) and bad_sigma <= 0)
+
+
+@pytest.mark.parametrize(
+    ("column", "expression", "value"),
+    [
+        ("weight", "0", "0"),  # every weight zero: every point was dropped, run Completed
+        ("weight", "1 / h_li_sigma**200", "inf"),  # overflows for every σ < ~0.03 m
+        ("weight", "-1 / h_li_sigma**2", "-"),  # negative weights
+        ("h_cm", "sqrt(h_li - 3300)", "nan"),  # a statistic's column, not a weight
+    ],
+)
+def test_a_derived_value_invalid_where_the_data_passed_fails_the_cell_naming_the_expression(
+    sample, tmp_path, column, expression, value
+):
+    _, _, catalog = sample
+    url = str(tmp_path / "out.zarr")
+    raw = CONFIG.to_dict()
+    raw["aggregation"]["columns"][column] = expression
+    if column == "h_cm":
+        raw["aggregation"]["statistics"]["h_cm_mean"] = {
+            "function": "mean",
+            "column": "h_cm",
+            "dtype": "float32",
+            "fill_value": "nan",
+        }
+    config = load_config(raw)
+    store = open_store(url)
+    create_template(store, config, catalog.parents, {"test": True})
+    request = max(local_requests(sample, url), key=lambda r: len(r.granule_urls))
+    pattern = (
+        rf"cell {request.parent_morton}: config error: aggregation\.columns\.{column} = "
+        rf"'{re.escape(expression)}' must be finite.* but is {value}.* for [\d,]+ of [\d,]+ "
+        "points that passed every filter"
+    )
+    with pytest.raises(CellDataError, match=pattern):
+        process_cell(replace(request, config=raw))
+    assert int(read_group(store)["count"][:].sum()) == 0
+    assert read_records(store, config) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("count", {"dtype": "int8", "fill_value": 0}, "int8 cannot hold"),
+        ("count", {"dtype": "uint8", "fill_value": 0}, "uint8 cannot hold"),
+        ("h_sigma", {"dtype": "int32", "fill_value": 0, "transform": "1 / sqrt(x - x)"}, "inf"),
+        ("h_mean", {"dtype": "float32", "transform": "x * 1e36"}, "float32 cannot hold"),
+    ],
+)
+def test_a_statistic_its_dtype_cannot_hold_fails_the_cell(sample, tmp_path, name, change, message):
+    """NaN cast to int32 was written as -2147483648; 300 points counted in int8 as 44."""
+    _, _, catalog = sample
+    url = str(tmp_path / "out.zarr")
+    raw = CONFIG.to_dict()
+    raw["aggregation"]["statistics"][name].update(change)
+    config = load_config(raw)
+    store = open_store(url)
+    create_template(store, config, catalog.parents, {"test": True})
+    request = max(local_requests(sample, url), key=lambda r: len(r.granule_urls))
+    with pytest.raises(CellDataError, match=rf"statistic '{name}' is .*{message}"):
+        process_cell(replace(request, config=raw))
+    assert read_records(store, config) == {}
 
 
 def test_a_statistic_that_comes_out_non_finite_fails_the_cell_by_name(sample, tmp_path):

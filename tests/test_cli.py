@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 
 from magg.flows.cli import main
 from magg_core.catalog import Catalog, CatalogGranule, catalog_from_records, load_catalog
 from magg_core.sample import write_sample
+from tests import oracle
 from tests.deploy_support import BIN, clean_environment
 from tests.fakes.cmr import FakeCmr
 
@@ -75,6 +78,81 @@ def test_run_inspect_and_plot_consume_the_catalog(
     capsys.readouterr()
     assert main(["plot", str(store), "--variable", "dhdt", "--output", str(png)]) == 1
     assert "no variable 'dhdt' here; this store has count, h_max" in capsys.readouterr().err
+
+
+def test_a_run_counts_the_points_each_filter_dropped_in_its_summary_records_and_inspect(
+    catalog_file, granules, prefect_server, tmp_path, capsys
+):
+    store = tmp_path / "out.zarr"
+    catalog = load_catalog(catalog_file)
+    paths = [g.path for g in granules]
+    run = ["run", "--catalog", str(catalog_file), "--store", str(store)]
+    run += ["--credentials", "none", "--granule-mirror", str(granules[0].path.parent)]
+    assert main(run) == 0
+    out = capsys.readouterr().out
+
+    expected = dict.fromkeys(oracle.FILTERS, 0)
+    for parent in catalog.parents:
+        for name, n in oracle.filter_counts(paths, int(parent)).items():
+            expected[name] += n
+    total = sum(expected.values())
+    assert expected["quality"] and expected["fill"]
+    line = ", ".join(f"{name} {n:,}" for name, n in expected.items())
+    assert f"| points left out | {total:,} dropped: {line} |" in out
+    assert main(["inspect", str(store)]) == 0
+    kept = sum(
+        len(oracle.points_in_parent(oracle.good_points(paths), int(p))) for p in catalog.parents
+    )
+    assert (
+        f"points: {kept:,} in the statistics, {total:,} dropped: {line}" in capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("change", ["spelling", "release"])
+def test_a_catalog_file_naming_one_acquisition_twice_is_refused_before_any_work(
+    change, catalog_file, granules, prefect_server, tmp_path, capsys
+):
+    catalog = load_catalog(catalog_file)
+    cell = max(catalog.cells, key=lambda c: len(catalog.cells[c]))
+    first = catalog.cells[cell][0]
+    if change == "spelling":  # the same object: s3://bucket//key
+        bucket, _, key = first.s3.removeprefix("s3://").partition("/")
+        again = CatalogGranule(name="ATL06_alias.h5", s3=f"s3://{bucket}//{key}/.", https=None)
+    else:  # the same acquisition in another release, in another cell
+        name = first.name.replace("_007_", "_006_")
+        again = CatalogGranule(name=name, s3=first.s3.replace(first.name, name), https=None)
+        cell = next(c for c in catalog.cells if c != cell)
+    cells = {**catalog.cells, cell: (*catalog.cells[cell], again)}
+    edited = Catalog(metadata=catalog.metadata, cells=cells).write(tmp_path / "edited.json")
+    store = tmp_path / "out.zarr"
+    run = ["run", "--catalog", str(edited), "--store", str(store), "--credentials", "none"]
+
+    assert main([*run, "--granule-mirror", str(granules[0].path.parent)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("magg ") and f"cells[{cell}]" in err[-1]
+    assert ("twice" if change == "spelling" else "two revisions or releases") in err[-1]
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("weight", ["0", "10**400"])
+def test_a_weight_invalid_for_every_point_fails_the_run_naming_the_expression(
+    weight, catalog_file, granules, prefect_server, tmp_path, capsys
+):
+    """Such a config dropped every point and ended Completed, exit 0, every cell empty."""
+    config = yaml.safe_load(Path(resources.files("magg_core.configs") / "atl06.yaml").read_text())
+    config["aggregation"]["columns"]["weight"] = weight
+    config_file = tmp_path / "weights.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    store = tmp_path / "out.zarr"
+    run = ["run", "--catalog", str(catalog_file), "--store", str(store), "--max-cells", "2"]
+    run += ["--credentials", "none", "--granule-mirror", str(granules[0].path.parent)]
+
+    assert main([*run, "--config", str(config_file)]) == 1
+    assert "| cells | 2 (failed: 2) |" in capsys.readouterr().out
+    assert main(["inspect", str(store), "--config", str(config_file)]) == 0
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(failed) == 2
+    assert all(f"aggregation.columns.weight = '{weight}'" in line for line in failed)
 
 
 @pytest.mark.parametrize(

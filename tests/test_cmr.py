@@ -1,8 +1,11 @@
 """CMR search through python-cmr/earthaccess against a loopback fake of CMR."""
 
+import copy
+import json
 import socket
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ FAST = RetryPolicy(attempts=4, backoff_s=0.01, timeout_s=5.0)
 T0 = datetime(2023, 12, 20, tzinfo=UTC)
 RANGE = TimeRange(T0, T0 + timedelta(days=91))
 BOX = (-180.0, -90.0, 180.0, -60.0)
+REALDATA = Path(__file__).parent / "data" / "realdata"
 
 
 def granule_name(i: int) -> str:
@@ -92,6 +96,46 @@ def test_fewer_records_than_cmr_hits_is_an_error(fake_cmr, page_limit):
     assert "CMR-Hits says 8 granules but 6 were received" in message
     assert f"CMR granule search at {fake_cmr.url}" in message
     assert "short_name=ATL06 version=007 provider=NSIDC_CPRD" in message
+
+
+def test_overlapping_pages_keep_each_record_once_and_page_on_to_the_last(fake_cmr):
+    # Pages [0 1 2] [2 3 4] [5]: after page 2, 6 records had arrived for CMR-Hits 6,
+    # and the search stopped there, one record short, with one of them twice.
+    fake_cmr.items = items(6)
+    fake_cmr.page_limit = 3
+    fake_cmr.overlap = 1
+    found = search_granules(search(), url=fake_cmr.url, retry=FAST)
+    assert [g["umm"]["GranuleUR"] for g in found] == [granule_name(i) for i in range(6)]
+    assert len(fake_cmr.search_requests()) == 3
+
+
+def test_a_repeated_record_does_not_hide_a_missing_one(fake_cmr):
+    fake_cmr.items = items(6)
+    fake_cmr.page_limit = 3
+    fake_cmr.overlap = 1
+    fake_cmr.unserved_hits = 1  # 7 granules exist; 7 records arrive, one of them twice
+    with pytest.raises(CmrError, match="CMR-Hits says 7 granules but 6 were received, and 1 rep"):
+        search_granules(search(), url=fake_cmr.url, retry=FAST)
+
+
+def test_real_records_are_told_apart_by_concept_id(fake_cmr):
+    """NSIDC_ECS records (GranuleUR ``SC:ATL06.005:…``) as CMR wrote them, on overlapping pages."""
+    page = json.loads((REALDATA / "cmr" / "earthaccess_atl06_umm.json").read_text())
+    real = page["items"][0]
+    copies = []
+    for i in range(5):
+        record = copy.deepcopy(real)
+        record["meta"]["concept-id"] = f"G{2159085058 + i}-NSIDC_ECS"
+        record["umm"]["GranuleUR"] = f"SC:ATL06.005:{228825416 + i}"
+        copies.append(record)
+    fake_cmr.items = copies
+    fake_cmr.page_limit = 2
+    fake_cmr.overlap = 2  # the second page is the first again
+    found = search_granules(
+        GranuleSearch(version="005", provider="NSIDC_ECS"), url=fake_cmr.url, retry=FAST
+    )
+    assert [g["meta"]["concept-id"] for g in found] == [r["meta"]["concept-id"] for r in copies]
+    assert found[0] == {"meta": real["meta"], "umm": real["umm"]}
 
 
 def test_an_answer_without_cmr_hits_is_an_error(fake_cmr, monkeypatch):

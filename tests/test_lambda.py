@@ -543,6 +543,45 @@ def test_other_spellings_of_an_s3_object_read_the_same_granules(world, fake, cli
     assert _comparable(result) == _comparable(canonical)
 
 
+@pytest.mark.parametrize(
+    "again",
+    [
+        lambda url: url,
+        lambda url: "s3://" + url.removeprefix("s3://").replace("/", "//", 1),  # s3://b//key
+        lambda url: "https://data.nsidc.earthdatacloud.nasa.gov/" + url.removeprefix("s3://"),
+        lambda url: "s3://another-bucket/" + url.removeprefix("s3://").partition("/")[2],
+        lambda url: url.replace("_01.h5", "_02.h5"),  # another revision
+        lambda url: url.replace("_007_", "_006_"),  # another release
+    ],
+    ids=["same", "double-slash", "nsidc-https", "other-bucket", "revision", "release"],
+)
+def test_a_cell_event_listing_one_acquisition_twice_is_refused_unread(world, fake, client, again):
+    """Every point of the granule would have counted twice (h_sigma shrunk by √2)."""
+    first, second = world.granule_urls
+    before = _store_objects(world, world.lambda_store)
+    event = world.request(world.lambda_store).to_event()
+    event["granule_urls"] = [first, second, again(first)]
+
+    status, error, raw = _invoke_event(client, CELL, event)
+
+    assert status == 400, raw
+    assert "granule_urls[2]" in error and "granule_urls[0]" in error
+    assert "again" in error or "two revisions or releases of one acquisition" in error
+    assert _store_objects(world, world.lambda_store) == before
+    assert handler_log(fake, CELL)["statusCode"] == 400
+
+
+def test_an_extract_event_listing_a_parent_twice_is_refused(world, fake, client):
+    event = _extract_request(world, world.lambda_store).to_event()
+    event["parents"] = [event["parents"][0], *event["parents"]]
+    before = _store_objects(world, world.lambda_store)
+
+    status, error, _ = _invoke_event(client, CELL, event)
+
+    assert status == 400 and f"parents lists {event['parents'][0]} twice" in error
+    assert _store_objects(world, world.lambda_store) == before
+
+
 @pytest.mark.parametrize("index", range(4), ids=["sibling", "other-bucket", "dotdot", "S3-dot"])
 def test_a_store_outside_the_allow_list_is_refused_untouched(world, fake, client, index):
     named, real = list(world.foreign_stores.items())[index]

@@ -25,6 +25,7 @@ def results() -> list[CellResult]:
             files_failed=[GranuleFailure("s3://b/g3.h5", "not an HDF5 file")],
             duration_s=Timings(read=6.0, aggregate=1.0, write=3.0, total=10.5),
             peak_rss_mb=300.0,
+            dropped={"quality": 700, "fill": 40, "sigma": 2},
         ),
         CellResult(
             parent_morton=10,
@@ -33,6 +34,7 @@ def results() -> list[CellResult]:
             files_processed=1,
             duration_s=Timings(read=4.0, aggregate=0.0, write=0.0, total=4.5),
             peak_rss_mb=500.0,
+            dropped={"quality": 1200, "fill": 0, "sigma": 0},
         ),
         CellResult(parent_morton=20, status="no_granules"),
     ]
@@ -49,6 +51,7 @@ def test_totals_count_cells_that_failed_without_a_result():
     assert (summary.read_s, summary.aggregate_s, summary.write_s) == (10.0, 1.0, 3.0)
     assert summary.cell_seconds == 15.0
     assert summary.peak_rss_mb == 500.0
+    assert summary.dropped == {"quality": 1900, "fill": 40, "sigma": 2}
     assert summary.cells_per_second == 0.5 and summary.obs_per_second == 500.0
     assert summary.one_line() == (
         "5 cells (empty 1, failed 2, no_granules 1, ok 1), 5,000 observations in 10.0 s"
@@ -84,6 +87,9 @@ def test_the_table_has_one_row_per_cell_in_parent_order_failures_included():
         "parent_morton": "30",
         "status": "ok",
         "obs": 5000,
+        "dropped_quality": 700,
+        "dropped_fill": 40,
+        "dropped_sigma": 2,
         "child_cells": 100,
         "granules_ok": 2,
         "granules_failed": 1,
@@ -101,6 +107,7 @@ def test_markdown_shows_totals_throughput_and_cost():
     lines = set(text.splitlines())
     assert "| cells | 4 (empty: 1, failed: 1, no_granules: 1, ok: 1) |" in lines
     assert "| observations | 5,000 in 100 child cells |" in lines
+    assert "| points left out | 1,942 dropped: quality 1,900, fill 40, sigma 2 |" in lines
     assert "| granules in cells | 3 read, 1 failed |" in lines
     assert "| wall time | 8.0 s (0.50 cells/s, 625 obs/s) |" in lines
     assert "| cell time | 15.0 s: read 71 %, aggregate 7 %, write 21 % |" in lines
@@ -115,3 +122,4 @@ def test_an_empty_run_still_summarizes():
     summary = summarize([], wall_s=0.0)
     assert summary.cells == 0 and summary.cells_per_second == 0.0
     assert "| cells | 0 (none) |" in to_markdown(summary)
+    assert "| points left out | none dropped |" in to_markdown(summary)

@@ -171,3 +171,17 @@ def test_an_ecs_child_run_refuses_a_local_granule_before_reading(prefect_server,
     assert state.is_failed()
     assert "granule_urls[0]: scheme '' (a local path) is not accepted" in state.message
     assert not (tmp_path / "store.zarr").exists()
+
+
+def test_an_ecs_child_run_refuses_one_granule_twice_before_reading(prefect_server, tmp_path):
+    """Another spelling of the same object is the same granule: it would count twice."""
+    from magg.flows.process_cell import process_cell_flow
+
+    twice = S3.replace("/ATLAS/", "//ATLAS/")
+    request = event(granule_urls=[S3, twice], store_path=str(tmp_path / "store.zarr"))
+
+    state = process_cell_flow(request, return_state=True)
+
+    assert state.is_failed()
+    assert "granule_urls[1] is granule" in state.message and "(granule_urls[0])" in state.message
+    assert not (tmp_path / "store.zarr").exists()

@@ -14,11 +14,12 @@ python-cmr/earthaccess run unchanged with only the base URL swapped:
 - errors as CMR returns them: ``{"errors": [...]}`` with 400 for bad
   parameters.
 
-Two departures from a perfect CMR can be switched on, both seen from the
-real one: short pages in the middle of a result (``page_limit``: fewer
-records than ``page_size`` asked, still with a token, and the pages after
-it), and a ``CMR-Hits`` count larger than what is ever served
-(``unserved_hits``).
+Three departures from a perfect CMR can be switched on: short pages in the
+middle of a result (``page_limit``: fewer records than ``page_size`` asked,
+still with a token, and the pages after it), and a ``CMR-Hits`` count larger
+than what is ever served (``unserved_hits``), both seen from the real one;
+and pages that overlap (``overlap``: the second page starts again with the
+last records of the first, as a result that shifts while it is paged does).
 
 Spatial filtering keeps a granule when a footprint vertex lies in the box, a
 stand-in for CMR's exact spherical intersection that is good enough for
@@ -75,6 +76,8 @@ class FakeCmr:
     """Serve at most this many records per page, whatever ``page_size`` asks."""
     unserved_hits: int = 0
     """Records counted in ``CMR-Hits`` that no page ever serves."""
+    overlap: int = 0
+    """Records of the first page that the second page serves again, first."""
     requests: list[SeenRequest] = field(default_factory=list)
     _faults: dict[int, Fault] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -172,15 +175,17 @@ class FakeCmr:
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be a number between 0 and {MAX_PAGE_SIZE}")
         matches = [item for item in self.items if _matches(item, params)]
-        start = 0
+        start = number = 0
         if token is not None:
             try:
-                name, index = json.loads(token)
+                name, index, number = json.loads(token)
                 start = int(index) + 1
                 if matches[int(index)]["umm"]["GranuleUR"] != name:
                     raise ValueError
             except (ValueError, TypeError, IndexError, KeyError) as exc:
                 raise ValueError(f"Invalid CMR-Search-After header value: {token}") from exc
+            if number == 1:
+                start = max(0, start - self.overlap)
         served = page_size if self.page_limit is None else min(page_size, self.page_limit)
         page = matches[start : start + served]
         hits = len(matches) + self.unserved_hits
@@ -191,7 +196,9 @@ class FakeCmr:
         }
         if page:
             last = start + len(page) - 1
-            headers["CMR-Search-After"] = json.dumps([page[-1]["umm"]["GranuleUR"], last])
+            headers["CMR-Search-After"] = json.dumps(
+                [page[-1]["umm"]["GranuleUR"], last, number + 1]
+            )
         return 200, {"hits": hits, "took": int(headers["CMR-Took"]), "items": page}, headers
 
 
@@ -264,10 +271,13 @@ def revision_of(item: dict[str, Any], revision: str) -> dict[str, Any]:
 
 def _matches(item: dict[str, Any], params: list[tuple[str, str]]) -> bool:
     umm, meta = item["umm"], item["meta"]
+    # A record may name its collection by EntryTitle only (real NSIDC_ECS ones do): CMR
+    # knows its collection anyway; the fake then does not filter it by name or version.
+    collection = umm["CollectionReference"]
     for key, value in params:
-        if key == "short_name" and umm["CollectionReference"]["ShortName"] != value:
+        if key == "short_name" and collection.get("ShortName", value) != value:
             return False
-        if key == "version" and umm["CollectionReference"]["Version"] != value:
+        if key == "version" and collection.get("Version", value) != value:
             return False
         if key == "provider" and meta["provider-id"] != value:
             return False
