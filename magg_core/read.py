@@ -163,8 +163,9 @@ def read_parents(
     ------
     GranuleReadError
         If the granule is missing, truncated or corrupt, in an HDF5 format
-        this reader does not decode, or a present beam lacks a dataset the
-        config names (see the module's failure policy).
+        this reader does not decode, another product than the config's, or a
+        present beam lacks a dataset the config names (see the module's
+        failure policy).
     """
     wanted = np.unique(np.asarray(parents, dtype=np.uint64))
     access = S3Access(credentials=credentials, endpoint=endpoint or S3Endpoint())
@@ -173,7 +174,9 @@ def read_parents(
     with h5:
         tasks = _Tasks()
         try:
-            beams, located, coordinates = _locate(url, h5, tasks, wanted, config)
+            declared = tasks.submit(_declared_product, url, h5)
+            beams, located, coordinates, has_beam = _locate(url, h5, tasks, wanted, config)
+            _check_product(url, declared.result(), has_beam, config)
             columns = _read_rows(url, h5, tasks, beams, config) if located.size else {}
         finally:
             tasks.settle()
@@ -338,12 +341,61 @@ def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:
     return tuple((int(a), int(b)) for a, b in zip(starts, stops, strict=True))
 
 
+_SHORT_NAME = re.compile(r"^[A-Z0-9_-]{1,16}$")
+"""A ``short_name`` quoted in a reason: a product name, never arbitrary file bytes."""
+
+
+def _declared_product(url: str, h5: H5Coro) -> str | None:
+    """The granule's own ``short_name`` (root attribute); ``None`` where HDF5 is absent or
+    the file has none (h5py is left out of the Lambda layer: there only the beams tell)."""
+    try:
+        with _reading(url, "cannot read the file's short_name"):
+            value = h5.root_attribute("short_name")
+    except GranuleReadError as exc:
+        if isinstance(exc.__cause__, ImportError):
+            return None
+        raise
+    if value is None:
+        return None
+    value = np.asarray(value).reshape(-1)[:1].tolist()
+    text = value[0] if value else ""
+    return text.decode("ascii", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _check_product(url: str, declared: str | None, has_beam: bool, config: PipelineConfig) -> None:
+    """Refuse a granule of another product, by name, rather than read it as 0 points.
+
+    Two signs, either enough: the file's ``short_name`` is not the config's
+    ``product``, or none of the config's beams has the config's beam group
+    (a real ATL07 file has ``gt1l/sea_ice_segments`` and no
+    ``land_ice_segments``). An ATL06 beam may be missing, not all of them.
+    """
+    source = config.data_source
+    expected = source.product or "the configured product"
+    if declared is None:
+        what = "its short_name is not stated"
+    elif _SHORT_NAME.match(declared):
+        what = f"its short_name says {declared}"
+    else:
+        what = "its short_name is not a product name"
+    if source.product is not None and declared is not None and declared != source.product:
+        raise GranuleReadError(url, f"not {expected} but another product: {what}")
+    if not has_beam:
+        groups = source.beam_group("{beam}")
+        raise GranuleReadError(
+            url,
+            f"not {expected}: none of the beams {', '.join(source.beams)} has the group "
+            f"{groups} ({what})",
+        )
+
+
 def _locate(
     url: str, h5: H5Coro, tasks: _Tasks, parents: np.ndarray, config: PipelineConfig
-) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray], bool]:
     """Phase 1: which rows of which beam fall in a parent, and where (see :func:`_child_index`).
 
-    Also returns those rows' latitudes and longitudes, aligned with the located points.
+    Also returns those rows' latitudes and longitudes, aligned with the located
+    points, and whether any of the config's beam groups exists at all.
 
     Every beam's coordinates are read whole; as soon as the latitude's
     metadata has located the beam's group, the chunk indexes of the beam's
@@ -361,9 +413,11 @@ def _locate(
     with _reading(url, "cannot read coordinates"):
         values = {beam: (lat.result(), lon.result()) for beam, (lat, lon) in wanted.items()}
     present = []
+    has_beam = False
     for beam, (lat, lon) in values.items():
         if lat.column is None and lon.column is None and _beam_missing(url, h5, beam, config):
             continue
+        has_beam = True
         for name, value in zip(coordinates, (lat, lon), strict=True):
             if value.column is None:
                 path = f"{source.beam_group(beam)}/{name}"
@@ -376,7 +430,7 @@ def _locate(
         present.append(beam)
     if not present:
         nowhere = np.empty(0, dtype=np.float64)
-        return [], np.empty(0, dtype=np.int64), (nowhere, nowhere)
+        return [], np.empty(0, dtype=np.int64), (nowhere, nowhere), has_beam
 
     lat = np.concatenate([values[b][0].values for b in present])
     lon = np.concatenate([values[b][1].values for b in present])
@@ -396,7 +450,7 @@ def _locate(
                 spans = row_spans(rows, latitude.column.chunk_rows)
                 beams.append(_Beam(source.beam_group(beam), rows, spans, index))
         position += rows.size
-    return beams, located[kept], (lat[inside][kept], lon[inside][kept])
+    return beams, located[kept], (lat[inside][kept], lon[inside][kept]), True
 
 
 def _variable_indexes(
