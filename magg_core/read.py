@@ -57,6 +57,7 @@ from magg_core.h5chunks import Column, CorruptFileError, index_column, read_span
 from magg_core.h5driver import (
     NotHDF5Error,
     S3Access,
+    ShortReadError,
     TruncatedFileError,
     UnsupportedFormatError,
     UnsupportedURLError,
@@ -488,11 +489,87 @@ def _whole(h5: H5Coro, tasks: _Tasks, path: str, neighbours: Sequence[str]) -> _
     character; once done for ``path``, h5coro remembers every link of the
     group and its neighbours are found without a walk.
     """
-    column = index_column(h5, path)
-    indexes = {p.rpartition("/")[2]: tasks.submit(index_column, h5, p) for p in neighbours}
+    column = _index(h5, path)
+    indexes = {p.rpartition("/")[2]: tasks.submit(_index, h5, p) for p in neighbours}
     if column is None:
         return _Whole(None, None, indexes)
     return _Whole(column, read_spans(h5, column, [(0, column.n_rows)])[0], indexes)
+
+
+_NAMED_FAILURES = (
+    GranuleReadError,
+    UnsupportedFormatError,
+    CorruptFileError,
+    TruncatedFileError,
+    NotHDF5Error,
+    TransientReadError,
+    OSError,
+    obstore_errors.BaseError,
+)
+"""Failures that already say what they are; anything else is h5coro tripping on the file."""
+
+
+def _index(h5: H5Coro, path: str) -> Column | None:
+    """:func:`~magg_core.h5chunks.index_column`, with h5coro's own failures told apart.
+
+    h5coro raises whatever its parser trips over, on a damaged file and on a
+    valid structure it does not parse alike. HDF5 itself tells the two apart
+    (:func:`_parser_failure`), so a valid file is never called corrupt.
+    """
+    try:
+        return index_column(h5, path)
+    except _NAMED_FAILURES:
+        raise
+    except Exception as exc:  # untrusted bytes, see _reading
+        raise _parser_failure(h5, path, exc) from exc
+
+
+def _parser_failure(h5: H5Coro, path: str, exc: Exception) -> Exception:
+    """What h5coro's failure on ``path`` means, as HDF5 reading the same bytes sees it.
+
+    Returns :class:`UnsupportedFormatError` naming the structure when HDF5
+    reads the dataset (a soft or external link on the way, or the dataset's
+    layout and type), :class:`CorruptFileError` when HDF5 cannot either, and
+    ``exc`` itself where h5py is absent (the Lambda layer): then the reason
+    says only which parser failed.
+    """
+    kind = type(exc).__name__
+    try:
+        f = h5.hdf5()
+    except ImportError:
+        return exc
+    except Exception:
+        return CorruptFileError(f"{path}: neither h5coro ({kind}) nor HDF5 can open the file")
+    try:
+        structure = _hdf5_structure(f, path)
+    except Exception:
+        return CorruptFileError(f"{path}: neither h5coro ({kind}) nor HDF5 can read it")
+    return UnsupportedFormatError(f"{path}: {structure}, which HDF5 reads but h5coro does not")
+
+
+def _hdf5_structure(f: Any, path: str) -> str:
+    """The structure at ``path`` in our words: a link kind on the way, else the dataset's layout.
+
+    Raises whatever HDF5 raises if it cannot read the dataset's first row.
+    """
+    import h5py
+
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        link = f.get(prefix, getlink=True)
+        if isinstance(link, h5py.SoftLink):
+            return f"a soft link at {prefix}"
+        if isinstance(link, h5py.ExternalLink):
+            return f"an external link at {prefix}"
+        if link is None:
+            raise KeyError(prefix)
+    dataset = f[path]
+    dataset[:1]
+    layout = {0: "compact", 1: "contiguous", 2: "chunked", 3: "virtual"}.get(
+        dataset.id.get_create_plist().get_layout(), "unknown"
+    )
+    return f"a {dataset.ndim}-D {layout} dataset of {dataset.dtype.str}"
 
 
 def _child_index(
@@ -658,6 +735,8 @@ def _describe(exc: BaseException) -> str:
     http = f", HTTP {status.group(1)}" if status else ""
     if isinstance(exc, UnsupportedURLError):
         reason = str(exc)
+    elif isinstance(exc, ShortReadError):
+        reason = f"transient read error ({exc})"
     elif isinstance(exc, NotHDF5Error):
         reason = f"not an HDF5 file ({exc})"
     elif isinstance(exc, UnsupportedFormatError):
