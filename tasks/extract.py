@@ -21,7 +21,6 @@ from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 
 from magg_core.credentials import Credentials
-from magg_core.errors import CredentialsRejectedError
 from magg_core.extract import (
     ExtractRequest,
     ExtractResult,
@@ -32,7 +31,7 @@ from magg_core.extract import (
 from magg_core.lambda_client import invoke_extract
 from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from tasks.credentials import publish_credentials
-from tasks.ecs import run_child
+from tasks.ecs import raise_if_credentials_rejected, run_child
 
 
 def extract_task(fn):
@@ -84,8 +83,7 @@ def extract_on_ecs(
         if state is not None and state.is_completed() and stored is not None:
             return stored
         message = state.message if state is not None else "no state"
-        if CredentialsRejectedError.__name__ in (message or ""):
-            raise CredentialsRejectedError(f"granule {request.name}: {message}")
+        raise_if_credentials_rejected(state, f"granule {request.name}")
         raise RuntimeError(f"granule {request.name}: child flow run {flow_run.name}: {message}")
 
 

@@ -12,10 +12,13 @@ import h5py
 import numpy as np
 import pytest
 
+from flows.extract_granule import extract_granule_flow
 from magg_core.errors import CredentialsRejectedError, TransientReadError, is_transient
+from magg_core.extract import ExtractRequest
 from magg_core.h5driver import SHORT_READ_ATTEMPTS
 from magg_core.read import GranuleReadError, read_granules, read_parents
 from magg_core.s3 import S3Endpoint
+from tasks.ecs import CREDENTIALS_REJECTED, raise_if_credentials_rejected
 from tests import oracle
 from tests.flow_support import S3Error, s3_proxy
 from tests.test_realdata import CONFIG, THWAITES, mirror_name, parents_of
@@ -160,3 +163,37 @@ def test_a_user_block_is_unsupported_not_not_hdf5(tmp_path, in_s3, moto_server):
         assert caught.value.reason == (
             "cannot open: unsupported format (a user block of 1024 bytes before the superblock)"
         )
+
+
+# -- the ECS child flow run tells its parent by its state's name --------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 403])
+def test_an_ecs_extract_whose_credentials_s3_refused_ends_in_a_named_state(
+    in_s3, proxy, moto_server, prefect_server, monkeypatch, status
+):
+    """Ambient credentials (none in the flow's parameters); S3 refuses them on a HEAD."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    monkeypatch.setenv("AWS_REGION", moto_server.endpoint.region)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.credentials.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.credentials.secret_access_key)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    proxy.fault = lambda method, bucket, key, _: (
+        S3Error(status, None, "") if method == "HEAD" and key.endswith(NAME) else None
+    )
+    request = ExtractRequest(
+        granule_url=in_s3,
+        parents=tuple(parents_of([THWAITES])),
+        store_path=f"s3://{BUCKET}/ecs-{status}.zarr",
+        parent_order=6,
+        child_order=12,
+    )
+    state = extract_granule_flow(request.to_event(), return_state=True)
+    assert state.is_failed() and state.name == CREDENTIALS_REJECTED
+    with pytest.raises(CredentialsRejectedError):
+        raise_if_credentials_rejected(state, f"granule {request.name}")
+
+    proxy.fault = None  # the same child with credentials S3 takes: the extract is done
+    state = extract_granule_flow(request.to_event(), return_state=True)
+    assert state.is_completed() and state.result()["status"] == "ok"
+    raise_if_credentials_rejected(state, f"granule {request.name}")  # nothing to raise
