@@ -22,9 +22,13 @@ needs a value of every dataset the config names -- coordinates, variables,
 quality flag -- so a beam in which any one of them has zero rows has no
 point to give, whether the others are empty too or not, and the granule's
 other beams are read. A missing, truncated or corrupt granule, a file in an
-HDF5 format this reader does not decode (refused by the structure's name), a
-beam that lacks one of the datasets, or one whose datasets have rows but
-disagree in length, raises :class:`GranuleReadError`: the granule is not
+HDF5 format this reader does not decode (refused by the structure's name:
+"unsupported", never "corrupt", when HDF5 itself reads it), a granule of
+another product (its ``short_name``, or no beam with the config's group at
+all: a real ATL07 file), a beam that lacks one of the datasets, or one whose
+datasets have rows but disagree in length, raises :class:`GranuleReadError`;
+an S3 answer cut short of an intact object raises a transient error instead
+(:class:`~magg_core.h5driver.ShortReadError`). The granule is not
 what the catalog promised, and silently dropping part of it would bias
 statistics. Reasons are our own words and never quote the file's bytes
 (see :func:`_describe`).
@@ -175,9 +179,14 @@ def read_parents(
     with h5:
         tasks = _Tasks()
         try:
-            declared = tasks.submit(_declared_product, url, h5)
+            # Read beside phase 1 when the config names a product; else only to name a refusal.
+            declared = None
+            if config.data_source.product is not None:
+                declared = tasks.submit(_declared_product, url, h5)
             beams, located, coordinates, has_beam = _locate(url, h5, tasks, wanted, config)
-            _check_product(url, declared.result(), has_beam, config)
+            if declared is not None or not has_beam:
+                product = _declared_product(url, h5) if declared is None else declared.result()
+                _check_product(url, product, has_beam, config)
             columns = _read_rows(url, h5, tasks, beams, config) if located.size else {}
         finally:
             tasks.settle()

@@ -26,6 +26,8 @@ from magg_core.catalog import build_catalog, catalog_from_records, load_catalog
 from magg_core.cmr import granule_name
 from magg_core.config import load_config
 from magg_core.cycles import ATLAS_EPOCH, delta_time_utc
+from magg_core.extract import ExtractRequest, extract_granule, stored_extract
+from magg_core.plan import plan_cells
 from magg_core.read import GranuleReadError, read_parents
 from magg_core.sample import write_sample
 from tests import oracle
@@ -154,6 +156,22 @@ def test_a_real_atl07_file_is_refused_by_name(where, real_s3, moto_server):
     assert caught.value.reason == "not ATL06 but another product: its short_name says ATL07"
 
 
+def test_an_extract_of_the_atl07_file_records_why_it_has_no_points(real_s3, s3_env):
+    """The production extract (local, Lambda and ECS alike): a failed record naming it."""
+    request = ExtractRequest(
+        granule_url=real_s3[ATL07],
+        parents=tuple(parents_of([THWAITES])),
+        store_path=f"s3://{BUCKET}/extract.zarr",
+        parent_order=6,
+        child_order=12,
+    )
+    result = extract_granule(request, endpoint=s3_env.endpoint)
+    assert result.status == "failed" and result.points == 0
+    assert result.reason == "not ATL06 but another product: its short_name says ATL07"
+    stored = stored_extract(request)
+    assert stored is not None and stored.status == "failed" and stored.reason == result.reason
+
+
 def test_a_file_without_the_beam_groups_is_refused_even_unlabelled(tmp_path):
     """An ATL08-shaped file (``gt1l/land_segments``) with no ``short_name`` at all."""
     path = tmp_path / "ATL08_20181015100401_02560110_006_01.h5"
@@ -269,6 +287,11 @@ def test_real_records_revisions_and_duplicates_go_by_file_name(fake_cmr, s3_type
         ("ATL06_20190221121851_08410203_005_01.h5", "superseded")
     ]
     assert catalog.metadata["counts"]["duplicates"] == 1
+    # A mirror holds the files under their names: the plan reads them there.
+    requests = plan_cells(catalog, CONFIG, "s3://out/x.zarr", granule_mirror="s3://mirror/atl06")
+    assert {url for r in requests for url in r.granule_urls} == {
+        "s3://mirror/atl06/ATL06_20190221121851_08410203_005_02.h5"
+    }
 
 
 # -- the command line on the real granules, every level against the oracle --------------------
