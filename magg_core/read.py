@@ -547,13 +547,23 @@ def _parser_failure(h5: H5Coro, path: str, exc: Exception) -> Exception:
         f = h5.hdf5()
     except ImportError:
         return exc
-    except Exception:
-        return CorruptFileError(f"{path}: neither h5coro ({kind}) nor HDF5 can open the file")
+    except Exception as failed:  # untrusted bytes, or the driver's own errors passed through
+        return _unless_passing(failed) or CorruptFileError(
+            f"{path}: neither h5coro ({kind}) nor HDF5 can open the file"
+        )
     try:
         structure = _hdf5_structure(f, path)
-    except Exception:
-        return CorruptFileError(f"{path}: neither h5coro ({kind}) nor HDF5 can read it")
+    except Exception as failed:
+        return _unless_passing(failed) or CorruptFileError(
+            f"{path}: neither h5coro ({kind}) nor HDF5 can read it"
+        )
     return UnsupportedFormatError(f"{path}: {structure}, which HDF5 reads but h5coro does not")
+
+
+def _unless_passing(exc: Exception) -> Exception | None:
+    """``exc`` if it says nothing about the file (refused credentials, a transient S3
+    failure, which HDF5 passes through from the driver), so it is retried; else ``None``."""
+    return exc if rejects_credentials(exc) or is_transient(exc) else None
 
 
 def _hdf5_structure(f: Any, path: str) -> str:
