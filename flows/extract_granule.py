@@ -14,10 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import State
 
+from magg.tasks.credentials import load_published_credentials
+from magg.tasks.ecs import credentials_rejected
 from magg_core.errors import CredentialsRejectedError
 from magg_core.extract import ExtractRequest, extract_granule
-from tasks.credentials import load_published_credentials
-from tasks.ecs import credentials_rejected
 
 
 @flow(name="extract-granule")

@@ -17,12 +17,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import State
 
+from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
+from magg.tasks.credentials import load_published_credentials
+from magg.tasks.ecs import credentials_rejected
 from magg_core.cell import process_cell
 from magg_core.errors import CredentialsRejectedError
 from magg_core.request import CellRequest
-from tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
-from tasks.credentials import load_published_credentials
-from tasks.ecs import credentials_rejected
 
 
 @flow(name="process-cell")

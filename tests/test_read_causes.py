@@ -12,13 +12,13 @@ import h5py
 import numpy as np
 import pytest
 
-from flows.extract_granule import extract_granule_flow
+from magg.flows.extract_granule import extract_granule_flow
+from magg.tasks.ecs import CREDENTIALS_REJECTED, raise_if_credentials_rejected
 from magg_core.errors import CredentialsRejectedError, TransientReadError, is_transient
 from magg_core.extract import ExtractRequest
 from magg_core.h5driver import SHORT_READ_ATTEMPTS
 from magg_core.read import GranuleReadError, read_granules, read_parents
 from magg_core.s3 import S3Endpoint
-from tasks.ecs import CREDENTIALS_REJECTED, raise_if_credentials_rejected
 from tests import oracle
 from tests.flow_support import S3Error, s3_proxy
 from tests.test_realdata import CONFIG, THWAITES, mirror_name, parents_of

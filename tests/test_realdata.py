@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
-from flows.cli import main
+from magg.flows.cli import main
 from magg_core.catalog import build_catalog, catalog_from_records, load_catalog
 from magg_core.cmr import granule_name
 from magg_core.config import load_config
