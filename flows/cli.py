@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import magg
 from magg_core.urls import parse_s3_url
@@ -69,7 +69,9 @@ def _store_url(value: str) -> str:
     """``--store``: a path, a ``file://`` URL or ``s3://bucket/prefix`` (``{cycle}`` allowed).
 
     Checked here because the flow opens the store only after the catalog and
-    the plan, and a dry run never does.
+    the plan, and a dry run never does. A local store is a directory: a
+    regular file at its path, or in place of one of its parents, would fail
+    the run only once the cells are gridded.
     """
     try:
         scheme = urlsplit(value).scheme.lower()
@@ -77,9 +79,47 @@ def _store_url(value: str) -> str:
             parse_s3_url(value.replace("{cycle}", "00"))
         elif scheme not in ("", "file"):
             raise ValueError(f"scheme {scheme!r} is not a store (use a path, file:// or s3://)")
+        else:
+            _check_directory_path(_local_path(value).replace("{cycle}", "0"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{value[:200]!r}: {exc}") from None
     return value
+
+
+def _granule_mirror(value: str) -> str:
+    """``--granule-mirror``: an existing directory, or an ``s3://bucket/prefix``.
+
+    A directory that is not there would fail every granule of the run as
+    "not found" (each cell ``partial``), after the catalog and the template.
+    """
+    try:
+        if urlsplit(value).scheme.lower() == "s3":
+            parse_s3_url(value)
+        else:
+            path = Path(_local_path(value))
+            if not path.exists():
+                raise ValueError("no such directory")
+            if not path.is_dir():
+                raise ValueError("is not a directory")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value[:200]!r}: {exc}") from None
+    return value
+
+
+def _local_path(value: str) -> str:
+    """A local path argument, given as a path or a ``file://`` URL."""
+    parts = urlsplit(value)
+    return unquote(parts.path) if parts.scheme.lower() == "file" else value
+
+
+def _check_directory_path(path: str) -> None:
+    """Refuse a store path that is, or lies under, an existing regular file."""
+    for place in (Path(path), *Path(path).parents):
+        if place.exists():
+            if not place.is_dir():
+                which = "is" if place == Path(path) else f"lies under {str(place)!r}, which is"
+                raise ValueError(f"{which} an existing file, not a store directory")
+            return
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, help="granules or cells in flight at once (local: processes)"
     )
     run.add_argument(
-        "--granule-mirror", help="read granules from DIR_OR_S3_PREFIX/<name> instead of NSIDC"
+        "--granule-mirror",
+        type=_granule_mirror,
+        help="read granules from DIR_OR_S3_PREFIX/<name> instead of NSIDC",
     )
     run.add_argument("--lambda-function", default="magg-process-cell")
     run.set_defaults(command=_run, name="run")

@@ -12,21 +12,32 @@ from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import State
 
 from magg.tasks.credentials import load_published_credentials
+from magg.tasks.ecs import credentials_rejected
+from magg_core.errors import CredentialsRejectedError
 from magg_core.extract import ExtractRequest, extract_granule
 
 
 @flow(name="extract-granule")
-def extract_granule_flow(request: dict[str, Any], credentials_block: str | None = None) -> dict:
+def extract_granule_flow(
+    request: dict[str, Any], credentials_block: str | None = None
+) -> dict | State:
     """Extract one granule; a granule that cannot be read is recorded, not raised.
 
     Its outcome is in the store (the extract record), where the parent reads it.
+    Credentials S3 refused end the run in a ``Failed`` state named
+    :data:`tasks.ecs.CREDENTIALS_REJECTED`, by which the parent knows to retry
+    with fresh ones.
     """
     extract = ExtractRequest.from_event(request)
     if credentials_block:
         extract = replace(extract, s3_credentials=load_published_credentials(credentials_block))
-    result = extract_granule(extract)
+    try:
+        result = extract_granule(extract)
+    except CredentialsRejectedError as exc:
+        return credentials_rejected(exc)  # the parent retries with fresh ones
     get_run_logger().info(
         "granule %s: %s, %d points in %d cells%s",
         extract.name,

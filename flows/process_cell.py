@@ -15,28 +15,35 @@ from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import State
 
 from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
 from magg.tasks.credentials import load_published_credentials
+from magg.tasks.ecs import credentials_rejected
 from magg_core.cell import process_cell
+from magg_core.errors import CredentialsRejectedError
 from magg_core.request import CellRequest
 
 
 @flow(name="process-cell")
 def process_cell_flow(
     request: dict[str, Any], credentials_block: str | None = None, timeout_s: int = CELL_TIMEOUT_S
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Grid one cell; fails (so the parent sees it) when the cell is failed or partial.
 
     ``timeout_s`` is a deadline the cell checks before writing: a child the
     parent stopped waiting for (and may have relaunched on a retry) must not
-    write after its successor.
+    write after its successor. Credentials S3 refused end the run in a
+    ``Failed`` state named :data:`tasks.ecs.CREDENTIALS_REJECTED`.
     """
     started = time.monotonic()
     cell = CellRequest.from_event(request)
     if credentials_block:
         cell = replace(cell, s3_credentials=load_published_credentials(credentials_block))
-    result = process_cell(cell, deadline=started + timeout_s)
+    try:
+        result = process_cell(cell, deadline=started + timeout_s)
+    except CredentialsRejectedError as exc:
+        return credentials_rejected(exc)  # the parent retries with fresh ones
     get_run_logger().info(
         "cell %s: %s, %d obs, %d/%d granules read",
         result.parent_morton,

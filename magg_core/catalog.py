@@ -13,7 +13,9 @@ granule listed twice would double its counts and shrink ``h_sigma`` by √2.
 CMR can list one granule under two providers (one record without an
 ``s3://`` URL) and one acquisition as two revisions (``…_007_01`` and
 ``…_007_02``, DESIGN §5), and a records list may hold two releases of it
-(``…_006_01`` and ``…_007_01``). A catalog therefore keeps one record per
+(``…_006_01`` and ``…_007_01``). A granule's name is its *file* name,
+wherever the record keeps it (:func:`magg_core.cmr.granule_name`: NSIDC_ECS records name it only in
+``DataGranule.Identifiers``). A catalog therefore keeps one record per
 granule name — the one with an ``s3://`` URL, whatever the order CMR sent
 them in — one granule per ``s3://`` object (however its URL is spelled:
 ``s3://b//k`` is ``s3://b/k``), only the release it was built for (the
@@ -62,7 +64,7 @@ import mortie
 import numpy as np
 
 from magg_core import __version__
-from magg_core.cmr import GranuleSearch, RetryPolicy, search_granules
+from magg_core.cmr import GranuleSearch, RetryPolicy, data_urls, granule_name, search_granules
 from magg_core.cmr import cmr_url as resolve_cmr_url
 from magg_core.cycles import (
     CycleError,
@@ -480,9 +482,7 @@ def catalog_from_records(
     for name in sorted(newest, key=lambda n: (not _named_by_url(urls[n][0], n), n)):
         s3, https = urls[name]
         if s3 is None:
-            report.append(
-                ReportEntry(name, "no_s3_url", "no 'GET DATA VIA DIRECT ACCESS' s3:// URL")
-            )
+            report.append(ReportEntry(name, "no_s3_url", "no s3:// data URL"))
             continue
         if _same_object(s3) in taken:  # another name, or spelling, for the same file
             counts["duplicates"] += 1
@@ -586,11 +586,6 @@ def _granules_to_grid(
     return newest
 
 
-def _granule_name(item: Mapping[str, Any]) -> str:
-    umm = item.get("umm") or {}
-    return umm.get("GranuleUR") or (item.get("meta") or {}).get("native-id") or "?"
-
-
 def _one_record_per_name(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """Each granule name's ``umm``: of several records (two providers), the most usable one's.
 
@@ -600,7 +595,7 @@ def _one_record_per_name(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapp
     """
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for item in records:
-        groups[_granule_name(item)].append(item)
+        groups[granule_name(item)].append(item)
     chosen = {}
     for name, items in groups.items():
         best = items[0] if len(items) == 1 else min(items, key=_record_rank(name))
@@ -683,17 +678,16 @@ def _check_order(order: int) -> None:
 def _data_urls(umm: Mapping[str, Any], name: str) -> tuple[str | None, str | None]:
     """The granule's ``s3://`` and ``https://`` data URLs, preferring those ending in its name.
 
-    Only URLs a catalog file may hold (:func:`_is_url`) are picked, so a
-    built catalog always loads.
+    A URL is told by its scheme among the record's data links
+    (:func:`magg_core.cmr.data_urls`), whichever type lists it. Only URLs a
+    catalog file may hold (:func:`_is_url`) are picked, so a built catalog
+    always loads.
     """
+    links = data_urls(umm)
 
-    def pick(kind: str, scheme: str) -> str | None:
-        urls = [
-            u.get("URL")
-            for u in umm.get("RelatedUrls") or []
-            if isinstance(u, Mapping) and u.get("Type") == kind and _is_url(u.get("URL"), scheme)
-        ]
+    def pick(scheme: str) -> str | None:
+        urls = [u for u in links if _is_url(u, scheme)]
         exact = [u for u in urls if _named_by_url(u, name)]
         return (exact or urls or [None])[0]
 
-    return pick("GET DATA VIA DIRECT ACCESS", "s3"), pick("GET DATA", "https")
+    return pick("s3"), pick("https")

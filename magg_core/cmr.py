@@ -24,6 +24,7 @@ default, ``MAGG_CMR_URL`` or an argument to point elsewhere (a test fake).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,14 @@ CMR_URL_ENV = "MAGG_CMR_URL"
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 PAGE_SIZE = 2000
 """CMR's largest page."""
+
+
+DATA_URL_TYPES = frozenset({"GET DATA", "GET DATA VIA DIRECT ACCESS"})
+"""``RelatedUrls`` types that point at the granule's file itself (UMM-G). Which of
+them holds the ``s3://`` URL varies: NSIDC_CPRD records listed it under
+``GET DATA`` in 2021 (ATL03 V004, the Openscapes cookbook's
+``ICESat2-CMR-OnPrem-vs-Cloud`` notebook), so a link is told by its scheme, as
+earthaccess's ``DataGranule`` falls back to doing, not by its type alone."""
 
 
 class CmrError(RuntimeError):
@@ -228,3 +237,34 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ValueError):
         return str(exc)[:300]
     return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def granule_name(item: Mapping[str, Any]) -> str:
+    """The granule's file name, wherever its CMR record keeps it (``"?"`` if nowhere).
+
+    NSIDC_ECS records name a granule ``GranuleUR = "SC:ATL06.005:228825416"``
+    and keep the file name only in ``DataGranule.Identifiers`` as the
+    ``ProducerGranuleId`` (a real V005 record, ``tests/data/realdata/cmr``);
+    cloud records use the file name as ``GranuleUR``. In order: the
+    ``ProducerGranuleId``, the ``GranuleUR``, the ``native-id``. Revisions,
+    duplicates, mirrors and cycles all work on this name; one that is not a
+    plain file name is reported by the catalog, never used as a path.
+    """
+    umm = item.get("umm") or {}
+    identifiers = (umm.get("DataGranule") or {}).get("Identifiers") or []
+    for entry in identifiers:
+        if isinstance(entry, Mapping) and entry.get("IdentifierType") == "ProducerGranuleId":
+            if isinstance(entry.get("Identifier"), str) and entry["Identifier"]:
+                return entry["Identifier"]
+    return umm.get("GranuleUR") or (item.get("meta") or {}).get("native-id") or "?"
+
+
+def data_urls(umm: Mapping[str, Any]) -> list[str]:
+    """Every URL of a record's ``RelatedUrls`` that points at the file (:data:`DATA_URL_TYPES`)."""
+    return [
+        link["URL"]
+        for link in umm.get("RelatedUrls") or []
+        if isinstance(link, Mapping)
+        and link.get("Type") in DATA_URL_TYPES
+        and isinstance(link.get("URL"), str)
+    ]

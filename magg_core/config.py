@@ -57,6 +57,10 @@ class DataSource:
     variables: tuple[str, ...]
     fill_value: float
     quality: QualityFilter
+    product: str | None = None
+    """The ``short_name`` a granule must declare (its root attribute, as NSIDC writes
+    it); ``None`` accepts any. A granule with no beam group at all is refused either
+    way (:mod:`magg_core.read`, "Wrong product")."""
 
     def beam_group(self, beam: str) -> str:
         return self.group.format(beam=beam)
@@ -390,8 +394,23 @@ def _parse_height_change(s: _Section, source: DataSource) -> HeightChangeSource:
 
 def _parse_data_source(s: _Section) -> DataSource:
     s.reject_unknown(
-        ("reader", "beams", "group", "latitude", "longitude", "variables", "fill_value", "quality")
+        (
+            "reader",
+            "product",
+            "beams",
+            "group",
+            "latitude",
+            "longitude",
+            "variables",
+            "fill_value",
+            "quality",
+        )
     )
+    product = s.get("product", str, None)
+    if product is not None and not (product.isascii() and product.isalnum()):
+        raise ConfigError(
+            f"{s.key('product')}: expected a short name such as ATL06, got {product!r}"
+        )
     reader = s.get("reader", str)
     if reader != "h5coro":
         raise ConfigError(f"{s.key('reader')}: unsupported reader {reader!r} (supported: h5coro)")
@@ -424,6 +443,7 @@ def _parse_data_source(s: _Section) -> DataSource:
         variables=tuple(variables),
         fill_value=fill_value,
         quality=quality,
+        product=product,
     )
 
 

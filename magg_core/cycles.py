@@ -25,12 +25,18 @@ on 2018-10-13 (:data:`FIRST_DATA`), which is why that date is often quoted
 as the start of cycle 1.
 """
 
-ATLAS_EPOCH = datetime(2017, 12, 31, 23, 59, 42, tzinfo=UTC)
-"""The instant ATL06 ``delta_time`` counts from, in UTC.
+ATLAS_EPOCH = datetime(2018, 1, 1, tzinfo=UTC)
+"""The instant ATL06 ``delta_time`` counts from: 2018-01-01T00:00:00 UTC.
 
-``delta_time`` is GPS seconds since 2018-01-01T00:00:00 GPS (ATL06 data
-dictionary, "ATLAS Standard Data Product epoch"); GPS ran 18 leap seconds
-ahead of UTC then, and no leap second has been added since.
+The ATL06 data dictionary calls ``delta_time`` "seconds since 2018-01-01"
+(the ATLAS Standard Data Product epoch), and ``ancillary_data/
+atlas_sdp_gps_epoch`` = 1198800018 s is that UTC instant expressed as GPS
+seconds (GPS then ran 18 leap seconds ahead of UTC). Checked on real
+granules: ``ancillary_data/data_start_utc`` equals this epoch plus
+``ancillary_data/start_delta_time`` to the microsecond (release 003,
+``2018-10-15T10:10:18.655715Z`` = epoch + 24833418.655715 s; release 209
+likewise; ``tests/test_realdata.py``). No leap second has been added since
+2017, so UTC is the epoch plus ``delta_time`` seconds exactly.
 """
 
 FIRST_DATA = datetime(2018, 10, 13, tzinfo=UTC)
@@ -97,6 +103,11 @@ class GranuleName:
         ``realdata/cmr/earthaccess_fsspec_nb_atl03_cprd_reprs.json``).
         """
         return (self.product, self.start, self.rgt, self.cycle, self.region)
+
+
+def delta_time_utc(delta_time: float) -> datetime:
+    """The UTC instant of an ATL06 ``delta_time`` (seconds since :data:`ATLAS_EPOCH`)."""
+    return ATLAS_EPOCH + timedelta(seconds=float(delta_time))
 
 
 def parse_granule_name(name: str) -> GranuleName | None:

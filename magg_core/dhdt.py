@@ -148,16 +148,16 @@ def years_since(delta_time: np.ndarray, epoch: datetime) -> np.ndarray:
     Parameters
     ----------
     delta_time
-        GPS seconds since 2018-01-01T00:00:00 GPS (ATL06 data dictionary),
-        any shape.
+        Seconds since 2018-01-01T00:00:00 UTC (:data:`ATLAS_EPOCH`, checked
+        against real granules' ``data_start_utc``), any shape.
     epoch
         Timezone-aware UTC instant, the product's reference epoch ``t0``.
 
     Returns
     -------
     numpy.ndarray
-        float64, same shape. No leap second has occurred since 2017, so the
-        18 s GPS-UTC offset held in ``ATLAS_EPOCH`` converts exactly.
+        float64, same shape. No leap second has occurred since 2017, so
+        seconds since the epoch convert to UTC exactly.
 
     Raises
     ------

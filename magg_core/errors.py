@@ -140,20 +140,31 @@ def rejects_credentials(exc: BaseException) -> bool:
     401/403 to its own classes and leaves the 400s as generic errors carrying
     S3's XML body. A run is granted the bucket it reads, so a 403 means its
     credentials no longer hold, not that one granule is forbidden.
+
+    The same refusal of a ``HEAD`` has no body to name it: S3 answers a bare
+    400 (or 403). Every request magg sends is well formed, so a 400 or 403
+    without an S3 error code is taken as the credentials' rejection too
+    (botocore then reports the status itself as the code, ``"400"``).
     """
     if isinstance(exc, CredentialsRejectedError):
         return True
     if isinstance(exc, obstore_errors.PermissionDeniedError | obstore_errors.UnauthenticatedError):
         return True
     if isinstance(exc, botocore_errors.ClientError):
-        return exc.response.get("Error", {}).get("Code") in CREDENTIAL_REJECTION_CODES
+        code = exc.response.get("Error", {}).get("Code")
+        return code in CREDENTIAL_REJECTION_CODES or code in _BODYLESS_REFUSALS
     if isinstance(exc, obstore_errors.GenericError):
         code = _S3_CODE.search(str(exc))
-        return code is not None and code.group(1) in CREDENTIAL_REJECTION_CODES
+        if code is not None:
+            return code.group(1) in CREDENTIAL_REJECTION_CODES
+        status = _HTTP_STATUS.search(str(exc))
+        return status is not None and status.group(1) in _BODYLESS_REFUSALS
     return False
 
 
 _HTTP_STATUS = re.compile(r"status code: (\d{3})")
+_BODYLESS_REFUSALS = frozenset({"400", "403"})
+"""Statuses of a refusal without an S3 error code (a ``HEAD``): the credentials'."""
 _S3_CODE = re.compile(r"<Code>(\w+)</Code>")
 
 

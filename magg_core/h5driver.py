@@ -40,12 +40,15 @@ from h5coro.filedriver import FileDriver
 from h5coro.h5coro import H5Coro
 from obstore.store import S3Store
 
+from magg_core.errors import TransientReadError
 from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
 
 CACHE_LINE_BYTES = 4 * 1024
 """Line size for metadata reads: HDF5 headers and B-tree nodes are a few hundred bytes."""
 EXACT_READ_BYTES = 1024
 """Requests at least this large (chunks) bypass the line cache and fetch exactly."""
+SHORT_READ_ATTEMPTS = 3
+"""Tries of a ranged read that S3 keeps answering short (:meth:`ObstoreDriver.read`)."""
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 SUPERBLOCK_HEAD = (0, len(HDF5_SIGNATURE) + 1)
 """``(offset, size)`` of h5coro's first read: the signature and the superblock version."""
@@ -70,27 +73,49 @@ class ObstoreDriver:
         bucket, self._key = split_s3_url(resource)
         self._store = shared_store(bucket, credentials)
         self._lock = threading.Lock()
+        self._size: int | None = None
         self.bytes_fetched = 0
         self.requests = 0
 
     def read(self, pos: int, size: int) -> Any:
-        """Bytes ``[pos, pos + size)``, fewer at the end of the object.
+        """Bytes ``[pos, pos + size)``, fewer only where the object itself ends.
 
         Raises obstore's errors (``FileNotFoundError`` for a missing object, a
         ``GenericError`` for a range past the end) instead of returning
         ``None`` as the stock driver does, so the caller learns *why*.
+
+        obstore hands back a ranged body shorter than asked without a word
+        (a connection cut mid-answer by a proxy, seen on loopback). Whether the
+        *object* is short — a truncated granule, for the caller to refuse — or
+        only the answer, the object's size tells (one ``HEAD``): an answer
+        cut short of an intact object is read again, up to
+        :data:`SHORT_READ_ATTEMPTS` times in all.
+
+        Raises
+        ------
+        ShortReadError
+            When every attempt came back short of an object that holds the
+            range: transient, the work is retried.
         """
         if size <= 0:
             return b""
-        data = obstore.get_range(self._store, self._key, start=pos, length=size)
-        with self._lock:
-            self.bytes_fetched += len(data)
-            self.requests += 1
-        return data
+        for _ in range(SHORT_READ_ATTEMPTS):
+            data = obstore.get_range(self._store, self._key, start=pos, length=size)
+            with self._lock:
+                self.bytes_fetched += len(data)
+                self.requests += 1
+            if len(data) >= size or pos + size > self.size():
+                return data
+        raise ShortReadError(
+            f"S3 answered {len(data)} of {size} bytes at offset {pos} of an object that holds "
+            f"them, {SHORT_READ_ATTEMPTS} times"
+        )
 
     def size(self) -> int:
-        """The object's length in bytes (one HEAD request)."""
-        return int(obstore.head(self._store, self._key)["size"])
+        """The object's length in bytes (one HEAD request, once)."""
+        if self._size is None:
+            self._size = int(obstore.head(self._store, self._key)["size"])
+        return self._size
 
     def close(self) -> None:
         """Nothing to release: the store is shared and outlives this file."""
@@ -118,6 +143,14 @@ class CountingFileDriver(FileDriver):
 
 class UnsupportedURLError(ValueError):
     """A granule URL that is neither ``s3://``, ``file://`` nor a path."""
+
+
+class ShortReadError(TransientReadError):
+    """S3 kept answering a range with fewer bytes than the intact object holds there.
+
+    Not the granule's fault (that would be :class:`TruncatedFileError`): a
+    transient read error, so the work is retried rather than the granule left out.
+    """
 
 
 class TruncatedFileError(EOFError):
@@ -150,9 +183,10 @@ class DriverFile(io.RawIOBase):
 
     BLOCK_BYTES = 64 * 1024
 
-    def __init__(self, driver: Any):
+    def __init__(self, driver: Any, block_bytes: int = BLOCK_BYTES):
         super().__init__()
         self._driver = driver
+        self.BLOCK_BYTES = block_bytes
         self._size = driver.size()
         self._blocks: dict[int, bytes] = {}
         self._pos = 0
@@ -226,6 +260,25 @@ class ExactH5Coro(H5Coro):
                 self._hdf5 = h5py.File(DriverFile(self.driver), "r")
             return self._hdf5
 
+    def root_attribute(self, name: str) -> Any:
+        """The root group's attribute ``name`` as HDF5 reads it (``None`` if absent).
+
+        h5coro 1.0.7 cannot decode the root attributes NSIDC writes (it fails
+        on their dataspace messages), so HDF5 itself reads them, through
+        4 KiB blocks: the superblock and root object header cost 2-4 small
+        requests (~10 KB on real granules, against ~190 KB through the 64 KiB
+        blocks :meth:`hdf5` uses for B-trees).
+
+        Raises
+        ------
+        ImportError
+            Where h5py is not installed (the Lambda layer leaves it out).
+        """
+        import h5py
+
+        with h5py.File(DriverFile(self.driver, block_bytes=4096), "r") as f:
+            return f.attrs.get(name)
+
     def close(self) -> None:
         with self._hdf5_lock:
             if self._hdf5 is not None:
@@ -248,13 +301,13 @@ class ExactH5Coro(H5Coro):
         if data is not None and len(data) < size:
             raise TruncatedFileError(f"needed {size} bytes at offset {pos}, the file ends sooner")
         if (pos, size) == SUPERBLOCK_HEAD:
-            data = _superblock_head(bytes(data))
+            data = _superblock_head(bytes(data), self.driver)
         # h5coro calls ``.tobytes()`` on what it reads, which ``bytes`` lacks: its own
         # cache returns ``bytes`` when a read straddles two lines (e.g. a link name).
         return memoryview(data) if isinstance(data, bytes) else data
 
 
-def _superblock_head(head: bytes) -> bytes:
+def _superblock_head(head: bytes, driver: Any) -> bytes:
     """The signature and superblock version as h5coro may parse them, or a named refusal.
 
     h5coro parses superblock versions 0 and 2. Version 3 (``libver="v110"``
@@ -268,21 +321,49 @@ def _superblock_head(head: bytes) -> bytes:
     Raises
     ------
     NotHDF5Error
-        If the file does not start with the HDF5 signature (HDF5 also allows
-        it after a user block at 512, 1024, ... bytes; h5coro does not, and
-        ATL06 granules have none).
+        If the file has no HDF5 signature where HDF5 looks for one.
     UnsupportedFormatError
         For superblock versions other than 0, 2 and 3 (version 1 is written
-        when non-default B-tree widths are set).
+        when non-default B-tree widths are set), and for a valid HDF5 file
+        with a user block: HDF5 also finds the signature after one, at 512,
+        1024, 2048, ... bytes (file format specification, "Format Signature");
+        h5coro does not, and ATL06 granules have none.
     """
     if head[: len(HDF5_SIGNATURE)] != HDF5_SIGNATURE:
-        raise NotHDF5Error("no HDF5 signature at the start of the file")
+        offset = _user_block(driver)
+        if offset is not None:
+            raise UnsupportedFormatError(f"a user block of {offset} bytes before the superblock")
+        raise NotHDF5Error("no HDF5 signature at the start of the file or after a user block")
     version = head[len(HDF5_SIGNATURE)]
     if version == 3:
         return HDF5_SIGNATURE + bytes([2])
     if version not in (0, 2):
         raise UnsupportedFormatError(f"superblock version {version}")
     return head
+
+
+USER_BLOCK_LIMIT = 1 << 20
+"""Largest user block looked for (HDF5 allows any power of two from 512 on)."""
+
+
+def _user_block(driver: Any) -> int | None:
+    """The size of the file's user block if the HDF5 signature follows one; else ``None``.
+
+    Looked for only once a file fails the signature test at 0, so a granule
+    never pays for it; at most 12 reads of 8 bytes.
+    """
+    offset = 512
+    while offset <= USER_BLOCK_LIMIT:
+        try:
+            found = bytes(driver.read(offset, len(HDF5_SIGNATURE)))
+        except Exception:  # past the end of the object: no user block this large
+            return None
+        if found == HDF5_SIGNATURE:
+            return offset
+        if len(found) < len(HDF5_SIGNATURE):
+            return None
+        offset *= 2
+    return None
 
 
 @lru_cache(maxsize=32)

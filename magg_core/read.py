@@ -22,9 +22,13 @@ needs a value of every dataset the config names -- coordinates, variables,
 quality flag -- so a beam in which any one of them has zero rows has no
 point to give, whether the others are empty too or not, and the granule's
 other beams are read. A missing, truncated or corrupt granule, a file in an
-HDF5 format this reader does not decode (refused by the structure's name), a
-beam that lacks one of the datasets, or one whose datasets have rows but
-disagree in length, raises :class:`GranuleReadError`: the granule is not
+HDF5 format this reader does not decode (refused by the structure's name:
+"unsupported", never "corrupt", when HDF5 itself reads it), a granule of
+another product (its ``short_name``, or no beam with the config's group at
+all: a real ATL07 file), a beam that lacks one of the datasets, or one whose
+datasets have rows but disagree in length, raises :class:`GranuleReadError`;
+an S3 answer cut short of an intact object raises a transient error instead
+(:class:`~magg_core.h5driver.ShortReadError`). The granule is not
 what the catalog promised, and silently dropping part of it would bias
 statistics. Reasons are our own words and never quote the file's bytes
 (see :func:`_describe`).
@@ -57,6 +61,7 @@ from magg_core.h5chunks import Column, CorruptFileError, index_column, read_span
 from magg_core.h5driver import (
     NotHDF5Error,
     S3Access,
+    ShortReadError,
     TruncatedFileError,
     UnsupportedFormatError,
     UnsupportedURLError,
@@ -173,8 +178,9 @@ def read_parents(
     ------
     GranuleReadError
         If the granule is missing, truncated or corrupt, in an HDF5 format
-        this reader does not decode, or a present beam lacks a dataset the
-        config names (see the module's failure policy).
+        this reader does not decode, another product than the config's, or a
+        present beam lacks a dataset the config names (see the module's
+        failure policy).
     """
     wanted = np.unique(np.asarray(parents, dtype=np.uint64))
     access = S3Access(credentials=credentials, endpoint=endpoint or S3Endpoint())
@@ -183,7 +189,16 @@ def read_parents(
     with h5:
         tasks = _Tasks()
         try:
-            beams, located, coordinates, valueless = _locate(url, h5, tasks, wanted, config)
+            # Read beside phase 1 when the config names a product; else only to name a refusal.
+            declared = None
+            if config.data_source.product is not None:
+                declared = tasks.submit(_declared_product, url, h5)
+            beams, located, coordinates, valueless, has_beam = _locate(
+                url, h5, tasks, wanted, config
+            )
+            if declared is not None or not has_beam:
+                product = _declared_product(url, h5) if declared is None else declared.result()
+                _check_product(url, product, has_beam, config)
             columns = _read_rows(url, h5, tasks, beams, config) if located.size else {}
         finally:
             tasks.settle()
@@ -362,14 +377,63 @@ def row_spans(rows: np.ndarray, chunk_rows: int) -> tuple[tuple[int, int], ...]:
     return tuple((int(a), int(b)) for a, b in zip(starts, stops, strict=True))
 
 
+_SHORT_NAME = re.compile(r"^[A-Z0-9_-]{1,16}$")
+"""A ``short_name`` quoted in a reason: a product name, never arbitrary file bytes."""
+
+
+def _declared_product(url: str, h5: H5Coro) -> str | None:
+    """The granule's own ``short_name`` (root attribute); ``None`` where HDF5 is absent or
+    the file has none (h5py is left out of the Lambda layer: there only the beams tell)."""
+    try:
+        with _reading(url, "cannot read the file's short_name"):
+            value = h5.root_attribute("short_name")
+    except GranuleReadError as exc:
+        if isinstance(exc.__cause__, ImportError):
+            return None
+        raise
+    if value is None:
+        return None
+    value = np.asarray(value).reshape(-1)[:1].tolist()
+    text = value[0] if value else ""
+    return text.decode("ascii", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _check_product(url: str, declared: str | None, has_beam: bool, config: PipelineConfig) -> None:
+    """Refuse a granule of another product, by name, rather than read it as 0 points.
+
+    Two signs, either enough: the file's ``short_name`` is not the config's
+    ``product``, or none of the config's beams has the config's beam group
+    (a real ATL07 file has ``gt1l/sea_ice_segments`` and no
+    ``land_ice_segments``). An ATL06 beam may be missing, not all of them.
+    """
+    source = config.data_source
+    expected = source.product or "the configured product"
+    if declared is None:
+        what = "its short_name is not stated"
+    elif _SHORT_NAME.match(declared):
+        what = f"its short_name says {declared}"
+    else:
+        what = "its short_name is not a product name"
+    if source.product is not None and declared is not None and declared != source.product:
+        raise GranuleReadError(url, f"not {expected} but another product: {what}")
+    if not has_beam:
+        groups = source.beam_group("{beam}")
+        raise GranuleReadError(
+            url,
+            f"not {expected}: none of the beams {', '.join(source.beams)} has the group "
+            f"{groups} ({what})",
+        )
+
+
 def _locate(
     url: str, h5: H5Coro, tasks: _Tasks, parents: np.ndarray, config: PipelineConfig
-) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray]:
+) -> tuple[list[_Beam], np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray, bool]:
     """Phase 1: which rows of which beam fall in a parent, and where (see :func:`_child_index`).
 
     Also returns those rows' latitudes and longitudes, aligned with the located
     points, and where the points lie that a parent holds but that have no
-    values (their beam has a dataset without rows), to be counted as dropped.
+    values (their beam has a dataset without rows), to be counted as dropped;
+    and whether any of the config's beam groups exists at all.
 
     Every beam's coordinates are read whole; as soon as the latitude's
     metadata has located the beam's group, the chunk indexes of the beam's
@@ -387,9 +451,11 @@ def _locate(
     with _reading(url, "cannot read coordinates"):
         values = {beam: (lat.result(), lon.result()) for beam, (lat, lon) in wanted.items()}
     present = []
+    has_beam = False
     for beam, (lat, lon) in values.items():
         if lat.column is None and lon.column is None and _beam_missing(url, h5, beam, config):
             continue
+        has_beam = True
         for name, value in zip(coordinates, (lat, lon), strict=True):
             if value.column is None:
                 path = f"{source.beam_group(beam)}/{name}"
@@ -402,7 +468,8 @@ def _locate(
         present.append(beam)
     if not present:
         nowhere = np.empty(0, dtype=np.float64)
-        return [], np.empty(0, dtype=np.int64), (nowhere, nowhere), np.empty(0, dtype=np.int64)
+        empty = np.empty(0, dtype=np.int64)
+        return [], empty, (nowhere, nowhere), empty, has_beam
 
     lat = np.concatenate([values[b][0].values for b in present])
     lon = np.concatenate([values[b][1].values for b in present])
@@ -422,7 +489,7 @@ def _locate(
                 spans = row_spans(rows, latitude.column.chunk_rows)
                 beams.append(_Beam(source.beam_group(beam), rows, spans, index))
         position += rows.size
-    return beams, located[kept], (lat[inside][kept], lon[inside][kept]), located[~kept]
+    return beams, located[kept], (lat[inside][kept], lon[inside][kept]), located[~kept], True
 
 
 def _variable_indexes(
@@ -460,11 +527,97 @@ def _whole(h5: H5Coro, tasks: _Tasks, path: str, neighbours: Sequence[str]) -> _
     character; once done for ``path``, h5coro remembers every link of the
     group and its neighbours are found without a walk.
     """
-    column = index_column(h5, path)
-    indexes = {p.rpartition("/")[2]: tasks.submit(index_column, h5, p) for p in neighbours}
+    column = _index(h5, path)
+    indexes = {p.rpartition("/")[2]: tasks.submit(_index, h5, p) for p in neighbours}
     if column is None:
         return _Whole(None, None, indexes)
     return _Whole(column, read_spans(h5, column, [(0, column.n_rows)])[0], indexes)
+
+
+_NAMED_FAILURES = (
+    GranuleReadError,
+    UnsupportedFormatError,
+    CorruptFileError,
+    TruncatedFileError,
+    NotHDF5Error,
+    TransientReadError,
+    OSError,
+    obstore_errors.BaseError,
+)
+"""Failures that already say what they are; anything else is h5coro tripping on the file."""
+
+
+def _index(h5: H5Coro, path: str) -> Column | None:
+    """:func:`~magg_core.h5chunks.index_column`, with h5coro's own failures told apart.
+
+    h5coro raises whatever its parser trips over, on a damaged file and on a
+    valid structure it does not parse alike. HDF5 itself tells the two apart
+    (:func:`_parser_failure`), so a valid file is never called corrupt.
+    """
+    try:
+        return index_column(h5, path)
+    except _NAMED_FAILURES:
+        raise
+    except Exception as exc:  # untrusted bytes, see _reading
+        raise _parser_failure(h5, path, exc) from exc
+
+
+def _parser_failure(h5: H5Coro, path: str, exc: Exception) -> Exception:
+    """What h5coro's failure on ``path`` means, as HDF5 reading the same bytes sees it.
+
+    Returns :class:`UnsupportedFormatError` naming the structure when HDF5
+    reads the dataset (a soft or external link on the way, or the dataset's
+    layout and type), :class:`CorruptFileError` when HDF5 cannot either, and
+    ``exc`` itself where h5py is absent (the Lambda layer): then the reason
+    says only which parser failed.
+    """
+    kind = type(exc).__name__
+    try:
+        f = h5.hdf5()
+    except ImportError:
+        return exc
+    except Exception as failed:  # untrusted bytes, or the driver's own errors passed through
+        return _unless_passing(failed) or CorruptFileError(
+            f"{path}: neither h5coro ({kind}) nor HDF5 can open the file"
+        )
+    try:
+        structure = _hdf5_structure(f, path)
+    except Exception as failed:
+        return _unless_passing(failed) or CorruptFileError(
+            f"{path}: neither h5coro ({kind}) nor HDF5 can read it"
+        )
+    return UnsupportedFormatError(f"{path}: {structure}, which HDF5 reads but h5coro does not")
+
+
+def _unless_passing(exc: Exception) -> Exception | None:
+    """``exc`` if it says nothing about the file (refused credentials, a transient S3
+    failure, which HDF5 passes through from the driver), so it is retried; else ``None``."""
+    return exc if rejects_credentials(exc) or is_transient(exc) else None
+
+
+def _hdf5_structure(f: Any, path: str) -> str:
+    """The structure at ``path`` in our words: a link kind on the way, else the dataset's layout.
+
+    Raises whatever HDF5 raises if it cannot read the dataset's first row.
+    """
+    import h5py
+
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        link = f.get(prefix, getlink=True)
+        if isinstance(link, h5py.SoftLink):
+            return f"a soft link at {prefix}"
+        if isinstance(link, h5py.ExternalLink):
+            return f"an external link at {prefix}"
+        if link is None:
+            raise KeyError(prefix)
+    dataset = f[path]
+    dataset[:1]
+    layout = {0: "compact", 1: "contiguous", 2: "chunked", 3: "virtual"}.get(
+        dataset.id.get_create_plist().get_layout(), "unknown"
+    )
+    return f"a {dataset.ndim}-D {layout} dataset of {dataset.dtype.str}"
 
 
 def _child_index(
@@ -630,6 +783,8 @@ def _describe(exc: BaseException) -> str:
     http = f", HTTP {status.group(1)}" if status else ""
     if isinstance(exc, UnsupportedURLError):
         reason = str(exc)
+    elif isinstance(exc, ShortReadError):
+        reason = f"transient read error ({exc})"
     elif isinstance(exc, NotHDF5Error):
         reason = f"not an HDF5 file ({exc})"
     elif isinstance(exc, UnsupportedFormatError):

@@ -54,7 +54,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from magg_core.cycles import ATLAS_EPOCH
+from magg_core.cycles import ATLAS_EPOCH, delta_time_utc
 
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")
 FILL_VALUE = np.float32(3.4028235e38)
@@ -549,9 +549,8 @@ def planted_height(
 ) -> np.ndarray:
     """Noise-free height (m): ``planted_surface + planted_dhdt * (t - PLANTED_EPOCH)``.
 
-    ``delta_time`` is ATL06's, GPS seconds since :data:`ATLAS_EPOCH`; ``t``
-    is in Julian years. No leap second has occurred since 2017, so GPS and
-    UTC seconds after 2018 differ by the constant 18 s that ATLAS_EPOCH holds.
+    ``delta_time`` is ATL06's, seconds since :data:`ATLAS_EPOCH`
+    (2018-01-01T00:00:00 UTC; no leap second since); ``t`` is in Julian years.
     """
     since = (PLANTED_EPOCH - ATLAS_EPOCH).total_seconds()
     years = (np.asarray(delta_time) - since) / JULIAN_YEAR_S
@@ -652,6 +651,11 @@ def _write_h5(
         orbit.create_dataset("sc_orient", data=np.array([1], dtype=np.int8))
         ancillary = f.create_group("ancillary_data", track_order=order)
         ancillary.create_dataset("atlas_sdp_gps_epoch", data=np.array([1198800018.0]))
+        # As a real granule states its first time twice: seconds since the epoch, and UTC.
+        start = min(float(c["delta_time"].min()) for c in beams.values() if c["delta_time"].size)
+        stamp = delta_time_utc(start).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        ancillary.create_dataset("start_delta_time", data=np.array([start]))
+        ancillary.create_dataset("data_start_utc", data=np.array([stamp.encode()]))
         for beam, columns in beams.items():
             if r007:
                 f.create_group(beam, track_order=order)

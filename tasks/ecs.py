@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.states import Failed, State
 
 from magg.tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, replacing_rejected
 from magg.tasks.credentials import publish_credentials
@@ -13,6 +14,11 @@ from magg_core.errors import CellFailedError, CredentialsRejectedError
 from magg_core.extract import ExtractRequest
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import open_store, read_records
+
+CREDENTIALS_REJECTED = "CredentialsRejected"
+"""The name of the ``Failed`` state a child flow run ends in when S3 refused its
+credentials (:func:`credentials_rejected`): the parent tells that cause by the
+state's name, which Prefect keeps as given, rather than by words in its message."""
 
 CHILD_RUN_TIMEOUT_S = 3 * CELL_TIMEOUT_S
 """How long to wait for a child run: the cell's own limit plus room for a
@@ -38,6 +44,18 @@ def grid_cell_on_ecs(
     used = publish_credentials(credentials, credentials_block)
     with replacing_rejected(credentials, used):
         return _run_child(request, credentials, deployment, credentials_block)
+
+
+def credentials_rejected(exc: CredentialsRejectedError) -> State:
+    """The final state of a child flow run whose credentials S3 refused (returned by the flow)."""
+    return Failed(name=CREDENTIALS_REJECTED, message=f"S3 refused the credentials: {exc}")
+
+
+def raise_if_credentials_rejected(state: State | None, what: str) -> None:
+    """Raise :class:`CredentialsRejectedError` if a child run ended so; the caller's
+    :func:`~tasks.cells.replacing_rejected` then has fresh credentials fetched for the retry."""
+    if state is not None and state.name == CREDENTIALS_REJECTED:
+        raise CredentialsRejectedError(f"{what}: {state.message}")
 
 
 def run_child(
@@ -82,8 +100,7 @@ def _run_child(
     )
     if record is not None and record.written_at >= f"{flow_run.created:%Y-%m-%dT%H:%M:%SZ}":
         return raise_if_incomplete(record.result)  # this child's own outcome
-    if CredentialsRejectedError.__name__ in (state.message or ""):
-        raise CredentialsRejectedError(f"cell {request.parent_morton}: {state.message}")
+    raise_if_credentials_rejected(state, f"cell {request.parent_morton}")
     raise CellFailedError(
         f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state.name}"
         f" without a record: {state.message or 'no message'}"

@@ -22,9 +22,8 @@ from prefect.concurrency.sync import concurrency
 
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from magg.tasks.credentials import publish_credentials
-from magg.tasks.ecs import run_child
+from magg.tasks.ecs import raise_if_credentials_rejected, run_child
 from magg_core.credentials import Credentials
-from magg_core.errors import CredentialsRejectedError
 from magg_core.extract import (
     ExtractRequest,
     ExtractResult,
@@ -84,8 +83,7 @@ def extract_on_ecs(
         if state is not None and state.is_completed() and stored is not None:
             return stored
         message = state.message if state is not None else "no state"
-        if CredentialsRejectedError.__name__ in (message or ""):
-            raise CredentialsRejectedError(f"granule {request.name}: {message}")
+        raise_if_credentials_rejected(state, f"granule {request.name}")
         raise RuntimeError(f"granule {request.name}: child flow run {flow_run.name}: {message}")
 
 

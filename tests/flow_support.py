@@ -69,10 +69,13 @@ class S3Error:
     """An answer in S3's error format."""
 
     status: int
-    code: str
+    code: str | None
+    """``None``: a bare status, as S3 answers a ``HEAD`` (which has no body)."""
     message: str
 
     def body(self) -> bytes:
+        if self.code is None:
+            return b""
         return (
             f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{self.code}</Code>'
             f"<Message>{self.message}</Message></Error>"
@@ -81,6 +84,9 @@ class S3Error:
 
 Fault = Callable[[str, str, str, "str | None"], "S3Error | None"]
 """``fault(method, bucket, key, access_key)``: an error to answer instead, or ``None``."""
+Cut = Callable[[str, str, str], bool]
+"""``cut(method, bucket, key)``: answer with only the first half of the body upstream sent
+(its ``Content-Length`` saying so, its ``Content-Range`` unchanged): a short read."""
 
 
 @dataclass
@@ -89,6 +95,7 @@ class S3Proxy:
 
     upstream: str
     fault: Fault | None = None
+    cut: Cut | None = None
     calls: list[S3Call] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -118,6 +125,8 @@ class S3Proxy:
                     payload = error.body()
                 else:
                     status, headers, payload = self._upstream(body)
+                    if proxy.cut is not None and proxy.cut(self.command, bucket, key):
+                        payload = payload[: len(payload) // 2]
                 with proxy._lock:
                     proxy.calls.append(S3Call(self.command, bucket, key, access_key, status))
                 self.send_response(status)

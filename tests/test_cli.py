@@ -291,6 +291,14 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefec
         ),
         "unknown cell": ([*with_catalog, "--cells", "12345"], "12345"),
         "bad store": (["run", "--catalog", files["catalog"], "--store", "ftp://b/x.zarr"], "ftp:"),
+        "store is a file": (
+            ["run", "--catalog", files["catalog"], "--store", files["catalog"]],
+            f"argument --store: '{files['catalog']}': is an existing file",
+        ),
+        "mirror not there": (
+            [*with_catalog, "--granule-mirror", "/no/such/mirror"],
+            "argument --granule-mirror: '/no/such/mirror': no such directory",
+        ),
         "catalog bad region": (
             ["catalog", "--cycle", "22", "--region", "/no/r.geojson"],
             "r.geojson",
@@ -316,3 +324,32 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefec
     for name, (output, ending) in zip(cases, endings, strict=True):
         code = int(ending.split("exit")[1])
         _assert_one_clear_line(name, output, code, cases[name][1])
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("--store", "{file}", "'{file}': is an existing file, not a store directory"),
+        ("--store", "file://{file}", "is an existing file, not a store directory"),
+        ("--store", "{file}/x.zarr", "lies under '{file}', which is an existing file"),
+        ("--granule-mirror", "{missing}", "'{missing}': no such directory"),
+        ("--granule-mirror", "{file}", "'{file}': is not a directory"),
+    ],
+)
+def test_a_path_argument_of_the_wrong_kind_is_refused_before_any_work(
+    argument, value, message, tmp_path, capsys
+):
+    """Named in one line by argparse, before the catalog is read or anything written."""
+    file = tmp_path / "notes.txt"
+    file.write_text("a user's file\n")
+    places = {"file": str(file), "missing": str(tmp_path / "mirror")}
+    args = ["run", "--catalog", str(tmp_path / "no-catalog.json"), "--credentials", "none"]
+    args += ["--store", str(tmp_path / "out.zarr"), argument, value.format(**places)]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"magg run: error: argument {argument}: ")
+    assert message.format(**places) in line
+    assert file.read_text() == "a user's file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -32,7 +32,7 @@ from magg_core.sample import (
 FILL = np.float32(3.4028235e38)
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")
 NSIDE = 2**12
-GPS_EPOCH_UTC_S = datetime(2018, 1, 1, tzinfo=UTC).timestamp() - 18  # GPS 18 s ahead of UTC
+ATLAS_EPOCH_UTC_S = datetime(2018, 1, 1, tzinfo=UTC).timestamp()  # delta_time's zero, in UTC
 
 
 def t_quantile_975(dof):
@@ -215,10 +215,10 @@ def test_t_quantile_matches_tabulated_values():
     )
 
 
-def test_years_since_counts_julian_years_from_the_gps_epoch():
+def test_years_since_counts_julian_years_from_the_atlas_epoch():
     epoch = datetime(2024, 1, 1, tzinfo=UTC)
     delta_time = np.array([0.0, 1e8])
-    expected = (GPS_EPOCH_UTC_S + delta_time - epoch.timestamp()) / (365.25 * 86400)
+    expected = (ATLAS_EPOCH_UTC_S + delta_time - epoch.timestamp()) / (365.25 * 86400)
     np.testing.assert_allclose(years_since(delta_time, epoch), expected, rtol=0, atol=1e-12)
 
 
@@ -272,7 +272,7 @@ def sample_points(tmp_path_factory):
     to_map = Transformer.from_crs("EPSG:4326", "EPSG:3031", always_xy=True)
     px, py = to_map.transform(lon, lat)
     cx, cy = to_map.transform(centre_lon[child], centre_lat[child])
-    t = (delta_time + GPS_EPOCH_UTC_S - PLANTED_EPOCH.timestamp()) / (365.25 * 86400)
+    t = (delta_time + ATLAS_EPOCH_UTC_S - PLANTED_EPOCH.timestamp()) / (365.25 * 86400)
     return {
         "child": child,
         "x": px - cx,
@@ -330,7 +330,7 @@ def test_sample_fit_equals_per_child_lstsq(sample_points, sample_fit):
     assert np.median(np.abs(sample_fit["h0"][fitted] - surface)) < 0.05
 
 
-PLANTED_EPOCH_DELTA_TIME = PLANTED_EPOCH.timestamp() - GPS_EPOCH_UTC_S
+PLANTED_EPOCH_DELTA_TIME = PLANTED_EPOCH.timestamp() - ATLAS_EPOCH_UTC_S
 
 
 def test_planted_rate_is_recovered_within_its_standard_error(sample_points, sample_fit):

@@ -59,6 +59,8 @@ def test_classification(exc, expected):
         (client_error("AccessDeniedException", 403), False),  # Lambda's IAM refusal
         (client_error("NoSuchKey", 404), False),
         (client_error("SlowDown", 503), False),
+        (client_error("400", 400), True),  # botocore's code for a bare HEAD refusal
+        (client_error("404", 404), False),
         (ConnectionResetError(), False),
     ],
 )

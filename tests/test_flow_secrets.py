@@ -184,22 +184,29 @@ def test_credentials_that_expire_mid_run_are_refreshed_and_no_cell_fails(
 
 
 REFUSALS = [
-    (400, "ExpiredToken", "The provided token has expired."),
-    (400, "InvalidToken", "The provided token is malformed or otherwise invalid."),
-    (400, "TokenRefreshRequired", "The provided token must be refreshed."),
-    (403, "AccessDenied", "Access Denied"),
-    (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist."),
+    ("GET", 400, "ExpiredToken", "The provided token has expired."),
+    ("GET", 400, "InvalidToken", "The provided token is malformed or otherwise invalid."),
+    ("GET", 400, "TokenRefreshRequired", "The provided token must be refreshed."),
+    ("GET", 403, "AccessDenied", "Access Denied"),
+    ("GET", 403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist."),
+    # S3 refuses an expired token on a HEAD with a bare 400: no body, no code.
+    ("HEAD", 400, None, ""),
+    ("HEAD", 403, None, ""),
 ]
 
 
-@pytest.mark.parametrize(("status", "code", "message"), REFUSALS, ids=[r[1] for r in REFUSALS])
+@pytest.mark.parametrize(
+    ("method", "status", "code", "message"),
+    REFUSALS,
+    ids=[f"{r[0]}-{r[2] or r[1]}" for r in REFUSALS],
+)
 def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
-    local_run, source, proxy, status, code, message
+    local_run, source, proxy, method, status, code, message
 ):
     """S3 may refuse credentials mid-cell (clock skew, early revocation, a revoked
     session): that says nothing about the granule. The cell fails for a retry that
     runs with credentials fetched anew, never leaving the granule out of it."""
-    store = f"s3://{OUT}/refused-{code}.zarr"  # a store each: no cell from another's cache
+    store = f"s3://{OUT}/refused-{method}-{code or status}.zarr"  # no cell from another's cache
     config = load_config()
     create_template(open_store(store), config, local_run.sample.catalog.parents, {})
     store_id = read_template(open_store(store), config).id
@@ -209,8 +216,8 @@ def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
     request = max(requests, key=lambda r: len(r.granule_urls))
     refused = []
 
-    def refuse_once(method, bucket, key, access_key):
-        if bucket == "magg-e2e-in" and not refused:
+    def refuse_once(method_, bucket, key, access_key):
+        if bucket == "magg-e2e-in" and method_ == method and not refused:
             refused.append(access_key)
             return S3Error(status, code, message)
         return None

@@ -212,8 +212,8 @@ def test_names_parse_and_agree_with_contents(small):
             assert int(f["orbit_info/rgt"][0]) == int(rgt)
             assert int(f["orbit_info/cycle_number"][0]) == 22
             first = f["gt1l/land_ice_segments/delta_time"][0]
-        # delta_time: GPS seconds since 2018-01-01, 18 s ahead of UTC.
-        acquired = datetime(2018, 1, 1, tzinfo=UTC) + timedelta(seconds=float(first) - 18)
+        # delta_time: seconds since 2018-01-01T00:00:00 UTC (as real granules' data_start_utc).
+        acquired = datetime(2018, 1, 1, tzinfo=UTC) + timedelta(seconds=float(first))
         assert abs((acquired - begin).total_seconds()) < 1.0
 
 

@@ -269,15 +269,27 @@ def revision_of(item: dict[str, Any], revision: str) -> dict[str, Any]:
     return record
 
 
+ENTRY_TITLES = {"ATLAS/ICESat-2 L3A Land Ice Height V005": ("ATL06", "005")}
+"""Collections that real records name by ``EntryTitle`` alone (UMM-G allows either that or
+``ShortName`` + ``Version``): NSIDC_ECS's ATL06 V005, C2144439155-NSIDC_ECS (its
+``dataset_id`` in the ECHO feed of ``tests/data/realdata/cmr/earthaccess_atl06.json``)."""
+
+
+def _collection(umm: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The ``(short name, version)`` of the collection a record belongs to."""
+    reference = umm["CollectionReference"]
+    if "EntryTitle" in reference:
+        return ENTRY_TITLES.get(reference["EntryTitle"], (None, None))
+    return reference["ShortName"], reference["Version"]
+
+
 def _matches(item: dict[str, Any], params: list[tuple[str, str]]) -> bool:
     umm, meta = item["umm"], item["meta"]
-    # A record may name its collection by EntryTitle only (real NSIDC_ECS ones do): CMR
-    # knows its collection anyway; the fake then does not filter it by name or version.
-    collection = umm["CollectionReference"]
+    short_name, version = _collection(umm)
     for key, value in params:
-        if key == "short_name" and collection.get("ShortName", value) != value:
+        if key == "short_name" and short_name != value:
             return False
-        if key == "version" and collection.get("Version", value) != value:
+        if key == "version" and version != value:
             return False
         if key == "provider" and meta["provider-id"] != value:
             return False
