@@ -145,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog", help="build a cell → granule catalog from CMR")
     _add_selection(catalog)
     catalog.add_argument("--parent-order", type=int, default=6)
+    catalog.add_argument(
+        "--product-version",
+        default="007",
+        help="ATL06 release (CMR collection version) to catalog; others are reported",
+    )
     catalog.add_argument("--output", "-o", default="catalog.json")
     catalog.set_defaults(command=_catalog, name="catalog")
 
@@ -339,6 +344,7 @@ def _catalog(args: argparse.Namespace) -> int:
         end=args.end_date,
         region=args.region,
         parent_order=args.parent_order,
+        version=args.product_version,
         cmr_url=args.cmr_url,
     )
     path = catalog.write(args.output)

@@ -236,6 +236,7 @@ def revision(record: dict, number: str, concept: str) -> dict:
     new = old.replace("_01.h5", f"_{number}.h5")
     record["umm"]["DataGranule"]["Identifiers"][0]["Identifier"] = new
     record["umm"]["GranuleUR"] = record["meta"]["native-id"] = f"SC:ATL06.005:{concept}"
+    record["meta"]["concept-id"] = f"G{concept}-NSIDC_ECS"  # another granule, another record
     for link in record["umm"]["RelatedUrls"]:
         link["URL"] = link["URL"].replace(old, new)
     return record
@@ -323,7 +324,13 @@ def record_of(path: Path) -> dict:
     lat, lon = np.concatenate(lats), np.concatenate(lons)
     w, e, s, n = lon.min() - 0.5, lon.max() + 0.5, lat.min() - 0.5, lat.max() + 0.5
     ring = [(w, s), (e, s), (e, n), (w, n), (w, s)]
-    return umm_item(mirror_name(path), [tuple(map(float, p)) for p in ring], begin, end)
+    ring = [tuple(map(float, p)) for p in ring]
+    return umm_item(mirror_name(path), ring, begin, end, version=release_of(path))
+
+
+def release_of(path: Path) -> str:
+    """The release in the granule's name (``003``, ``209``): the CMR collection's version."""
+    return mirror_name(path).split("_")[3]
 
 
 def test_the_cli_grids_the_real_granules_as_the_oracle_does(
@@ -334,27 +341,32 @@ def test_the_cli_grids_the_real_granules_as_the_oracle_does(
     for path in GRANULES:
         shutil.copy(path, mirror / mirror_name(path))
     fake_cmr.items = [record_of(path) for path in GRANULES]
-    catalog_file = tmp_path / "catalog.json"
     region = region_around(GRANULES, tmp_path)
-    assert (
-        main(
-            ["catalog", "--start-date", "2018-10-13", "--end-date", "2018-10-15"]
-            + ["--region", str(region), "--cmr-url", fake_cmr.url, "-o", str(catalog_file)]
+    for path, good in zip(GRANULES, (226, 81), strict=True):
+        # One release per catalog (the two files are releases 003 and 209).
+        catalog_file = tmp_path / f"catalog-{release_of(path)}.json"
+        assert (
+            main(
+                ["catalog", "--start-date", "2018-10-13", "--end-date", "2018-10-15"]
+                + ["--product-version", release_of(path)]
+                + ["--region", str(region), "--cmr-url", fake_cmr.url, "-o", str(catalog_file)]
+            )
+            == 0
         )
-        == 0
-    )
-    catalog = load_catalog(catalog_file)
-    assert catalog.granule_count == 2 and catalog.report == ()
-    store = tmp_path / "real.zarr"
-    code = main(
-        ["run", "--catalog", str(catalog_file), "--store", str(store)]
-        + ["--credentials", "none", "--granule-mirror", str(mirror)]
-    )
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert set(parents_of(GRANULES)) <= {int(p) for p in catalog.parents}
-    for order in ORDERS:
-        arrays = level_arrays(str(store), order)
-        assert_level_equals(arrays, oracle.reference_level(GRANULES, catalog.parents, order), order)
-        assert_cell_ids(arrays, catalog.parents, order)
-    assert int(level_arrays(str(store), 12)["count"].sum()) == 226 + 81
+        catalog = load_catalog(catalog_file)
+        assert catalog.granule_count == 1
+        assert catalog.report == ()
+        store = tmp_path / f"real-{release_of(path)}.zarr"
+        code = main(
+            ["run", "--catalog", str(catalog_file), "--store", str(store)]
+            + ["--credentials", "none", "--granule-mirror", str(mirror)]
+        )
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert set(parents_of([path])) <= {int(p) for p in catalog.parents}
+        for order in ORDERS:
+            arrays = level_arrays(str(store), order)
+            expected = oracle.reference_level([path], catalog.parents, order)
+            assert_level_equals(arrays, expected, order)
+            assert_cell_ids(arrays, catalog.parents, order)
+        assert int(level_arrays(str(store), 12)["count"].sum()) == good
