@@ -25,12 +25,7 @@ import numpy as np
 from zarr.abc.store import Store
 
 import magg_core
-from magg_core.aggregate import (
-    NonFiniteStatisticError,
-    aggregate,
-    require_finite,
-    valid_points,
-)
+from magg_core.aggregate import NonFiniteStatisticError, valid_points
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
@@ -120,13 +115,12 @@ def process_cell(
     child_index, columns = _concatenate(points, config)
     good = valid_points(columns, config)
     child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
-    stats = aggregate(child_index, columns, config)
     counts = np.bincount(child_index, minlength=config.output.children_per_parent)
     try:
-        require_finite(stats, counts, config)
-        levels = level_statistics(child_index, columns, config)
+        levels = level_statistics(child_index, columns, config)  # every order, one sort
     except NonFiniteStatisticError as exc:
         raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
+    stats = levels.pop(config.output.child_order)
     timings.aggregate = time.perf_counter() - t0
 
     result.total_obs = int(child_index.size)
