@@ -29,7 +29,7 @@ from magg_core.aggregate import NonFiniteStatisticError, valid_points
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
-from magg_core.levels import level_statistics, staged_orders, write_staging
+from magg_core.levels import level_statistics, staging_object
 from magg_core.read import GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
@@ -136,10 +136,9 @@ def process_cell(
     if result.is_complete or (result.status == "partial" and request.accept_partial):
         _check_deadline(deadline, request)
         t0 = time.perf_counter()
-        write_cell(store, config, chunk_idx, stats)
-        if staged_orders(config):
-            staged = levels if result.total_obs else None
-            write_staging(store, config, request.parent_morton, staged)
+        staged = levels if result.total_obs else None
+        objects = staging_object(config, request.parent_morton, staged) if levels else {}
+        write_cell(store, config, chunk_idx, stats, objects=objects)
         timings.write = time.perf_counter() - t0
 
     timings.total = time.perf_counter() - started

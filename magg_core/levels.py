@@ -33,7 +33,6 @@ from collections.abc import Mapping
 
 import numpy as np
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.aggregate import aggregate_levels, require_finite
@@ -147,27 +146,18 @@ def decode_staging(data: bytes, config: PipelineConfig, key: str) -> LevelStatis
     return out
 
 
-def write_staging(
-    store: Store, config: PipelineConfig, parent_morton: int, levels: LevelStatistics | None
-) -> int:
-    """Store a parent's coarse statistics, or remove them (``levels=None``: no data).
+def staging_object(
+    config: PipelineConfig, parent_morton: int, levels: LevelStatistics | None
+) -> dict[str, bytes | None]:
+    """A parent's staging object as :func:`magg_core.store.write_cell` writes it: key → bytes,
+    or key → ``None`` (remove it: the cell has no data).
 
-    Called by the cell right after it writes (or clears) its child-order
-    chunk, under the same rules, so the two always agree. One PUT or DELETE,
-    which S3 applies atomically; writing again replaces the object.
-
-    Returns
-    -------
-    int
-        Bytes written (0 for a removal).
+    The cell writes it with its child-order chunk, under the same rules, so
+    the two always agree: one PUT or DELETE, which S3 applies atomically;
+    writing again replaces the object.
     """
     key = staging_key(config, parent_morton)
-    if levels is None:
-        sync(store.delete(key))
-        return 0
-    data = encode_staging(levels)
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
-    return len(data)
+    return {key: None if levels is None else encode_staging(levels)}
 
 
 def clear_staging(store: Store, config: PipelineConfig) -> None:
