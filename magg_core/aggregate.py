@@ -175,8 +175,9 @@ def aggregate_levels(
     sorted runs (one per finer cell), so shifting the cell half of the packed
     keys and a stable sort (numpy's timsort, which merges existing runs)
     orders the next level in a fraction of a fresh sort (measured: 7 levels
-    of 3M points in 0.31 s instead of 1.3 s). Derived columns and products
-    of columns are computed once for all levels.
+    of 3M points in 0.31 s instead of 1.3 s). Derived columns are computed
+    once for all levels; products of columns (``w * h``) once per level, as
+    keeping them would add a float64 per point to the peak.
 
     Parameters
     ----------
@@ -204,22 +205,29 @@ def aggregate_levels(
         raise ValueError(f"{n_children} children do not split into cells of 4**{shifts[-1]}")
     finest = _Groups.of(child_index, n_children)
     table = _point_columns(columns, config, finest.child.size)
-    products = _Products(table)
     to_sort = {s.column for s in config.aggregation.statistics if s.function in ORDER_STATISTICS}
-    first = finest.coarsened(shifts[0])
     # The input's own float32 column sorts without the exactness check its float64 copy needs.
+    first = finest.coarsened(shifts[0])
     chains = {name: _SortedColumn(columns.get(name, table[name]), first) for name in to_sort}
-    out = []
-    for shift in shifts:
-        groups = finest.coarsened(shift)
-        ordered = {name: chain.at(groups, shift) for name, chain in chains.items()}
-        sums = _Sums(groups, products, ordered)
-        stats = {}
-        for stat in config.aggregation.statistics:
-            value = _reduce(stat, groups, sums, ordered)
-            stats[stat.name] = _finish(stat, value, groups)
-        out.append(stats)
-    return out
+    del first  # each level's per-point arrays live only while the level is computed
+    return [_level(finest.coarsened(shift), shift, table, chains, config) for shift in shifts]
+
+
+def _level(
+    groups: _Groups,
+    shift: int,
+    table: Mapping[str, np.ndarray],
+    chains: Mapping[str, _SortedColumn],
+    config: PipelineConfig,
+) -> dict[str, np.ndarray]:
+    """Every statistic of one level of :func:`aggregate_levels`."""
+    ordered = {name: chain.at(groups, shift) for name, chain in chains.items()}
+    sums = _Sums(groups, table, ordered)
+    stats = {}
+    for stat in config.aggregation.statistics:
+        value = _reduce(stat, groups, sums, ordered)
+        stats[stat.name] = _finish(stat, value, groups)
+    return stats
 
 
 @dataclass(frozen=True)
@@ -300,24 +308,6 @@ class _Groups:
         return np.bincount(where, weights=values, minlength=self.counts.size)[self.present]
 
 
-class _Products:
-    """The point columns, and products of them, each computed once for every level."""
-
-    def __init__(self, table: Mapping[str, np.ndarray]):
-        self.table = table
-        self._done: dict[tuple[str, ...], np.ndarray] = {}
-
-    def __call__(self, names: tuple[str, ...]) -> np.ndarray:
-        if len(names) == 1:
-            return self.table[names[0]]
-        if names not in self._done:
-            values = self.table[names[0]]
-            for name in names[1:]:
-                values = values * self.table[name]
-            self._done[names] = values
-        return self._done[names]
-
-
 class _Sums:
     """Per-child float64 sums of columns and of products, each computed once.
 
@@ -328,12 +318,11 @@ class _Sums:
     def __init__(
         self,
         groups: _Groups,
-        products: _Products,
+        table: Mapping[str, np.ndarray],
         ordered: Mapping[str, np.ndarray],
     ):
         self._groups = groups
-        self._products = products
-        self.table = products.table
+        self.table = table
         self._ordered = ordered
         self._done: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -350,7 +339,10 @@ class _Sums:
             return np.zeros(0)
         if len(names) == 1 and names[0] in self._ordered:
             return np.add.reduceat(self._ordered[names[0]], groups.starts, dtype=np.float64)
-        return groups.sums(self._products(names))
+        values = self.table[names[0]]
+        for name in names[1:]:
+            values = values * self.table[name]
+        return groups.sums(values)
 
 
 def _point_columns(

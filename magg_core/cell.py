@@ -113,6 +113,7 @@ def process_cell(
     _check_deadline(deadline, request)
     t0 = time.perf_counter()
     child_index, columns = _concatenate(points, config)
+    points.clear()  # the concatenated arrays hold the points now: not twice while aggregating
     good = valid_points(columns, config)
     child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
     counts = np.bincount(child_index, minlength=config.output.children_per_parent)
