@@ -426,7 +426,8 @@ class _SortedColumn:
     A coarser level shifts the keys' high halves (cell ``c`` becomes ``c >>
     2*shift``) and sorts them again with ``kind="stable"``: the keys are then
     a sequence of sorted runs, which numpy's stable sort for uint64 (timsort)
-    merges instead of sorting from scratch. Sorted uint64 keys are unique
+    merges instead of sorting from scratch (numpy.sort documents "stable" as
+    timsort for types wider than 16 bits). Sorted uint64 keys are unique
     whatever the algorithm, so every level is bit-identical to a fresh sort.
 
     Values that need float64 take the general route at every level, ~3x
