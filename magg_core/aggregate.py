@@ -427,8 +427,9 @@ class _SortedColumn:
     2*shift``) and sorts them again with ``kind="stable"``: the keys are then
     a sequence of sorted runs, which numpy's stable sort for uint64 (timsort)
     merges instead of sorting from scratch (numpy.sort documents "stable" as
-    timsort for types wider than 16 bits). Sorted uint64 keys are unique
-    whatever the algorithm, so every level is bit-identical to a fresh sort.
+    timsort for types wider than 16 bits). Sorted uint64 keys are the same
+    array whatever the algorithm (equal keys are equal bits), so every level
+    is bit-identical to a fresh sort.
 
     Values that need float64 take the general route at every level, ~3x
     faster than lexsort: sort by value, then stably by cell (a radix sort
