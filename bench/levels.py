@@ -10,6 +10,13 @@ object). Also reported: the assembly of the coarse levels and the bytes each
 store holds (arrays of the coarse groups, staging objects). Local files, not
 S3: the numbers are CPU and bytes, not round trips. No target: the price is
 reported for docs/levels.md.
+
+Second, the levels' statistics of one dense parent (``--points`` track-ordered
+points, as :mod:`bench.statistics` makes them): all orders from one sort
+(:func:`magg_core.levels.level_statistics`, what a cell runs) against the
+design before it, one :func:`magg_core.aggregate.aggregate` per order on the
+shifted positions -- compared byte for byte, then timed in CPU time of this
+thread.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import cached_sample, machine, parser, ratio_line
+import numpy as np
+
+from bench._common import cached_sample, machine, median_time, parser, ratio_line
+from bench.statistics import track
+from magg_core.aggregate import aggregate
 from magg_core.assembly import assemble_levels
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
 from magg_core.config import PipelineConfig, load_config
-from magg_core.levels import LEVELS_PREFIX
+from magg_core.levels import LEVELS_PREFIX, level_statistics
 from magg_core.plan import plan_cells
 from magg_core.store import create_template, open_store
 
@@ -48,6 +59,40 @@ def run_store(granules, catalog, config: PipelineConfig, url: str) -> dict[str, 
     }
 
 
+def per_order(child, columns, config: PipelineConfig) -> dict[int, dict[str, np.ndarray]]:
+    """The baseline: one :func:`aggregate` (one sort) per order, as cells did before."""
+    child_order = config.output.child_order
+    return {
+        order: aggregate(
+            child >> (2 * (child_order - order)),
+            columns,
+            config,
+            n_children=config.output.cells_per_parent(order),
+        )
+        for order in config.output.orders
+    }
+
+
+def one_sort_against_per_order(config: PipelineConfig, n: int, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    child = track(rng, n)
+    columns = {
+        "h_li": (3000.0 + rng.normal(0.0, 5.0, n)).astype(np.float32),
+        "h_li_sigma": rng.uniform(0.02, 0.5, n).astype(np.float32),
+    }
+    cpu = time.thread_time
+    ours_s, ours = median_time(lambda: level_statistics(child, columns, config), repeats, cpu)
+    base_s, base = median_time(lambda: per_order(child, columns, config), repeats, cpu)
+    for order, stats in base.items():
+        for name, values in stats.items():
+            assert ours[order][name].tobytes() == values.tobytes(), (order, name)
+    print(
+        f"  {n:,} track points, orders {config.output.orders[0]}..{config.output.orders[-1]}: "
+        f"one sort {ours_s * 1e3:.0f} ms, one per order {base_s * 1e3:.0f} ms (byte-identical)"
+    )
+    return base_s / ours_s
+
+
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -55,6 +100,7 @@ def tree_bytes(path: Path) -> int:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--points", type=int, default=3_000_000)
     args = p.parse_args(argv)
     options = {"n_granules": 2, "extent_km": 100.0} if args.quick else {}
     repeats = 1 if args.quick else args.repeats
@@ -95,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio_line("levels.cell_total", med["levels"]["total"] / med["plain"]["total"], None)
     ratio_line("levels.aggregate", med["levels"]["aggregate"] / med["plain"]["aggregate"], None)
     ratio_line("levels.extra_bytes", (coarse + staging) / child, None)
+    n = 30_000 if args.quick else args.points
+    ratio_line("levels.one_sort_speedup", one_sort_against_per_order(levels, n, repeats), None)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ accumulate in float64 whatever the input dtype, so millions of float32
 heights do not lose digits.
 
 The sort is the largest cost (about a third); the rest is a score of passes
-over the points. Each point-sized temporary costs a pass *and* fresh pages
+over the points. Coarser pyramid levels reuse it (:func:`aggregate_levels`):
+re-sorting keys that are already sorted runs is a merge, not a new sort.
+Each point-sized temporary costs a pass *and* fresh pages
 (~1 ms per 2 MB in a VM), so intermediate arrays are few and are reused in
 place; a sum needed by two statistics (``h_mean`` and ``h_sigma`` both sum
 the weights) is computed once; and a sorted column serves its sum and
@@ -44,7 +46,7 @@ them out, and says so in numbers or in an error, never by a silent drop:
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -195,8 +197,6 @@ def aggregate(
         Supplies the derived columns and the statistics.
     n_children
         Children per parent; default ``config.output.children_per_parent``.
-        A pyramid level passes its own, ``4**(order - parent_order)``, with
-        positions at that order (:mod:`magg_core.levels`).
 
     Returns
     -------
@@ -214,15 +214,79 @@ def aggregate(
         If a statistic's dtype cannot hold its value for a child with points
         (see :func:`_finish`).
     """
+    return aggregate_levels(child_index, columns, config, (0,), n_children=n_children)[0]
+
+
+def aggregate_levels(
+    child_index: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    config: PipelineConfig,
+    shifts: Sequence[int],
+    *,
+    n_children: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The statistics of :func:`aggregate`, by child and by coarser cells, from one sort.
+
+    Level ``i`` groups the points by ``child_index >> 2 * shifts[i]``: in
+    HEALPix nested numbering a cell's four children are the consecutive ids
+    ``4j .. 4j+3`` (Górski et al. 2005, ApJ 622:759), so this is the cell
+    ``shifts[i]`` orders coarser, and a parent holds ``n_children >> 2 *
+    shifts[i]`` of them (:mod:`magg_core.levels` asks for orders 12 .. 6).
+
+    Each level is exactly what :func:`aggregate` gives for the shifted
+    positions -- the same float64 sums in the same order, the same sorted
+    values -- but a column's sort by (cell, value) is done once: sorted by
+    (child, value), each coarser cell's points are already contiguous, in
+    sorted runs (one per finer cell), so shifting the cell half of the packed
+    keys and a stable sort (numpy's timsort, which merges existing runs)
+    orders the next level in a fraction of a fresh sort (measured: 7 levels
+    of 3M points in 0.31 s instead of 1.3 s). Derived columns are computed
+    once for all levels; products of columns (``w * h``) once per level, as
+    keeping them would add a float64 per point to the peak.
+
+    Parameters
+    ----------
+    shifts
+        Strictly ascending, non-negative: how many orders coarser than the
+        children each level is; ``4**shifts[-1]`` must divide ``n_children``.
+
+    Returns
+    -------
+    list
+        One dict per level, in the order of ``shifts``, as :func:`aggregate`
+        returns (arrays of ``n_children >> 2 * shift``).
+
+    Raises
+    ------
+    ValueError
+        As :func:`aggregate`, or if ``shifts`` are not as above.
+    """
     if n_children is None:
         n_children = config.output.children_per_parent
-    groups = _Groups.of(child_index, n_children)
-    table = _point_columns(columns, config, groups.child.size)
+    shifts = [int(s) for s in shifts]
+    if not shifts or shifts[0] < 0 or np.any(np.diff(shifts) <= 0):
+        raise ValueError(f"shifts must be strictly ascending and >= 0, got {shifts}")
+    if n_children % 4 ** shifts[-1]:
+        raise ValueError(f"{n_children} children do not split into cells of 4**{shifts[-1]}")
+    finest = _Groups.of(child_index, n_children)
+    table = _point_columns(columns, config, finest.child.size)
     to_sort = {s.column for s in config.aggregation.statistics if s.function in ORDER_STATISTICS}
     # The input's own float32 column sorts without the exactness check its float64 copy needs.
-    ordered = {
-        name: _sort_within_children(columns.get(name, table[name]), groups) for name in to_sort
-    }
+    first = finest.coarsened(shifts[0])
+    chains = {name: _SortedColumn(columns.get(name, table[name]), first) for name in to_sort}
+    del first  # each level's per-point arrays live only while the level is computed
+    return [_level(finest.coarsened(shift), shift, table, chains, config) for shift in shifts]
+
+
+def _level(
+    groups: _Groups,
+    shift: int,
+    table: Mapping[str, np.ndarray],
+    chains: Mapping[str, _SortedColumn],
+    config: PipelineConfig,
+) -> dict[str, np.ndarray]:
+    """Every statistic of one level of :func:`aggregate_levels`."""
+    ordered = {name: chain.at(groups, shift) for name, chain in chains.items()}
     sums = _Sums(groups, table, ordered)
     stats = {}
     for stat in config.aggregation.statistics:
@@ -265,6 +329,16 @@ class _Groups:
         present = counts > 0
         starts = (np.cumsum(counts) - counts)[present]
         return cls(child, counts, present, starts)
+
+    def coarsened(self, shift: int) -> _Groups:
+        """The grouping by ``child >> 2 * shift`` (cells ``shift`` orders coarser)."""
+        if shift == 0:
+            return self
+        cells = self.counts.size >> (2 * shift)
+        counts = self.counts.reshape(cells, -1).sum(axis=1)
+        present = counts > 0
+        starts = (np.cumsum(counts) - counts)[present]
+        return _Groups(self.child >> (2 * shift), counts, present, starts)
 
     @property
     def present_counts(self) -> np.ndarray:
@@ -399,63 +473,91 @@ def require_finite(
             )
 
 
-def _sort_within_children(values: np.ndarray, groups: _Groups) -> np.ndarray:
-    """``values`` ordered by child, then by value (NaN last within a child).
+class _SortedColumn:
+    """One column's values ordered by cell, then by value (NaN last within a cell), at
+    successively coarser levels from one sort.
 
-    Heights are float32 on disk, so usually each (child, value) pair packs
-    exactly into one uint64 -- child in the high half, the float's bits made
+    Heights are float32 on disk, so usually each (cell, value) pair packs
+    exactly into one uint64 -- cell in the high half, the float's bits made
     order-preserving in the low half -- and one plain ``np.sort`` (SIMD, no
     permutation to gather through) orders them, ~6x faster than
-    ``np.lexsort((values, child))``; the result stays float32. Values that
-    need float64 take the general route, ~3x faster than lexsort: sort by
-    value, then stably by child (a radix sort when the child fits 16 bits).
-    """
-    packable = groups.counts.size <= 2**32
-    if values.dtype != np.float32 and packable:
-        narrow = values.astype(np.float32)
-        # The NaN-aware comparison is several times slower: only try it when NaN may be why.
-        if np.array_equal(narrow, values) or np.array_equal(narrow, values, equal_nan=True):
-            values = narrow
-    if values.dtype == np.float32 and packable:
-        return _sort_packed(values, groups.child)
-    key = groups.child.astype(np.min_scalar_type(groups.counts.size - 1))
-    by_value = np.argsort(values)
-    return values[by_value[np.argsort(key[by_value], kind="stable")]]
-
-
-def _sort_packed(values: np.ndarray, child: np.ndarray) -> np.ndarray:
-    """Float32 ``values`` sorted by (child, value) through packed uint64 keys.
-
-    The bits of positive floats already sort as unsigned integers (the
-    usual case: heights above the ellipsoid), and the result is then a view
-    of the sorted keys' low halves. Otherwise, flipping the sign bit of
-    non-negative floats and all bits of negative ones turns IEEE order into
+    ``np.lexsort((values, cell))``; the values stay float32. The bits of
+    positive floats already sort as unsigned integers (the usual case:
+    heights above the ellipsoid), and the sorted values are then a view of
+    the keys' low halves. Otherwise, flipping the sign bit of non-negative
+    floats and all bits of negative ones turns IEEE order into
     unsigned-integer order (NaN is made positive first, so it sorts last as
     in numpy); the same flip undoes itself.
+
+    A coarser level shifts the keys' high halves (cell ``c`` becomes ``c >>
+    2*shift``) and sorts them again with ``kind="stable"``: the keys are then
+    a sequence of sorted runs, which numpy's stable sort for uint64 (timsort)
+    merges instead of sorting from scratch (numpy.sort documents "stable" as
+    timsort for types wider than 16 bits). Sorted uint64 keys are the same
+    array whatever the algorithm (equal keys are equal bits), so every level
+    is bit-identical to a fresh sort.
+
+    Values that need float64 take the general route at every level, ~3x
+    faster than lexsort: sort by value, then stably by cell (a radix sort
+    when the cell fits 16 bits).
     """
-    smallest = values.min() if values.size else np.float32(1)
-    if np.isnan(smallest):  # min is NaN if any value is
-        values = np.where(np.isnan(values), np.float32(np.nan), values)
-    bits = values.view(np.uint32)
-    key = np.empty(child.size, dtype=np.uint64)
-    halves = key.view(np.uint32)
-    halves[1 - _LOW_HALF :: 2] = child  # the high half: child < 2**32
-    if smallest > 0:
-        halves[_LOW_HALF::2] = bits
-        key.sort()
-        return key.view(np.float32)[_LOW_HALF::2]
-    flip = bits >> 31
-    np.subtract(np.uint32(0), flip, out=flip)
-    flip |= _SIGN
-    flip ^= bits
-    halves[_LOW_HALF::2] = flip
-    key.sort()
-    low = key.view(np.uint32)[_LOW_HALF::2]
-    np.right_shift(low, 31, out=flip)
-    flip -= np.uint32(1)
-    flip |= _SIGN
-    flip ^= low
-    return flip.view(np.float32)
+
+    def __init__(self, values: np.ndarray, groups: _Groups):
+        packable = groups.counts.size <= 2**32
+        if values.dtype != np.float32 and packable:
+            narrow = values.astype(np.float32)
+            # The NaN-aware comparison is several times slower: only try it when NaN may be why.
+            if np.array_equal(narrow, values) or np.array_equal(narrow, values, equal_nan=True):
+                values = narrow
+        self._values = values
+        self._key: np.ndarray | None = None
+        if not (values.dtype == np.float32 and packable):
+            return
+        smallest = values.min() if values.size else np.float32(1)
+        if np.isnan(smallest):  # min is NaN if any value is
+            values = np.where(np.isnan(values), np.float32(np.nan), values)
+        bits = values.view(np.uint32)
+        self._key = np.empty(groups.child.size, dtype=np.uint64)
+        halves = self._key.view(np.uint32)
+        halves[1 - _LOW_HALF :: 2] = groups.child  # the high half: cell < 2**32
+        self._flipped = not smallest > 0
+        if self._flipped:
+            flip = bits >> 31
+            np.subtract(np.uint32(0), flip, out=flip)
+            flip |= _SIGN
+            flip ^= bits
+            halves[_LOW_HALF::2] = flip
+            self._unflipped = flip  # reused as the output buffer of every level
+        else:
+            halves[_LOW_HALF::2] = bits
+        self._key.sort()
+        self._shift: int | None = None
+
+    def at(self, groups: _Groups, shift: int) -> np.ndarray:
+        """The values sorted for ``groups``, the grouping ``shift`` orders above the first.
+
+        Levels must come in ascending ``shift``: each one reorders the keys in place.
+        """
+        if self._key is None:
+            key = groups.child.astype(np.min_scalar_type(groups.counts.size - 1))
+            by_value = np.argsort(self._values)
+            return self._values[by_value[np.argsort(key[by_value], kind="stable")]]
+        if self._shift is None:
+            self._shift = shift
+        elif shift != self._shift:
+            high = self._key.view(np.uint32)[1 - _LOW_HALF :: 2]
+            high >>= np.uint32(2 * (shift - self._shift))
+            self._key.sort(kind="stable")
+            self._shift = shift
+        low = self._key.view(np.uint32)[_LOW_HALF::2]
+        if not self._flipped:
+            return low.view(np.float32)
+        flip = self._unflipped
+        np.right_shift(low, 31, out=flip)
+        flip -= np.uint32(1)
+        flip |= _SIGN
+        flip ^= low
+        return flip.view(np.float32)
 
 
 def _reduce(
@@ -507,7 +609,7 @@ def _order_statistic(
 ) -> np.ndarray:
     """Min, max or quantile of each child, as ``np.min/max/quantile`` give it.
 
-    ``ordered`` comes from :func:`_sort_within_children`. A quantile uses
+    ``ordered`` comes from :class:`_SortedColumn`. A quantile uses
     numpy's default ('linear') method bit for bit: read the sorted sample at
     the virtual index ``(n-1)·q`` and interpolate between its neighbours,
     from the upper one when the fraction is >= 0.5 (which keeps the result

@@ -33,15 +33,13 @@ from magg_core.aggregate import (
     SIGMA_DROP,
     InvalidDerivedValueError,
     NonFiniteStatisticError,
-    aggregate,
     check_derived,
-    require_finite,
     valid_points,
 )
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
-from magg_core.levels import level_statistics, staged_orders, write_staging
+from magg_core.levels import level_statistics, staging_object
 from magg_core.read import READ_DROPS, GranulePoints, read_granules
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
@@ -125,20 +123,18 @@ def process_cell(
     _check_deadline(deadline, request)
     t0 = time.perf_counter()
     child_index, columns = _concatenate(points, config)
+    read_drops = {r: sum(p.dropped.get(r, 0) for p in points) for r in READ_DROPS}
+    points.clear()  # the concatenated arrays hold the points now: not twice while aggregating
     good = valid_points(columns, config)
-    result.dropped = {
-        **{reason: sum(p.dropped.get(reason, 0) for p in points) for reason in READ_DROPS},
-        SIGMA_DROP: int(good.size - np.count_nonzero(good)),
-    }
+    result.dropped = {**read_drops, SIGMA_DROP: int(good.size - np.count_nonzero(good))}
     child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
+    counts = np.bincount(child_index, minlength=config.output.children_per_parent)
     try:
         check_derived(columns, config)
-        stats = aggregate(child_index, columns, config)
-        counts = np.bincount(child_index, minlength=config.output.children_per_parent)
-        require_finite(stats, counts, config)
-        levels = level_statistics(child_index, columns, config)
+        levels = level_statistics(child_index, columns, config)  # every order, one sort
     except (InvalidDerivedValueError, NonFiniteStatisticError) as exc:
         raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
+    stats = levels.pop(config.output.child_order)
     timings.aggregate = time.perf_counter() - t0
 
     result.total_obs = int(child_index.size)
@@ -154,10 +150,9 @@ def process_cell(
     if result.is_complete or (result.status == "partial" and request.accept_partial):
         _check_deadline(deadline, request)
         t0 = time.perf_counter()
-        write_cell(store, config, chunk_idx, stats)
-        if staged_orders(config):
-            staged = levels if result.total_obs else None
-            write_staging(store, config, request.parent_morton, staged)
+        staged = levels if result.total_obs else None
+        objects = staging_object(config, request.parent_morton, staged) if levels else {}
+        write_cell(store, config, chunk_idx, stats, objects=objects)
         timings.write = time.perf_counter() - t0
 
     timings.total = time.perf_counter() - started

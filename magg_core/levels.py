@@ -7,8 +7,9 @@ HEALPix nested numbering the order-``k`` ancestor of the order-``c`` cell
 ``i`` is ``i >> 2*(c - k)`` (Górski et al. 2005, ApJ 622:759, §4: each cell
 splits into 4 consecutive children), and so is a child *position* within a
 parent, because a parent's first child id is a multiple of ``4**(c - p)``.
-A cell therefore calls :func:`magg_core.aggregate.aggregate` once per level
-with the shifted positions and that level's number of cells per parent.
+A cell therefore aggregates its points once per level with the shifted
+positions and that level's number of cells per parent, all levels from one
+sort (:func:`magg_core.aggregate.aggregate_levels`).
 
 The child order's chunk belongs to one cell, which writes it as always. A
 coarse level's chunk spans several parents (:func:`magg_core.store.level_chunk_parents`),
@@ -32,10 +33,9 @@ from collections.abc import Mapping
 
 import numpy as np
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from magg_core.aggregate import aggregate, require_finite
+from magg_core.aggregate import aggregate_levels, require_finite
 from magg_core.config import PipelineConfig
 
 LEVELS_PREFIX = "levels"
@@ -52,7 +52,12 @@ def staged_orders(config: PipelineConfig) -> tuple[int, ...]:
 def level_statistics(
     child_index: np.ndarray, columns: Mapping[str, np.ndarray], config: PipelineConfig
 ) -> LevelStatistics:
-    """One parent's statistics at every coarse level, each computed from the points.
+    """One parent's statistics at every order of the config, each computed from the points.
+
+    All orders come from one sort of the points by (child, value)
+    (:func:`magg_core.aggregate.aggregate_levels`): each order is exactly
+    what :func:`magg_core.aggregate.aggregate` gives for the shifted
+    positions, at a fraction of the cost of sorting once per order.
 
     Parameters
     ----------
@@ -62,35 +67,41 @@ def level_statistics(
     columns
         The ``data_source`` variables of those points, each ``(n_points,)``.
     config
-        Its :func:`staged_orders` are computed; none gives ``{}``.
+        Its ``output.orders`` are computed: the child order, and the
+        :func:`staged_orders` if it has levels.
 
     Returns
     -------
     dict
         Order ``k`` → statistic → array of ``4**(k - parent_order)`` values in
-        the statistic's dtype (fill value where a cell has no point).
+        the statistic's dtype (fill value where a cell has no point), by
+        ascending order.
 
     Raises
     ------
     magg_core.aggregate.NonFiniteStatisticError
-        If a statistic is not finite for a cell with points, naming the order.
+        If a statistic is not finite for a cell with points: at the child
+        order as :func:`magg_core.aggregate.require_finite` says it, at a
+        coarse order prefixed with the order.
     ValueError
         As :func:`magg_core.aggregate.aggregate`.
     """
-    child_index = np.asarray(child_index).astype(np.int64, copy=False)
     child_order = config.output.child_order
+    orders = sorted(config.output.orders, reverse=True)  # the child order first
+    shifts = [child_order - order for order in orders]
+    computed = aggregate_levels(child_index, columns, config, shifts)
+    counts = np.bincount(np.asarray(child_index), minlength=config.output.children_per_parent)
     out: LevelStatistics = {}
-    for order in staged_orders(config):
-        n_cells = config.output.cells_per_parent(order)
-        index = child_index >> (2 * (child_order - order))
-        stats = aggregate(index, columns, config, n_children=n_cells)
-        counts = np.bincount(index, minlength=n_cells)
+    for order, stats in zip(orders, computed, strict=True):
+        cells = counts.reshape(config.output.cells_per_parent(order), -1).sum(axis=1)
         try:
-            require_finite(stats, counts, config)
+            require_finite(stats, cells, config)
         except ValueError as exc:
+            if order == child_order:
+                raise
             raise type(exc)(f"order {order}: {exc}") from exc
         out[order] = stats
-    return out
+    return dict(sorted(out.items()))  # ascending, as staging objects list them
 
 
 def staging_key(config: PipelineConfig, parent_morton: int) -> str:
@@ -135,27 +146,18 @@ def decode_staging(data: bytes, config: PipelineConfig, key: str) -> LevelStatis
     return out
 
 
-def write_staging(
-    store: Store, config: PipelineConfig, parent_morton: int, levels: LevelStatistics | None
-) -> int:
-    """Store a parent's coarse statistics, or remove them (``levels=None``: no data).
+def staging_object(
+    config: PipelineConfig, parent_morton: int, levels: LevelStatistics | None
+) -> dict[str, bytes | None]:
+    """A parent's staging object as :func:`magg_core.store.write_cell` writes it: key → bytes,
+    or key → ``None`` (remove it: the cell has no data).
 
-    Called by the cell right after it writes (or clears) its child-order
-    chunk, under the same rules, so the two always agree. One PUT or DELETE,
-    which S3 applies atomically; writing again replaces the object.
-
-    Returns
-    -------
-    int
-        Bytes written (0 for a removal).
+    The cell writes it with its child-order chunk, under the same rules, so
+    the two always agree: one PUT or DELETE, which S3 applies atomically;
+    writing again replaces the object.
     """
     key = staging_key(config, parent_morton)
-    if levels is None:
-        sync(store.delete(key))
-        return 0
-    data = encode_staging(levels)
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
-    return len(data)
+    return {key: None if levels is None else encode_staging(levels)}
 
 
 def clear_staging(store: Store, config: PipelineConfig) -> None:

@@ -42,6 +42,7 @@ import zarr
 import zarr.api.asynchronous
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import LocalStore, ObjectStore
@@ -385,6 +386,7 @@ def write_cell(
     stats: Mapping[str, np.ndarray],
     *,
     arrays: Sequence[ArraySpec] | None = None,
+    objects: Mapping[str, bytes | None] | None = None,
 ) -> None:
     """Write one parent's chunk of every data array (``arrays``, default the statistics).
 
@@ -392,6 +394,15 @@ def write_cell(
     leaves the store as it was. A chunk that is all fill values is removed
     rather than written (zarr's default), so re-running a cell that lost its
     data also clears what an earlier run wrote.
+
+    ``objects`` are other objects of the same cell (store key → bytes to
+    put, or ``None`` to delete), written together with the chunks: the
+    pyramid levels' staging object (:func:`magg_core.levels.staging_object`).
+
+    On S3 the write is two round trips whatever the number of arrays: every
+    array's metadata is read at once (each array opened by its own path,
+    not through the group, whose metadata holds the whole template), then
+    every chunk and object is put at once.
 
     Raises
     ------
@@ -419,23 +430,35 @@ def write_cell(
                 f"statistic {name!r}: expected dtype {dtype} and shape ({per_parent},), "
                 f"got dtype {got_dtype} and shape {getattr(values, 'shape', None)}"
             )
-    sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats))
+    sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats, objects or {}))
 
 
 async def _write_chunks(
-    store: Store, path: str, chunk_idx: int, per_parent: int, stats: Mapping[str, np.ndarray]
+    store: Store,
+    path: str,
+    chunk_idx: int,
+    per_parent: int,
+    stats: Mapping[str, np.ndarray],
+    objects: Mapping[str, bytes | None],
 ) -> None:
-    # Opening and writing the arrays concurrently makes a cell's write two
-    # round trips to S3 instead of two per statistic.
-    group = await zarr.api.asynchronous.open_group(
-        store, path=path, mode="r+", zarr_format=3, use_consolidated=False
+    arrays = await asyncio.gather(
+        *(
+            zarr.api.asynchronous.open_array(
+                store=store, path=f"{path}/{name}", mode="r+", zarr_format=3
+            )
+            for name in stats
+        )
     )
-    arrays = await asyncio.gather(*(group.getitem(name) for name in stats))
     n_chunks = min(array.shape[0] for array in arrays) // per_parent
     if not 0 <= chunk_idx < n_chunks:
         raise ValueError(f"chunk index {chunk_idx} is outside the store's {n_chunks} chunks")
     cells = slice(chunk_idx * per_parent, (chunk_idx + 1) * per_parent)
-    writes = (array.setitem(cells, stats[name]) for name, array in zip(stats, arrays, strict=True))
+    writes = [array.setitem(cells, stats[name]) for name, array in zip(stats, arrays, strict=True)]
+    prototype = default_buffer_prototype()
+    for key, data in objects.items():
+        writes.append(
+            store.delete(key) if data is None else store.set(key, prototype.buffer.from_bytes(data))
+        )
     await asyncio.gather(*writes)
 
 

@@ -24,7 +24,7 @@ EXPECTED_RATIOS = {
     "memory": 1,
     "end_to_end": 3,
     "cycle": 6,
-    "levels": 3,
+    "levels": 4,
 }
 
 

@@ -91,17 +91,40 @@ def test_bad_levels_name_the_key(levels, message):
 # -- one parent's levels, against pandas ------------------------------------------------------
 
 
-def test_level_statistics_equal_a_pandas_groupby_at_every_order():
+def _positive(rng, n):
+    return rng.normal(2_000.0, 30.0, n).astype(np.float32)
+
+
+def _signed_with_ties(rng, n):
+    """Below and above the ellipsoid, ±0 and repeated values: the sort's sign-flip route."""
+    values = np.array([-0.0, 0.0, -12.5, 3.25, -1e-3, 250.0], dtype=np.float32)
+    h = rng.normal(0.0, 40.0, n).astype(np.float32)
+    tie = rng.random(n) < 0.3
+    h[tie] = rng.choice(values, np.count_nonzero(tie))
+    return h
+
+
+def _float64(rng, n):
+    """Heights that float32 cannot hold: the general (argsort) route at every order."""
+    return rng.normal(1_000.0, 5.0, n)
+
+
+@pytest.mark.parametrize("heights", [_positive, _signed_with_ties, _float64])
+@pytest.mark.parametrize("in_runs", [True, False], ids=["runs", "shuffled"])
+def test_level_statistics_equal_a_pandas_groupby_at_every_order(heights, in_runs):
+    """Every order from one sort (magg_core.aggregate.aggregate_levels) against pandas."""
     rng = np.random.default_rng(7)
     n = 30_000
     occupied = rng.choice(4096, size=400, replace=False)  # most children empty
     child = np.sort(rng.choice(occupied, size=n))  # in runs, as a reader returns them
-    h = rng.normal(2_000.0, 30.0, n).astype(np.float32)
+    if not in_runs:
+        child = rng.permutation(child)
+    h = heights(rng, n)
     sigma = rng.uniform(0.02, 0.5, n).astype(np.float32)
 
     levels = level_statistics(child, {"h_li": h, "h_li_sigma": sigma}, CONFIG)
 
-    assert sorted(levels) == list(ORDERS[:-1])
+    assert list(levels) == list(ORDERS)
     for order, stats in levels.items():
         n_cells = 4 ** (order - 6)
         w = 1.0 / sigma.astype(np.float64) ** 2
@@ -134,6 +157,7 @@ def test_a_staging_object_round_trips_and_refuses_another_config():
     levels = level_statistics(
         np.arange(10), {"h_li": np.ones(10), "h_li_sigma": np.ones(10)}, CONFIG
     )
+    del levels[12]  # staged: the coarse orders
     data = encode_staging(levels)
     back = decode_staging(data, CONFIG, "k")
     assert {k: {n: v.tobytes() for n, v in s.items()} for k, s in back.items()} == {

@@ -380,8 +380,25 @@ def test_write_cell_validates_before_writing(templated, config):
     ]
     for stats, idx, message in bad_calls:
         with pytest.raises(ValueError, match=message):
-            write_cell(store, config, idx, stats)
-    assert local_files(path) == before
+            write_cell(store, config, idx, stats, objects={"levels/12/1.npz": b"staged"})
+    assert local_files(path) == before  # the cell's other objects neither
+
+
+def test_write_cell_puts_and_removes_the_cells_other_objects_with_its_chunks(templated, config):
+    """The staging object of the levels travels with the chunks (one round of requests)."""
+    path, store = templated
+    stats = stats_for(config, 2)
+    before = local_files(path)
+    write_cell(store, config, 2, stats, objects={"levels/12/5.npz": b"staged", "other": b"x"})
+    after = local_files(path)
+    changed = {k for k in after if after[k] != before.get(k)}
+    chunks = {f"12/{s.name}/c/2" for s in config.aggregation.statistics}
+    assert changed == chunks | {"levels/12/5.npz", "other"}
+    assert (path / "levels" / "12" / "5.npz").read_bytes() == b"staged"
+
+    write_cell(store, config, 2, stats, objects={"levels/12/5.npz": None})  # a cell with no data
+    assert not (path / "levels" / "12" / "5.npz").exists()
+    assert (path / "other").read_bytes() == b"x"
 
 
 def test_write_cell_touches_only_its_chunk_and_is_idempotent(templated, config, parents):
