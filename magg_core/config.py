@@ -580,8 +580,9 @@ def named_ellipsoid(name: str) -> dict[str, Any]:
     """
     from healpix_geo.ellipsoid import resolve
 
-    parameters = resolve(name)
-    return {"name": name, **{k: float(v) for k, v in parameters.items() if k != "name"}}
+    parameters = resolve(name)  # a mapping whose key order varies from call to call
+    keys = [k for k in ("semimajor_axis", "inverse_flattening", "radius") if k in parameters]
+    return {"name": name, **{k: float(parameters[k]) for k in keys}}
 
 
 def _parse_ellipsoid(s: _Section) -> str:
