@@ -19,9 +19,13 @@ with ``allow_pickle=False``): ``child`` -- the point's child position in the
 parent, ``uint16`` while a parent has at most 65,536 children (4,096 for
 orders 6 → 12) -- and each ``data_source`` variable in the file's dtype, in
 the granule's beam-then-row order. For ATL06 that is 2 + 4 + 4 = 10 bytes a
-point. A config with a ``height_change`` section adds each point's
+point. A run that keeps its fragments for height change (``magg run
+--keep-fragments`` with a config that has a ``height_change`` section,
+:attr:`magg_core.extract.ExtractRequest.height_change`) adds each point's
 ``latitude``, ``longitude`` and ``time`` (float64 each): 34 bytes a point, what
 fitting height change across cycles needs (:mod:`magg_core.height_change`).
+Other runs leave them out: the cells use only the variables. The extract
+record lists the columns its fragments carry.
 Every parent the catalog lists for the granule gets a fragment, empty
 if no good point falls in it, so a missing fragment always means the extract
 did not succeed; the record, written last, says why.
@@ -68,6 +72,8 @@ class ExtractRecord:
     """Parent morton word (decimal string, as JSON keeps uint64 exact) → good points."""
     reason: str | None = None
     bytes_fetched: int = 0
+    columns: Sequence[str] = ()
+    """The point columns each fragment carries besides ``child`` (empty: none written)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -93,8 +99,11 @@ def encode(points: GranulePoints, config: PipelineConfig) -> bytes:
     return buffer.getvalue()
 
 
-def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
-    """The points a fragment holds.
+def decode(
+    data: bytes, url: str, config: PipelineConfig, columns: Sequence[str] | None = None
+) -> GranulePoints:
+    """The points a fragment holds: ``child`` and ``columns`` (default: the config's
+    variables, all a cell aggregates; height change asks for ``config.point_columns``).
 
     Raises
     ------
@@ -102,8 +111,10 @@ def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
         If the bytes are not a fragment of this config (an array is missing,
         lengths differ, or it would need unpickling).
     """
+    if columns is None:
+        columns = config.data_source.variables
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        names = ("child", *config.point_columns)
+        names = ("child", *columns)
         missing = [n for n in names if n not in npz.files]
         if missing:
             raise ValueError(f"fragment of {granule_name(url)} lacks {missing}")
@@ -166,9 +177,14 @@ def read_fragment(
 
 
 def read_cell_fragments(
-    store: Store, config: PipelineConfig, urls: Sequence[str], parent_morton: int
+    store: Store,
+    config: PipelineConfig,
+    urls: Sequence[str],
+    parent_morton: int,
+    columns: Sequence[str] | None = None,
 ) -> tuple[list[GranulePoints], list[GranuleFailure]]:
-    """The parent's fragment of each granule, fetched concurrently, in the order of ``urls``.
+    """The parent's fragment of each granule (``columns`` as :func:`decode` takes them),
+    fetched concurrently, in the order of ``urls``.
 
     A granule without a fragment is a failure: its extract failed (the
     record's reason) or never ran.
@@ -178,7 +194,7 @@ def read_cell_fragments(
     points, failures = [], []
     for url, data in zip(urls, blobs, strict=True):
         if data is not None:
-            points.append(decode(data, url, config))
+            points.append(decode(data, url, config, columns))
             continue
         record = read_extract_record(store, config, url)
         if record is not None and record.status == "failed":
