@@ -16,7 +16,8 @@ Runs, each printing medians and the ratio magg / script:
 - ``local``: the issue's real density (24 granules, tracks up to 2,000 km
   converging toward 80°S, a segment every 20 m), local files, rounds
   alternating which goes first;
-- ``growth``: 24, 48 and 96 granules, time per point for both;
+- ``growth``: 24 (the medians of ``local``), 48 and 96 granules, time per
+  point for both;
 - ``s3_30ms``: granules on moto behind 30 ms a request
   (:mod:`bench.latency_proxy`); magg reads them and writes its store there,
   the script reads them through s3fs (h5py's ros3 driver is not built here)
@@ -314,14 +315,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     ratio_line("floor.magg_over_script_local", local["magg"] / local["script"], 1.2, at_least=False)
 
-    print("growth, one round each:")
+    print(f"growth ({growth[0]} granules: the medians above; then one round each):")
     per_point = {}
     for n in growth:
-        granules, catalog, work = sample_for(n, args.quick)
-        sources = [str(g.path) for g in granules]
-        got = side_by_side(
-            sources, catalog, str(granules[0].path.parent), str(work), work, levels, 1
-        )
+        if n == growth[0]:
+            got = local
+        else:
+            granules, catalog, work = sample_for(n, args.quick)
+            sources = [str(g.path) for g in granules]
+            mirror = str(granules[0].path.parent)
+            got = side_by_side(sources, catalog, mirror, str(work), work, levels, 1)
         per_point[n] = {k: got[k] / got["points"] * 1e9 for k in ("script", "magg")}
         print(
             f"  {n:>3} granules, {got['points']:,} points: script {per_point[n]['script']:.0f} "
