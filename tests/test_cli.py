@@ -238,3 +238,12 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefec
     for name, (output, ending) in zip(cases, endings, strict=True):
         code = int(ending.split("exit")[1])
         _assert_one_clear_line(name, output, code, cases[name][1])
+
+
+def test_run_help_says_what_keep_fragments_adds_per_point(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--keep-fragments" in text
+    assert "latitude, longitude and time: 34 instead of 10 bytes a point" in text
