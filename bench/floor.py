@@ -77,8 +77,16 @@ def _open(source: str, s3: dict | None):
     return h5py.File(fs.open(source, "rb"), "r")
 
 
-def read_granule(source: str, s3: dict | None = None) -> dict[int, tuple[np.ndarray, ...]]:
-    """Parent id → (order-12 cell ids, h, σ) of the granule's good points."""
+def read_granule(
+    job: tuple[str, tuple[int, ...]], s3: dict | None = None
+) -> dict[int, tuple[np.ndarray, ...]]:
+    """Parent id → (order-12 cell ids, h, σ) of the granule's good points in the parents
+    the catalog lists it under (``job``: the granule and those parents' nested ids).
+
+    The catalog defines the job for both: a granule is gridded into the cells
+    whose catalog entry names it, as magg's extract reads it.
+    """
+    source, wanted = job
     import healpy
     import mortie
 
@@ -110,6 +118,8 @@ def read_granule(source: str, s3: dict | None = None) -> dict[int, tuple[np.ndar
     ).astype(np.int64)
     h, sigma = np.concatenate(h), np.concatenate(sigma)
     parents = cells >> 2 * (CHILD_ORDER - PARENT_ORDER)
+    listed = np.isin(parents, np.asarray(wanted, dtype=np.int64))
+    cells, h, sigma, parents = cells[listed], h[listed], sigma[listed], parents[listed]
     order = np.argsort(parents, kind="stable")
     ids, starts = np.unique(parents[order], return_index=True)
     bounds = np.r_[starts, order.size]
@@ -160,7 +170,9 @@ def aggregate_parent(parent: int, parts: list, levels: tuple[int, ...], out: str
     return int(cells.size)
 
 
-def floor_run(sources: list[str], out: Path, levels: tuple[int, ...], s3: dict | None) -> int:
+def floor_run(
+    sources: list[tuple[str, tuple[int, ...]]], out: Path, levels: tuple[int, ...], s3: dict | None
+) -> int:
     """The whole script: read in one pool, aggregate in another; returns the points."""
     out.mkdir(parents=True, exist_ok=True)
     workers = os.cpu_count() or 1
@@ -209,11 +221,22 @@ def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: st
         raise RuntimeError(f"magg run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> int:
-    """magg's store equals the script's output at every level; returns the cells compared.
+MOVED_AT_MOST = 1e-5
+"""Share of points the two cell assignments may place in different cells: healpy on
+authalic latitude (the script) and mortie (magg) agree on 99.9999 % of points, the
+others lie on cell edges (DESIGN §4); ten times that is allowed."""
 
-    Counts, minima and maxima exactly (float32 values as stored), the other
-    statistics to float32 rounding (their sums run in another order).
+
+def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> tuple[int, int]:
+    """magg's store equals the script's output at every level.
+
+    Returns the cells compared and the points the two cell assignments place
+    differently (counted at the finest order). Cells whose counts agree have
+    the same statistics: counts, minima and maxima exactly (the float32
+    values as stored), the others to float32 rounding (their sums run in
+    another order). Cells whose counts differ (an edge point assigned to a
+    neighbour) are left out, as long as they hold at most
+    :data:`MOVED_AT_MOST` of the points.
 
     Raises
     ------
@@ -225,26 +248,39 @@ def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> int:
     from magg_core.store import open_store
 
     files = [np.load(path) for path in sorted(out.glob("*.npz"))]
-    compared = 0
+    compared = moved = 0
     for order in levels:
         group = zarr.open_group(open_store(store_url, read_only=True), path=str(order), mode="r")
         count = group["count"][:]
         filled = count > 0
-        cell_ids = group["cell_ids"][:][filled].astype(np.int64)
-        mine = np.argsort(cell_ids)
+        cells = group["cell_ids"][:][filled].astype(np.int64)
         theirs = np.concatenate([f[f"cells_{order}"] for f in files])
-        by_cell = np.argsort(theirs)
-        np.testing.assert_array_equal(theirs[by_cell], cell_ids[mine], err_msg=f"order {order}")
+        their_count = np.concatenate([f[f"count_{order}"] for f in files])
+        _, mine, their = np.intersect1d(cells, theirs, return_indices=True)
+        my_count = count[filled].astype(np.int64)
+        same = my_count[mine] == their_count[their]
+        apart = np.abs(my_count[mine] - their_count[their]).sum()
+        apart += (
+            my_count.sum() - my_count[mine].sum() + their_count.sum() - their_count[their].sum()
+        )
+        total = int(their_count.sum())
+        # each point placed apart is counted twice: out of one cell, into another
+        assert apart <= 2 * max(1.0, MOVED_AT_MOST * total), (
+            f"order {order}: {apart // 2} of {total} points in other cells"
+        )
+        if order == levels[0]:
+            moved = int(apart // 2)
+        mine, their = mine[same], their[same]
         for name in (*STATISTICS, *QUARTILES):
             got = group[name][:][filled][mine]
-            want = np.concatenate([f[f"{name}_{order}"] for f in files])[by_cell]
+            want = np.concatenate([f[f"{name}_{order}"] for f in files])[their]
             message = f"order {order}: {name}"
             if name in ("count", "h_min", "h_max"):
                 np.testing.assert_array_equal(got, want.astype(got.dtype), err_msg=message)
             else:
                 np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=message)
-        compared += int(filled.sum())
-    return compared
+        compared += int(same.sum())
+    return compared, moved
 
 
 # --- rounds ----------------------------------------------------------------------------
@@ -267,10 +303,11 @@ def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=
             if name == "script":
                 points = result
         if r == 0:
-            cells = check_equal(store, out, levels)
+            cells, moved = check_equal(store, out, levels)
             print(
                 f"  equal: magg's store and the script's output, {cells:,} cells at orders "
-                f"{', '.join(map(str, levels))}, {points:,} points"
+                f"{', '.join(map(str, levels))}, {points:,} points ({moved} on cell edges "
+                "assigned to a neighbour by healpy or mortie)"
             )
         shutil.rmtree(out, ignore_errors=True)
         if not store.startswith("s3://"):
@@ -284,7 +321,19 @@ def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=
     return {**medians, "points": points}
 
 
-def sample_for(n: int, quick: bool) -> tuple[list, Path, Path]:
+def jobs(catalog, where: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
+    """Each granule (``where``: name → path or key) and the nested ids of its catalog's cells."""
+    import mortie
+
+    listed: dict[str, list[int]] = {name: [] for name in where}
+    for parent, granules in catalog.cells.items():
+        nested, _ = mortie.mort2healpix(np.array([parent], dtype=np.uint64))
+        for granule in granules:
+            listed[granule.name].append(int(nested[0]))
+    return [(where[name], tuple(parents)) for name, parents in listed.items()]
+
+
+def sample_for(n: int, quick: bool) -> tuple[list, object, Path, Path]:
     from magg_core.catalog import catalog_from_records
 
     granules = cached_sample(n_granules=n, **(QUICK if quick else SAMPLE))
@@ -294,26 +343,62 @@ def sample_for(n: int, quick: bool) -> tuple[list, Path, Path]:
         f"  sample: {n} granules, {len(catalog.cells)} cells, "
         f"{sum(g.path.stat().st_size for g in granules) / 1e6:.0f} MB of granules"
     )
-    return granules, catalog.write(work / "catalog.json"), work
+    return granules, catalog, catalog.write(work / "catalog.json"), work
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    cli = parser(__doc__.split("\n\n")[0])
+    cli.add_argument(
+        "--rounds", type=int, help=f"rounds of local and S3 runs (default {ROUNDS}, quick 1)"
+    )
+    args = cli.parse_args(argv)
     from magg_core.config import load_config
 
     config = load_config()
     levels = (CHILD_ORDER, *sorted(o for o in config.output.levels if o != CHILD_ORDER))
     growth = QUICK_GROWTH if args.quick else GROWTH
-    rounds = QUICK_ROUNDS if args.quick else ROUNDS
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     print(machine())
 
     print(f"local files, {rounds} rounds alternating:")
-    granules, catalog, work = sample_for(growth[0], args.quick)
-    sources = [str(g.path) for g in granules]
+    granules, listing, catalog, work = sample_for(growth[0], args.quick)
+    sources = jobs(listing, {g.name: str(g.path) for g in granules})
     local = side_by_side(
         sources, catalog, str(granules[0].path.parent), str(work), work, levels, rounds
     )
     ratio_line("floor.magg_over_script_local", local["magg"] / local["script"], 1.2, at_least=False)
+
+    print(f"moto S3 + {DELAY_MS:.0f} ms a request, {rounds} rounds alternating:")
+    granules, listing, catalog, work = sample_for(growth[0], args.quick)
+    environment = dict(os.environ)
+    with moto_s3() as s3:
+        upload(s3.endpoint, IN_BUCKET, {f"ATL06/{g.name}": str(g.path) for g in granules})
+        upload(s3.endpoint, OUT_BUCKET, {})
+        with latency_proxy(s3.endpoint, DELAY_MS) as slow:
+            from bench.end_to_end import point_at
+
+            point_at(slow.endpoint.url)
+            access = {
+                "endpoint": slow.endpoint.url,
+                "key": CREDENTIALS.access_key_id,
+                "secret": CREDENTIALS.secret_access_key,
+            }
+            sources = jobs(listing, {g.name: f"{IN_BUCKET}/ATL06/{g.name}" for g in granules})
+            remote = side_by_side(
+                sources,
+                catalog,
+                f"s3://{IN_BUCKET}/ATL06",
+                f"s3://{OUT_BUCKET}/{work.name}",
+                work,
+                levels,
+                rounds,
+                access,
+            )
+    ratio_line(
+        "floor.magg_over_script_s3_30ms", remote["magg"] / remote["script"], 1.2, at_least=False
+    )
+    os.environ.clear()
+    os.environ.update(environment)
 
     print(f"growth ({growth[0]} granules: the medians above; then one round each):")
     per_point = {}
@@ -321,8 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         if n == growth[0]:
             got = local
         else:
-            granules, catalog, work = sample_for(n, args.quick)
-            sources = [str(g.path) for g in granules]
+            granules, listing, catalog, work = sample_for(n, args.quick)
+            sources = jobs(listing, {g.name: str(g.path) for g in granules})
             mirror = str(granules[0].path.parent)
             got = side_by_side(sources, catalog, mirror, str(work), work, levels, 1)
         per_point[n] = {k: got[k] / got["points"] * 1e9 for k in ("script", "magg")}
@@ -337,35 +422,6 @@ def main(argv: list[str] | None = None) -> None:
         last["magg"] / first["magg"],
         1.2,
         at_least=False,
-    )
-
-    print(f"moto S3 + {DELAY_MS:.0f} ms a request, {rounds} rounds alternating:")
-    granules, catalog, work = sample_for(growth[0], args.quick)
-    with moto_s3() as s3:
-        upload(s3.endpoint, IN_BUCKET, {f"ATL06/{g.name}": str(g.path) for g in granules})
-        upload(s3.endpoint, OUT_BUCKET, {})
-        with latency_proxy(s3.endpoint, DELAY_MS) as slow:
-            from bench.end_to_end import point_at
-
-            point_at(slow.endpoint.url)
-            access = {
-                "endpoint": slow.endpoint.url,
-                "key": CREDENTIALS.access_key_id,
-                "secret": CREDENTIALS.secret_access_key,
-            }
-            sources = [f"{IN_BUCKET}/ATL06/{g.name}" for g in granules]
-            remote = side_by_side(
-                sources,
-                catalog,
-                f"s3://{IN_BUCKET}/ATL06",
-                f"s3://{OUT_BUCKET}/{work.name}",
-                work,
-                levels,
-                rounds,
-                access,
-            )
-    ratio_line(
-        "floor.magg_over_script_s3_30ms", remote["magg"] / remote["script"], 1.2, at_least=False
     )
 
 

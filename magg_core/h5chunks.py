@@ -53,14 +53,14 @@ from dataclasses import dataclass
 import numpy as np
 from h5coro.h5coro import H5Coro
 from h5coro.h5dataset import H5Dataset
+from h5coro.h5metadata import H5Metadata
+
+from magg_core.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
 
 try:
     from h5coro_hidefix import Index as HidefixIndex
 except ImportError:  # an optional, compiled dependency: zlib and numpy decode instead
     HidefixIndex = None
-from h5coro.h5metadata import H5Metadata
-
-from magg_core.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
 
 COMPACT, CONTIGUOUS, CHUNKED = 0, 1, 2
 """HDF5's data layout classes, as h5coro reports them."""
@@ -395,7 +395,8 @@ def _decode_hidefix(
     CorruptFileError
         If a chunk does not decode, naming the dataset only: hidefix's own
         errors (a ``RuntimeError`` carrying a Rust backtrace, a
-        ``ValueError``, a Rust panic) are not passed on.
+        ``ValueError``, a Rust panic) are not passed on. Anything else
+        (a bug of ours) propagates as it is.
 
     Unlike :func:`_decode`, hidefix zero-fills a chunk whose deflate stream
     is well-formed (its Adler-32 checksum holds) but inflates to fewer bytes
@@ -430,9 +431,12 @@ def _decode_hidefix(
             rows = index.read_plan("/column", start, stop)[2][:, 0]
             buffers = [by_row[int(row)] for row in rows]
             out.append(index.read_from_buffers("/column", buffers, start, stop))
+    except (RuntimeError, ValueError):
+        raise CorruptFileError(f"{column.path}: a compressed chunk does not inflate") from None
     except BaseException as exc:
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-            raise  # KeyboardInterrupt and the like; pyo3's PanicException is a BaseException
+        # pyo3's PanicException derives from BaseException and is importable from nowhere
+        if type(exc).__name__ != "PanicException":
+            raise
         raise CorruptFileError(f"{column.path}: a compressed chunk does not inflate") from None
     return out
 
