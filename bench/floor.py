@@ -11,17 +11,18 @@ levels -- and writes one ``.npz`` per parent. Its output is checked equal to
 magg's store (:func:`check_equal`: every level, every non-empty cell) before
 any time is reported.
 
-Runs, each printing medians and the ratio magg / script:
+Runs, in this order, each printing medians and the ratio magg / script
+(``--rounds N`` sets the rounds of the first two, 3 by default):
 
 - ``local``: the issue's real density (24 granules, tracks up to 2,000 km
   converging toward 80°S, a segment every 20 m), local files, rounds
   alternating which goes first;
-- ``growth``: 24 (the medians of ``local``), 48 and 96 granules, time per
-  point for both;
 - ``s3_30ms``: granules on moto behind 30 ms a request
   (:mod:`bench.latency_proxy`); magg reads them and writes its store there,
   the script reads them through s3fs (h5py's ros3 driver is not built here)
   and writes its ``.npz`` files locally.
+- ``growth``: 24 (the medians of ``local``), 48 and 96 granules, time per
+  point for both;
 
 magg runs as a user runs it: the ``magg run`` console script, local backend,
 an ephemeral Prefect server, a fresh store each round.
