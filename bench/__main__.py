@@ -11,7 +11,17 @@ import sys
 
 from bench._common import REPO, parser
 
-BENCHMARKS = ("statistics", "read", "orchestration", "memory", "end_to_end", "cycle", "levels")
+BENCHMARKS = (
+    "statistics",
+    "read",
+    "orchestration",
+    "memory",
+    "end_to_end",
+    "cycle",
+    "levels",
+    "extract",
+    "floor",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,11 @@ def process_cycle(
         Keep the extract stage's fragments (``fragments/`` in the store) after
         a complete run, for later runs that add granules or for height change
         across cycles. They are always kept while a cell is incomplete, so a
-        retry re-reads only granules whose extract failed.
+        retry re-reads only granules whose extract failed. With a config that
+        has a ``height_change`` section, only such a run's fragments carry each
+        point's latitude, longitude and time (24 more bytes a point, float64
+        each), which the height-change flow fits; otherwise they hold the
+        child index and the variables (10 bytes a point for ATL06).
     ecs_extract_deployment
         The ``extract-granule`` deployment for ``ecs``.
     dask_address
@@ -199,7 +203,7 @@ def process_cycle(
 
     # Only extracts read NSIDC's granules; cells read fragments from the output
     # store with the backend's own identity, so they are handed no credentials.
-    extracts = plan_extracts(requests)
+    extracts = plan_extracts(requests, height_change=keep_fragments)
     cells = [replace(r, from_fragments=True) for r in requests]
     progress = CellProgress(total=len(extracts) + len(cells))
     with ExitStack() as stack:

@@ -45,6 +45,10 @@ class ExtractRequest:
     child_order: int
     s3_credentials: S3Credentials | None = None
     config: Mapping[str, Any] | None = None
+    height_change: bool = False
+    """Keep the config's ``height_change`` columns (latitude, longitude, time) in the
+    fragments: only a run that keeps its fragments for height change needs them
+    (``magg run --keep-fragments``); otherwise a fragment holds the variables only."""
 
     @property
     def name(self) -> str:
@@ -65,6 +69,8 @@ class ExtractRequest:
             event["s3_credentials"] = self.s3_credentials.to_event()
         if self.config is not None:
             event["config"] = dict(self.config)
+        if self.height_change:
+            event["height_change"] = True
         return event
 
     @classmethod
@@ -89,9 +95,13 @@ class ExtractRequest:
         if len(set(words)) != len(words):
             twice = next(w for w in words if words.count(w) > 1)
             raise RequestError(f"parents lists {twice} twice: each parent gets one fragment")
+        height_change = event.get("height_change", False)
+        if not isinstance(height_change, bool):
+            raise RequestError("height_change must be true or false")
+        own = ("kind", "granule_url", "parents", "height_change")
         cell = CellRequest.from_event(
             {
-                **{k: v for k, v in event.items() if k not in ("kind", "granule_url", "parents")},
+                **{k: v for k, v in event.items() if k not in own},
                 "parent_morton": words[0],
                 "granule_urls": [event.get("granule_url")],
             }
@@ -104,11 +114,15 @@ class ExtractRequest:
             child_order=cell.child_order,
             s3_credentials=cell.s3_credentials,
             config=cell.config,
+            height_change=height_change,
         )
 
     def pipeline_config(self) -> PipelineConfig:
-        """The request's config (built-in ``atl06`` by default) at the request's orders."""
-        return load_config_at(self.config, self.parent_order, self.child_order)
+        """The request's config (built-in ``atl06`` by default) at the request's orders,
+        without its ``height_change`` section unless :attr:`height_change` asks for it:
+        what the extract reads and its fragments carry follow ``point_columns``."""
+        config = load_config_at(self.config, self.parent_order, self.child_order)
+        return config if self.height_change else replace(config, height_change=None)
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,14 @@ class ExtractResult:
 
 
 def extract_fingerprint(url: str, config: PipelineConfig) -> str:
-    """A hash of what an extract's fragments depend on, besides which parents they are for."""
-    material = {"granule": granule_name(url), "config": config.hash, "magg": magg_core.__version__}
+    """A hash of what an extract's fragments depend on, besides which parents they are for:
+    the granule, the config, the columns kept (with or without height change's) and magg."""
+    material = {
+        "granule": granule_name(url),
+        "config": config.hash,
+        "columns": list(config.point_columns),
+        "magg": magg_core.__version__,
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -202,6 +222,7 @@ def extract_granule(
             fingerprint=fingerprint,
             points=counts,
             bytes_fetched=read.bytes_fetched,
+            columns=list(config.point_columns),
         ),
     )
     return ExtractResult(

@@ -23,9 +23,13 @@ point. Beside them, one int64 scalar per reason the reader left a point of
 the parent out (``dropped.quality``, ``dropped.fill``: see
 :data:`magg_core.read.READ_DROPS`), so the cell can count what its granules
 did not give it; the dot keeps these names apart from any variable's, which
-are identifiers. A config with a ``height_change`` section adds each point's
+are identifiers. A run that keeps its fragments for height change (``magg run
+--keep-fragments`` with a config that has a ``height_change`` section,
+:attr:`magg_core.extract.ExtractRequest.height_change`) adds each point's
 ``latitude``, ``longitude`` and ``time`` (float64 each): 34 bytes a point, what
 fitting height change across cycles needs (:mod:`magg_core.height_change`).
+Other runs leave them out: the cells use only the variables. The extract
+record lists the columns its fragments carry.
 Every parent the catalog lists for the granule gets a fragment, empty
 if no good point falls in it, so a missing fragment always means the extract
 did not succeed; the record, written last, says why.
@@ -72,6 +76,8 @@ class ExtractRecord:
     """Parent morton word (decimal string, as JSON keeps uint64 exact) → good points."""
     reason: str | None = None
     bytes_fetched: int = 0
+    columns: Sequence[str] = ()
+    """The point columns each fragment carries besides ``child`` (empty: none written)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -102,8 +108,11 @@ def _dropped_key(reason: str) -> str:
     return f"dropped.{reason}"
 
 
-def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
-    """The points a fragment holds.
+def decode(
+    data: bytes, url: str, config: PipelineConfig, columns: Sequence[str] | None = None
+) -> GranulePoints:
+    """The points a fragment holds: ``child`` and ``columns`` (default: the config's
+    variables, all a cell aggregates; height change asks for ``config.point_columns``).
 
     Raises
     ------
@@ -111,8 +120,10 @@ def decode(data: bytes, url: str, config: PipelineConfig) -> GranulePoints:
         If the bytes are not a fragment of this config (an array or a dropped
         count is missing, lengths differ, or it would need unpickling).
     """
+    if columns is None:
+        columns = config.data_source.variables
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        names = ("child", *config.point_columns)
+        names = ("child", *columns)
         counted = tuple(_dropped_key(r) for r in READ_DROPS)
         missing = [n for n in (*names, *counted) if n not in npz.files]
         if missing:
@@ -180,9 +191,14 @@ def read_fragment(
 
 
 def read_cell_fragments(
-    store: Store, config: PipelineConfig, urls: Sequence[str], parent_morton: int
+    store: Store,
+    config: PipelineConfig,
+    urls: Sequence[str],
+    parent_morton: int,
+    columns: Sequence[str] | None = None,
 ) -> tuple[list[GranulePoints], list[GranuleFailure]]:
-    """The parent's fragment of each granule, fetched concurrently, in the order of ``urls``.
+    """The parent's fragment of each granule (``columns`` as :func:`decode` takes them),
+    fetched concurrently, in the order of ``urls``.
 
     A granule without a fragment is a failure: its extract failed (the
     record's reason) or never ran.
@@ -192,7 +208,7 @@ def read_cell_fragments(
     points, failures = [], []
     for url, data in zip(urls, blobs, strict=True):
         if data is not None:
-            points.append(decode(data, url, config))
+            points.append(decode(data, url, config, columns))
             continue
         record = read_extract_record(store, config, url)
         if record is not None and record.status == "failed":

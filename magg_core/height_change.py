@@ -289,7 +289,9 @@ def _read_cycles(
 
     def one(cycle: CycleFragments) -> tuple[list[GranulePoints], list[GranuleFailure]]:
         store = open_store(cycle.store_path, endpoint=endpoint, read_only=True)
-        points, failures = read_cell_fragments(store, config, cycle.granules, request.parent_morton)
+        points, failures = read_cell_fragments(
+            store, config, cycle.granules, request.parent_morton, config.point_columns
+        )
         named = [
             GranuleFailure(url=f"cycle {cycle.cycle}: {f.url}", reason=f.reason) for f in failures
         ]

@@ -205,6 +205,17 @@ def scan_cycle_store(
             f"{where} kept no fragments: run it with `magg run --keep-fragments` "
             "(process-cycle keep_fragments=True)"
         )
+    lacking = [
+        granule_name(r.url)
+        for r in records
+        if r.status == "ok" and r.columns and set(config.point_columns) - set(r.columns)
+    ]
+    if lacking:
+        raise HeightChangePlanError(
+            f"{where} kept fragments without latitude, longitude and time ({len(lacking)} "
+            f"granules, e.g. {lacking[0]}): they are kept only by `magg run --keep-fragments` "
+            "(process-cycle keep_fragments=True); run the cycle again with it"
+        )
     granules: dict[int, set[str]] = {}
     for record in records:
         name = granule_name(record.url)

@@ -221,11 +221,15 @@ def _is_local(mirror: str) -> bool:
         return False
 
 
-def plan_extracts(requests: Sequence[CellRequest]) -> list[ExtractRequest]:
+def plan_extracts(
+    requests: Sequence[CellRequest], *, height_change: bool = False
+) -> list[ExtractRequest]:
     """One extract per granule the cells read, listing every cell it serves.
 
     Granules come in the order cells first name them, so a run extracts in
-    chunk order and the first cells can be gridded early.
+    chunk order and the first cells can be gridded early. ``height_change``:
+    the fragments also keep the config's height-change columns (a run that
+    keeps its fragments, :attr:`ExtractRequest.height_change`).
     """
     parents: dict[str, list[int]] = {}
     for request in requests:
@@ -242,6 +246,7 @@ def plan_extracts(requests: Sequence[CellRequest]) -> list[ExtractRequest]:
             parent_order=first.parent_order,
             child_order=first.child_order,
             config=first.config,
+            height_change=height_change,
         )
         for url, cells in parents.items()
     ]

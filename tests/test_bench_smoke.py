@@ -17,6 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"^ratio [\w.]+: \S+.*\((target [<>]= [^)]+|no target)\)", re.MULTILINE)
+EQUAL = re.compile(r"^  equal: magg's store and the script's output, ([\d,]+) cells", re.MULTILINE)
+"""bench.floor's line after it compared magg's store with the plain script's output."""
 EXPECTED_RATIOS = {
     "statistics": 2,
     "read": 3,
@@ -25,7 +27,9 @@ EXPECTED_RATIOS = {
     "end_to_end": 3,
     "cycle": 6,
     "levels": 4,
+    "extract": 1,
 }
+"""bench.floor has a test of its own below (it also checks its equality lines)."""
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +50,20 @@ def test_benchmark_runs_and_prints_its_ratios(name, cache):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert len(RATIO.findall(done.stdout)) == EXPECTED_RATIOS[name], done.stdout
+
+
+def test_the_floor_benchmark_checks_magg_against_the_plain_script(cache):
+    """bench.floor --quick: every run's outputs compared (it raises on a difference)."""
+    env = {**os.environ, "MAGG_BENCH_CACHE": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    equal = EQUAL.findall(done.stdout)
+    assert len(equal) == 3 and all(int(n.replace(",", "")) > 0 for n in equal), done.stdout
+    assert len(RATIO.findall(done.stdout)) == 3, done.stdout

@@ -353,3 +353,12 @@ def test_a_path_argument_of_the_wrong_kind_is_refused_before_any_work(
     assert message.format(**places) in line
     assert file.read_text() == "a user's file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_run_help_says_what_keep_fragments_adds_per_point(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--keep-fragments" in text
+    assert "latitude, longitude and time: 34 instead of 10 bytes a point" in text

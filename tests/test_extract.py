@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,12 +10,15 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
 from magg_core.config import load_config
-from magg_core.extract import extract_granule
-from magg_core.fragments import fragment_key, read_extract_record
+from magg_core.extract import ExtractRequest, extract_granule
+from magg_core.fragments import decode, fragment_key, read_extract_record
+from magg_core.height_change_plan import HeightChangePlanError, scan_cycle_store
 from magg_core.plan import plan_cells, plan_extracts
 from magg_core.sample import BEAMS, write_sample
 from magg_core.store import create_template, open_store, read_records
@@ -22,9 +26,12 @@ from tests import oracle
 
 CONFIG = load_config()
 STATS = [s.name for s in CONFIG.aggregation.statistics]
-USED = ("latitude", "longitude", "h_li", "h_li_sigma", "atl06_quality_summary", "delta_time")
-BYTES_A_POINT = 2 + 4 + 4 + 3 * 8
-"""child (uint16), h_li and h_li_sigma (float32), latitude, longitude and time (float64)."""
+USED = ("latitude", "longitude", "h_li", "h_li_sigma", "atl06_quality_summary")
+BYTES_A_POINT = 2 + 4 + 4
+"""child (uint16), h_li and h_li_sigma (float32): what a run not keeping fragments for
+height change stores, though the built-in config has a ``height_change`` section."""
+HEIGHT_CHANGE_BYTES = 3 * 8
+"""latitude, longitude and time (float64), added when fragments are kept for height change."""
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +176,87 @@ def test_on_the_demo_sample_two_stages_write_the_same_bytes_as_one(tmp_path):
     for request in requests:
         process_cell(replace(request, from_fragments=True))
     assert _chunks(stores[one]) == _chunks(stores[two])
+
+
+# --- what a fragment carries ---------------------------------------------------------
+
+
+def _fragment_arrays(store, url, parent):
+    data = store_bytes(store, fragment_key(CONFIG, url, parent))
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def store_bytes(store, key):
+    return sync(store.get(key, prototype=default_buffer_prototype())).to_bytes()
+
+
+def test_without_keeping_for_height_change_a_fragment_holds_the_variables_only(two_stage):
+    """The built-in config has a height_change section; a plain run still stores 10 B a point."""
+    _, store, requests, extracts, _ = two_stage
+    extract = plan_extracts(requests)[0]
+    assert not extract.height_change
+    record = read_extract_record(store, CONFIG, extract.granule_url)
+    assert list(record.columns) == ["h_li", "h_li_sigma"]
+    parent = max(record.points, key=lambda p: record.points[p])
+    arrays = _fragment_arrays(store, extract.granule_url, int(parent))
+    assert sorted(arrays) == ["child", "h_li", "h_li_sigma"]
+    assert arrays["child"].size == record.points[parent] > 0
+    result = extracts[extract.granule_url]
+    assert result.bytes_written <= BYTES_A_POINT * result.points + 1024 * result.parents
+
+
+def test_such_fragments_are_refused_by_height_change_by_name(two_stage):
+    url = two_stage[0]
+    with pytest.raises(HeightChangePlanError, match="without latitude, longitude and time"):
+        scan_cycle_store(22, url, CONFIG)
+
+
+def test_keeping_for_height_change_adds_coordinates_and_time_and_reads_again(
+    sample, two_stage, tmp_path
+):
+    """The oracle's coordinates and delta_time; an extract kept without them is not reused."""
+    url, store, requests, extracts, _ = two_stage
+    plain = plan_extracts(requests)[0]
+    kept = plan_extracts(requests, height_change=True)[0]
+    assert kept.height_change and kept.granule_url == plain.granule_url
+    result = extract_granule(kept)
+    assert not result.reused and result.points == extracts[plain.granule_url].points
+    bound = (BYTES_A_POINT + HEIGHT_CHANGE_BYTES) * result.points + 2048 * result.parents
+    assert BYTES_A_POINT * result.points < result.bytes_written <= bound
+    record = read_extract_record(store, CONFIG, kept.granule_url)
+    assert list(record.columns) == ["h_li", "h_li_sigma", "latitude", "longitude", "time"]
+
+    parent = max(record.points, key=lambda p: record.points[p])
+    arrays = _fragment_arrays(store, kept.granule_url, int(parent))
+    points = oracle.points_in_parent(oracle.good_points([Path(kept.granule_url)]), int(parent))
+    assert arrays["child"].size == len(points) > 0
+    for name, column in [
+        ("latitude", "latitude"),
+        ("longitude", "longitude"),
+        ("time", "delta_time"),
+    ]:
+        assert arrays[name].dtype == np.float64
+        np.testing.assert_array_equal(np.sort(arrays[name]), np.sort(points[column]))
+    # A cell decodes the variables only, whichever kind of fragment it finds.
+    data = store_bytes(store, fragment_key(CONFIG, kept.granule_url, int(parent)))
+    assert sorted(decode(data, kept.granule_url, CONFIG).columns) == ["h_li", "h_li_sigma"]
+    # Back to a plain run: the fragments are the variables' again (the kind is in the fingerprint).
+    assert not extract_granule(plain).reused
+    assert sorted(_fragment_arrays(store, plain.granule_url, int(parent))) == [
+        "child",
+        "h_li",
+        "h_li_sigma",
+    ]
+
+
+def test_an_extract_event_carries_the_height_change_choice():
+    request = ExtractRequest(
+        "s3://magg-in/k.h5", (1, 2), "s3://magg-out/s.zarr", 6, 12, height_change=True
+    )
+    assert ExtractRequest.from_event(request.to_event()) == request
+    plain = replace(request, height_change=False)
+    assert "height_change" not in plain.to_event()
+    assert ExtractRequest.from_event(plain.to_event()) == plain
+    assert request.pipeline_config().point_columns[-3:] == ("latitude", "longitude", "time")
+    assert plain.pipeline_config().point_columns == ("h_li", "h_li_sigma")
