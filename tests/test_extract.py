@@ -30,6 +30,9 @@ USED = ("latitude", "longitude", "h_li", "h_li_sigma", "atl06_quality_summary")
 BYTES_A_POINT = 2 + 4 + 4
 """child (uint16), h_li and h_li_sigma (float32): what a run not keeping fragments for
 height change stores, though the built-in config has a ``height_change`` section."""
+NPZ_OVERHEAD = 2048
+"""Bytes a fragment adds besides its points: the .npz's headers for five entries
+(child, two variables, two dropped counts)."""
 HEIGHT_CHANGE_BYTES = 3 * 8
 """latitude, longitude and time (float64), added when fragments are kept for height change."""
 
@@ -200,10 +203,10 @@ def test_without_keeping_for_height_change_a_fragment_holds_the_variables_only(t
     assert list(record.columns) == ["h_li", "h_li_sigma"]
     parent = max(record.points, key=lambda p: record.points[p])
     arrays = _fragment_arrays(store, extract.granule_url, int(parent))
-    assert sorted(arrays) == ["child", "h_li", "h_li_sigma"]
+    assert sorted(arrays) == ["child", "dropped.fill", "dropped.quality", "h_li", "h_li_sigma"]
     assert arrays["child"].size == record.points[parent] > 0
     result = extracts[extract.granule_url]
-    assert result.bytes_written <= BYTES_A_POINT * result.points + 1024 * result.parents
+    assert result.bytes_written <= BYTES_A_POINT * result.points + NPZ_OVERHEAD * result.parents
 
 
 def test_such_fragments_are_refused_by_height_change_by_name(two_stage):
@@ -245,6 +248,8 @@ def test_keeping_for_height_change_adds_coordinates_and_time_and_reads_again(
     assert not extract_granule(plain).reused
     assert sorted(_fragment_arrays(store, plain.granule_url, int(parent))) == [
         "child",
+        "dropped.fill",
+        "dropped.quality",
         "h_li",
         "h_li_sigma",
     ]
