@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from magg_core.extract import ExtractRequest, extract_granule
+from magg_core.request import ECS
 from tasks.credentials import load_published_credentials
 
 
@@ -23,7 +24,7 @@ def extract_granule_flow(request: dict[str, Any], credentials_block: str | None 
 
     Its outcome is in the store (the extract record), where the parent reads it.
     """
-    extract = ExtractRequest.from_event(request)
+    extract = ExtractRequest.from_event(request, ECS)
     if credentials_block:
         extract = replace(extract, s3_credentials=load_published_credentials(credentials_block))
     result = extract_granule(extract)

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from magg_core.cell import process_cell
-from magg_core.request import CellRequest
+from magg_core.request import ECS, CellRequest
 from tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
 from tasks.credentials import load_published_credentials
 
@@ -33,7 +33,7 @@ def process_cell_flow(
     write after its successor.
     """
     started = time.monotonic()
-    cell = CellRequest.from_event(request)
+    cell = CellRequest.from_event(request, ECS)
     if credentials_block:
         cell = replace(cell, s3_credentials=load_published_credentials(credentials_block))
     result = process_cell(cell, deadline=started + timeout_s)

@@ -17,6 +17,7 @@ from typing import Any
 from zarr.abc.store import Store
 
 import magg_core
+from magg_core.catalog import cell_word_problem
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.fragments import (
     ExtractRecord,
@@ -26,7 +27,7 @@ from magg_core.fragments import (
     write_fragments,
 )
 from magg_core.read import GranuleReadError, permanent_failure, read_parents
-from magg_core.request import CellRequest, RequestError
+from magg_core.request import MAX_URL_PROBLEMS, CellRequest, EntryPoint, RequestError
 from magg_core.s3 import S3Credentials, S3Endpoint
 from magg_core.store import open_store
 
@@ -68,12 +69,12 @@ class ExtractRequest:
         return event
 
     @classmethod
-    def from_event(cls, event: Mapping[str, Any]) -> ExtractRequest:
-        """Validate an extract event; every problem is named in one :class:`RequestError`.
+    def from_event(cls, event: Mapping[str, Any], entry: EntryPoint) -> ExtractRequest:
+        """Validate an extract event sent to ``entry``; every problem in one :class:`RequestError`.
 
-        Shares the cell event's checks (:meth:`CellRequest.from_event`): the
-        granule URL must be an S3 object, the orders integers, the
-        credentials complete.
+        The cell event's validation (:func:`magg_core.request.check_request`)
+        applies to the granule, orders, config and store; each of ``parents``
+        must besides be a distinct canonical morton word of ``parent_order``.
         """
         if not isinstance(event, Mapping):
             raise RequestError(f"event must be a JSON object, got {type(event).__name__}")
@@ -91,8 +92,18 @@ class ExtractRequest:
                 **{k: v for k, v in event.items() if k not in ("kind", "granule_url", "parents")},
                 "parent_morton": words[0],
                 "granule_urls": [event.get("granule_url")],
-            }
+            },
+            entry,
         )
+        problems = [
+            f"parents[{i}] {word} {problem}"
+            for i, word in enumerate(words)
+            if (problem := cell_word_problem(word, cell.parent_order)) is not None
+        ]
+        if len(set(words)) != len(words):
+            problems.append("parents lists a morton word more than once")
+        if problems:
+            raise RequestError("; ".join(problems[:MAX_URL_PROBLEMS]))
         return cls(
             granule_url=cell.granule_urls[0],
             parents=words,

@@ -47,6 +47,7 @@ from zarr.core.sync import sync
 from magg_core.config import PipelineConfig
 from magg_core.read import GranulePoints
 from magg_core.request import GranuleFailure
+from magg_core.urls import granule_name
 
 FRAGMENTS_PREFIX = "fragments"
 RECORD_NAME = "extract.json"
@@ -76,11 +77,6 @@ class ExtractRecord:
     def from_json(cls, data: bytes) -> ExtractRecord:
         raw = json.loads(data)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-
-def granule_name(url: str) -> str:
-    """The granule's file name, which keys its fragments whatever bucket or mirror it came from."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def encode(points: GranulePoints, config: PipelineConfig) -> bytes:
