@@ -17,7 +17,6 @@ from typing import Any
 from zarr.abc.store import Store
 
 import magg_core
-from magg_core.catalog import cell_word_problem
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.fragments import (
     ExtractRecord,
@@ -26,6 +25,7 @@ from magg_core.fragments import (
     write_extract_record,
     write_fragments,
 )
+from magg_core.grid import cell_word_problem
 from magg_core.read import GranuleReadError, permanent_failure, read_parents
 from magg_core.request import MAX_URL_PROBLEMS, CellRequest, EntryPoint, RequestError
 from magg_core.s3 import S3Credentials, S3Endpoint

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from magg_core.catalog import cell_word_problem
 from magg_core.config import ConfigError, PipelineConfig, load_config_at
+from magg_core.grid import cell_word_problem
 from magg_core.s3 import S3Credentials
 from magg_core.urls import (
     ALLOWED_STORES_VARIABLE,
