@@ -29,7 +29,13 @@ from magg_core.plan import (
     store_url_for,
 )
 from magg_core.request import CellRequest
-from tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
+from tasks.cells import (
+    CELL_TIMEOUT_S,
+    cache_unless_proven,
+    grid_cell_locally,
+    grid_cell_on_lambda,
+    proven_parents,
+)
 from tasks.credentials import open_credentials
 from tasks.ecs import grid_cell_on_ecs
 from tasks.extract import extract_locally, extract_on_ecs, extract_on_lambda, record_failed_extracts
@@ -196,7 +202,11 @@ def process_cycle(
     # store with the backend's own identity, so they are handed no credentials.
     extracts = plan_extracts(requests)
     cells = [replace(r, from_fragments=True) for r in requests]
+    proven = proven_parents(store_url, pipeline, requests)
     progress = CellProgress(total=len(extracts) + len(cells))
+    grid_locally = cache_unless_proven(grid_cell_locally, proven)
+    grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
+    grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
     with ExitStack() as stack:
         if backend in ("local", "dask"):
             workers, window = stack.enter_context(local_workers(backend, concurrency, dask_address))
@@ -205,7 +215,8 @@ def process_cycle(
                 return extract_locally.submit(request, source, workers)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_locally.submit(request, store_id, None, cell_timeout_s, workers)
+                task = grid_locally(request)
+                return task.submit(request, store_id, None, cell_timeout_s, workers)
         elif backend == "lambda":
             window = lambda_concurrency(concurrency)
             client = lambda_client(aws_credentials_block, cell_timeout_s, window)
@@ -214,7 +225,8 @@ def process_cycle(
                 return extract_on_lambda.submit(request, source, client, lambda_function)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_on_lambda.submit(request, store_id, None, client, lambda_function)
+                task = grid_on_lambda(request)
+                return task.submit(request, store_id, None, client, lambda_function)
         elif backend == "ecs":
             window = concurrency or ECS_CONCURRENCY
 
@@ -224,7 +236,7 @@ def process_cycle(
                 )
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_on_ecs.submit(
+                return grid_on_ecs(request).submit(
                     request, store_id, None, ecs_deployment, credentials_block
                 )
         else:

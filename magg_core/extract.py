@@ -20,6 +20,7 @@ import magg_core
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.fragments import (
     ExtractRecord,
+    fragments_intact,
     granule_name,
     read_extract_record,
     write_extract_record,
@@ -199,7 +200,7 @@ def extract_granule(
             reason=failure.reason,
             duration_s=time.perf_counter() - started,
         )
-    written = write_fragments(store, config, url, read.points)
+    sizes = write_fragments(store, config, url, read.points)
     counts = {str(p): len(points) for p, points in read.points.items()}
     write_extract_record(
         store,
@@ -210,6 +211,7 @@ def extract_granule(
             fingerprint=fingerprint,
             points=counts,
             bytes_fetched=read.bytes_fetched,
+            sizes=sizes,
         ),
     )
     return ExtractResult(
@@ -218,7 +220,7 @@ def extract_granule(
         points=sum(counts.values()),
         parents=len(counts),
         bytes_fetched=read.bytes_fetched,
-        bytes_written=written,
+        bytes_written=sum(sizes.values()),
         duration_s=time.perf_counter() - started,
     )
 
@@ -230,7 +232,9 @@ def stored_extract(
 
     A success stands if it was made from the same granule, config and magg
     version for at least the requested parents (a later run restricted to a
-    few cells reuses a whole-cycle extract); a failure, for the same inputs.
+    few cells reuses a whole-cycle extract), and the fragments of those
+    parents are still in the store at the size written
+    (:func:`magg_core.fragments.fragments_intact`); a failure, for the same inputs.
     """
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
@@ -241,8 +245,8 @@ def _stored(store: Store, config: PipelineConfig, request: ExtractRequest) -> Ex
     record = read_extract_record(store, config, request.granule_url)
     if record is None or record.fingerprint != extract_fingerprint(request.granule_url, config):
         return None
-    if record.status == "ok" and not {str(p) for p in request.parents} <= record.points.keys():
-        return None
+    if record.status == "ok" and not fragments_intact(store, config, record, request.parents):
+        return None  # a fragment lost or cut short since: the extract is done again
     return ExtractResult(
         url=record.url,
         status=record.status,

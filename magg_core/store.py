@@ -385,8 +385,11 @@ def write_cell(
     stats: Mapping[str, np.ndarray],
     *,
     arrays: Sequence[ArraySpec] | None = None,
-) -> None:
+) -> list[str]:
     """Write one parent's chunk of every data array (``arrays``, default the statistics).
+
+    Returns the store keys of the chunks (one per array, written or removed),
+    which the cell's record proves (:func:`magg_core.records.output_digests`).
 
     Everything is validated before the first byte is written, so a bad call
     leaves the store as it was. A chunk that is all fill values is removed
@@ -419,12 +422,12 @@ def write_cell(
                 f"statistic {name!r}: expected dtype {dtype} and shape ({per_parent},), "
                 f"got dtype {got_dtype} and shape {getattr(values, 'shape', None)}"
             )
-    sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats))
+    return sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats))
 
 
 async def _write_chunks(
     store: Store, path: str, chunk_idx: int, per_parent: int, stats: Mapping[str, np.ndarray]
-) -> None:
+) -> list[str]:
     # Opening and writing the arrays concurrently makes a cell's write two
     # round trips to S3 instead of two per statistic.
     group = await zarr.api.asynchronous.open_group(
@@ -437,6 +440,7 @@ async def _write_chunks(
     cells = slice(chunk_idx * per_parent, (chunk_idx + 1) * per_parent)
     writes = (array.setitem(cells, stats[name]) for name, array in zip(stats, arrays, strict=True))
     await asyncio.gather(*writes)
+    return [f"{array.path}/{array.metadata.encode_chunk_key((chunk_idx,))}" for array in arrays]
 
 
 def consolidate(store: Store) -> None:
