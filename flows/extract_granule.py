@@ -3,7 +3,8 @@
 The parent ``process-cycle`` run starts one of these per granule through the
 ``extract-granule`` deployment on the ECS work pool, before the cells. Like
 ``process-cell``, its parameters carry the request without credentials,
-which come from the Secret block the parent keeps fresh.
+which come from the Secret block the parent keeps fresh, and its request is
+checked like a Lambda event (:func:`magg_core.request.check_request`).
 """
 
 from __future__ import annotations

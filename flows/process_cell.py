@@ -4,8 +4,9 @@ The parent ``process-cycle`` run starts one of these per cell through the
 ``process-cell`` deployment on an ECS work pool. Parameters carry the cell
 request without credentials; the credentials come from the Secret block the
 parent keeps fresh. Anyone who may create a flow run writes those parameters,
-so the request is checked like a Lambda event: its granules must be S3 objects
-(:meth:`CellRequest.from_event`), never local files.
+so the request is checked like a Lambda event (:func:`magg_core.request.check_request`
+with :data:`magg_core.request.ECS`): its granules must be S3 objects, never local
+files, and its store an ``s3://`` URL (below ``MAGG_ALLOWED_STORES`` when set).
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ the seed's did. The event and the ``{"statusCode", "body"}`` answer are the seed
 orchestrators keep working: 200 carries the :class:`CellResult` (also when the
 cell's status is ``failed`` — that is an outcome, and the caller decides what
 to do with it), 400 a request that can never run (missing fields, a granule
-that is not an S3 object, a store outside the operator's allow-list, a config
-that does not validate, a store without this cell in its template), 500
+that is not an S3 object or is listed twice, a parent that is no cell of its
+order, a store outside the operator's allow-list, a config that does not
+validate, a store without this cell in its template: the check every entry
+point makes, :func:`magg_core.request.check_request`), 500
 anything unexpected, which is worth a retry (its body names the exception's
 type in ``error_type``, so the caller can tell refused credentials apart).
 Answering 500 instead of raising keeps the error message under our control:
