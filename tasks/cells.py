@@ -140,8 +140,9 @@ def proven_parents(
     return set(proven_cells(open_store(store_url), config, fingerprints))
 
 
-def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[CellRequest], Task]:
-    """The task to submit for a request: ``cell`` as is for a proven cell, else refreshing."""
+def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Any], Task]:
+    """The task to submit for a request (anything with a ``parent_morton``): ``cell`` as is
+    for a proven cell, else ``cell`` with ``refresh_cache=True``."""
     refreshing = cell.with_options(refresh_cache=True)
     return lambda request: cell if request.parent_morton in proven else refreshing
 
