@@ -156,19 +156,18 @@ class EntryPoint:
     may also read the operator's mirror and write a local store.
     """
 
-    name: str
     remote: bool
     allow_list_required: bool = False
     """Remote only: whether an unset :data:`~magg_core.urls.ALLOWED_STORES_VARIABLE`
     refuses every store (see :func:`magg_core.urls.remote_store`)."""
 
 
-LAMBDA = EntryPoint("Lambda event", remote=True, allow_list_required=True)
+LAMBDA = EntryPoint(remote=True, allow_list_required=True)
 """The Lambda function (cell and extract events): writes only below ``MAGG_ALLOWED_STORES``."""
-ECS = EntryPoint("ECS flow parameters", remote=True)
+ECS = EntryPoint(remote=True)
 """The ``process-cell`` and ``extract-granule`` flows: ``s3://`` stores only, below
 ``MAGG_ALLOWED_STORES`` when the container sets it (else its task role decides)."""
-OPERATOR = EntryPoint("operator's plan", remote=False)
+OPERATOR = EntryPoint(remote=False)
 """``process-cycle`` (the CLI, a deployment run): the plan built the request from a checked
 catalog and the operator's own store and mirror."""
 
@@ -183,7 +182,7 @@ def check_request(
     - the config loads at the request's orders (``config``, when the caller
       already loaded it at those orders, is used as is);
     - ``parent_morton`` is a canonical morton word of ``parent_order``
-      (mortie decides: :func:`magg_core.catalog.cell_word_problem`), so it can
+      (mortie decides: :func:`magg_core.grid.cell_word_problem`), so it can
       only ever match its own chunk;
     - the granules are canonical (remote: ``s3://`` objects, NSIDC's HTTPS
       form mapped to them, :func:`magg_core.urls.granule_url`) and unique by
@@ -198,7 +197,7 @@ def check_request(
     Raises
     ------
     RequestError
-        Naming the entry point's bad fields.
+        Naming each bad field (a bad config or order is reported as ``config: …``).
     """
     problems = []
     try:
