@@ -122,7 +122,10 @@ def output_digests(store: Store, keys: Iterable[str]) -> dict[str, str | None]:
 
 
 def proven_cells(
-    store: Store, config: PipelineConfig, fingerprints: Mapping[int, str]
+    store: Store,
+    config: PipelineConfig,
+    fingerprints: Mapping[int, str],
+    records: Mapping[int, CellRecord] | None = None,
 ) -> dict[int, CellRecord]:
     """The records that prove their cell's output is in the store as that cell wrote it.
 
@@ -133,9 +136,11 @@ def proven_cells(
     wrote -- or is still absent. A chunk or staging object deleted, truncated
     or overwritten since, or a record from before outputs were listed, proves
     nothing: that cell is done again. Costs one GET per listed object (a
-    cell's compressed chunks and staging object: tens of kilobytes).
+    cell's compressed chunks and staging object: tens of kilobytes), and the
+    records' when ``records`` (the store's, as :func:`read_records` gives them)
+    is not passed.
     """
-    records = read_records(store, config)
+    records = read_records(store, config) if records is None else records
     candidates = {
         parent: record
         for parent, record in records.items()
