@@ -274,7 +274,7 @@ def _height_change(args: argparse.Namespace) -> int:
 
 def _run_height_change(**parameters) -> dict:
     """Run ``height-change`` here; its summary, also when some parents failed."""
-    from flows.height_change import height_change
+    from magg.flows.height_change import height_change
 
     return _summary_of(height_change, parameters)
 
@@ -375,7 +375,7 @@ DEMO_CYCLE = 22
 
 def _run_flow(**parameters) -> dict:
     """Run ``process-cycle`` here; its summary, also when some cells failed."""
-    from flows.process_cycle import process_cycle
+    from magg.flows.process_cycle import process_cycle
 
     return _summary_of(process_cycle, parameters)
 

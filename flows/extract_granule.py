@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from magg.tasks.credentials import load_published_credentials
 from magg_core.extract import ExtractRequest, extract_granule
 from magg_core.request import ECS
-from tasks.credentials import load_published_credentials
 
 
 @flow(name="extract-granule")

@@ -14,12 +14,9 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from flows.process_cycle import run_windowed
-from magg_core.dhdt import FitOptions
-from magg_core.errors import CellsFailedError
-from magg_core.height_change import HeightChangeRequest
-from tasks.cells import CELL_TIMEOUT_S, cache_unless_proven
-from tasks.height_change import (
+from magg.flows.process_cycle import run_windowed
+from magg.tasks.cells import CELL_TIMEOUT_S, cache_unless_proven
+from magg.tasks.height_change import (
     fit_parent_locally,
     plan_cycles,
     prepare_output,
@@ -27,9 +24,12 @@ from tasks.height_change import (
     record_failed_parents,
     report_height_change,
 )
-from tasks.report import CellProgress, consolidate_store
-from tasks.setup import load_pipeline_config
-from tasks.workers import local_workers
+from magg.tasks.report import CellProgress, consolidate_store
+from magg.tasks.setup import load_pipeline_config
+from magg.tasks.workers import local_workers
+from magg_core.dhdt import FitOptions
+from magg_core.errors import CellsFailedError
+from magg_core.height_change import HeightChangeRequest
 
 
 @flow(name="height-change")

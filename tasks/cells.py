@@ -33,6 +33,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 import magg_core
+from magg.tasks.workers import process_cell_within
 from magg_core.config import PipelineConfig, load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
@@ -41,7 +42,6 @@ from magg_core.records import proven_cells
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
 from magg_core.store import input_fingerprint, open_store
-from tasks.workers import process_cell_within
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.extract_granule import extract_granule_flow
-from flows.process_cell import process_cell_flow
+from magg.flows.cli import main
+from magg.flows.extract_granule import extract_granule_flow
+from magg.flows.process_cell import process_cell_flow
 from magg_core.catalog import Catalog, CatalogGranule
 from magg_core.config import load_config
 from magg_core.extract import ExtractRequest

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.process_cycle import process_cycle
+from magg.flows.process_cycle import process_cycle
 from magg_core.config import load_config
 from magg_core.fragments import fragment_key
 from magg_core.levels import staged_orders, staging_key
