@@ -3,7 +3,8 @@
 The parent ``process-cycle`` run starts one of these per granule through the
 ``extract-granule`` deployment on the ECS work pool, before the cells. Like
 ``process-cell``, its parameters carry the request without credentials,
-which come from the Secret block the parent keeps fresh.
+which come from the Secret block the parent keeps fresh, and its request is
+checked like a Lambda event (:func:`magg_core.request.check_request`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from magg.tasks.credentials import load_published_credentials
 from magg.tasks.ecs import credentials_rejected
 from magg_core.errors import CredentialsRejectedError
 from magg_core.extract import ExtractRequest, extract_granule
+from magg_core.request import ECS
 
 
 @flow(name="extract-granule")
@@ -31,7 +33,7 @@ def extract_granule_flow(
     :data:`tasks.ecs.CREDENTIALS_REJECTED`, by which the parent knows to retry
     with fresh ones.
     """
-    extract = ExtractRequest.from_event(request)
+    extract = ExtractRequest.from_event(request, ECS)
     if credentials_block:
         extract = replace(extract, s3_credentials=load_published_credentials(credentials_block))
     try:

@@ -15,11 +15,12 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from magg.flows.process_cycle import run_windowed
-from magg.tasks.cells import CELL_TIMEOUT_S
+from magg.tasks.cells import CELL_TIMEOUT_S, cache_unless_proven
 from magg.tasks.height_change import (
     fit_parent_locally,
     plan_cycles,
     prepare_output,
+    proven_fits,
     record_failed_parents,
     report_height_change,
 )
@@ -116,12 +117,13 @@ def height_change(
         plan.epoch.isoformat(),
     )
     store_id = prepare_output(output, plan, options)
+    fit_task = cache_unless_proven(fit_parent_locally, proven_fits(output, plan.config, requests))
 
     progress = CellProgress(total=len(requests))
     with local_workers(backend, concurrency, dask_address) as (workers, window):
 
         def fit(request: HeightChangeRequest) -> PrefectFuture:
-            return fit_parent_locally.submit(request, store_id, cell_timeout_s, workers)
+            return fit_task(request).submit(request, store_id, cell_timeout_s, workers)
 
         results, failures = run_windowed(
             fit, requests, window, progress.advance, lambda r: r.parent_morton

@@ -4,8 +4,9 @@ The parent ``process-cycle`` run starts one of these per cell through the
 ``process-cell`` deployment on an ECS work pool. Parameters carry the cell
 request without credentials; the credentials come from the Secret block the
 parent keeps fresh. Anyone who may create a flow run writes those parameters,
-so the request is checked like a Lambda event: its granules must be S3 objects
-(:meth:`CellRequest.from_event`), never local files.
+so the request is checked like a Lambda event (:func:`magg_core.request.check_request`
+with :data:`magg_core.request.ECS`): its granules must be S3 objects, never local
+files, and its store an ``s3://`` URL (below ``MAGG_ALLOWED_STORES`` when set).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from magg.tasks.credentials import load_published_credentials
 from magg.tasks.ecs import credentials_rejected
 from magg_core.cell import process_cell
 from magg_core.errors import CredentialsRejectedError
-from magg_core.request import CellRequest
+from magg_core.request import ECS, CellRequest
 
 
 @flow(name="process-cell")
@@ -37,7 +38,7 @@ def process_cell_flow(
     ``Failed`` state named :data:`tasks.ecs.CREDENTIALS_REJECTED`.
     """
     started = time.monotonic()
-    cell = CellRequest.from_event(request)
+    cell = CellRequest.from_event(request, ECS)
     if credentials_block:
         cell = replace(cell, s3_credentials=load_published_credentials(credentials_block))
     try:

@@ -18,7 +18,13 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from magg.tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
+from magg.tasks.cells import (
+    CELL_TIMEOUT_S,
+    cache_unless_proven,
+    grid_cell_locally,
+    grid_cell_on_lambda,
+    proven_parents,
+)
 from magg.tasks.credentials import open_credentials
 from magg.tasks.ecs import grid_cell_on_ecs
 from magg.tasks.extract import (
@@ -205,7 +211,11 @@ def process_cycle(
     # store with the backend's own identity, so they are handed no credentials.
     extracts = plan_extracts(requests, height_change=keep_fragments)
     cells = [replace(r, from_fragments=True) for r in requests]
+    proven = proven_parents(store_url, pipeline, requests)
     progress = CellProgress(total=len(extracts) + len(cells))
+    grid_locally = cache_unless_proven(grid_cell_locally, proven)
+    grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
+    grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
     with ExitStack() as stack:
         if backend in ("local", "dask"):
             workers, window = stack.enter_context(local_workers(backend, concurrency, dask_address))
@@ -214,7 +224,8 @@ def process_cycle(
                 return extract_locally.submit(request, source, workers)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_locally.submit(request, store_id, None, cell_timeout_s, workers)
+                task = grid_locally(request)
+                return task.submit(request, store_id, None, cell_timeout_s, workers)
         elif backend == "lambda":
             window = lambda_concurrency(concurrency)
             client = lambda_client(aws_credentials_block, cell_timeout_s, window)
@@ -223,7 +234,8 @@ def process_cycle(
                 return extract_on_lambda.submit(request, source, client, lambda_function)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_on_lambda.submit(request, store_id, None, client, lambda_function)
+                task = grid_on_lambda(request)
+                return task.submit(request, store_id, None, client, lambda_function)
         elif backend == "ecs":
             window = concurrency or ECS_CONCURRENCY
 
@@ -233,7 +245,7 @@ def process_cycle(
                 )
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_cell_on_ecs.submit(
+                return grid_on_ecs(request).submit(
                     request, store_id, None, ecs_deployment, credentials_block
                 )
         else:

@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import mortie
 import numpy as np
 
 from magg_core import __version__
@@ -75,6 +74,7 @@ from magg_core.cycles import (
     parse_granule_name,
 )
 from magg_core.footprints import FootprintError, footprint_cells
+from magg_core.grid import cell_word_problem
 from magg_core.regions import Region, load_region
 from magg_core.urls import URLError, granule_url
 
@@ -262,31 +262,6 @@ def catalog_from_dict(data: Any, *, where: str = "catalog") -> Catalog:
             f"{where}: content does not match its fingerprint (edited or damaged); rebuild it"
         )
     return catalog
-
-
-def cell_word_problem(word: int, order: int) -> str | None:
-    """Why ``word`` is not the morton word of an order-``order`` cell; ``None`` if it is.
-
-    mortie decides (DESIGN §4): the word must name a HEALPix cell
-    (``MortonWord.order`` refuses the empty word 0 and invalid base-cell
-    prefixes), at ``order``, and be that cell's canonical packing — the word
-    its decimal label parses back to. The last check matters because
-    mortie's decode ignores bits below a word's order: such a word names the
-    same cell as the canonical one but can match no chunk of the store.
-    """
-    if not 0 <= word < 2**64:
-        return "is not a uint64 morton word"
-    try:
-        cell = mortie.MortonWord(word)
-        word_order = cell.order
-        canonical = mortie.decimal_to_word(cell.decimal, dtype=int)
-    except ValueError:
-        return "is not a morton word (it names no HEALPix cell)"
-    if word_order != order:
-        return f"is a morton word of order {word_order}, not of order {order}"
-    if canonical != word:
-        return f"is not a canonical morton word (the cell's word is {canonical})"
-    return None
 
 
 def _cell_key(key: Any, order: int, where: str) -> int:

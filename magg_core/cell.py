@@ -41,6 +41,7 @@ from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.levels import level_statistics, staging_object
 from magg_core.read import READ_DROPS, GranulePoints, read_granules
+from magg_core.records import output_digests
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
 from magg_core.store import (
@@ -147,18 +148,23 @@ def process_cell(
     # its chunk and overwrites it, so a re-run after the inputs changed never
     # leaves stale statistics behind. The coarse levels' staging object follows
     # the chunk: written with it, removed when the cell has no data.
+    # The record lists what was written, with digests of the bytes read back,
+    # so that it proves the output only while that output is there
+    # (records.proven_cells): a lost chunk or staging object is done again.
+    outputs: dict[str, str | None] = {}
     if result.is_complete or (result.status == "partial" and request.accept_partial):
         _check_deadline(deadline, request)
         t0 = time.perf_counter()
         staged = levels if result.total_obs else None
         objects = staging_object(config, request.parent_morton, staged) if levels else {}
-        write_cell(store, config, chunk_idx, stats, objects=objects)
+        keys = write_cell(store, config, chunk_idx, stats, objects=objects)
+        outputs = output_digests(store, [*keys, *objects])
         timings.write = time.perf_counter() - t0
 
     timings.total = time.perf_counter() - started
     result.duration_s = timings
     result.peak_rss_mb = peak_rss_mb()
-    _record(store, config, request, result)
+    _record(store, config, request, result, outputs)
     return result
 
 
@@ -182,7 +188,13 @@ def record_failure(
     _record(store, config, request, result)
 
 
-def _record(store: Store, config: PipelineConfig, request: CellRequest, result: CellResult) -> None:
+def _record(
+    store: Store,
+    config: PipelineConfig,
+    request: CellRequest,
+    result: CellResult,
+    outputs: dict[str, str | None] | None = None,
+) -> None:
     write_record(
         store,
         config,
@@ -190,6 +202,7 @@ def _record(store: Store, config: PipelineConfig, request: CellRequest, result: 
             result=result,
             fingerprint=input_fingerprint(request.granule_urls, config.hash, magg_core.__version__),
             written_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            outputs=outputs or {},
         ),
     )
 

@@ -20,13 +20,15 @@ import magg_core
 from magg_core.config import PipelineConfig, load_config_at
 from magg_core.fragments import (
     ExtractRecord,
+    fragments_intact,
     granule_name,
     read_extract_record,
     write_extract_record,
     write_fragments,
 )
+from magg_core.grid import cell_word_problem
 from magg_core.read import GranuleReadError, permanent_failure, read_parents
-from magg_core.request import CellRequest, RequestError
+from magg_core.request import MAX_URL_PROBLEMS, CellRequest, EntryPoint, RequestError
 from magg_core.s3 import S3Credentials, S3Endpoint
 from magg_core.store import open_store
 
@@ -74,12 +76,12 @@ class ExtractRequest:
         return event
 
     @classmethod
-    def from_event(cls, event: Mapping[str, Any]) -> ExtractRequest:
-        """Validate an extract event; every problem is named in one :class:`RequestError`.
+    def from_event(cls, event: Mapping[str, Any], entry: EntryPoint) -> ExtractRequest:
+        """Validate an extract event sent to ``entry``; every problem in one :class:`RequestError`.
 
-        Shares the cell event's checks (:meth:`CellRequest.from_event`): the
-        granule URL must be an S3 object, the orders integers, the
-        credentials complete.
+        The cell event's validation (:func:`magg_core.request.check_request`)
+        applies to the granule, orders, config and store; each of ``parents``
+        must besides be a distinct canonical morton word of ``parent_order``.
         """
         if not isinstance(event, Mapping):
             raise RequestError(f"event must be a JSON object, got {type(event).__name__}")
@@ -104,8 +106,18 @@ class ExtractRequest:
                 **{k: v for k, v in event.items() if k not in own},
                 "parent_morton": words[0],
                 "granule_urls": [event.get("granule_url")],
-            }
+            },
+            entry,
         )
+        problems = [
+            f"parents[{i}] {word} {problem}"
+            for i, word in enumerate(words)
+            if (problem := cell_word_problem(word, cell.parent_order)) is not None
+        ]
+        if len(set(words)) != len(words):
+            problems.append("parents lists a morton word more than once")
+        if problems:
+            raise RequestError("; ".join(problems[:MAX_URL_PROBLEMS]))
         return cls(
             granule_url=cell.granule_urls[0],
             parents=words,
@@ -211,7 +223,7 @@ def extract_granule(
             reason=failure.reason,
             duration_s=time.perf_counter() - started,
         )
-    written = write_fragments(store, config, url, read.points)
+    sizes = write_fragments(store, config, url, read.points)
     counts = {str(p): len(points) for p, points in read.points.items()}
     write_extract_record(
         store,
@@ -223,6 +235,7 @@ def extract_granule(
             points=counts,
             bytes_fetched=read.bytes_fetched,
             columns=list(config.point_columns),
+            sizes=sizes,
         ),
     )
     return ExtractResult(
@@ -231,7 +244,7 @@ def extract_granule(
         points=sum(counts.values()),
         parents=len(counts),
         bytes_fetched=read.bytes_fetched,
-        bytes_written=written,
+        bytes_written=sum(sizes.values()),
         duration_s=time.perf_counter() - started,
     )
 
@@ -243,7 +256,9 @@ def stored_extract(
 
     A success stands if it was made from the same granule, config and magg
     version for at least the requested parents (a later run restricted to a
-    few cells reuses a whole-cycle extract); a failure, for the same inputs.
+    few cells reuses a whole-cycle extract), and the fragments of those
+    parents are still in the store at the size written
+    (:func:`magg_core.fragments.fragments_intact`); a failure, for the same inputs.
     """
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
@@ -254,8 +269,8 @@ def _stored(store: Store, config: PipelineConfig, request: ExtractRequest) -> Ex
     record = read_extract_record(store, config, request.granule_url)
     if record is None or record.fingerprint != extract_fingerprint(request.granule_url, config):
         return None
-    if record.status == "ok" and not {str(p) for p in request.parents} <= record.points.keys():
-        return None
+    if record.status == "ok" and not fragments_intact(store, config, record, request.parents):
+        return None  # a fragment lost or cut short since: the extract is done again
     return ExtractResult(
         url=record.url,
         status=record.status,

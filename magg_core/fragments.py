@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -55,6 +56,7 @@ from zarr.core.sync import sync
 from magg_core.config import PipelineConfig
 from magg_core.read import READ_DROPS, GranulePoints
 from magg_core.request import GranuleFailure
+from magg_core.urls import granule_name
 
 FRAGMENTS_PREFIX = "fragments"
 RECORD_NAME = "extract.json"
@@ -78,6 +80,10 @@ class ExtractRecord:
     bytes_fetched: int = 0
     columns: Sequence[str] = ()
     """The point columns each fragment carries besides ``child`` (empty: none written)."""
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    """Parent morton word → bytes of its fragment as written: what lets the record
+    prove its fragments are still there (:func:`fragments_intact`). Empty in
+    records written before sizes were kept, which prove nothing."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -86,11 +92,6 @@ class ExtractRecord:
     def from_json(cls, data: bytes) -> ExtractRecord:
         raw = json.loads(data)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-
-def granule_name(url: str) -> str:
-    """The granule's file name, which keys its fragments whatever bucket or mirror it came from."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def encode(points: GranulePoints, config: PipelineConfig) -> bytes:
@@ -149,11 +150,30 @@ def record_key(config: PipelineConfig, url: str) -> str:
 
 def write_fragments(
     store: Store, config: PipelineConfig, url: str, points: Mapping[int, GranulePoints]
-) -> int:
-    """Store one fragment per parent; returns the bytes written."""
-    blobs = {fragment_key(config, url, p): encode(pts, config) for p, pts in points.items()}
-    sync(_put_all(store, blobs))
-    return sum(len(b) for b in blobs.values())
+) -> dict[str, int]:
+    """Store one fragment per parent; returns each parent's fragment size in bytes
+    (keyed by the decimal morton word, as :attr:`ExtractRecord.sizes`)."""
+    blobs = {p: encode(pts, config) for p, pts in points.items()}
+    sync(_put_all(store, {fragment_key(config, url, p): b for p, b in blobs.items()}))
+    return {str(p): len(b) for p, b in blobs.items()}
+
+
+def fragments_intact(
+    store: Store, config: PipelineConfig, record: ExtractRecord, parents: Sequence[int]
+) -> bool:
+    """Whether the fragments ``record`` lists for ``parents`` are in the store at their size.
+
+    A size check (one HEAD each, concurrent), not a read: proving a
+    granule's extract must cost far less than the extract. A fragment whose
+    bytes changed at the same size is caught where it is read, by the CRC-32
+    numpy's zip keeps of each array (:func:`read_cell_fragments`).
+    """
+    wanted = [str(p) for p in parents]
+    if not all(p in record.sizes for p in wanted):
+        return False
+    keys = [fragment_key(config, record.url, int(p)) for p in wanted]
+    sizes = sync(_sizes(store, keys))
+    return sizes == [record.sizes[p] for p in wanted]
 
 
 def write_extract_record(store: Store, config: PipelineConfig, record: ExtractRecord) -> None:
@@ -201,14 +221,24 @@ def read_cell_fragments(
     fetched concurrently, in the order of ``urls``.
 
     A granule without a fragment is a failure: its extract failed (the
-    record's reason) or never ran.
+    record's reason) or never ran. So is a fragment that cannot be decoded
+    (its CRC-32 or layout does not check out), which is removed: the next
+    run extracts that granule again.
     """
     keys = [fragment_key(config, url, parent_morton) for url in urls]
     blobs = sync(_get_all(store, keys))
     points, failures = [], []
-    for url, data in zip(urls, blobs, strict=True):
+    for url, key, data in zip(urls, keys, blobs, strict=True):
         if data is not None:
-            points.append(decode(data, url, config, columns))
+            try:
+                points.append(decode(data, url, config, columns))
+            except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+                # Removed, so that the granule's record no longer proves its
+                # extract and the next run extracts it again.
+                if not store.read_only:
+                    sync(store.delete(key))
+                reason = f"its fragment for this cell is unreadable ({exc}); extract it again"
+                failures.append(GranuleFailure(url=url, reason=reason))
             continue
         record = read_extract_record(store, config, url)
         if record is not None and record.status == "failed":
@@ -232,6 +262,19 @@ async def _put_all(store: Store, blobs: Mapping[str, bytes]) -> None:
     await asyncio.gather(
         *(store.set(key, prototype.buffer.from_bytes(data)) for key, data in blobs.items())
     )
+
+
+async def _sizes(store: Store, keys: Sequence[str]) -> list[int | None]:
+    limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def size(key: str) -> int | None:
+        async with limit:
+            try:
+                return await store.getsize(key)
+            except FileNotFoundError:
+                return None
+
+    return await asyncio.gather(*(size(key) for key in keys))
 
 
 async def _get_all(store: Store, keys: Sequence[str]) -> list[bytes | None]:

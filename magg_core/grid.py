@@ -68,3 +68,28 @@ def child_index(
     )
     index = (healpix_ids(words[inside]) - first).astype(np.int64)
     return inside, index
+
+
+def cell_word_problem(word: int, order: int) -> str | None:
+    """Why ``word`` is not the morton word of an order-``order`` cell; ``None`` if it is.
+
+    mortie decides (DESIGN §4): the word must name a HEALPix cell
+    (``MortonWord.order`` refuses the empty word 0 and invalid base-cell
+    prefixes), at ``order``, and be that cell's canonical packing — the word
+    its decimal label parses back to. The last check matters because
+    mortie's decode ignores bits below a word's order: such a word names the
+    same cell as the canonical one but can match no chunk of the store.
+    """
+    if not 0 <= word < 2**64:
+        return "is not a uint64 morton word"
+    try:
+        cell = mortie.MortonWord(word)
+        word_order = cell.order
+        canonical = mortie.decimal_to_word(cell.decimal, dtype=int)
+    except ValueError:
+        return "is not a morton word (it names no HEALPix cell)"
+    if word_order != order:
+        return f"is a morton word of order {word_order}, not of order {order}"
+    if canonical != word:
+        return f"is not a canonical morton word (the cell's word is {canonical})"
+    return None

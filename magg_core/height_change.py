@@ -35,6 +35,7 @@ from magg_core.errors import CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.grid import children
 from magg_core.read import GranulePoints
+from magg_core.records import output_digests
 from magg_core.request import CellResult, GranuleFailure, Timings
 from magg_core.s3 import S3Endpoint
 from magg_core.store import (
@@ -172,6 +173,7 @@ def process_height_change(
     timings.read = time.perf_counter() - t0
     result.files_processed = sum(len(p) for p in points.values())
     result.files_failed = failures
+    outputs: dict[str, str | None] = {}
     if failures:
         result.status = "failed"
         result.error = (
@@ -190,25 +192,32 @@ def process_height_change(
                 f"cell {request.parent_morton} passed its deadline; nothing was written"
             )
         t0 = time.perf_counter()
-        write_cell(output, config, request.chunk_idx, fit, arrays=fit_arrays(request.epoch))
+        keys = write_cell(output, config, request.chunk_idx, fit, arrays=fit_arrays(request.epoch))
+        outputs = output_digests(output, keys)  # what the record proves (records.proven_cells)
         timings.write = time.perf_counter() - t0
     timings.total = time.perf_counter() - started
     result.duration_s = timings
     result.peak_rss_mb = peak_rss_mb()
-    record_height_change(request, result, endpoint=endpoint)
+    record_height_change(request, result, endpoint=endpoint, outputs=outputs)
     return result
 
 
 def record_height_change(
-    request: HeightChangeRequest, result: CellResult, *, endpoint: S3Endpoint | None = None
+    request: HeightChangeRequest,
+    result: CellResult,
+    *,
+    endpoint: S3Endpoint | None = None,
+    outputs: Mapping[str, str | None] | None = None,
 ) -> None:
-    """Store the parent's record (its result and input fingerprint) in the output store."""
+    """Store the parent's record (its result, input fingerprint and the digests of the
+    chunks it wrote, ``outputs``) in the output store."""
     config = request.pipeline_config()
     output = open_store(request.output_path, endpoint=endpoint or S3Endpoint.from_env())
     record = CellRecord(
         result=result,
         fingerprint=height_change_fingerprint(request),
         written_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        outputs=dict(outputs or {}),
     )
     write_record(output, config, record)
 

@@ -1,7 +1,8 @@
 """From a catalog to the list of cell requests a run dispatches.
 
-Pure: no I/O. The chunk index of each request is the parent's position in
-the catalog's ascending order, which is also the store's chunk order.
+No I/O but for resolving a local mirror's links. The chunk index of each
+request is the parent's position in the catalog's ascending order, which is
+also the store's chunk order.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.extract import ExtractRequest
 from magg_core.records import CellRecord, input_fingerprint
-from magg_core.request import CellRequest
-from magg_core.urls import URLError, granule_url, parse_s3_url
+from magg_core.request import OPERATOR, CellRequest, RequestError, check_request
+from magg_core.urls import URLError, granule_url, mirror_granule, parse_s3_url
 
 LAMBDA_MAX_TIMEOUT_S = 900
 MAX_CELL_TIMEOUT_S = min(LAMBDA_MAX_TIMEOUT_S, int(DEFAULT_MARGIN.total_seconds()))
@@ -105,7 +106,8 @@ def plan_cells(
         ``s3://`` URL: a local directory (``file://`` or a path) or a bucket
         prefix (``s3://``) holding copies. This is the operator's choice, and
         the only way a cell reads local files: a catalog's own URLs must be
-        S3 objects, as a cell event's are (:func:`magg_core.urls.granule_url`).
+        S3 objects, as a cell event's are (:func:`magg_core.urls.granule_url`),
+        and a mirror is read only below itself (:func:`magg_core.urls.mirror_granule`).
     accept_partial
         Let partial cells write statistics (see :class:`CellRequest`).
 
@@ -115,8 +117,11 @@ def plan_cells(
         If the catalog's cells are not morton words of the config's parent
         order (naming the first such cell), the selection does not fit the
         catalog, a catalog granule URL is not an S3 object, a granule name is
-        not a plain file name (with a mirror), or a mirror is neither a
-        directory nor an ``s3://`` prefix.
+        not a plain file name or links outside a local mirror (with a
+        mirror), a mirror is neither a directory nor an ``s3://`` prefix, or a
+        request fails the check every entry point makes
+        (:func:`magg_core.request.check_request`: e.g. a cell listing one
+        granule twice).
     """
     check_catalog_cells(catalog, config.output.parent_order)
     parents = [int(p) for p in catalog.parents]
@@ -138,19 +143,24 @@ def plan_cells(
 
     config_dict = config.to_dict()
     mirror = None if granule_mirror is None else _mirror_base(granule_mirror)
-    return [
-        CellRequest(
+    in_mirror: dict[str, str] = {}  # a granule crosses ~30 cells: resolve its link once
+    requests = []
+    for parent in selected:
+        request = CellRequest(
             parent_morton=parent,
             parent_order=config.output.parent_order,
             child_order=config.output.child_order,
-            granule_urls=tuple(_granule_urls(catalog, parent, mirror)),
+            granule_urls=tuple(_granule_urls(catalog, parent, mirror, in_mirror)),
             store_path=store_url,
             chunk_idx=position[parent],
             config=config_dict,
             accept_partial=accept_partial,
         )
-        for parent in selected
-    ]
+        try:
+            requests.append(check_request(request, OPERATOR, config))
+        except RequestError as exc:
+            raise PlanError(f"catalog cell {parent}: {exc}") from None
+    return requests
 
 
 def check_mirror(mirror: str | None, backend: str) -> None:
@@ -173,11 +183,21 @@ def check_mirror(mirror: str | None, backend: str) -> None:
         )
 
 
-def _granule_urls(catalog: Catalog, parent: int, mirror: str | None) -> list[str]:
+def _granule_urls(
+    catalog: Catalog, parent: int, mirror: str | None, in_mirror: dict[str, str]
+) -> list[str]:
     granules = catalog.cells[parent]
     if mirror is None:
         return [_catalog_url(parent, g) for g in granules]
-    return [f"{mirror}/{_mirror_name(parent, g)}" for g in granules]
+    urls = []
+    for g in granules:
+        if g.name not in in_mirror:
+            try:
+                in_mirror[g.name] = mirror_granule(mirror, g.name)
+            except URLError as exc:
+                raise PlanError(f"catalog cell {parent}: {exc}") from None
+        urls.append(in_mirror[g.name])
+    return urls
 
 
 def _catalog_url(parent: int, granule: CatalogGranule) -> str:
@@ -200,18 +220,6 @@ def _mirror_base(mirror: str) -> str:
         raise PlanError(
             f"granule_mirror {mirror!r} is neither a directory nor an s3:// prefix: {exc}"
         ) from None
-
-
-def _mirror_name(parent: int, granule: CatalogGranule) -> str:
-    """The granule's name, if it is a plain file name: a catalog must not steer a
-    mirror read outside the mirror (``../../etc/passwd``)."""
-    name = granule.name
-    if name in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
-        raise PlanError(
-            f"catalog cell {parent}: granule name {name[:100]!r} is not a plain file name, "
-            "so it cannot be read from a mirror"
-        )
-    return name
 
 
 def _is_local(mirror: str) -> bool:

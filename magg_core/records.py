@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zarr.abc.store import Store
@@ -45,12 +45,19 @@ class CellRecord:
     """:func:`input_fingerprint` of the granules, config and magg version used."""
     written_at: str
     """UTC ISO-8601 time the record was written."""
+    outputs: Mapping[str, str | None] = field(default_factory=dict)
+    """Every store object the cell owns (its chunk of each array, its coarse levels'
+    staging object) → the SHA-256 of its bytes as written, ``None`` for one it
+    removed (all fill values, no data). Empty when the cell wrote nothing, and in
+    records written before outputs were listed: such a record proves no output
+    (:func:`proven_cells`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "result": self.result.to_dict(),
             "fingerprint": self.fingerprint,
             "written_at": self.written_at,
+            "outputs": dict(self.outputs),
         }
 
     @classmethod
@@ -59,6 +66,7 @@ class CellRecord:
             result=CellResult.from_dict(data["result"]),
             fingerprint=data["fingerprint"],
             written_at=data["written_at"],
+            outputs=dict(data.get("outputs", {})),
         )
 
 
@@ -102,6 +110,62 @@ async def _read_all(store: Store, prefix: str) -> dict[int, CellRecord]:
 
     records = await asyncio.gather(*(fetch(key) for key in keys))
     return {r.result.parent_morton: r for r in records if r is not None}
+
+
+def output_digests(store: Store, keys: Iterable[str]) -> dict[str, str | None]:
+    """The SHA-256 (hex) of each object's bytes as the store holds them now; ``None``: absent.
+
+    Read back rather than hashed from what was sent, so a record proves what
+    reached the store.
+    """
+    return sync(_digests(store, list(keys)))
+
+
+def proven_cells(
+    store: Store,
+    config: PipelineConfig,
+    fingerprints: Mapping[int, str],
+    records: Mapping[int, CellRecord] | None = None,
+) -> dict[int, CellRecord]:
+    """The records that prove their cell's output is in the store as that cell wrote it.
+
+    A record proves its cell when it was made from the same inputs
+    (``fingerprints``: parent → :func:`input_fingerprint` of the run's
+    request), its outcome is complete (not ``partial`` nor ``failed``), and
+    every object it lists (:attr:`CellRecord.outputs`) holds the bytes it
+    wrote -- or is still absent. A chunk or staging object deleted, truncated
+    or overwritten since, or a record from before outputs were listed, proves
+    nothing: that cell is done again. Costs one GET per listed object (a
+    cell's compressed chunks and staging object: tens of kilobytes), and the
+    records' when ``records`` (the store's, as :func:`read_records` gives them)
+    is not passed.
+    """
+    records = read_records(store, config) if records is None else records
+    candidates = {
+        parent: record
+        for parent, record in records.items()
+        if fingerprints.get(parent) == record.fingerprint
+        and record.result.is_complete
+        and record.outputs
+    }
+    keys = [key for record in candidates.values() for key in record.outputs]
+    now = output_digests(store, keys)
+    return {
+        parent: record
+        for parent, record in candidates.items()
+        if all(now[key] == digest for key, digest in record.outputs.items())
+    }
+
+
+async def _digests(store: Store, keys: list[str]) -> dict[str, str | None]:
+    limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def digest(key: str) -> str | None:
+        async with limit:
+            buffer = await store.get(key, prototype=default_buffer_prototype())
+        return None if buffer is None else hashlib.sha256(buffer.to_bytes()).hexdigest()
+
+    return dict(zip(keys, await asyncio.gather(*(digest(k) for k in keys)), strict=True))
 
 
 def _prefix(config: PipelineConfig) -> str:

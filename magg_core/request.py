@@ -8,14 +8,22 @@ The request keeps the seed's Lambda event field-for-field (``parent_morton``,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import unquote
 
+from magg_core.config import ConfigError, PipelineConfig, load_config_at
 from magg_core.cycles import parse_granule_name
+from magg_core.grid import cell_word_problem
 from magg_core.s3 import S3Credentials
-from magg_core.urls import URLError, granule_url
+from magg_core.urls import (
+    ALLOWED_STORES_VARIABLE,
+    URLError,
+    granule_url,
+    remote_store,
+)
 
 CellStatus = Literal["ok", "empty", "no_granules", "partial", "failed"]
 """``partial``: some granules were read and some failed, so the cell's statistics
@@ -78,13 +86,11 @@ class CellRequest:
             raise RequestError(f"cell {self.parent_morton}: {problem}")
 
     @classmethod
-    def from_event(cls, event: Mapping[str, Any]) -> CellRequest:
-        """Validate a Lambda-style event; every problem is named in one error.
+    def from_event(cls, event: Mapping[str, Any], entry: EntryPoint) -> CellRequest:
+        """Parse and validate an event sent to ``entry``; every problem is named in one error.
 
-        An event is untrusted, so its granules must be S3 objects
-        (:func:`magg_core.urls.granule_url`: ``s3://bucket/key``, or NSIDC's
-        ``https://`` form mapped to it); a local path or ``file://`` URL is
-        refused before anything is read.
+        The JSON shape is checked here (integers, lists, flags, credentials),
+        then :func:`check_request` applies what every entry point checks.
 
         Raises
         ------
@@ -111,9 +117,7 @@ class CellRequest:
         urls = event["granule_urls"]
         if not isinstance(urls, list | tuple) or not all(isinstance(u, str) for u in urls):
             problems.append("granule_urls must be a list of URL strings")
-        else:
-            urls, url_problems = _granule_urls(urls)
-            problems += url_problems
+            urls = ()
         if not isinstance(event["store_path"], str) or not event["store_path"]:
             problems.append(f"store_path must be a non-empty string, got {event['store_path']!r}")
         credentials = None
@@ -132,11 +136,9 @@ class CellRequest:
         for name, value in flags.items():
             if not isinstance(value, bool):
                 problems.append(f"{name} must be true or false, got {value!r}")
-        if problems:
-            raise RequestError("; ".join(problems))
-        if not 0 <= ints["parent_morton"] < 2**64:
-            raise RequestError(f"parent_morton must be a uint64 word, got {ints['parent_morton']}")
-        return cls(
+        if problems:  # with the URLs' problems too, so one answer names them all
+            raise RequestError("; ".join(problems + _granule_urls(urls)[1]))
+        request = cls(
             parent_morton=ints["parent_morton"],
             parent_order=ints["parent_order"],
             child_order=ints["child_order"],
@@ -147,6 +149,7 @@ class CellRequest:
             config=config,
             **flags,
         )
+        return check_request(request, entry)
 
     def to_event(self, *, include_credentials: bool = True) -> dict[str, Any]:
         """The JSON event form; carries secrets unless ``include_credentials=False``."""
@@ -166,6 +169,93 @@ class CellRequest:
             if getattr(self, name):
                 event[name] = True
         return event
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """Who hands work to a cell or an extract, which decides what its request may name.
+
+    A *remote* entry point takes events written by whoever may invoke the
+    Lambda function or create a flow run of a deployment: its granules must
+    be S3 objects (a local path or ``file://`` URL would let a caller read
+    the worker's own files, and see their first bytes in a failure reason),
+    and its store an ``s3://`` URL the operator allows
+    (:func:`magg_core.urls.remote_store`). The operator's own entry point (the
+    CLI and ``process-cycle``, through :func:`magg_core.plan.plan_cells`)
+    may also read the operator's mirror and write a local store.
+    """
+
+    remote: bool
+    allow_list_required: bool = False
+    """Remote only: whether an unset :data:`~magg_core.urls.ALLOWED_STORES_VARIABLE`
+    refuses every store (see :func:`magg_core.urls.remote_store`)."""
+
+
+LAMBDA = EntryPoint(remote=True, allow_list_required=True)
+"""The Lambda function (cell and extract events): writes only below ``MAGG_ALLOWED_STORES``."""
+ECS = EntryPoint(remote=True)
+"""The ``process-cell`` and ``extract-granule`` flows: ``s3://`` stores only, below
+``MAGG_ALLOWED_STORES`` when the container sets it (else its task role decides)."""
+OPERATOR = EntryPoint(remote=False)
+"""``process-cycle`` (the CLI, a deployment run): the plan built the request from a checked
+catalog and the operator's own store and mirror."""
+
+
+def check_request(
+    request: CellRequest, entry: EntryPoint, config: PipelineConfig | None = None
+) -> CellRequest:
+    """The one validation of a cell request, whichever entry point it came through.
+
+    Checks, naming every problem in one error:
+
+    - the config loads at the request's orders (``config``, when the caller
+      already loaded it at those orders, is used as is);
+    - ``parent_morton`` is a canonical morton word of ``parent_order``
+      (mortie decides: :func:`magg_core.grid.cell_word_problem`), so it can
+      only ever match its own chunk;
+    - the granules are canonical (remote: ``s3://`` objects, NSIDC's HTTPS
+      form mapped to them, :func:`magg_core.urls.granule_url`) and name each
+      acquisition once (:func:`duplicate_granule`, also what constructing a
+      request checks);
+    - a remote request's store is one its entry point may write.
+
+    Returns
+    -------
+    CellRequest
+        ``request`` with canonical granule URLs and store URL.
+
+    Raises
+    ------
+    RequestError
+        Naming each bad field (a bad config or order is reported as ``config: …``).
+    """
+    problems = []
+    try:
+        config = config or load_config_at(request.config, request.parent_order, request.child_order)
+    except ConfigError as exc:
+        problems.append(f"config: {exc}")
+    else:
+        problem = cell_word_problem(request.parent_morton, config.output.parent_order)
+        if problem is not None:
+            problems.append(f"parent_morton {request.parent_morton} {problem}")
+    urls = list(request.granule_urls)
+    if entry.remote:
+        urls, url_problems = _granule_urls(urls)
+        problems += url_problems
+    duplicate = duplicate_granule(urls)
+    if duplicate is not None:
+        problems.append(duplicate)
+    store = request.store_path
+    if entry.remote:
+        try:
+            store = remote_store(
+                store, os.environ.get(ALLOWED_STORES_VARIABLE), required=entry.allow_list_required
+            )
+        except URLError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise RequestError("; ".join(problems))
+    return replace(request, granule_urls=tuple(urls), store_path=store)
 
 
 MAX_URL_PROBLEMS = 3

@@ -387,8 +387,12 @@ def write_cell(
     *,
     arrays: Sequence[ArraySpec] | None = None,
     objects: Mapping[str, bytes | None] | None = None,
-) -> None:
+) -> list[str]:
     """Write one parent's chunk of every data array (``arrays``, default the statistics).
+
+    Returns the store keys of the chunks (one per array, written or removed),
+    which the cell's record proves (:func:`magg_core.records.output_digests`)
+    together with the keys of ``objects``.
 
     Everything is validated before the first byte is written, so a bad call
     leaves the store as it was. A chunk that is all fill values is removed
@@ -430,7 +434,9 @@ def write_cell(
                 f"statistic {name!r}: expected dtype {dtype} and shape ({per_parent},), "
                 f"got dtype {got_dtype} and shape {getattr(values, 'shape', None)}"
             )
-    sync(_write_chunks(store, _group_path(config), chunk_idx, per_parent, stats, objects or {}))
+    return sync(
+        _write_chunks(store, _group_path(config), chunk_idx, per_parent, stats, objects or {})
+    )
 
 
 async def _write_chunks(
@@ -440,7 +446,7 @@ async def _write_chunks(
     per_parent: int,
     stats: Mapping[str, np.ndarray],
     objects: Mapping[str, bytes | None],
-) -> None:
+) -> list[str]:
     arrays = await asyncio.gather(
         *(
             zarr.api.asynchronous.open_array(
@@ -460,6 +466,7 @@ async def _write_chunks(
             store.delete(key) if data is None else store.set(key, prototype.buffer.from_bytes(data))
         )
     await asyncio.gather(*writes)
+    return [f"{array.path}/{array.metadata.encode_chunk_key((chunk_idx,))}" for array in arrays]
 
 
 def consolidate(store: Store) -> None:

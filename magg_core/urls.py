@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from pathlib import Path
+from urllib.parse import SplitResult, unquote, urlsplit
 
 NSIDC_DATA_HOST = "data.nsidc.earthdatacloud.nasa.gov"
 """NSIDC's HTTPS host; ``https://{host}/{bucket}/{key}`` is ``s3://{bucket}/{key}``."""
@@ -117,6 +118,12 @@ def granule_url(url: object) -> str:
     return location.url
 
 
+def granule_name(url: str) -> str:
+    """The granule's file name: what keys its fragments and a cell's input fingerprint,
+    whatever bucket or mirror it came from."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def parse_allowed_stores(value: str | None) -> tuple[S3Location, ...]:
     """The store prefixes of :data:`ALLOWED_STORES_VARIABLE` (comma-separated ``s3://`` URLs).
 
@@ -168,6 +175,87 @@ def allowed_store(url: str, allowed: str | None) -> str:
             f"{ALLOWED_STORES_VARIABLE} ({', '.join(p.url + '/' for p in prefixes)})"
         )
     return location.url
+
+
+def remote_store(url: str, allowed: str | None, *, required: bool) -> str:
+    """The normalised ``s3://`` store URL a remote request (an event) may write to.
+
+    A remote request never names a local path or ``file://`` URL: that would
+    write the worker's own disk (a Lambda sandbox, an ECS container), where no
+    one reads it. Below that, the operator's allow-list decides.
+
+    Parameters
+    ----------
+    url
+        The store URL the request names.
+    allowed
+        The value of :data:`ALLOWED_STORES_VARIABLE` (``None``: unset).
+    required
+        Whether an unset allow-list refuses every store (the Lambda function,
+        whose execution role may write many buckets) rather than leaving the
+        choice to the worker's own S3 permissions (an ECS task role scoped to
+        the output bucket).
+
+    Raises
+    ------
+    URLError
+        Naming ``store_path``: not an ``s3://`` URL, or outside the allow-list.
+    """
+    if allowed is not None or required:
+        return allowed_store(url, allowed)
+    try:
+        return parse_s3_url(url).url
+    except URLError as exc:
+        scheme = _SCHEME_MEANING.get(urlsplit(url).scheme.lower())
+        why = f"{scheme} is not accepted from a remote request" if scheme else str(exc)
+        raise URLError(f"store_path {url[:200]!r}: {why} (expected s3://bucket/prefix)") from None
+
+
+GRANULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+"""A granule file name as NSIDC writes them (``ATL06_20181013235645_02340114_209_01.h5``,
+``processed_ATL06_...h5`` of a subset): letters, digits, ``.``, ``_`` and ``-``. Nothing
+that a URL or a path decodes (``%2e%2e``, ``/``, ``\\``, a leading ``.``)."""
+
+
+def mirror_granule(mirror: str, name: str) -> str:
+    """Where granule ``name`` lies in the operator's ``mirror``, never outside it.
+
+    Parameters
+    ----------
+    mirror
+        The mirror as the operator gave it, without a trailing slash: a
+        directory (a path or ``file://`` URL) or a normalised ``s3://`` prefix.
+    name
+        The granule's file name, from a catalog (which may come from anyone).
+
+    Returns
+    -------
+    str
+        ``{mirror}/{name}``.
+
+    Raises
+    ------
+    URLError
+        If ``name`` is not a plain file name (:data:`GRANULE_NAME`: so no
+        ``..``, ``/``, absolute path or percent-encoding, which a ``file://``
+        URL would decode), or, for a local mirror, the file resolves outside
+        the mirror's directory through a symbolic link.
+    """
+    if not GRANULE_NAME.fullmatch(name):
+        raise URLError(
+            f"granule name {name[:100]!r} is not a plain file name (letters, digits, "
+            "'.', '_', '-'), so it cannot be read from a mirror"
+        )
+    url = f"{mirror}/{name}"
+    parts = urlsplit(mirror)
+    if parts.scheme.lower() in ("", "file"):
+        directory = Path(unquote(parts.path) if parts.scheme else mirror)
+        base = directory.resolve()
+        if not (directory / name).resolve().is_relative_to(base):
+            raise URLError(
+                f"granule {name!r} of mirror {mirror!r} is a link to a file outside the mirror"
+            )
+    return url
 
 
 def _split(url: str) -> SplitResult:

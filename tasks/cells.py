@@ -19,26 +19,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence, Set
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import httpx
-from prefect import task
+from prefect import Task, task
+from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 import magg_core
 from magg.tasks.workers import process_cell_within
-from magg_core.config import load_config
+from magg_core.config import PipelineConfig, load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
 from magg_core.lambda_client import invoke_cell, is_retryable
+from magg_core.records import proven_cells
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
-from magg_core.store import input_fingerprint
+from magg_core.store import input_fingerprint, open_store
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -116,6 +119,32 @@ def cell_task(fn):
         cache_key_fn=cell_cache_key,
         task_run_name="cell-{request.parent_morton}",
     )
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def proven_parents(
+    store_url: str, config: PipelineConfig, requests: Sequence[CellRequest]
+) -> set[int]:
+    """The cells of ``requests`` whose record proves their output is in the store.
+
+    A cell's Prefect cache entry says only that it once succeeded; the store
+    says whether what it wrote is still there (:func:`magg_core.records.proven_cells`).
+    The flow submits every other cell with ``refresh_cache=True``
+    (:func:`cache_unless_proven`), so a cell whose chunk or staging object was
+    lost since is done again, and a proven cell is taken from the cache.
+    """
+    fingerprints = {
+        r.parent_morton: input_fingerprint(r.granule_urls, config.hash, magg_core.__version__)
+        for r in requests
+    }
+    return set(proven_cells(open_store(store_url), config, fingerprints))
+
+
+def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Any], Task]:
+    """The task to submit for a request (anything with a ``parent_morton``): ``cell`` as is
+    for a proven cell, else ``cell`` with ``refresh_cache=True``."""
+    refreshing = cell.with_options(refresh_cache=True)
+    return lambda request: cell if request.parent_morton in proven else refreshing
 
 
 def raise_if_incomplete(result: CellResult) -> CellResult:

@@ -37,6 +37,7 @@ from magg_core.height_change_plan import (
     check_output_provenance,
     plan_height_change,
 )
+from magg_core.records import proven_cells
 from magg_core.request import CellResult
 from magg_core.store import create_template, open_store, read_template
 from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
@@ -89,6 +90,16 @@ fit_parent_locally = work_task(
     cache_key_fn=height_change_cache_key,
     task_run_name="cell-{request.parent_morton}",
 )
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def proven_fits(
+    output: str, config: PipelineConfig, requests: Sequence[HeightChangeRequest]
+) -> set[int]:
+    """The parents whose record proves their fit is in the output store, as for the cells
+    of a cycle (:func:`magg.tasks.cells.proven_parents`): the others refresh their cache."""
+    fingerprints = {r.parent_morton: height_change_fingerprint(r) for r in requests}
+    return set(proven_cells(open_store(output), config, fingerprints))
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

@@ -24,6 +24,7 @@ from magg_core.cmr import GranuleSearch, granule_name, search_granules
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_query_range, cycle_range, parse_granule_name
 from magg_core.plan import cells_to_update
+from magg_core.records import proven_cells
 from magg_core.regions import load_region
 from magg_core.store import open_store, read_records, read_template
 
@@ -65,19 +66,31 @@ def late_cells(
 
     Builds the cycle's catalog as ``process-cycle`` would and compares each
     cell's granules with the store's record of it
-    (:func:`magg_core.records.cells_to_update`). Returns the stale cells, the
+    (:func:`magg_core.plan.cells_to_update`); a cell whose record no longer
+    proves its output (:func:`magg_core.records.proven_cells`) is stale as
+    well. Returns the stale cells, the
     catalog cells outside the store's template, and the catalog's fingerprint
-    (which names this state of the archive).
+    (which names this state of the archive) -- combined with the lost cells'
+    records when there are any, which names this state of the store.
     """
     catalog = build_catalog(
         cycle=cycle, region=region, parent_order=config.output.parent_order, cmr_url=cmr_url
     )
     store = open_store(store_url, read_only=True)
     template = read_template(store, config)
-    stale, outside = cells_to_update(
-        catalog, template.parents, read_records(store, config), config.hash
-    )
-    return stale, outside, catalog.fingerprint
+    records = read_records(store, config)
+    # A record stands for its cell only while its chunks and staging object are
+    # there as written (records.proven_cells); a cell that lost them is stale too.
+    own = {parent: record.fingerprint for parent, record in records.items()}
+    proven = proven_cells(store, config, own, records)
+    stale, outside = cells_to_update(catalog, template.parents, proven, config.hash)
+    lost = [f"{p} {records[p].written_at}" for p in sorted(records) if p not in proven]
+    if not lost:
+        return stale, outside, catalog.fingerprint
+    # The state names the lost records too, so a loss after an update run of the
+    # same catalog starts a run of its own (start_cycle_run's idempotency key).
+    state = hashlib.sha256("\n".join([catalog.fingerprint, *lost]).encode()).hexdigest()
+    return stale, outside, state
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=30)

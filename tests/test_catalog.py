@@ -21,7 +21,7 @@ from magg_core.cmr import CmrError, GranuleSearch, RetryPolicy
 from magg_core.cycles import CycleError, cycle_query_range
 from magg_core.grid import parent_of, point_morton
 from magg_core.regions import RegionError
-from magg_core.request import CellRequest
+from magg_core.request import ECS, CellRequest
 from magg_core.sample import write_sample
 from tests.fakes.cmr import FakeCmr, revision_of, umm_item
 
@@ -131,7 +131,8 @@ def test_build_from_fake_cmr_matches_the_records_path(dome_c, fake_cmr, tmp_path
                 "child_order": 12,
                 "granule_urls": loaded.urls(parent),
                 "store_path": "s3://bucket/store.zarr",
-            }
+            },
+            ECS,
         )
         assert request.granule_urls and all(u.startswith("s3://") for u in request.granule_urls)
 

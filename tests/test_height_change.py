@@ -242,6 +242,34 @@ def test_a_missing_fragment_fails_its_parent_alone_and_a_rerun_fits_only_it(run,
         np.testing.assert_array_equal(again[name].values, product[name].values, err_msg=name)
 
 
+def test_a_lost_dhdt_chunk_is_fitted_again_and_nothing_else(run, product):
+    """The parent's cache entry and record stand for its chunks only while the chunks are
+    there: one deleted after a complete run is fitted again by the next, alone."""
+    from magg.flows.height_change import height_change
+
+    config = load_config()
+    output = f"s3://{OUT}/dhdt-heal.zarr"
+    parameters = {"cycles": list(CYCLES), "stores": PATTERN, "output": output}
+    assert height_change(**parameters, return_state=True).is_completed()
+    plan = plan_height_change(list(CYCLES), PATTERN, config)
+    with_data = np.flatnonzero(product["n_points"].values.reshape(-1, N_CHILDREN).sum(axis=1) > 0)
+    index = int(with_data[0])
+    parent = int(plan.parents[index])
+    store = open_store(output)
+    zarr.core.sync.sync(store.delete(f"{ORDER}/dhdt/c/{index}"))
+
+    state = height_change(**parameters, return_state=True)
+
+    assert state.is_completed(), state.message
+    runs = cell_task_runs(state.state_details.flow_run_id)
+    assert {int(r.name.removeprefix("cell-")): r.state.name for r in runs} == {
+        int(p): "Completed" if int(p) == parent else "Cached" for p in plan.parents
+    }
+    again = xr.open_zarr(open_store(output, read_only=True), group=str(ORDER))
+    for name in ("dhdt", "h0", "n_points"):
+        np.testing.assert_array_equal(again[name].values, product[name].values, err_msg=name)
+
+
 # -- the independent fit -------------------------------------------------------------------
 
 

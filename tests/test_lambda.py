@@ -416,6 +416,71 @@ def test_bad_fields_are_named_in_a_400(world, fake, client, change, named):
     assert_no_secrets(world, raw, log_tail)
 
 
+def _other_orders(word: int) -> dict[str, tuple[int, str]]:
+    """Words no order-6 cell event may name, and what the refusal says about each."""
+    return {
+        "order-7": (word + 1, "is a morton word of order 7, not of order 6"),
+        "no-cell": (0, "is not a morton word (it names no HEALPix cell)"),
+        "too-big": (2**64, "is not a uint64 morton word"),
+    }
+
+
+@pytest.mark.parametrize("case", ["order-7", "no-cell", "too-big"])
+def test_a_cell_event_for_no_cell_of_its_order_is_refused_untouched(
+    world, fake, client, case, monkeypatch
+):
+    """What the CLI checks of a catalog's cells (mortie decides), the events check too:
+    through the Invoke API, and calling the handler as Lambda does."""
+    monkeypatch.setenv("MAGG_ALLOWED_STORES", ALLOWED)
+    word, says = _other_orders(world.data_parent)[case]
+    event = {**world.request(world.lambda_store).to_event(), "parent_morton": str(word)}
+    before = _store_objects(world, world.lambda_store)
+
+    status, error, _ = _invoke_event(client, CELL, event)
+    direct = lambda_handler(event, None)
+
+    assert status == 400 and f"parent_morton {word} {says}" in error, error
+    assert direct["statusCode"] == 400 and json.loads(direct["body"])["error"] == error
+    assert _store_objects(world, world.lambda_store) == before
+
+
+@pytest.mark.parametrize("case", ["order-7", "repeated"])
+def test_an_extract_event_for_no_cell_of_its_order_is_refused_untouched(world, fake, client, case):
+    event = _extract_request(world, world.lambda_store).to_event()
+    if case == "repeated":
+        event["parents"] = [*event["parents"], event["parents"][0]]
+        says = "parents lists a morton word more than once"
+    else:
+        word, says = _other_orders(world.spare_parent)[case]
+        event["parents"] = [*event["parents"], str(word)]
+        says = f"parents[2] {word} {says}"
+    before = _store_objects(world, world.lambda_store)
+
+    status, error, _ = _invoke_event(client, CELL, event)
+
+    assert status == 400 and says in error, error
+    assert _store_objects(world, world.lambda_store) == before
+
+
+def test_a_cell_event_listing_one_granule_twice_is_refused_untouched(world, fake, client):
+    """Two spellings of one object (or one file in two buckets) would count its points
+    twice; the granule is named with both positions."""
+    first = world.granule_urls[0]
+    https = "https://data.nsidc.earthdatacloud.nasa.gov/" + first.removeprefix("s3://")
+    copy = "s3://another-bucket/ATL06/" + first.rsplit("/", 1)[1]
+    before = _store_objects(world, world.lambda_store)
+    for twice in ((first, https), (first, copy)):
+        event = world.request(world.lambda_store, granule_urls=(*world.granule_urls, twice[1]))
+        event = {**event.to_event(), "granule_urls": [*world.granule_urls, twice[1]]}
+
+        status, error, _ = _invoke_event(client, CELL, event)
+
+        name = first.rsplit("/", 1)[1]
+        assert status == 400, error
+        assert f"granule_urls[{len(world.granule_urls)}] repeats granule {name!r} of [0]" in error
+    assert _store_objects(world, world.lambda_store) == before
+
+
 def test_unsafe_expression_in_config_is_rejected_naming_the_key(world, fake, client):
     config = world.config.to_dict()
     config["aggregation"]["columns"]["weight"] = "__import__('os').system('id')"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from magg_core.request import CellRequest, RequestError
+from magg_core.request import ECS, CellRequest, RequestError
 from magg_core.urls import URLError, allowed_store, granule_url, parse_allowed_stores
 
 KEY = "ATLAS/ATL06/007/2018/10/14/ATL06_20181014103720_02410111_007_01.h5"
@@ -34,7 +34,7 @@ def event(**changes) -> dict:
 )
 def test_every_spelling_of_an_nsidc_object_becomes_its_s3_url(url):
     assert granule_url(url) == S3
-    assert CellRequest.from_event(event(granule_urls=[url])).granule_urls == (S3,)
+    assert CellRequest.from_event(event(granule_urls=[url]), ECS).granule_urls == (S3,)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_anything_but_an_s3_object_is_refused_and_named(url, message):
 def test_an_event_names_each_bad_granule_by_index_and_says_no_more_than_a_few():
     urls = [S3, "/proc/self/environ", "file:///etc/passwd", S3, *["ftp://h/x"] * 5]
     with pytest.raises(RequestError) as caught:
-        CellRequest.from_event(event(granule_urls=urls, parent_order="six"))
+        CellRequest.from_event(event(granule_urls=urls, parent_order="six"), ECS)
     message = str(caught.value)
     assert "parent_order must be an integer" in message  # other problems still reported
     assert "granule_urls[1]: scheme '' (a local path)" in message

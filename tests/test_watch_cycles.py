@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -248,6 +249,31 @@ def test_a_late_granule_regrids_only_the_cells_it_changes(registered, prefect_se
         assert [r["id"] for r in server.flow_runs(TARGET) if "-update-" in r["name"]] == [
             update["id"]
         ]
+
+        # A chunk of the done cycle is lost: the next tick re-grids that cell alone,
+        # though CMR lists nothing new (its record no longer proves the chunk).
+        order = load_config().output.child_order
+        chunks = [int(p) for p in read_template(open_store(store), load_config()).parents]
+        chunk = {
+            p: Path(store) / str(order) / "h_mean" / "c" / str(chunks.index(p)) for p in touched
+        }
+        lost = next(p for p in sorted(touched) if chunk[p].exists())
+        chunk[lost].unlink()
+        [heal] = _ticks(server, env, tmp_path, parameters, 1)
+        assert any("late granules in 1 cells" in m for m in server.logs([heal["id"]]))
+        [repair] = [
+            r
+            for r in server.flow_runs(TARGET)
+            if "-update-" in r["name"] and r["id"] != update["id"]
+        ]
+        assert list(map(int, repair["parameters"]["cells"])) == [lost]
+        wanted = {k: v for k, v in repair["parameters"].items() if k in WATCHED}
+        third = process_cycle(**wanted, credentials="none", granule_mirror=mirror,
+                              return_state=True)  # fmt: skip
+        assert third.is_completed(), third.message
+        ran = {int(r.name.removeprefix("cell-")): r.state.name for r in
+               cell_task_runs(third.state_details.flow_run_id)}  # fmt: skip
+        assert ran == {lost: "Completed"}  # not taken from the cache
     finally:
         cmr.stop()
 

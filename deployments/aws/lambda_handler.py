@@ -7,8 +7,10 @@ the seed's did. The event and the ``{"statusCode", "body"}`` answer are the seed
 orchestrators keep working: 200 carries the :class:`CellResult` (also when the
 cell's status is ``failed`` — that is an outcome, and the caller decides what
 to do with it), 400 a request that can never run (missing fields, a granule
-that is not an S3 object, a store outside the operator's allow-list, a config
-that does not validate, a store without this cell in its template), 500
+that is not an S3 object or is listed twice, a parent that is no cell of its
+order, a store outside the operator's allow-list, a config that does not
+validate, a store without this cell in its template: the check every entry
+point makes, :func:`magg_core.request.check_request`), 500
 anything unexpected, which is worth a retry (its body names the exception's
 type in ``error_type``, so the caller can tell refused credentials apart).
 Answering 500 instead of raising keeps the error message under our control:
@@ -21,20 +23,18 @@ The handler is configured as ``deployments.aws.lambda_handler.lambda_handler``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from magg_core.cell import process_cell
 from magg_core.config import ConfigError
 from magg_core.errors import CellDataError
 from magg_core.extract import EXTRACT_EVENT, ExtractRequest, ExtractResult, extract_granule
-from magg_core.request import CellRequest, CellResult, RequestError
+from magg_core.request import LAMBDA, CellRequest, CellResult, RequestError
 from magg_core.store import TemplateMismatchError
-from magg_core.urls import ALLOWED_STORES_VARIABLE, URLError, allowed_store
+from magg_core.urls import URLError
 
 CALLER_ERRORS = (RequestError, URLError, ConfigError, TemplateMismatchError, CellDataError)
 """Failures that repeat on every attempt until the caller changes something: 400."""
@@ -88,15 +88,11 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
 
 
 def _cell(event: Any) -> CellResult:
-    request = CellRequest.from_event(event)
-    store = allowed_store(request.store_path, os.environ.get(ALLOWED_STORES_VARIABLE))
-    return process_cell(replace(request, store_path=store))
+    return process_cell(CellRequest.from_event(event, LAMBDA))
 
 
 def _extract(event: Any) -> ExtractResult:
-    request = ExtractRequest.from_event(event)
-    store = allowed_store(request.store_path, os.environ.get(ALLOWED_STORES_VARIABLE))
-    return extract_granule(replace(request, store_path=store))
+    return extract_granule(ExtractRequest.from_event(event, LAMBDA))
 
 
 def _result_fields(result: CellResult) -> dict[str, Any]:
