@@ -94,9 +94,6 @@ class ExtractRequest:
             raise RequestError("parents must be morton words (decimal strings)") from exc
         if len(words) != len(parents) or not all(0 <= w < 2**64 for w in words):
             raise RequestError("parents must be uint64 morton words (decimal strings)")
-        if len(set(words)) != len(words):
-            twice = next(w for w in words if words.count(w) > 1)
-            raise RequestError(f"parents lists {twice} twice: each parent gets one fragment")
         height_change = event.get("height_change", False)
         if not isinstance(height_change, bool):
             raise RequestError("height_change must be true or false")
@@ -115,7 +112,10 @@ class ExtractRequest:
             if (problem := cell_word_problem(word, cell.parent_order)) is not None
         ]
         if len(set(words)) != len(words):
-            problems.append("parents lists a morton word more than once")
+            twice = next(w for w in words if words.count(w) > 1)
+            problems.append(
+                f"parents lists a morton word more than once ({twice}): one fragment each"
+            )
         if problems:
             raise RequestError("; ".join(problems[:MAX_URL_PROBLEMS]))
         return cls(

@@ -146,17 +146,17 @@ def plan_cells(
     in_mirror: dict[str, str] = {}  # a granule crosses ~30 cells: resolve its link once
     requests = []
     for parent in selected:
-        request = CellRequest(
-            parent_morton=parent,
-            parent_order=config.output.parent_order,
-            child_order=config.output.child_order,
-            granule_urls=tuple(_granule_urls(catalog, parent, mirror, in_mirror)),
-            store_path=store_url,
-            chunk_idx=position[parent],
-            config=config_dict,
-            accept_partial=accept_partial,
-        )
         try:
+            request = CellRequest(
+                parent_morton=parent,
+                parent_order=config.output.parent_order,
+                child_order=config.output.child_order,
+                granule_urls=tuple(_granule_urls(catalog, parent, mirror, in_mirror)),
+                store_path=store_url,
+                chunk_idx=position[parent],
+                config=config_dict,
+                accept_partial=accept_partial,
+            )
             requests.append(check_request(request, OPERATOR, config))
         except RequestError as exc:
             raise PlanError(f"catalog cell {parent}: {exc}") from None

@@ -120,7 +120,7 @@ def test_an_ecs_child_keeps_to_the_allow_list_when_its_container_sets_one(
     ("change", "says"),
     [
         ({"parent_morton": "1"}, "parent_morton 1 is not a morton word"),
-        ("twice", "repeats granule"),
+        ("twice", "again (granule_urls[0])"),
         ({"granule_urls": ["/etc/passwd"]}, "granule_urls[0]: scheme '' (a local path)"),
     ],
     ids=["not-a-cell", "granule-twice", "local-granule"],
@@ -211,6 +211,6 @@ def test_a_plan_of_a_cell_listing_one_granule_twice_is_refused(sample):
         CatalogGranule(name=name, s3=f"s3://another-bucket/{name}", https=None),
     )
     catalog = Catalog(metadata=sample.catalog.metadata, cells={parent: twice})
-    message = f"catalog cell {parent}: granule_urls[1] repeats granule {name!r} of [0]"
+    message = f"granule_urls[1] is granule {name!r} again (granule_urls[0])"
     with pytest.raises(PlanError, match=re.escape(message)):
         plan_cells(catalog, load_config(), STORE)

@@ -18,8 +18,10 @@ from magg_core.cell import process_cell
 from magg_core.config import load_config
 from magg_core.extract import ExtractRequest, extract_granule
 from magg_core.fragments import decode, fragment_key, read_extract_record
+from magg_core.grid import parent_of, point_morton
 from magg_core.height_change_plan import HeightChangePlanError, scan_cycle_store
 from magg_core.plan import plan_cells, plan_extracts
+from magg_core.request import OPERATOR
 from magg_core.sample import BEAMS, write_sample
 from magg_core.store import create_template, open_store, read_records
 from tests import oracle
@@ -255,13 +257,20 @@ def test_keeping_for_height_change_adds_coordinates_and_time_and_reads_again(
     ]
 
 
+def two_parents() -> np.ndarray:
+    """Two order-6 morton words (valid cells, as an event's parents must be)."""
+    lat, lon = np.array([-80.0, -75.0]), np.array([0.0, 90.0])
+    return np.unique(parent_of(point_morton(lat, lon, 12), 6))
+
+
 def test_an_extract_event_carries_the_height_change_choice():
+    parents = tuple(int(p) for p in two_parents())
     request = ExtractRequest(
-        "s3://magg-in/k.h5", (1, 2), "s3://magg-out/s.zarr", 6, 12, height_change=True
+        "s3://magg-in/k.h5", parents, "s3://magg-out/s.zarr", 6, 12, height_change=True
     )
-    assert ExtractRequest.from_event(request.to_event()) == request
+    assert ExtractRequest.from_event(request.to_event(), OPERATOR) == request
     plain = replace(request, height_change=False)
     assert "height_change" not in plain.to_event()
-    assert ExtractRequest.from_event(plain.to_event()) == plain
+    assert ExtractRequest.from_event(plain.to_event(), OPERATOR) == plain
     assert request.pipeline_config().point_columns[-3:] == ("latitude", "longitude", "time")
     assert plain.pipeline_config().point_columns == ("h_li", "h_li_sigma")
