@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
@@ -45,10 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     try:
-        with ExitStack() as stack:
-            if getattr(args, "flows", False):
-                stack.enter_context(_start_up(args))
-            return args.command(args)
+        if getattr(args, "flows", False):
+            _start_up(args)
+        return args.command(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's job is a clear one-line error
@@ -58,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-@contextmanager
-def _start_up(args: argparse.Namespace) -> Iterator[None]:
+def _start_up(args: argparse.Namespace) -> None:
     """Start at once, in other processes, what a flow command waits for later.
 
     Started the default way, Prefect's temporary API server (when no server is
@@ -76,9 +74,7 @@ def _start_up(args: argparse.Namespace) -> Iterator[None]:
     server = None
     if settings.api.url is None and settings.server.ephemeral.enabled:
         server = _TemporaryServer(settings.server.ephemeral.startup_timeout_seconds)
-    if args.name in ("demo", "height-change") or (
-        args.name == "run" and args.backend == "local" and not args.dry_run
-    ):
+    if args.name == "demo" or (args.backend == "local" and not getattr(args, "dry_run", False)):
         from tasks.workers import start_forkserver
 
         start_forkserver()
@@ -86,7 +82,6 @@ def _start_up(args: argparse.Namespace) -> Iterator[None]:
 
     if server is not None:
         server.wait()
-    yield
 
 
 class _TemporaryServer:
