@@ -38,7 +38,7 @@ from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
 from magg_core.store import input_fingerprint
-from tasks.workers import process_cell_within
+from tasks.workers import process_cell_within, worker_slot
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -164,10 +164,11 @@ def grid_cell_locally(
     raises :class:`~magg_core.errors.CellTimeoutError` without writing, and
     only then may a retry start, so no stale attempt writes after a newer one.
     """
-    request = replace(request, s3_credentials=fresh(credentials))
-    with replacing_rejected(credentials, request.s3_credentials):
-        result = workers.submit(process_cell_within, request, timeout_s).result()
-        return raise_if_incomplete(result)
+    with worker_slot(workers):
+        request = replace(request, s3_credentials=fresh(credentials))
+        with replacing_rejected(credentials, request.s3_credentials):
+            result = workers.submit(process_cell_within, request, timeout_s).result()
+    return raise_if_incomplete(result)
 
 
 @cell_task

@@ -33,6 +33,7 @@ from magg_core.lambda_client import invoke_extract
 from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from tasks.credentials import publish_credentials
 from tasks.ecs import run_child
+from tasks.workers import worker_slot
 
 
 def extract_task(fn):
@@ -45,9 +46,10 @@ def extract_locally(
     request: ExtractRequest, credentials: Credentials | None, workers: Executor
 ) -> ExtractResult:
     """Extract the granule in one of this machine's worker processes."""
-    request = replace(request, s3_credentials=fresh(credentials))
-    with replacing_rejected(credentials, request.s3_credentials):
-        return workers.submit(extract_granule, request).result()
+    with worker_slot(workers):
+        request = replace(request, s3_credentials=fresh(credentials))
+        with replacing_rejected(credentials, request.s3_credentials):
+            return workers.submit(extract_granule, request).result()
 
 
 @extract_task

@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -51,14 +52,40 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     return context
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
+class WorkerPool(ProcessPoolExecutor):
+    """A process pool whose ``slots`` say how many of its processes are free.
+
+    The local backend keeps more tasks in flight than processes; a task that
+    hands out credentials takes a slot first (:func:`worker_slot`), so they
+    are fetched when a process is free to use them at once, not before a wait
+    in the pool's queue that could outlast their refresh margin.
+    """
+
+    def __init__(self, workers: int, **options):
+        super().__init__(max_workers=workers, **options)
+        self.slots = threading.BoundedSemaphore(workers)
+
+
+def worker_pool(workers: int) -> WorkerPool:
     """A pool of ``workers`` processes forked from a forkserver that preloaded magg."""
-    return ProcessPoolExecutor(
-        max_workers=workers,
+    return WorkerPool(
+        workers,
         mp_context=start_forkserver(),
         initializer=_take_environment,
         initargs=(dict(os.environ),),
     )
+
+
+@contextmanager
+def worker_slot(workers: Executor) -> Iterator[None]:
+    """Wait until one of ``workers``' processes is free (a :class:`WorkerPool`; any other
+    executor, such as a Dask cluster's, queues work itself and is not waited for)."""
+    slots = getattr(workers, "slots", None)
+    if slots is None:
+        yield
+        return
+    with slots:
+        yield
 
 
 @contextmanager
@@ -71,11 +98,11 @@ def local_workers(
     core), and twice as many tasks in flight: each task run costs the flow
     ~10–60 ms of Prefect bookkeeping before and after its work (creating the
     run, cache look-up, states, the persisted result), and with one task per
-    process the process idled through it; the second task's work waits in the
-    pool's queue instead. A queued cell's deadline starts only when a process
-    takes it (:func:`process_cell_within`). ``dask``: :func:`dask_workers` at
-    ``dask_address``, as many tasks as the cluster has threads unless
-    ``concurrency`` says otherwise.
+    process the process idled through it; the second task now does its
+    bookkeeping meanwhile and waits for a free process (:func:`worker_slot`).
+    A cell's deadline starts when a process takes it (:func:`process_cell_within`).
+    ``dask``: :func:`dask_workers` at ``dask_address``, as many tasks as the
+    cluster has threads unless ``concurrency`` says otherwise.
 
     Raises
     ------
