@@ -129,7 +129,7 @@ def one_stage_flow(credentials):
 
 
 def run_both(catalog_path: Path, mirror: str, store_root: str) -> dict:
-    from flows.process_cycle import process_cycle
+    from magg.flows.process_cycle import process_cycle
     from magg_core.catalog import load_catalog
     from magg_core.config import load_config
     from magg_core.store import create_template, open_store

@@ -30,7 +30,7 @@ IN_BUCKET, OUT_BUCKET = "magg-bench-granules", "magg-bench-stores"
 
 
 def run_flow(catalog: Path, store: str, mirror: str, credentials: str) -> dict:
-    from flows.process_cycle import process_cycle
+    from magg.flows.process_cycle import process_cycle
 
     started = time.perf_counter()
     summary = process_cycle(

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(args.dir)
     if not (workdir / "dhdt.zarr").exists():
-        from flows.cli import main as magg
+        from magg.flows.cli import main as magg
 
         if magg(["demo", "--height-change", "--dir", str(workdir)]):
             return 1

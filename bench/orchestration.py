@@ -132,17 +132,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    import tasks.cells
-    import tasks.extract
-    import tasks.workers
-    from flows.process_cycle import process_cycle
+    import magg.tasks.cells
+    import magg.tasks.extract
+    import magg.tasks.workers
+    from magg.flows.process_cycle import process_cycle
 
     print(f"orchestration benchmark on {machine()}")
     catalog = write_catalog(work / "catalog.json", n_cells)
     cells = NoOpWork()
     # The seams (see the module doc): the work, and the processes it would run in.
-    tasks.cells.process_cell_within = tasks.extract.extract_granule = cells
-    tasks.workers.worker_pool = ThreadPoolExecutor
+    magg.tasks.cells.process_cell_within = magg.tasks.extract.extract_granule = cells
+    magg.tasks.workers.worker_pool = ThreadPoolExecutor
 
     t0 = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=120):

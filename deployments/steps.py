@@ -29,7 +29,6 @@ def project_directory() -> dict[str, str]:
     against the installed code: the checkout for an editable install,
     ``site-packages`` for the image's regular install.
     """
-    import flows
 
     return {"directory": str(Path(flows.__file__).resolve().parent.parent)}
 

@@ -75,10 +75,10 @@ def _start_up(args: argparse.Namespace) -> None:
     if settings.api.url is None and settings.server.ephemeral.enabled:
         server = _TemporaryServer(settings.server.ephemeral.startup_timeout_seconds)
     if args.name == "demo" or (args.backend == "local" and not getattr(args, "dry_run", False)):
-        from tasks.workers import start_forkserver
+        from magg.tasks.workers import start_forkserver
 
         start_forkserver()
-    import flows.height_change  # noqa: F401 - its imports include process-cycle's
+    import magg.flows.height_change  # noqa: F401 - its imports include process-cycle's
 
     if server is not None:
         server.wait()
@@ -384,7 +384,7 @@ def _height_change(args: argparse.Namespace) -> int:
 
 def _run_height_change(**parameters) -> dict:
     """Run ``height-change`` here; its summary, also when some parents failed."""
-    from flows.height_change import height_change
+    from magg.flows.height_change import height_change
 
     return _summary_of(height_change, parameters)
 
@@ -485,7 +485,7 @@ DEMO_CYCLE = 22
 
 def _run_flow(**parameters) -> dict:
     """Run ``process-cycle`` here; its summary, also when some cells failed."""
-    from flows.process_cycle import process_cycle
+    from magg.flows.process_cycle import process_cycle
 
     return _summary_of(process_cycle, parameters)
 

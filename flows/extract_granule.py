@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from magg.tasks.credentials import load_published_credentials
 from magg_core.extract import ExtractRequest, extract_granule
-from tasks.credentials import load_published_credentials
 
 
 @flow(name="extract-granule")

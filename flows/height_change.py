@@ -14,21 +14,21 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from flows.process_cycle import run_windowed
-from magg_core.dhdt import FitOptions
-from magg_core.errors import CellsFailedError
-from magg_core.height_change import HeightChangeRequest
-from tasks.cells import CELL_TIMEOUT_S
-from tasks.height_change import (
+from magg.flows.process_cycle import run_windowed
+from magg.tasks.cells import CELL_TIMEOUT_S
+from magg.tasks.height_change import (
     fit_parent_locally,
     plan_cycles,
     prepare_output,
     record_failed_parents,
     report_height_change,
 )
-from tasks.report import consolidate_store, run_progress
-from tasks.setup import load_pipeline_config
-from tasks.workers import local_workers
+from magg.tasks.report import consolidate_store, run_progress
+from magg.tasks.setup import load_pipeline_config
+from magg.tasks.workers import local_workers
+from magg_core.dhdt import FitOptions
+from magg_core.errors import CellsFailedError
+from magg_core.height_change import HeightChangeRequest
 
 
 @flow(name="height-change")

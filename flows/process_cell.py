@@ -16,10 +16,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
+from magg.tasks.credentials import load_published_credentials
 from magg_core.cell import process_cell
 from magg_core.request import CellRequest
-from tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
-from tasks.credentials import load_published_credentials
 
 
 @flow(name="process-cell")

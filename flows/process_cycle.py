@@ -18,6 +18,26 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
+from magg.tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
+from magg.tasks.credentials import open_credentials
+from magg.tasks.ecs import grid_cell_on_ecs
+from magg.tasks.extract import (
+    extract_locally,
+    extract_on_ecs,
+    extract_on_lambda,
+    record_failed_extracts,
+)
+from magg.tasks.lambda_backend import lambda_client, lambda_concurrency
+from magg.tasks.report import (
+    assemble_store_levels,
+    consolidate_store,
+    record_failed_cells,
+    remove_fragments,
+    report_run,
+    run_progress,
+)
+from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
+from magg.tasks.workers import local_workers
 from magg_core.errors import CellFailedError, CellsFailedError
 from magg_core.extract import ExtractRequest
 from magg_core.levels import staged_orders
@@ -29,21 +49,6 @@ from magg_core.plan import (
     store_url_for,
 )
 from magg_core.request import CellRequest
-from tasks.cells import CELL_TIMEOUT_S, grid_cell_locally, grid_cell_on_lambda
-from tasks.credentials import open_credentials
-from tasks.ecs import grid_cell_on_ecs
-from tasks.extract import extract_locally, extract_on_ecs, extract_on_lambda, record_failed_extracts
-from tasks.lambda_backend import lambda_client, lambda_concurrency
-from tasks.report import (
-    assemble_store_levels,
-    consolidate_store,
-    record_failed_cells,
-    remove_fragments,
-    report_run,
-    run_progress,
-)
-from tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
-from tasks.workers import local_workers
 
 Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]

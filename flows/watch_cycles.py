@@ -14,15 +14,15 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger
 
-from magg_core.plan import cycle_store
-from tasks.setup import load_pipeline_config
-from tasks.watch import (
+from magg.tasks.setup import load_pipeline_config
+from magg.tasks.watch import (
     cycle_done,
     cycle_granules_in_cmr,
     due_cycles,
     late_cells,
     start_cycle_run,
 )
+from magg_core.plan import cycle_store
 
 
 @flow(name="watch-cycles", log_prints=True)

@@ -31,6 +31,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 import magg_core
+from magg.tasks.workers import process_cell_within, worker_slot
 from magg_core.config import load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
@@ -38,7 +39,6 @@ from magg_core.lambda_client import invoke_cell, is_retryable
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
 from magg_core.store import input_fingerprint
-from tasks.workers import process_cell_within, worker_slot
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""

@@ -5,14 +5,14 @@ from __future__ import annotations
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
+from magg.tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, replacing_rejected
+from magg.tasks.credentials import publish_credentials
 from magg_core.cell import request_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError
 from magg_core.extract import ExtractRequest
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import open_store, read_records
-from tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, replacing_rejected
-from tasks.credentials import publish_credentials
 
 CHILD_RUN_TIMEOUT_S = 3 * CELL_TIMEOUT_S
 """How long to wait for a child run: the cell's own limit plus room for a

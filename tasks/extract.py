@@ -20,6 +20,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 
+from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
+from magg.tasks.credentials import publish_credentials
+from magg.tasks.ecs import run_child
+from magg.tasks.workers import worker_slot
 from magg_core.credentials import Credentials
 from magg_core.errors import CredentialsRejectedError
 from magg_core.extract import (
@@ -30,10 +34,6 @@ from magg_core.extract import (
     stored_extract,
 )
 from magg_core.lambda_client import invoke_extract
-from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
-from tasks.credentials import publish_credentials
-from tasks.ecs import run_child
-from tasks.workers import worker_slot
 
 
 def extract_task(fn):

@@ -1,6 +1,6 @@
 """Tasks of the ``height-change`` flow: plan, output template, one task per parent, report.
 
-A parent's task has the policy of process-cycle's cells (:func:`tasks.cells.work_task`:
+A parent's task has the policy of process-cycle's cells (:func:`magg.tasks.cells.work_task`:
 retries on transient errors only, a persisted result, a cache key over
 everything that determines the output), so a re-run of the flow -- or the
 Prefect UI's Retry -- fits only the parents that failed. The fit runs in a
@@ -22,6 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
+from magg.tasks.cells import raise_if_incomplete, work_task
+from magg.tasks.workers import process_height_change_within
 from magg_core.config import PipelineConfig
 from magg_core.dhdt import FitOptions
 from magg_core.height_change import (
@@ -38,8 +40,6 @@ from magg_core.height_change_plan import (
 from magg_core.request import CellResult
 from magg_core.store import create_template, open_store, read_template
 from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
-from tasks.cells import raise_if_incomplete, work_task
-from tasks.workers import process_height_change_within
 
 
 def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -10,8 +10,8 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_aws import AwsCredentials
 
+from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT
 from magg_core.lambda_client import lambda_client_config
-from tasks.cells import LAMBDA_CONCURRENCY_LIMIT
 
 DEFAULT_LAMBDA_CONCURRENCY = 1000
 """AWS's default account-wide concurrency; lower it (``prefect gcl update magg-lambda

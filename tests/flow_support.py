@@ -295,7 +295,7 @@ _local_runs: dict[str, LocalRun] = {}
 def local_run_fixture(moto_server, prefect_server, tmp_path_factory) -> LocalRun:
     """Run once per session, however many modules import this fixture."""
     if "run" not in _local_runs:
-        from flows.process_cycle import process_cycle
+        from magg.flows.process_cycle import process_cycle
 
         sample = sample_in_s3(
             moto_server, tmp_path_factory.mktemp("local-run"), "magg-e2e-in", **SAMPLE

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.cli import main
+from magg.flows.cli import main
 from magg_core.catalog import Catalog, build_catalog
 from magg_core.cell import process_cell
 from magg_core.cmr import RetryPolicy

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from magg.flows.cli import main
 from magg_core.catalog import Catalog, CatalogGranule, catalog_from_records, load_catalog
 from magg_core.sample import write_sample
 from tests.deploy_support import BIN, clean_environment
@@ -150,7 +150,7 @@ def bad_inputs(granules, tmp_path_factory) -> dict[str, Path]:
 SEPARATOR = "=== magg case ==="
 MANY_RUNS = f"""
 import json, sys
-from flows.cli import main
+from magg.flows.cli import main
 for args in json.loads(sys.argv[1]):
     print({SEPARATOR!r}, file=sys.stderr, flush=True)
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from distributed import LocalCluster
 
-from flows.process_cycle import process_cycle
+from magg.flows.process_cycle import process_cycle
 from tests.flow_support import (
     ambient_s3,
     assert_store_matches_oracle,

@@ -20,15 +20,15 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect_aws import AwsClientParameters, AwsCredentials
 
-from flows.process_cycle import process_cycle
+from magg.flows.process_cycle import process_cycle
+from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, grid_cell_on_lambda
+from magg.tasks.lambda_backend import DEFAULT_LAMBDA_CONCURRENCY, lambda_client, lambda_concurrency
 from magg_core.config import load_config
 from magg_core.grid import point_morton
 from magg_core.lambda_client import invoke_cell
 from magg_core.plan import plan_cells
 from magg_core.request import CellRequest
 from magg_core.store import create_template, open_store, read_template
-from tasks.cells import LAMBDA_CONCURRENCY_LIMIT, grid_cell_on_lambda
-from tasks.lambda_backend import DEFAULT_LAMBDA_CONCURRENCY, lambda_client, lambda_concurrency
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     ambient_s3,

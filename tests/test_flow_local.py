@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.process_cycle import process_cycle
+from magg.flows.cli import main
+from magg.flows.process_cycle import process_cycle
 from magg_core.catalog import load_catalog
 from magg_core.summary import LAMBDA_PRICE_PER_GB_S, LAMBDA_PRICE_PER_REQUEST
 from tests.flow_support import (

@@ -15,14 +15,14 @@ import time
 import pytest
 from prefect import flow
 
-from flows.process_cell import process_cell_flow
-from flows.process_cycle import process_cycle
+from magg.flows.process_cell import process_cell_flow
+from magg.flows.process_cycle import process_cycle
+from magg.tasks.cells import grid_cell_locally
+from magg.tasks.workers import worker_pool
 from magg_core.config import load_config
 from magg_core.errors import CellsFailedError
 from magg_core.plan import plan_cells
 from magg_core.store import create_template, open_store, read_template
-from tasks.cells import grid_cell_locally
-from tasks.workers import worker_pool
 from tests.flow_support import (
     SAMPLE,
     S3Error,

@@ -31,15 +31,15 @@ from prefect import flow
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-from flows.process_cycle import process_cycle
+from magg.flows.process_cycle import process_cycle
+from magg.tasks.cells import grid_cell_locally
+from magg.tasks.credentials import CREDENTIAL_SOURCES, open_credentials
+from magg.tasks.workers import worker_pool
 from magg_core.config import load_config
 from magg_core.credentials import DEFAULT_MARGIN, Credentials
 from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials
 from magg_core.store import create_template, open_store, read_template
-from tasks.cells import grid_cell_locally
-from tasks.credentials import CREDENTIAL_SOURCES, open_credentials
-from tasks.workers import worker_pool
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     S3Error,

@@ -62,7 +62,7 @@ def env(moto_server):
 @pytest.fixture(scope="module")
 def cycles(env, prefect_server, tmp_path_factory):
     """The sample's granules by cycle, each cycle gridded into its store with fragments kept."""
-    from flows.process_cycle import process_cycle
+    from magg.flows.process_cycle import process_cycle
 
     directory = tmp_path_factory.mktemp("cycles")
     granules = write_cycles(directory / "granules", CYCLES, **SAMPLE)
@@ -85,7 +85,7 @@ def cycles(env, prefect_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(cycles):
     """The height-change flow over the three cycle stores."""
-    from flows.height_change import height_change
+    from magg.flows.height_change import height_change
 
     state = height_change(
         cycles=list(CYCLES), stores=PATTERN, output=f"s3://{OUT}/dhdt.zarr", return_state=True
@@ -182,7 +182,7 @@ def test_provenance_lists_the_cycle_stores_and_their_fragments(run, cycles):
 
 
 def test_magg_plot_draws_dhdt_on_a_scale_centred_on_zero(run, product, tmp_path):
-    from flows.cli import main
+    from magg.flows.cli import main
     from magg_core.quicklook import colour_scale
 
     png = tmp_path / "dhdt.png"
@@ -206,7 +206,7 @@ def test_a_cycle_store_without_fragments_is_a_clear_error(cycles):
 
 
 def test_a_missing_fragment_fails_its_parent_alone_and_a_rerun_fits_only_it(run, product):
-    from flows.height_change import height_change
+    from magg.flows.height_change import height_change
 
     config = load_config()
     plan = plan_height_change(list(CYCLES), PATTERN, config)
@@ -307,7 +307,7 @@ def test_on_a_dask_cluster_the_product_equals_the_local_backend(run, product, en
     """The ``dask`` backend fits on a real cluster's worker processes, as process-cycle does."""
     from distributed import LocalCluster
 
-    from flows.height_change import height_change
+    from magg.flows.height_change import height_change
 
     output = f"s3://{OUT}/dhdt-dask.zarr"
     with LocalCluster(

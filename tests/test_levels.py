@@ -17,8 +17,8 @@ import xarray as xr
 import xdggs
 import zarr
 
-from flows.cli import main
-from flows.process_cycle import process_cycle
+from magg.flows.cli import main
+from magg.flows.process_cycle import process_cycle
 from magg_core import assembly
 from magg_core.assembly import assemble_levels
 from magg_core.catalog import catalog_from_records

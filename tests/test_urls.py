@@ -160,7 +160,7 @@ def test_a_malformed_allow_list_names_the_variable_and_entry(value, message):
 
 
 def test_an_ecs_child_run_refuses_a_local_granule_before_reading(prefect_server, tmp_path):
-    from flows.process_cell import process_cell_flow
+    from magg.flows.process_cell import process_cell_flow
 
     granule = tmp_path / "granule.h5"
     granule.write_bytes(b"\x89HDF\r\n\x1a\n")
