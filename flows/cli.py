@@ -12,9 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import unquote, urlsplit
@@ -39,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     try:
+        if getattr(args, "flows", False):
+            _start_up(args)
         return args.command(args)
     except KeyboardInterrupt:
         return 130
@@ -47,6 +55,108 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"magg {args.name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _start_up(args: argparse.Namespace) -> None:
+    """Start at once, in other processes, what a flow command waits for later.
+
+    Started the default way, Prefect's temporary API server (when no server is
+    configured) begins only when the flow first calls the API -- after this
+    process has imported the flows (~3 s of CPU) and the server's own web
+    application (~2.5 s, only to launch it) -- and the worker processes'
+    forkserver only when the first task is dispatched. Both started here, their
+    ~5–7 s of CPU overlap this process's imports. The flow's imports then run
+    here too, before waiting for the server to answer.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    server = None
+    if settings.api.url is None and settings.server.ephemeral.enabled:
+        server = _TemporaryServer(settings.server.ephemeral.startup_timeout_seconds)
+    if args.name == "demo" or (args.backend == "local" and not getattr(args, "dry_run", False)):
+        from magg.tasks.workers import start_forkserver
+
+        start_forkserver()
+    import magg.flows.height_change  # noqa: F401 - its imports include process-cycle's
+
+    if server is not None:
+        server.wait()
+
+
+class _TemporaryServer:
+    """Prefect's temporary API server, launched the way Prefect launches it, for this process.
+
+    The same uvicorn command and environment as Prefect's own
+    ``SubprocessASGIServer`` (its database in ``PREFECT_HOME``), made this
+    process's API through ``PREFECT_API_URL``, stopped at exit after Prefect
+    has flushed its logs and events (exit handlers run last-registered first).
+    """
+
+    def __init__(self, timeout_s: float):
+        import prefect
+        import prefect.context
+        from prefect.settings import get_current_settings
+
+        self.timeout_s = timeout_s
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.environment = {
+            **os.environ,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        self.app_dir = str(Path(prefect.__file__).resolve().parents[1])
+        self.process = self._launch()
+        atexit.register(self.stop)
+        os.environ["PREFECT_API_URL"] = self.url
+        prefect.context.refresh_global_settings_context()
+
+    def _launch(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", self.app_dir]
+            + ["--factory", "prefect.server.api.server:create_app"]
+            + ["--host", "127.0.0.1", "--port", str(self.port)]
+            + ["--log-level", "error", "--lifespan", "on"],
+            env=self.environment,
+        )
+
+    def wait(self) -> None:
+        """Return once the server answers; raise if it exits or stays silent too long."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == 3:  # uvicorn: the port was taken meanwhile
+                self.process = self._launch()
+            elif code is not None:
+                raise RuntimeError(f"Prefect's temporary server exited with code {code}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"Prefect's temporary server did not answer within {self.timeout_s:.0f} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _one_line(exc: Exception) -> str:
@@ -140,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="three cycles of the sample, then the height-change flow and a dh/dt quicklook",
     )
-    demo.set_defaults(command=_demo, name="demo")
+    demo.set_defaults(command=_demo, name="demo", flows=True)
 
     catalog = sub.add_parser("catalog", help="build a cell → granule catalog from CMR")
     _add_selection(catalog)
@@ -192,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
         help="read granules from DIR_OR_S3_PREFIX/<name> instead of NSIDC",
     )
     run.add_argument("--lambda-function", default="magg-process-cell")
-    run.set_defaults(command=_run, name="run")
+    run.set_defaults(command=_run, name="run", flows=True)
 
     change = sub.add_parser("height-change", help="run the height-change flow (dh/dt)")
     change.add_argument("--cycles", type=int, nargs="+", required=True, help="cycles to fit")
@@ -213,7 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     change.add_argument("--concurrency", type=int, help="parents in flight (processes)")
     change.add_argument("--backend", choices=("local", "dask"), default="local")
     change.add_argument("--dask-address", help="scheduler of the Dask cluster for --backend dask")
-    change.set_defaults(command=_height_change, name="height-change")
+    change.set_defaults(command=_height_change, name="height-change", flows=True)
 
     inspect = sub.add_parser("inspect", help="summarize what a store holds")
     inspect.add_argument("store")
@@ -335,9 +445,8 @@ def _height_change(args: argparse.Namespace) -> int:
 
 def _run_height_change(**parameters) -> dict:
     """Run ``height-change`` here; its summary, also when some parents failed."""
-    import magg
-
-    return magg.height_change(**parameters)
+    with _LiveProgress.on_terminal():
+        return magg.height_change(**parameters)
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -457,9 +566,82 @@ DEMO_CYCLE = 22
 
 def _run_flow(**parameters) -> dict:
     """Run ``process-cycle`` here; its summary, also when some cells failed."""
-    import magg
+    with _LiveProgress.on_terminal():
+        return magg.run(**parameters)
 
-    return magg.run(**parameters)
+
+class _LiveProgress:
+    """Bars for the run's stages on a terminal: done/total, failures so far, elapsed, ETA.
+
+    A watcher of :mod:`magg_core.progress`, which the flow advances as each
+    extract and cell finishes. Drawn on standard output only when it is a
+    terminal, and erased when the run ends, so the summary printed next (and
+    anything read from a pipe or a file) is exactly what it was without it.
+    Each stage's ETA is rich's: its remaining items at the stage's recent rate.
+    """
+
+    def __init__(self, bars):
+        self.bars = bars
+        self.run_started: float | None = None
+        self.stages: dict[str, int] = {}
+
+    @classmethod
+    @contextmanager
+    def on_terminal(cls) -> Iterator[None]:
+        if not sys.stdout.isatty():
+            yield
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from magg_core.progress import watching
+
+        bars = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]}"),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stdout),
+            transient=True,
+        )
+        live = cls(bars)
+        with bars, watching(live.show):
+            yield
+
+    def show(self, progress) -> None:
+        if progress.started != self.run_started:  # a new run (demo --height-change has four)
+            self.run_started = progress.started
+            for task in self.stages.values():
+                self.bars.remove_task(task)
+            self.stages = {}
+            if progress.extracts_total:
+                self.stages["extracts"] = self.bars.add_task(
+                    "extracts", total=progress.extracts_total, failed=""
+                )
+            self.stages["cells"] = self.bars.add_task(
+                "cells", total=progress.cells_total, failed="", start=not progress.extracts_total
+            )
+        for stage, done, failed in (
+            ("extracts", progress.extracts_done, progress.extracts_failed),
+            ("cells", progress.cells_done, progress.cells_failed),
+        ):
+            if stage not in self.stages:
+                continue
+            task = self.stages[stage]
+            if stage == "cells" and progress.extracts_done == progress.extracts_total:
+                self.bars.start_task(task)  # the cells' clock starts with their stage
+            self.bars.update(task, completed=done, failed=f"{failed} failed" if failed else "")
 
 
 def _quicklook(

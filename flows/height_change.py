@@ -24,7 +24,7 @@ from magg.tasks.height_change import (
     record_failed_parents,
     report_height_change,
 )
-from magg.tasks.report import CellProgress, consolidate_store
+from magg.tasks.report import consolidate_store, run_progress
 from magg.tasks.setup import load_pipeline_config
 from magg.tasks.workers import local_workers
 from magg_core.dhdt import FitOptions
@@ -119,14 +119,16 @@ def height_change(
     store_id = prepare_output(output, plan, options)
     fit_task = cache_unless_proven(fit_parent_locally, proven_fits(output, plan.config, requests))
 
-    progress = CellProgress(total=len(requests))
-    with local_workers(backend, concurrency, dask_address) as (workers, window):
+    with (
+        run_progress(0, len(requests)) as progress,
+        local_workers(backend, concurrency, dask_address) as (workers, window),
+    ):
 
         def fit(request: HeightChangeRequest) -> PrefectFuture:
             return fit_task(request).submit(request, store_id, cell_timeout_s, workers)
 
         results, failures = run_windowed(
-            fit, requests, window, progress.advance, lambda r: r.parent_morton
+            fit, requests, window, progress.cell_done, lambda r: r.parent_morton
         )
     if failures:
         record_failed_parents([r for r in requests if r.parent_morton in failures], failures)

@@ -35,12 +35,12 @@ from magg.tasks.extract import (
 )
 from magg.tasks.lambda_backend import lambda_client, lambda_concurrency
 from magg.tasks.report import (
-    CellProgress,
     assemble_store_levels,
     consolidate_store,
     record_failed_cells,
     remove_fragments,
     report_run,
+    run_progress,
 )
 from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 from magg.tasks.workers import local_workers
@@ -212,11 +212,11 @@ def process_cycle(
     extracts = plan_extracts(requests, height_change=keep_fragments)
     cells = [replace(r, from_fragments=True) for r in requests]
     proven = proven_parents(store_url, pipeline, requests)
-    progress = CellProgress(total=len(extracts) + len(cells))
     grid_locally = cache_unless_proven(grid_cell_locally, proven)
     grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
     grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
     with ExitStack() as stack:
+        progress = stack.enter_context(run_progress(len(extracts), len(cells)))
         if backend in ("local", "dask"):
             workers, window = stack.enter_context(local_workers(backend, concurrency, dask_address))
 
@@ -251,10 +251,12 @@ def process_cycle(
         else:
             raise ValueError(f"backend must be local, dask, lambda or ecs, got {backend!r}")
 
-        extracted, lost = run_windowed(extract, extracts, window, progress.advance, _granule_of)
+        extracted, lost = run_windowed(
+            extract, extracts, window, progress.extract_done, _granule_of
+        )
         if lost:
             record_failed_extracts([e for e in extracts if e.granule_url in lost], lost)
-        results, failures = run_windowed(grid, cells, window, progress.advance, _parent_of)
+        results, failures = run_windowed(grid, cells, window, progress.cell_done, _parent_of)
     if failures:
         record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
     if staged_orders(pipeline):
@@ -288,14 +290,15 @@ def run_windowed[T, K](
     submit: Callable[[T], PrefectFuture],
     items: Iterable[T],
     window: int,
-    on_done: Callable[[], None],
+    on_done: Callable[[bool], None],
     key: Callable[[T], K],
 ) -> tuple[list[Any], dict[K, str]]:
     """Keep at most ``window`` tasks in flight; collect results and failures.
 
     Results include the failed and partial cells whose task raised with their
     result; ``failures`` are the items whose task ended without one (``key``
-    → one-line reason).
+    → one-line reason). ``on_done(ok)`` is called as each task ends: ``ok``
+    when it completed with a result whose status is not ``failed``.
 
     Submitting everything at once would start one thread per task; a window
     bounds threads and memory while keeping the backend saturated.
@@ -321,15 +324,17 @@ def run_windowed[T, K](
         name = in_flight.pop(future)
         future.wait()  # sets the final state locally; the API may not have it yet
         state = future.state
-        if state.is_completed():
-            results.append(future.result())
+        ok = state.is_completed()
+        if ok:
+            results.append(result := future.result())
+            ok = getattr(result, "status", None) != "failed"  # an unreadable granule's extract
         elif isinstance(error := future.result(raise_on_failure=False), CellFailedError) and (
             error.result is not None
         ):
             results.append(error.result)  # a failed or partial cell, with its granules' reasons
         else:
             failures[name] = _first_line(state.message or state.name)
-        on_done()
+        on_done(ok)
         fill()
     return results, failures
 

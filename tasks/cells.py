@@ -33,7 +33,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 import magg_core
-from magg.tasks.workers import process_cell_within
+from magg.tasks.workers import process_cell_within, worker_slot
 from magg_core.config import PipelineConfig, load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
@@ -193,10 +193,11 @@ def grid_cell_locally(
     raises :class:`~magg_core.errors.CellTimeoutError` without writing, and
     only then may a retry start, so no stale attempt writes after a newer one.
     """
-    request = replace(request, s3_credentials=fresh(credentials))
-    with replacing_rejected(credentials, request.s3_credentials):
-        result = workers.submit(process_cell_within, request, timeout_s).result()
-        return raise_if_incomplete(result)
+    with worker_slot(workers):
+        request = replace(request, s3_credentials=fresh(credentials))
+        with replacing_rejected(credentials, request.s3_credentials):
+            result = workers.submit(process_cell_within, request, timeout_s).result()
+    return raise_if_incomplete(result)
 
 
 @cell_task

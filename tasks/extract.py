@@ -23,6 +23,7 @@ from prefect.concurrency.sync import concurrency
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from magg.tasks.credentials import publish_credentials
 from magg.tasks.ecs import raise_if_credentials_rejected, run_child
+from magg.tasks.workers import worker_slot
 from magg_core.credentials import Credentials
 from magg_core.extract import (
     ExtractRequest,
@@ -44,9 +45,10 @@ def extract_locally(
     request: ExtractRequest, credentials: Credentials | None, workers: Executor
 ) -> ExtractResult:
     """Extract the granule in one of this machine's worker processes."""
-    request = replace(request, s3_credentials=fresh(credentials))
-    with replacing_rejected(credentials, request.s3_credentials):
-        return workers.submit(extract_granule, request).result()
+    with worker_slot(workers):
+        request = replace(request, s3_credentials=fresh(credentials))
+        with replacing_rejected(credentials, request.s3_credentials):
+            return workers.submit(extract_granule, request).result()
 
 
 @extract_task

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextvars
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -14,38 +17,83 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NONE
+from prefect.logging import get_logger
 
 from magg_core.assembly import assemble_levels
 from magg_core.cell import record_failure
 from magg_core.config import PipelineConfig
 from magg_core.extract import ExtractResult
 from magg_core.fragments import delete_fragments
+from magg_core.progress import Progress, RunProgress
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import consolidate, open_store
 from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
 
 
-class CellProgress:
-    """A progress artifact (0–100 %) advanced as cells finish.
+class ProgressArtifact:
+    """The run's progress artifact (0–100 % of work items finished), a progress watcher.
 
     Updated only when the whole percentage changes, so a 2,000-cell run sends
-    at most ~100 updates instead of one per cell.
+    at most ~100 updates instead of one per cell; and sent from a thread of
+    its own, because each update is a request to the Prefect API, which a busy
+    server answered in ~0.1–0.8 s here: sent from the dispatch loop, the
+    updates held back the next task while workers sat idle. Only the latest
+    percentage is sent; :meth:`close` sends the last one before returning.
     """
 
-    def __init__(self, total: int):
-        self.total = max(total, 1)
-        self.done = 0
-        self.shown = 0
+    def __init__(self) -> None:
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key="magg-cells-progress", description="cells finished"
+            progress=0.0, key="magg-cells-progress", description="work items finished"
         )
+        self.shown = 0
+        self._wanted = 0
+        self._closed = False
+        self._changed = threading.Condition()
+        context = contextvars.copy_context()  # the flow run's API client and settings
+        self._sender = threading.Thread(
+            target=context.run, args=(self._send,), name="magg-progress", daemon=True
+        )
+        self._sender.start()
 
-    def advance(self) -> None:
-        self.done += 1
-        percent = int(100 * self.done / self.total)
-        if percent != self.shown:
-            self.shown = percent
-            update_progress_artifact(self.artifact_id, progress=float(percent))
+    def __call__(self, progress: Progress) -> None:
+        percent = int(100 * progress.fraction)
+        with self._changed:
+            if percent != self._wanted:
+                self._wanted = percent
+                self._changed.notify()
+
+    def close(self) -> None:
+        """Send the latest percentage, then stop the sender."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._sender.join()
+
+    def _send(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._wanted != self.shown or self._closed)
+                wanted, closed = self._wanted, self._closed
+            if wanted != self.shown:
+                try:
+                    update_progress_artifact(self.artifact_id, progress=float(wanted))
+                    self.shown = wanted
+                except Exception:  # the artifact is a view; the run goes on without it
+                    get_logger("magg").warning("progress artifact not updated", exc_info=True)
+                    return
+            elif closed:
+                return
+
+
+@contextmanager
+def run_progress(extracts: int, cells: int) -> Iterator[RunProgress]:
+    """A run's progress counter, watched by its Prefect artifact and by in-process watchers
+    (:func:`magg_core.progress.watching`: the CLI's live display)."""
+    artifact = ProgressArtifact()
+    try:
+        yield RunProgress(extracts, cells, watchers=(artifact,))
+    finally:
+        artifact.close()
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

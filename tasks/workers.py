@@ -17,7 +17,9 @@ environment the pool was created in (the run's S3 endpoint and identity).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -28,6 +30,8 @@ from magg_core.height_change import HeightChangeRequest, process_height_change
 from magg_core.request import CellRequest, CellResult
 
 PRELOAD = ["magg_core.cell", "magg_core.extract", "magg_core.height_change"]
+TASKS_PER_PROCESS = 2
+"""Tasks the local backend keeps in flight per worker process (see :func:`local_workers`)."""
 
 
 def default_workers() -> int:
@@ -35,16 +39,53 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` processes forked from a forkserver that preloaded magg."""
+def start_forkserver() -> multiprocessing.context.BaseContext:
+    """Start the forkserver that preloads magg, if it is not running; its context.
+
+    Idempotent. The CLI calls it as soon as it knows a run needs worker
+    processes, so the forkserver's imports (~1–2 s of CPU) overlap the CLI's
+    own start-up instead of delaying the first task.
+    """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=context,
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+class WorkerPool(ProcessPoolExecutor):
+    """A process pool whose ``slots`` say how many of its processes are free.
+
+    The local backend keeps more tasks in flight than processes; a task that
+    hands out credentials takes a slot first (:func:`worker_slot`), so they
+    are fetched when a process is free to use them at once, not before a wait
+    in the pool's queue that could outlast their refresh margin.
+    """
+
+    def __init__(self, workers: int, **options):
+        super().__init__(max_workers=workers, **options)
+        self.slots = threading.BoundedSemaphore(workers)
+
+
+def worker_pool(workers: int) -> WorkerPool:
+    """A pool of ``workers`` processes forked from a forkserver that preloaded magg."""
+    return WorkerPool(
+        workers,
+        mp_context=start_forkserver(),
         initializer=_take_environment,
         initargs=(dict(os.environ),),
     )
+
+
+@contextmanager
+def worker_slot(workers: Executor) -> Iterator[None]:
+    """Wait until one of ``workers``' processes is free (a :class:`WorkerPool`; any other
+    executor, such as a Dask cluster's, queues work itself and is not waited for)."""
+    slots = getattr(workers, "slots", None)
+    if slots is None:
+        yield
+        return
+    with slots:
+        yield
 
 
 @contextmanager
@@ -54,8 +95,14 @@ def local_workers(
     """The executor of the ``local`` or ``dask`` backend, and how many tasks to keep in flight.
 
     ``local``: :func:`worker_pool`, ``concurrency`` processes (default one per
-    core). ``dask``: :func:`dask_workers` at ``dask_address``, as many tasks
-    as the cluster has threads unless ``concurrency`` says otherwise.
+    core), and twice as many tasks in flight: each task run costs the flow
+    ~10–60 ms of Prefect bookkeeping before and after its work (creating the
+    run, cache look-up, states, the persisted result), and with one task per
+    process the process idled through it; the second task now does its
+    bookkeeping meanwhile and waits for a free process (:func:`worker_slot`).
+    A cell's deadline starts when a process takes it (:func:`process_cell_within`).
+    ``dask``: :func:`dask_workers` at ``dask_address``, as many tasks as the
+    cluster has threads unless ``concurrency`` says otherwise.
 
     Raises
     ------
@@ -63,9 +110,9 @@ def local_workers(
         For ``dask`` without ``dask_address``, or another backend.
     """
     if backend == "local":
-        window = concurrency or default_workers()
-        with worker_pool(window) as pool:
-            yield pool, window
+        processes = concurrency or default_workers()
+        with worker_pool(processes) as pool:
+            yield pool, TASKS_PER_PROCESS * processes
     elif backend == "dask":
         if not dask_address:
             raise ValueError("backend dask needs dask_address (the scheduler's address)")

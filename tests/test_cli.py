@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -362,3 +364,81 @@ def test_run_help_says_what_keep_fragments_adds_per_point(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--keep-fragments" in text
     assert "latitude, longitude and time: 34 instead of 10 bytes a point" in text
+
+
+# -- live progress: on a terminal only ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mirror_missing_one(granules, tmp_path_factory) -> Path:
+    """The sample's granules but one: that granule's extract fails, its cells are partial."""
+    mirror = tmp_path_factory.mktemp("mirror")
+    for granule in granules[1:]:
+        (mirror / granule.name).symlink_to(granule.path)
+    return mirror
+
+
+def _run_command(catalog_file: Path, mirror: Path, store: Path) -> list[str]:
+    return [str(BIN / "magg"), "run", "--catalog", str(catalog_file), "--store", str(store)] + [
+        "--credentials",
+        "none",
+        "--granule-mirror",
+        str(mirror),
+    ]
+
+
+def test_a_terminal_shows_live_progress_with_failures_then_the_summary(
+    catalog_file, granules, mirror_missing_one, prefect_server, tmp_path
+):
+    """``magg run`` with its standard output on a pseudo-terminal, as in a shell."""
+    import pty
+
+    from prefect.settings import PREFECT_API_URL
+
+    n_cells = len(load_catalog(catalog_file).cells)
+    env = clean_environment(
+        PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "home")
+    )
+    leader, follower = pty.openpty()
+    command = _run_command(catalog_file, mirror_missing_one, tmp_path / "out.zarr")
+    process = subprocess.Popen(command, env=env, stdout=follower, stderr=subprocess.DEVNULL)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's last writer has gone
+            break
+        if not data:
+            break
+        screen += data
+    os.close(leader)
+    assert process.wait(timeout=60) == 1  # partial cells: the run is incomplete
+    text = screen.decode(errors="replace")
+
+    assert re.search(rf"extracts\s.*{len(granules)}/{len(granules)}\s+1 failed", text), text
+    assert re.search(rf"cells\s.*{n_cells}/{n_cells}\s+\d+ failed", text), text
+    assert "elapsed" in text and "ETA" in text
+    assert "| cells |" in text and "cells incomplete" in text  # the summary, as before
+
+
+def test_without_a_terminal_the_output_is_the_summary_alone(
+    catalog_file, granules, mirror_missing_one, prefect_server, tmp_path
+):
+    """Piped or redirected (a log file, CI), ``magg run`` prints no progress."""
+    from prefect.settings import PREFECT_API_URL
+
+    command = _run_command(catalog_file, mirror_missing_one, tmp_path / "out.zarr")
+    done = subprocess.run(
+        command,
+        env=clean_environment(
+            PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "home")
+        ),
+        capture_output=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 1
+    out = done.stdout.decode()
+    assert out.startswith("# magg run into") and "| cells |" in out
+    assert "ETA" not in out and "elapsed" not in out and "\x1b" not in out
