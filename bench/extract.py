@@ -31,7 +31,7 @@ from magg_core.config import load_config
 from magg_core.fragments import decode, encode
 from magg_core.h5chunks import index_column, read_spans
 from magg_core.h5driver import S3Access, open_h5
-from magg_core.read import read_parents
+from magg_core.read import READ_DROPS, read_parents
 from magg_core.s3 import S3Endpoint
 
 REAL = sorted(Path("/work/shared/realdata/atl06").glob("*.h5"))
@@ -104,7 +104,10 @@ def fragment_costs(granules: list, repeats: int) -> None:
                             buffer = io.BytesIO()
                             child = p.child_index.astype(np.uint16)
                             arrays = {c: p.columns[c] for c in config.point_columns}
-                            save(buffer, child=child, **arrays)
+                            counts = {
+                                f"dropped.{k}": np.int64(p.dropped.get(k, 0)) for k in READ_DROPS
+                            }
+                            save(buffer, child=child, **arrays, **counts)
                             blob = buffer.getvalue()
                         decode(blob, r.url, config, config.point_columns)
                         total += len(blob)
