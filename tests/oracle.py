@@ -80,14 +80,19 @@ def good_points(paths: Iterable[str | Path], child_order: int = 12) -> pd.DataFr
                     )
                 )
     points = pd.concat(frames, ignore_index=True)
-    points["cell"] = healpy.ang2pix(
-        2**child_order,
+    points["cell"] = order_cells(points, child_order)
+    return points
+
+
+def order_cells(points: pd.DataFrame, order: int) -> np.ndarray:
+    """healpy's nested cell of each point at ``order``, on authalic latitude (int64)."""
+    return healpy.ang2pix(
+        2**order,
         points["longitude"].to_numpy(),
         mortie.geodetic_to_authalic(points["latitude"].to_numpy()),
         nest=True,
         lonlat=True,
     ).astype(np.int64)
-    return points
 
 
 FILTERS = ("quality", "fill", "sigma")
@@ -129,13 +134,7 @@ def filter_counts(
                     )
                 )
     rows = pd.concat(frames, ignore_index=True)
-    rows["cell"] = healpy.ang2pix(
-        2**child_order,
-        rows["longitude"].to_numpy(),
-        mortie.geodetic_to_authalic(rows["latitude"].to_numpy()),
-        nest=True,
-        lonlat=True,
-    ).astype(np.int64)
+    rows["cell"] = order_cells(rows, child_order)
     inside = points_in_parent(rows, parent, parent_order, child_order)
     counts = inside["reason"].value_counts()
     return {name: int(counts.get(name, 0)) for name in FILTERS}
