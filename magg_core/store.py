@@ -711,8 +711,11 @@ def upgrade_dggs_attributes(store: Store) -> list[str]:
     Returns the groups rewritten (``["6", …, "12"]``; ``[]`` when already current).
     """
     root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    with warnings.catch_warnings():  # records/, levels/, fragments/ are not zarr nodes
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        groups = sorted(root.groups())
     changed = []
-    for name, group in sorted(root.groups()):
+    for name, group in groups:
         if "cell_ids" not in group:
             continue
         cell_ids = group["cell_ids"]
