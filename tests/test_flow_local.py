@@ -126,10 +126,12 @@ def test_bad_parameters_fail_before_the_store_is_touched(local_run, s3_env, bad,
 
 
 def test_magg_run_prints_the_summary_of_a_run_with_failed_cells(local_run, tmp_path, capsys):
+    empty = tmp_path / "empty-mirror"  # exists (a missing one is refused up front): no granules
+    empty.mkdir()
     code = main(
         ["run", "--catalog", str(local_run.sample.catalog_path), "--max-cells", "2"]
         + ["--store", str(tmp_path / "out.zarr"), "--credentials", "none"]
-        + ["--granule-mirror", str(tmp_path / "no-such-mirror")]
+        + ["--granule-mirror", str(empty)]
     )
 
     assert code == 1
