@@ -438,7 +438,7 @@ def test_a_cell_with_unreadable_granules_has_every_point_of_the_others(sample, t
             data, chunks = f[dataset][:], f[dataset].chunks
             del f[dataset]
             f.create_dataset(dataset, data=data, chunks=chunks, fletcher32=True)
-    not_hdf5 = mixed / "ATL06_20240101000000_00012211_007_01.h5"
+    not_hdf5 = mixed / "ATL06_20240102000000_00022211_007_01.h5"  # another acquisition
     not_hdf5.write_bytes(CANARY * 100)
     good = [str(by_name[n].path) for n in names[2:]]
     urls = (str(empty_beam), str(unsupported), str(v110), str(not_hdf5), *good)
