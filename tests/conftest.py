@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Prefect reads its settings at import: give the whole test session a private,
 # throw-away home before anything imports prefect.
@@ -55,13 +57,22 @@ class MotoS3:
         return urls
 
 
-@pytest.fixture(scope="session")
-def moto_server():
+@contextmanager
+def running_moto() -> Iterator[MotoS3]:
+    """moto's S3 server on a free loopback port, for as long as the block runs."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield MotoS3(f"http://{host}:{port}")
-    server.stop()
+    try:
+        yield MotoS3(f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture

@@ -20,11 +20,20 @@ from magg_core.h5driver import SHORT_READ_ATTEMPTS
 from magg_core.read import GranuleReadError, read_granules, read_parents
 from magg_core.s3 import S3Endpoint
 from tests import oracle
+from tests.conftest import running_moto
 from tests.flow_support import S3Error, s3_proxy
 from tests.test_realdata import CONFIG, THWAITES, mirror_name, parents_of
 
 BUCKET = "magg-causes"
 NAME = mirror_name(THWAITES)
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """This module's own moto server: its proxies cut answers mid-body, and a server left
+    with such connections must not be the one other modules' S3 tests read from."""
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
