@@ -35,6 +35,7 @@ from magg_core.read import GranuleReadError, read_granule
 from magg_core.sample import BEAMS, write_sample
 from magg_core.store import create_template, open_store
 from tests import oracle
+from tests.conftest import running_moto
 
 CONFIG = load_config("atl06")
 BUCKET = "magg-failure-tests"
@@ -48,6 +49,14 @@ PARSER_FAILED = f"cannot read coordinates: corrupt HDF5 ({SEGMENTS}/latitude: ne
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     return write_sample(tmp_path_factory.mktemp("granules"), n_granules=4, seed=3, extent_km=200)
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """This module's own moto server: a read of the session's server hung here in CI after
+    the modules before it (not reproduced alone), so these reads do not depend on its state."""
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
