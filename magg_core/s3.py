@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -105,18 +105,11 @@ def s3_store(
     credentials are never mixed with ambient ones. ``credentials=None`` means
     the ambient identity (e.g. a Lambda role) is wanted on purpose.
     """
-    options: dict[str, Any] = {
-        "region": endpoint.region,
-        # Bounded waits: a request that hangs (a stuck connection) fails and is retried
-        # instead of holding its thread for ever; a read still failing after the retries
-        # surfaces as a transient error the task retries.
-        "client_options": {"timeout": "60s", "connect_timeout": "10s"},
-        "retry_config": {"max_retries": 3, "retry_timeout": timedelta(seconds=120)},
-    }
+    options: dict[str, Any] = {"region": endpoint.region}
     if endpoint.url:
         options["endpoint"] = endpoint.url
     if endpoint.allow_http:
-        options["client_options"]["allow_http"] = True
+        options["client_options"] = {"allow_http": True}
     if credentials is not None:
         options["access_key_id"] = credentials.access_key_id
         options["secret_access_key"] = credentials.secret_access_key
