@@ -41,7 +41,6 @@ from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.levels import level_statistics, staging_object
 from magg_core.read import READ_DROPS, GranulePoints, read_granules
-from magg_core.records import output_digests
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
 from magg_core.store import (
@@ -148,7 +147,7 @@ def process_cell(
     # its chunk and overwrites it, so a re-run after the inputs changed never
     # leaves stale statistics behind. The coarse levels' staging object follows
     # the chunk: written with it, removed when the cell has no data.
-    # The record lists what was written, with digests of the bytes read back,
+    # The record lists what was written, with digests of the bytes put,
     # so that it proves the output only while that output is there
     # (records.proven_cells): a lost chunk or staging object is done again.
     outputs: dict[str, str | None] = {}
@@ -157,8 +156,7 @@ def process_cell(
         t0 = time.perf_counter()
         staged = levels if result.total_obs else None
         objects = staging_object(config, request.parent_morton, staged) if levels else {}
-        keys = write_cell(store, config, chunk_idx, stats, objects=objects)
-        outputs = output_digests(store, [*keys, *objects])
+        outputs = write_cell(store, config, chunk_idx, stats, objects=objects)
         timings.write = time.perf_counter() - t0
 
     timings.total = time.perf_counter() - started

@@ -35,7 +35,6 @@ from magg_core.errors import CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.grid import children
 from magg_core.read import GranulePoints
-from magg_core.records import output_digests
 from magg_core.request import CellResult, GranuleFailure, Timings
 from magg_core.s3 import S3Endpoint
 from magg_core.store import (
@@ -192,8 +191,9 @@ def process_height_change(
                 f"cell {request.parent_morton} passed its deadline; nothing was written"
             )
         t0 = time.perf_counter()
-        keys = write_cell(output, config, request.chunk_idx, fit, arrays=fit_arrays(request.epoch))
-        outputs = output_digests(output, keys)  # what the record proves (records.proven_cells)
+        arrays = fit_arrays(request.epoch)
+        # what the record proves (records.proven_cells)
+        outputs = write_cell(output, config, request.chunk_idx, fit, arrays=arrays)
         timings.write = time.perf_counter() - t0
     timings.total = time.perf_counter() - started
     result.duration_s = timings

@@ -22,8 +22,11 @@ and the flow's assembly step (:mod:`magg_core.assembly`) builds every
 coarse chunk from all parents' staging objects after the cells. A staging
 object is written exactly when the cell writes its child-order chunk, and
 removed when that chunk is cleared (a cell with no data), so staging always
-matches the child order's chunk. It is a compressed ``.npz`` of
-arrays named ``"{order}/{statistic}"`` (read with ``allow_pickle=False``).
+matches the child order's chunk. It is an uncompressed ``.npz`` of
+arrays named ``"{order}/{statistic}"`` (read with ``allow_pickle=False``):
+compressing it took ~4 ms a cell against ~1.4 ms to store it plain (a dense
+parent: 54 arrays, 49 KB; 40 KB compressed, 63 KB plain), for an object read
+once, by the assembly.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def encode_staging(levels: LevelStatistics) -> bytes:
     """A staging object's bytes (see the module docstring)."""
     buffer = io.BytesIO()
     arrays = {f"{k}/{name}": v for k, stats in levels.items() for name, v in stats.items()}
-    np.savez_compressed(buffer, **arrays)
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 

@@ -115,8 +115,10 @@ async def _read_all(store: Store, prefix: str) -> dict[int, CellRecord]:
 def output_digests(store: Store, keys: Iterable[str]) -> dict[str, str | None]:
     """The SHA-256 (hex) of each object's bytes as the store holds them now; ``None``: absent.
 
-    Read back rather than hashed from what was sent, so a record proves what
-    reached the store.
+    What :func:`proven_cells` compares with the digests a record took of the
+    bytes its cell put (:func:`magg_core.store.write_cell`): a put that
+    succeeded stored those bytes (S3 checks each PUT's payload), so the
+    comparison at the next run is what catches an object lost or altered since.
     """
     return sync(_digests(store, list(keys)))
 

@@ -425,6 +425,42 @@ def test_write_cell_touches_only_its_chunk_and_is_idempotent(templated, config, 
     assert np.all(group["count"][3 * 4096 : 4 * 4096] == 0)
 
 
+def test_write_cell_puts_the_bytes_zarr_writes_and_returns_their_digests(
+    templated, config, tmp_path
+):
+    """write_cell encodes chunks with the arrays' codecs itself: the same bytes as zarr's own
+    write of the same values (checked on every statistic, a chunk with fill values, one
+    without, and one all fill that both remove), and the digests are of those bytes."""
+    import hashlib
+
+    path, store = templated
+    twin = LocalStore(tmp_path / "twin.zarr")
+    for name, document in local_files(path).items():  # the same template, written by zarr
+        if name.endswith("zarr.json"):
+            (tmp_path / "twin.zarr" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "twin.zarr" / name).write_bytes(document[0])
+    empty = {
+        s.name: np.full(config.output.children_per_parent, s.fill_value, s.dtype)
+        for s in config.aggregation.statistics
+    }
+    cases = {0: stats_for(config, 7), 1: stats_for(config, 8, coverage=1.0), 2: empty}
+    per_parent = config.output.children_per_parent
+    for idx, stats in cases.items():
+        digests = write_cell(store, config, idx, stats)
+        group = zarr.open_group(twin, path="12", mode="r+")
+        for name, values in stats.items():
+            group[name][idx * per_parent : (idx + 1) * per_parent] = values
+        for name in stats:
+            key = f"12/{name}/c/{idx}"
+            mine, zarrs = path / key, tmp_path / "twin.zarr" / key
+            assert mine.exists() == zarrs.exists() == (idx != 2), key
+            if idx != 2:
+                assert mine.read_bytes() == zarrs.read_bytes(), key
+                assert digests[key] == hashlib.sha256(mine.read_bytes()).hexdigest()
+            else:
+                assert digests[key] is None
+
+
 def test_cells_write_concurrently_from_threads(templated, config, parents):
     _, store = templated
     written = {i: stats_for(config, 100 + i) for i in range(parents.size)}
