@@ -91,7 +91,23 @@ class _TemporaryServer:
     ``SubprocessASGIServer`` (its database in ``PREFECT_HOME``), made this
     process's API through ``PREFECT_API_URL``, stopped at exit after Prefect
     has flushed its logs and events (exit handlers run last-registered first).
+
+    It lives for one run and serves no UI, so it does not keep what only a
+    lasting server's UI shows: task runs' states, the event feed, automations
+    (:data:`QUIET_SERVICES`). Recording three state events per task run into
+    SQLite took this server ~4–6 s of CPU on a 256-task run (24 granules, 232
+    cells), on the cores the workers need. The flow run, its logs and
+    artifacts are kept; every cell's outcome is in the store's records, the
+    run's summary and its table. A run that wants them all sets
+    ``PREFECT_API_URL`` to a lasting server (``prefect server start``), or these
+    variables itself, which then win.
     """
+
+    QUIET_SERVICES = {
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    }
 
     def __init__(self, timeout_s: float):
         import prefect
@@ -102,6 +118,7 @@ class _TemporaryServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.environment = {
+            **self.QUIET_SERVICES,
             **os.environ,
             **get_current_settings().to_environment_variables(exclude_unset=True),
             "PREFECT_UI_ENABLED": "0",
