@@ -92,7 +92,7 @@ def process_cell(
     chunk_idx = request.chunk_idx
     if chunk_idx is None:
         chunk_idx = chunk_index(store, config, request.parent_morton)
-    check_template(store, config, request.parent_morton, chunk_idx)
+    template = check_template(store, config, request.parent_morton, chunk_idx)
 
     timings = Timings()
     result = CellResult(
@@ -156,7 +156,7 @@ def process_cell(
         t0 = time.perf_counter()
         staged = levels if result.total_obs else None
         objects = staging_object(config, request.parent_morton, staged) if levels else {}
-        outputs = write_cell(store, config, chunk_idx, stats, objects=objects)
+        outputs = write_cell(store, config, chunk_idx, stats, objects=objects, template=template)
         timings.write = time.perf_counter() - t0
 
     timings.total = time.perf_counter() - started

@@ -159,7 +159,7 @@ def process_height_change(
     endpoint = endpoint or S3Endpoint.from_env()
     config = request.pipeline_config()
     output = open_store(request.output_path, endpoint=endpoint)
-    check_template(output, config, request.parent_morton, request.chunk_idx)
+    template = check_template(output, config, request.parent_morton, request.chunk_idx)
     timings = Timings()
     result = CellResult(
         parent_morton=request.parent_morton,
@@ -193,7 +193,9 @@ def process_height_change(
         t0 = time.perf_counter()
         arrays = fit_arrays(request.epoch)
         # what the record proves (records.proven_cells)
-        outputs = write_cell(output, config, request.chunk_idx, fit, arrays=arrays)
+        outputs = write_cell(
+            output, config, request.chunk_idx, fit, arrays=arrays, template=template
+        )
         timings.write = time.perf_counter() - t0
     timings.total = time.perf_counter() - started
     result.duration_s = timings

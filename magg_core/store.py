@@ -378,12 +378,17 @@ def chunk_index(store: Store, config: PipelineConfig, parent_morton: int) -> int
 
 def check_template(
     store: Store, config: PipelineConfig, parent_morton: int, chunk_idx: int
-) -> None:
-    """Fail unless the store has this config's template with ``parent_morton`` at ``chunk_idx``.
+) -> Template:
+    """The store's template, if it is this config's with ``parent_morton`` at ``chunk_idx``.
 
     Cells call this before any work, so a worker given a stale store, a
     different config or a wrong chunk index stops before it could overwrite
-    another cell's chunk.
+    another cell's chunk; they hand the template to :func:`write_cell`.
+
+    Raises
+    ------
+    TemplateMismatchError
+        Saying what differs, if there is no template or it does not match.
     """
     template = _require_template(store, config)
     if template.config_hash != config.hash:
@@ -398,6 +403,7 @@ def check_template(
         raise TemplateMismatchError(
             f"chunk {chunk_idx} of the store holds parent cell {stored}, not {parent_morton}"
         )
+    return template
 
 
 def write_cell(
@@ -408,6 +414,7 @@ def write_cell(
     *,
     arrays: Sequence[ArraySpec] | None = None,
     objects: Mapping[str, bytes | None] | None = None,
+    template: Template | None = None,
 ) -> dict[str, str | None]:
     """Write one parent's chunk of every data array (``arrays``, default the statistics).
 
@@ -425,6 +432,12 @@ def write_cell(
     ``objects`` are other objects of the same cell (store key → bytes to
     put, or ``None`` to delete), written together with the chunks: the
     pyramid levels' staging object (:func:`magg_core.levels.staging_object`).
+
+    ``template``: the store's template as the caller checked it
+    (:func:`check_template`). With it, the arrays' metadata is read once per
+    process and template -- arrays are created with their template and never
+    change under its id, which is new for every creation -- and a cell's
+    write is one round of requests instead of two.
 
     Each chunk is encoded by the codecs its array's metadata declares (zarr's
     own codec objects, :func:`_encode_chunk`) and put as one object, rather
@@ -463,9 +476,38 @@ def write_cell(
                 f"statistic {name!r}: expected dtype {dtype} and shape ({per_parent},), "
                 f"got dtype {got_dtype} and shape {getattr(values, 'shape', None)}"
             )
-    return sync(
-        _write_chunks(store, _group_path(config), chunk_idx, per_parent, stats, objects or {})
+    path = _group_path(config)
+    metadata = sync(_arrays_metadata(store, path, tuple(stats), template))
+    return sync(_write_chunks(store, path, chunk_idx, per_parent, stats, metadata, objects or {}))
+
+
+async def _arrays_metadata(
+    store: Store, path: str, names: tuple[str, ...], template: Template | None
+) -> dict[str, ArrayV3Metadata]:
+    """The metadata of the arrays ``names`` of the group at ``path``: from
+    :data:`_TEMPLATE_ARRAYS` when ``template`` is given and they were read
+    under it, else read at once (one round of GETs)."""
+    known = _TEMPLATE_ARRAYS.get(template.id, {}) if template is not None else {}
+    missing = [name for name in names if (path, name) not in known]
+    prototype = default_buffer_prototype()
+    documents = await asyncio.gather(
+        *(store.get(f"{path}/{name}/zarr.json", prototype) for name in missing)
     )
+    read = {}
+    for name, document in zip(missing, documents, strict=True):
+        if document is None:
+            raise ValueError(f"the store has no array {path}/{name}")
+        read[(path, name)] = _array_metadata(document.to_bytes())
+    if template is not None and read:
+        if len(_TEMPLATE_ARRAYS) >= 16:  # a process sees few stores; bound it anyway
+            _TEMPLATE_ARRAYS.clear()
+        _TEMPLATE_ARRAYS.setdefault(template.id, {}).update(read)
+    every = {**known, **read}
+    return {name: every[(path, name)] for name in names}
+
+
+_TEMPLATE_ARRAYS: dict[str, dict[tuple[str, str], ArrayV3Metadata]] = {}
+"""Template id → (group path, array name) → the array's metadata, as read under it."""
 
 
 async def _write_chunks(
@@ -474,27 +516,24 @@ async def _write_chunks(
     chunk_idx: int,
     per_parent: int,
     stats: Mapping[str, np.ndarray],
+    metadata: Mapping[str, ArrayV3Metadata],
     objects: Mapping[str, bytes | None],
 ) -> dict[str, str | None]:
     prototype = default_buffer_prototype()
-    documents = await asyncio.gather(
-        *(store.get(f"{path}/{name}/zarr.json", prototype) for name in stats)
-    )
     chunks: dict[str, bytes | None] = {}
-    for name, document in zip(stats, documents, strict=True):
-        if document is None:
-            raise ValueError(f"the store has no array {path}/{name}")
-        metadata = _array_metadata(document.to_bytes())
-        if metadata.chunks != (per_parent,):
+    for name, values in stats.items():
+        array = metadata[name]
+        if array.chunks != (per_parent,):
             raise ValueError(
-                f"array {path}/{name} has chunks of {metadata.chunks}, not one parent's "
+                f"array {path}/{name} has chunks of {array.chunks}, not one parent's "
                 f"{per_parent} cells"
             )
-        n_chunks = metadata.shape[0] // per_parent
+        n_chunks = array.shape[0] // per_parent
         if not 0 <= chunk_idx < n_chunks:
             raise ValueError(f"chunk index {chunk_idx} is outside the store's {n_chunks} chunks")
-        key = f"{path}/{name}/{metadata.encode_chunk_key((chunk_idx,))}"
-        chunks[key] = await _encode_chunk(metadata, stats[name])
+        chunks[f"{path}/{name}/{array.encode_chunk_key((chunk_idx,))}"] = await _encode_chunk(
+            array, values
+        )
     written = {**chunks, **objects}
     await asyncio.gather(
         *(

@@ -31,6 +31,7 @@ from magg_core.store import (
     input_fingerprint,
     open_store,
     read_records,
+    read_template,
     write_cell,
     write_record,
 )
@@ -459,6 +460,40 @@ def test_write_cell_puts_the_bytes_zarr_writes_and_returns_their_digests(
                 assert digests[key] == hashlib.sha256(mine.read_bytes()).hexdigest()
             else:
                 assert digests[key] is None
+
+
+def test_write_cell_reads_the_arrays_metadata_once_per_template(templated, config, tmp_path):
+    """Given the template it checked, a cell's write is one round of requests: the arrays'
+    metadata is read under a template once; a re-created store (a new template id) is read
+    afresh, and its chunks land as its own metadata says."""
+    from zarr.storage import LoggingStore
+
+    path, store = templated
+    gets = []
+
+    class Counting(LoggingStore):
+        async def get(self, key, *args, **kwargs):
+            gets.append(key)
+            return await super().get(key, *args, **kwargs)
+
+    counted = Counting(store)
+    template = check_template(counted, config, int(read_template(store, config).parents[0]), 0)
+    gets.clear()
+    write_cell(counted, config, 0, stats_for(config, 1), template=template)
+    assert sorted(gets) == sorted(f"12/{s.name}/zarr.json" for s in config.aggregation.statistics)
+    gets.clear()
+    write_cell(counted, config, 1, stats_for(config, 2), template=template)
+    assert gets == []
+    write_cell(counted, config, 1, stats_for(config, 2))  # no template: read again
+    assert len(gets) == len(config.aggregation.statistics)
+
+    other = LocalStore(tmp_path / "other.zarr")
+    create_template(other, config, read_template(store, config).parents[:2], {})
+    fresh = read_template(other, config)
+    assert fresh.id != template.id
+    write_cell(other, config, 1, stats_for(config, 3), template=fresh)
+    got = zarr.open_group(other, path="12", mode="r")["h_mean"][4096:8192]
+    np.testing.assert_array_equal(got, stats_for(config, 3)["h_mean"])
 
 
 def test_cells_write_concurrently_from_threads(templated, config, parents):
