@@ -73,6 +73,7 @@ from magg_core.cycles import (
     date_range,
     parse_granule_name,
 )
+from magg_core.errors import InputError
 from magg_core.footprints import FootprintError, footprint_cells
 from magg_core.grid import cell_word_problem
 from magg_core.regions import Region, load_region
@@ -92,7 +93,7 @@ Problem = Literal[
 ]
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError, ValueError):
     """A catalog that cannot be built or read; the message says why."""
 
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
+from magg_core.errors import InputError
+
 CYCLE_DAYS = 91
 
 CYCLE_1_START = datetime(2018, 9, 28, tzinfo=UTC)
@@ -56,7 +58,7 @@ _NAME = re.compile(
 )
 
 
-class CycleError(ValueError):
+class CycleError(InputError, ValueError):
     """A cycle or date range that cannot be queried; the message says why."""
 
 

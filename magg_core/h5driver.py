@@ -40,7 +40,7 @@ from h5coro.filedriver import FileDriver
 from h5coro.h5coro import H5Coro
 from obstore.store import S3Store
 
-from magg_core.errors import TransientReadError
+from magg_core.errors import InputError, PermanentError, TransientReadError
 from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
 
 CACHE_LINE_BYTES = 4 * 1024
@@ -141,7 +141,7 @@ class CountingFileDriver(FileDriver):
         return os.fstat(self.f.fileno()).st_size
 
 
-class UnsupportedURLError(ValueError):
+class UnsupportedURLError(InputError, ValueError):
     """A granule URL that is neither ``s3://``, ``file://`` nor a path."""
 
 
@@ -153,18 +153,18 @@ class ShortReadError(TransientReadError):
     """
 
 
-class TruncatedFileError(EOFError):
+class TruncatedFileError(PermanentError, EOFError):
     """A read ended before the bytes the file's own structure points to.
 
     Not a ``RuntimeError``: h5coro turns those into a silent ``None`` dataset.
     """
 
 
-class NotHDF5Error(ValueError):
+class NotHDF5Error(PermanentError, ValueError):
     """A file that does not start with the HDF5 signature."""
 
 
-class UnsupportedFormatError(ValueError):
+class UnsupportedFormatError(PermanentError, ValueError):
     """An HDF5 structure this reader does not decode; the message names the structure only.
 
     Messages are built from numbers we parse ourselves, never from the

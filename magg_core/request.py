@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 from magg_core.config import ConfigError, PipelineConfig, load_config_at
 from magg_core.cycles import parse_granule_name
+from magg_core.errors import InputError
 from magg_core.grid import cell_word_problem
 from magg_core.s3 import S3Credentials
 from magg_core.urls import (
@@ -44,7 +45,7 @@ aggregates (:func:`magg_core.aggregate.valid_points`)."""
 REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
 
 
-class RequestError(ValueError):
+class RequestError(InputError, ValueError):
     """A cell request that cannot be run; the message names the bad fields."""
 
 

@@ -49,6 +49,7 @@ from zarr.storage import LocalStore, ObjectStore
 
 import magg_core
 from magg_core.config import PipelineConfig, named_ellipsoid
+from magg_core.errors import InputError
 from magg_core.fragments import FRAGMENTS_PREFIX
 from magg_core.grid import children, healpix_ids, parent_of
 from magg_core.levels import LEVELS_PREFIX, clear_staging, staged_orders
@@ -167,7 +168,7 @@ def statistic_arrays(config: PipelineConfig) -> tuple[ArraySpec, ...]:
     )
 
 
-class TemplateMismatchError(ValueError):
+class TemplateMismatchError(InputError, ValueError):
     """The store's template is missing or differs from what this run expects."""
 
 

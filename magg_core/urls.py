@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from magg_core.errors import InputError
+
 NSIDC_DATA_HOST = "data.nsidc.earthdatacloud.nasa.gov"
 """NSIDC's HTTPS host; ``https://{host}/{bucket}/{key}`` is ``s3://{bucket}/{key}``."""
 
@@ -36,7 +38,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SCHEME_MEANING = {"": "a local path", "file": "a local file"}
 
 
-class URLError(ValueError):
+class URLError(InputError, ValueError):
     """A URL a cell may not use; the message says why without repeating the whole URL."""
 
 

@@ -10,7 +10,13 @@ from magg.tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, rep
 from magg.tasks.credentials import publish_credentials
 from magg_core.cell import request_config
 from magg_core.credentials import Credentials
-from magg_core.errors import CellFailedError, CredentialsRejectedError
+from magg_core.errors import (
+    ERROR_KINDS,
+    CellFailedError,
+    CredentialsRejectedError,
+    error_from_kind,
+    error_kind,
+)
 from magg_core.extract import ExtractRequest
 from magg_core.request import CellRequest, CellResult
 from magg_core.store import open_store, read_records
@@ -19,6 +25,11 @@ CREDENTIALS_REJECTED = "CredentialsRejected"
 """The name of the ``Failed`` state a child flow run ends in when S3 refused its
 credentials (:func:`credentials_rejected`): the parent tells that cause by the
 state's name, which Prefect keeps as given, rather than by words in its message."""
+
+FAILED_STATE_NAMES = {kind: f"Failed:{kind}" for kind in ERROR_KINDS}
+"""The names of the ``Failed`` state a child flow run ends in when its work raised,
+by the failure's branch of :class:`~magg_core.errors.MaggError` (:func:`failed_state`):
+the structured field by which the parent raises the same branch again."""
 
 CHILD_RUN_TIMEOUT_S = 3 * CELL_TIMEOUT_S
 """How long to wait for a child run: the cell's own limit plus room for a
@@ -51,11 +62,31 @@ def credentials_rejected(exc: CredentialsRejectedError) -> State:
     return Failed(name=CREDENTIALS_REJECTED, message=f"S3 refused the credentials: {exc}")
 
 
-def raise_if_credentials_rejected(state: State | None, what: str) -> None:
-    """Raise :class:`CredentialsRejectedError` if a child run ended so; the caller's
-    :func:`~tasks.cells.replacing_rejected` then has fresh credentials fetched for the retry."""
-    if state is not None and state.name == CREDENTIALS_REJECTED:
+def failed_state(exc: Exception) -> State:
+    """The final state of a child flow run whose work raised ``exc`` (returned by the flow).
+
+    Refused credentials end in :func:`credentials_rejected`; anything else in a
+    state named by its branch (:data:`FAILED_STATE_NAMES`), with the exception's
+    type and message as the state's message.
+    """
+    if isinstance(exc, CredentialsRejectedError):
+        return credentials_rejected(exc)
+    name = FAILED_STATE_NAMES[error_kind(exc)]
+    return Failed(name=name, message=f"{type(exc).__name__}: {exc}")
+
+
+def raise_if_child_failed(state: State | None, what: str) -> None:
+    """Raise what a child run's failed state carries: :class:`CredentialsRejectedError`
+    if S3 refused its credentials (the caller's :func:`~tasks.cells.replacing_rejected`
+    then has fresh credentials fetched for the retry), else an error of the branch
+    its name gives (:func:`failed_state`). A state of neither kind raises nothing."""
+    if state is None:
+        return
+    if state.name == CREDENTIALS_REJECTED:
         raise CredentialsRejectedError(f"{what}: {state.message}")
+    for kind, name in FAILED_STATE_NAMES.items():
+        if state.name == name:
+            raise error_from_kind(kind, f"{what}: {state.message}")
 
 
 def run_child(
@@ -100,7 +131,7 @@ def _run_child(
     )
     if record is not None and record.written_at >= f"{flow_run.created:%Y-%m-%dT%H:%M:%SZ}":
         return raise_if_incomplete(record.result)  # this child's own outcome
-    raise_if_credentials_rejected(state, f"cell {request.parent_morton}")
+    raise_if_child_failed(state, f"cell {request.parent_morton}")
     raise CellFailedError(
         f"cell {request.parent_morton}: child flow run {flow_run.name} ended {state.name}"
         f" without a record: {state.message or 'no message'}"
