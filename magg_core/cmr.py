@@ -240,7 +240,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def granule_name(item: Mapping[str, Any]) -> str:
+def record_granule_name(item: Mapping[str, Any]) -> str:
     """The granule's file name, wherever its CMR record keeps it (``"?"`` if nowhere).
 
     NSIDC_ECS records name a granule ``GranuleUR = "SC:ATL06.005:228825416"``

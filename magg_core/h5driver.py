@@ -41,7 +41,8 @@ from h5coro.h5coro import H5Coro
 from obstore.store import S3Store
 
 from magg_core.errors import InputError, PermanentError, TransientReadError
-from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
+from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
+from magg_core.urls import s3_location
 
 CACHE_LINE_BYTES = 4 * 1024
 """Line size for metadata reads: HDF5 headers and B-tree nodes are a few hundred bytes."""
@@ -70,8 +71,9 @@ class ObstoreDriver:
     """An h5coro driver reading one ``s3://`` object through a shared obstore store."""
 
     def __init__(self, resource: str, credentials: S3Access):
-        bucket, self._key = split_s3_url(resource)
-        self._store = shared_store(bucket, credentials)
+        location = s3_location(resource, "granule URL")
+        self._key = location.key
+        self._store = shared_store(location.bucket, credentials)
         self._lock = threading.Lock()
         self._size: int | None = None
         self.bytes_fetched = 0

@@ -60,7 +60,8 @@ from magg_core.records import (
     read_records,
     write_record,
 )
-from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
+from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
+from magg_core.urls import URLError, s3_location
 
 __all__ = [
     "ArraySpec",
@@ -207,13 +208,20 @@ def open_store(
         ``AWS_ENDPOINT_URL_S3`` points a worker at a test or non-AWS server.
     read_only
         Open without write permission (inspection, plotting).
+
+    Raises
+    ------
+    URLError
+        For another scheme, or an ``s3://`` URL :func:`magg_core.urls.parse_s3_url`
+        refuses (an invalid bucket name, a port or user info, a query, ``..``
+        above the bucket); the message quotes ``url``.
     """
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        bucket, prefix = split_s3_url(url)
+        location = s3_location(url, "store URL")
         s3 = s3_store(
-            bucket,
-            prefix=prefix.rstrip("/") or None,
+            location.bucket,
+            prefix=location.key or None,
             credentials=credentials,
             endpoint=endpoint or S3Endpoint.from_env(),
         )
@@ -222,7 +230,7 @@ def open_store(
         return LocalStore(Path(unquote(parsed.path)), read_only=read_only)
     if parsed.scheme == "":
         return LocalStore(Path(url), read_only=read_only)
-    raise ValueError(f"unsupported store URL {url!r} (use a path, file:// or s3://)")
+    raise URLError(f"unsupported store URL {url!r} (use a path, file:// or s3://)")
 
 
 def create_template(
