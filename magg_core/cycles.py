@@ -17,6 +17,10 @@ from magg_core.errors import InputError
 from magg_core.urls import URLError, granule_name
 
 CYCLE_DAYS = 91
+"""Length of a repeat cycle (ICESat-2's exact 91-day repeat orbit; docs/architecture.md §Cycles)."""
+
+RGTS_PER_CYCLE = 1387
+"""Reference ground tracks per cycle: one per revolution, 1,387 revolutions in 91 days."""
 
 CYCLE_1_START = datetime(2018, 9, 28, tzinfo=UTC)
 """Nominal start of cycle 1 (RGT 1).
@@ -182,7 +186,10 @@ def cycle_range(cycle: int) -> TimeRange:
     if isinstance(cycle, bool) or not isinstance(cycle, int):
         raise CycleError(f"cycle must be an integer, got {cycle!r}")
     if cycle < 1:
-        raise CycleError(f"cycle {cycle} is before launch: ICESat-2 cycles start at 1 (2018-10-13)")
+        raise CycleError(
+            f"cycle {cycle} is before launch: ICESat-2 cycles start at 1 "
+            f"({CYCLE_1_START:%Y-%m-%d}, first data {FIRST_DATA:%Y-%m-%d})"
+        )
     start = CYCLE_1_START + timedelta(days=CYCLE_DAYS * (cycle - 1))
     return TimeRange(start, start + timedelta(days=CYCLE_DAYS))
 
