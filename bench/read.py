@@ -67,13 +67,10 @@ def unavoidable_bytes(granule: SampleGranule, parent: int, config: PipelineConfi
             if group not in f:
                 continue
             g = f[group]
-            inside, _ = grid.child_index(
-                g[source.latitude][:],
-                g[source.longitude][:],
-                parent,
-                config.output.parent_order,
-                config.output.child_order,
+            words = grid.point_morton(
+                g[source.latitude][:], g[source.longitude][:], config.output.child_order
             )
+            inside = grid.parent_of(words, config.output.parent_order) == np.uint64(parent)
             rows = np.flatnonzero(inside)
             for name in (source.latitude, source.longitude):
                 total += _chunk_bytes(g[name], None)

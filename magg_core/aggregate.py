@@ -189,8 +189,8 @@ def aggregate(
     Parameters
     ----------
     child_index
-        Integer child position of each point, ``0 .. n_children - 1`` (as
-        :func:`magg_core.grid.child_index` returns).
+        Integer child position of each point, ``0 .. n_children - 1``: the
+        position of its child cell in :func:`magg_core.grid.children`.
     columns
         The ``data_source`` variables of each point (e.g. ``h_li``,
         ``h_li_sigma``), each as long as ``child_index``; any dtype.

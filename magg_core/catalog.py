@@ -139,11 +139,6 @@ class Catalog:
         """The parent cells, ascending, as ``uint64`` (the store's chunk order)."""
         return np.array(sorted(self.cells), dtype=np.uint64)
 
-    def urls(self, parent: int, scheme: Literal["s3", "https"] = "s3") -> list[str]:
-        """The granule URLs of one parent cell, in name (acquisition) order."""
-        values = (g.s3 if scheme == "s3" else g.https for g in self.cells[int(parent)])
-        return [url for url in values if url]
-
     @property
     def granule_count(self) -> int:
         return len({g.name for granules in self.cells.values() for g in granules})

@@ -6,10 +6,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Failed, State
 
-from magg.tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete, replacing_rejected
-from magg.tasks.credentials import publish_credentials
+from magg.tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete
 from magg_core.cell import request_config
-from magg_core.credentials import Credentials
 from magg_core.errors import (
     ERROR_KINDS,
     CellFailedError,
@@ -38,23 +36,15 @@ pending after this fails the cell visibly instead of holding the run forever."""
 
 
 @cell_task
-def grid_cell_on_ecs(
-    request: CellRequest,
-    store_id: str,
-    credentials: Credentials | None,
-    deployment: str,
-    credentials_block: str,
-) -> CellResult:
+def grid_cell_on_ecs(request: CellRequest, store_id: str, deployment: str) -> CellResult:
     """Run the cell as a child flow run of the ``process-cell`` deployment.
 
-    The child reads credentials from a Prefect Secret block that this task
-    refreshes first (see :func:`run_child`). Its outcome is read back from the durable
+    The child reads the cell's fragments with the container's own identity,
+    so it is handed no credentials. Its outcome is read back from the durable
     record it wrote in the store, so no result storage has to be shared
     between the containers and this process.
     """
-    used = publish_credentials(credentials, credentials_block)
-    with replacing_rejected(credentials, used):
-        return _run_child(request, credentials, deployment, credentials_block)
+    return _run_child(request, deployment)
 
 
 def credentials_rejected(exc: CredentialsRejectedError) -> State:
@@ -92,22 +82,21 @@ def raise_if_child_failed(state: State | None, what: str) -> None:
 def run_child(
     deployment: str,
     request: CellRequest | ExtractRequest,
-    credentials: Credentials | None,
-    credentials_block: str,
+    credentials_block: str | None,
     name: str,
 ) -> FlowRun:
     """Start a child flow run with the request (no secret in it) and wait until it ends.
 
     Its parameters name the Secret block holding the credentials -- and not
-    even that when the run uses none (local files, public buckets, or the
-    container's own role), so a child never picks up a stale block left by
-    another run.
+    even that (``credentials_block=None``) when the run uses none (local
+    files, public buckets, or the container's own role), so a child never
+    picks up a stale block left by another run.
     """
     return run_deployment(
         deployment,
         parameters={
             "request": request.to_event(include_credentials=False),
-            "credentials_block": credentials_block if credentials is not None else None,
+            "credentials_block": credentials_block,
         },
         flow_run_name=name,
         timeout=CHILD_RUN_TIMEOUT_S,
@@ -115,11 +104,9 @@ def run_child(
     )
 
 
-def _run_child(
-    request: CellRequest, credentials: Credentials | None, deployment: str, credentials_block: str
-) -> CellResult:
+def _run_child(request: CellRequest, deployment: str) -> CellResult:
     name = f"cell-{request.parent_morton}"
-    flow_run = run_child(deployment, request, credentials, credentials_block, name)
+    flow_run = run_child(deployment, request, None, name)
     state = flow_run.state
     if state is None or not state.is_final():
         raise CellFailedError(

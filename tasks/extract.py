@@ -79,7 +79,8 @@ def extract_on_ecs(
     used = publish_credentials(credentials, credentials_block)
     with replacing_rejected(credentials, used):
         name = f"extract-{request.name}"
-        flow_run = run_child(deployment, request, credentials, credentials_block, name)
+        block = credentials_block if credentials is not None else None
+        flow_run = run_child(deployment, request, block, name)
         state = flow_run.state
         stored = stored_extract(request)  # the child's outcome, read where it wrote it
         if state is not None and state.is_completed() and stored is not None:
