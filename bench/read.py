@@ -9,7 +9,7 @@ Measured, on the same cell and in the same run:
 
 - ``read_granules`` as a cell runs it (its default concurrency) against the
   same function reading one granule at a time (``max_workers=1``); target
-  >= 8x (DESIGN §6);
+  >= 8x (docs/architecture.md §Targets);
 - requests and bytes fetched for the cell, against the compressed size of
   the chunks a reader cannot avoid: every chunk of every beam's latitude and
   longitude (ATL06 has no spatial index, so finding the cell's rows means

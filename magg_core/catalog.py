@@ -1,4 +1,6 @@
-"""The granule catalog: which ATL06 granules touch which parent cells (DESIGN §2.2).
+"""The granule catalog: which ATL06 granules touch which parent cells.
+
+The file's contract is docs/architecture.md §Catalog.
 
 Building one takes three steps, each in its own module: a CMR search for the
 cycle's padded dates over the region's bounding box (:mod:`magg_core.cmr`),
@@ -11,8 +13,8 @@ of vanishing.
 Each granule is gridded once: a cell worker sums whatever it is given, so a
 granule listed twice would double its counts and shrink ``h_sigma`` by √2. CMR
 can list one granule under two providers (one record without an ``s3://`` URL)
-and one acquisition as two revisions (``…_007_01`` and ``…_007_02``, DESIGN
-§5), and a records list may hold two releases of it (``…_006_01`` and
+and one acquisition as two revisions (``…_007_01`` and ``…_007_02``, docs/architecture.md
+§Catalog), and a records list may hold two releases of it (``…_006_01`` and
 ``…_007_01``). A granule's name is its *file* name, wherever the record keeps
 it (:func:`magg_core.cmr.record_granule_name`: NSIDC_ECS records name it only
 in ``DataGranule.Identifiers``). A catalog therefore keeps one record per

@@ -51,7 +51,7 @@ def healpix_ids(morton: np.ndarray) -> np.ndarray:
 def cell_word_problem(word: int, order: int) -> str | None:
     """Why ``word`` is not the morton word of an order-``order`` cell; ``None`` if it is.
 
-    mortie decides (DESIGN §4): the word must name a HEALPix cell
+    mortie decides (docs/architecture.md §Grid): the word must name a HEALPix cell
     (``MortonWord.order`` refuses the empty word 0 and invalid base-cell
     prefixes), at ``order``, and be that cell's canonical packing — the word
     its decimal label parses back to. The last check matters because

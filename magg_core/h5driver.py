@@ -14,7 +14,7 @@ compressed chunk read through lines costs up to a whole extra line, and 4 MiB
 lines would fetch far more than the chunks a cell needs. :class:`ExactH5Coro`
 therefore sends payload-sized requests (chunks) straight to the driver as
 exact ranges and keeps small lines for metadata: on the demo sample the
-bytes fetched are 1.11–1.26x the compressed chunks read (DESIGN §6 asks for
+bytes fetched are 1.11–1.26x the compressed chunks read (docs/architecture.md §Targets asks for
 <= 1.5x; 8 KiB lines gave up to 1.45x, 4 MiB lines 1.9x), at the cost of
 one request per chunk and ~10 % more requests than 8 KiB lines.
 

@@ -2,15 +2,16 @@
 
 The Prefect task layer owns retries, so this module makes sure botocore never
 retries on its own: a synchronous ``Invoke`` that times out on the client side
-has usually *reached* the function, and botocore's default retry silently ran
-a >60 s cell twice (DESIGN §4). Everything that can come back — the handler's
-``{"statusCode", "body"}`` envelope, a ``FunctionError`` (which boto3 reports as
-a normal response, not an exception), a throttle, a client timeout — becomes
-either a :class:`~magg_core.request.CellResult` or one exception class whose
-branch of :class:`~magg_core.errors.MaggError` (and :func:`is_retryable`
-answer) the task layer can use as its retry condition. A handler's 500 names
-its failure's branch in the body's ``error_kind`` field, which is decoded
-here into the class of that branch.
+has usually *reached* the function, and botocore's default retry silently ran a
+>60 s cell twice (docs/architecture.md §Lambda invocation). Everything that can
+come back — the handler's ``{"statusCode", "body"}`` envelope, a
+``FunctionError`` (which boto3 reports as a normal response, not an exception),
+a throttle, a client timeout — becomes either a
+:class:`~magg_core.request.CellResult` or one exception class whose branch of
+:class:`~magg_core.errors.MaggError` (and :func:`is_retryable` answer) the task
+layer can use as its retry condition. A handler's 500 names its failure's
+branch in the body's ``error_kind`` field, which is decoded here into the class
+of that branch.
 
 No Prefect here: the same client serves flows, scripts and tests.
 """

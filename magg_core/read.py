@@ -116,7 +116,8 @@ class GranulePoints:
     """Points of the granule inside the parent that the reader did not keep, by
     reason (:data:`READ_DROPS`; see :func:`read_parents`)."""
     bytes_fetched: int = 0
-    """Bytes the driver read, metadata included (for DESIGN §6's read-efficiency target)."""
+    """Bytes the driver read, metadata included (for the read-efficiency target,
+    docs/architecture.md §Targets)."""
     requests: int = 0
 
     def __len__(self) -> int:
@@ -141,7 +142,8 @@ class GranuleRead:
     points: Mapping[int, GranulePoints] = field(repr=False)
     """Parent morton word → its points (every requested parent, possibly empty)."""
     bytes_fetched: int = 0
-    """Bytes the driver read, metadata included (for DESIGN §6's read-efficiency targets)."""
+    """Bytes the driver read, metadata included (for the read-efficiency targets,
+    docs/architecture.md §Targets)."""
     requests: int = 0
 
 

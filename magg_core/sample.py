@@ -9,7 +9,7 @@ tell the difference:
   ``land_ice_segments/{latitude, longitude, h_li, h_li_sigma,
   atl06_quality_summary, delta_time, segment_id}``, shuffle + gzip,
   ``_FillValue`` 3.4028235e38 on heights. One granule lacks a beam, as real
-  granules sometimes do. Two file layouts (``layout=``, DESIGN §5):
+  granules sometimes do. Two file layouts (``layout=``, docs/architecture.md §ATL06 files):
 
   - ``"r006"`` (the default): chunks of 10,000 rows, superblock v0 (h5py's
     default ``libver``; h5coro reads nothing newer);
@@ -74,7 +74,7 @@ R007_FILE_OPTIONS = {
     "fs_page_size": R007_PAGE_BYTES,
     "track_order": True,
 }
-"""h5py's spelling of release 007's file-space settings (DESIGN §5)."""
+"""h5py's spelling of release 007's file-space settings (docs/architecture.md §ATL06 files)."""
 VERSION = "007"
 REVISION = "01"
 

@@ -1,6 +1,6 @@
 """The Zarr v3 store: its template, one cell's write, and the checks in between.
 
-Layout (DESIGN §2.4): group ``/{child_order}/`` holds 1-D arrays over the
+Layout (docs/architecture.md §Store layout): group ``/{child_order}/`` holds 1-D arrays over the
 dimension ``cells``; chunk ``i`` of every array is the ``i``-th parent cell of
 the catalog (ascending morton order), so a cell worker writes exactly one
 chunk per statistic and never touches another cell's bytes. The coordinates

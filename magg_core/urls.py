@@ -12,7 +12,7 @@ allowed in :data:`ALLOWED_STORES_VARIABLE`, never to a bucket an event names.
 Sources: S3 bucket naming rules (3–63 characters: lowercase letters, digits,
 dots and hyphens, starting and ending with a letter or digit); NSIDC serves
 every object of its buckets at ``https://data.nsidc.earthdatacloud.nasa.gov/
-<bucket>/<key>`` too (DESIGN §5).
+<bucket>/<key>`` too (docs/architecture.md §URLs).
 """
 
 from __future__ import annotations

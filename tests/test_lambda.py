@@ -832,7 +832,7 @@ def test_unreachable_endpoint_is_retryable(world):
     assert is_retryable(caught.value)
 
 
-# -- the double-invocation trap (DESIGN §4) ---------------------------------------------
+# -- the double-invocation trap (docs/architecture.md §Lambda invocation) -------------
 
 
 def test_client_config_outwaits_the_function_and_never_retries():
