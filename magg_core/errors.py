@@ -17,9 +17,9 @@ do next:
 Each class keeps the builtin base it had (``ValueError``, ``ConnectionError``
 ...), so ``except ValueError`` still catches a bad config. The branch travels
 across process boundaries as a word, :attr:`MaggError.kind` (see
-:func:`error_kind`, :func:`error_from_kind`): the Lambda handler's body and
-the records of the ECS backend carry it, and the client side raises the
-matching class again.
+:func:`error_kind`, :func:`error_from_kind`): the Lambda handler's 500 body
+and the final state of an ECS child run carry it, and the client side raises
+the matching class again (docs/architecture.md §Lambda and ECS events).
 
 A retry costs a cell's full runtime, so only transient failures are retried.
 Failures raised by libraries (botocore, obstore) are classified by

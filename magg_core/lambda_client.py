@@ -69,7 +69,7 @@ class LambdaInvokeError(MaggError, RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        return self.kind == "transient"
+        return isinstance(self, TransientError)
 
     def __init__(
         self,
