@@ -1,4 +1,4 @@
-"""Benchmarks for DESIGN §6's targets, each runnable with one command from the repo root.
+"""Benchmarks for docs/architecture.md §Targets, each runnable with one command.
 
 ``python -m bench.statistics``    aggregation vs a naive per-child loop (>= 100x)
 ``python -m bench.read``          40 granules behind 30 ms of S3 latency, concurrent vs

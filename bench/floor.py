@@ -225,7 +225,7 @@ def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: st
 MOVED_AT_MOST = 1e-5
 """Share of points the two cell assignments may place in different cells: healpy on
 authalic latitude (the script) and mortie (magg) agree on 99.9999 % of points, the
-others lie on cell edges (DESIGN §4); ten times that is allowed."""
+others lie on cell edges (docs/architecture.md §Grid); ten times that is allowed."""
 
 
 def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> tuple[int, int]:

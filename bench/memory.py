@@ -10,7 +10,7 @@ multi-cycle product or a cell at the pole would.
 The cell runs :func:`magg_core.cell.process_cell` (read from local files,
 aggregate, write to a local store) in a fresh process, as a Lambda or ECS
 worker would, and reports that process's peak RSS: the figure a 2 GB
-Lambda is billed and killed against. Target (DESIGN §6): <= 1 GB.
+Lambda is billed and killed against. Target (docs/architecture.md §Targets): <= 1 GB.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ apart, as they are paid once per run, not per task.
 Measured: seconds per task while tasks run (first extract started to last
 cell finished, divided by the tasks), the whole flow's time, and how long
 after the flow returns the server shows every cell's task run completed.
-Target (DESIGN §6): <= 30 ms per task.
+Target (docs/architecture.md §Targets): <= 30 ms per task.
 """
 
 from __future__ import annotations

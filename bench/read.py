@@ -9,7 +9,7 @@ Measured, on the same cell and in the same run:
 
 - ``read_granules`` as a cell runs it (its default concurrency) against the
   same function reading one granule at a time (``max_workers=1``); target
-  >= 8x (DESIGN §6);
+  >= 8x (docs/architecture.md §Targets);
 - requests and bytes fetched for the cell, against the compressed size of
   the chunks a reader cannot avoid: every chunk of every beam's latitude and
   longitude (ATL06 has no spatial index, so finding the cell's rows means
@@ -67,13 +67,10 @@ def unavoidable_bytes(granule: SampleGranule, parent: int, config: PipelineConfi
             if group not in f:
                 continue
             g = f[group]
-            inside, _ = grid.child_index(
-                g[source.latitude][:],
-                g[source.longitude][:],
-                parent,
-                config.output.parent_order,
-                config.output.child_order,
+            words = grid.point_morton(
+                g[source.latitude][:], g[source.longitude][:], config.output.child_order
             )
+            inside = grid.parent_of(words, config.output.parent_order) == np.uint64(parent)
             rows = np.flatnonzero(inside)
             for name in (source.latitude, source.longitude):
                 total += _chunk_bytes(g[name], None)

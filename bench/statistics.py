@@ -16,7 +16,7 @@ from one second to the next and would blur a ratio of a 20 ms run to a
 Distributions: ``uniform`` (every child equally likely, points in random
 order) and ``track`` (six beams of ICESat-2-like tracks crossing the parent,
 points in along-track order as a reader returns them: children hold runs of
-~75 points, many children are empty at 300k points). Target (DESIGN §6):
+~75 points, many children are empty at 300k points). Target (docs/architecture.md §Targets):
 >= 100x.
 """
 

@@ -16,8 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.states import State
 
 from magg.tasks.credentials import load_published_credentials
-from magg.tasks.ecs import credentials_rejected
-from magg_core.errors import CredentialsRejectedError
+from magg.tasks.ecs import failed_state
 from magg_core.extract import ExtractRequest, extract_granule
 from magg_core.request import ECS
 
@@ -29,17 +28,19 @@ def extract_granule_flow(
     """Extract one granule; a granule that cannot be read is recorded, not raised.
 
     Its outcome is in the store (the extract record), where the parent reads it.
-    Credentials S3 refused end the run in a ``Failed`` state named
-    :data:`tasks.ecs.CREDENTIALS_REJECTED`, by which the parent knows to retry
-    with fresh ones.
+    A failure to run the extract ends the run in a ``Failed`` state named by
+    its branch (:func:`tasks.ecs.failed_state`): the parent retries a transient
+    one, and with fresh credentials one named
+    :data:`tasks.ecs.CREDENTIALS_REJECTED`.
     """
     extract = ExtractRequest.from_event(request, ECS)
     if credentials_block:
         extract = replace(extract, s3_credentials=load_published_credentials(credentials_block))
     try:
         result = extract_granule(extract)
-    except CredentialsRejectedError as exc:
-        return credentials_rejected(exc)  # the parent retries with fresh ones
+    except Exception as exc:  # noqa: BLE001 - the parent reads the failure's branch
+        get_run_logger().exception("failed: %s", type(exc).__name__)
+        return failed_state(exc)  # refused credentials: the parent retries with fresh ones
     get_run_logger().info(
         "granule %s: %s, %d points in %d cells%s",
         extract.name,

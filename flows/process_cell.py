@@ -20,9 +20,8 @@ from prefect.states import State
 
 from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
 from magg.tasks.credentials import load_published_credentials
-from magg.tasks.ecs import credentials_rejected
+from magg.tasks.ecs import failed_state
 from magg_core.cell import process_cell
-from magg_core.errors import CredentialsRejectedError
 from magg_core.request import ECS, CellRequest
 
 
@@ -34,8 +33,9 @@ def process_cell_flow(
 
     ``timeout_s`` is a deadline the cell checks before writing: a child the
     parent stopped waiting for (and may have relaunched on a retry) must not
-    write after its successor. Credentials S3 refused end the run in a
-    ``Failed`` state named :data:`tasks.ecs.CREDENTIALS_REJECTED`.
+    write after its successor. A failure to run the cell ends the run in a
+    ``Failed`` state named by its branch (:func:`tasks.ecs.failed_state`):
+    :data:`tasks.ecs.CREDENTIALS_REJECTED` when S3 refused the credentials.
     """
     started = time.monotonic()
     cell = CellRequest.from_event(request, ECS)
@@ -43,8 +43,9 @@ def process_cell_flow(
         cell = replace(cell, s3_credentials=load_published_credentials(credentials_block))
     try:
         result = process_cell(cell, deadline=started + timeout_s)
-    except CredentialsRejectedError as exc:
-        return credentials_rejected(exc)  # the parent retries with fresh ones
+    except Exception as exc:  # noqa: BLE001 - the parent reads the failure's branch
+        get_run_logger().exception("failed: %s", type(exc).__name__)
+        return failed_state(exc)  # refused credentials: the parent retries with fresh ones
     get_run_logger().info(
         "cell %s: %s, %d obs, %d/%d granules read",
         result.parent_morton,

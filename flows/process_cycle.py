@@ -225,7 +225,7 @@ def process_cycle(
 
             def grid(request: CellRequest) -> PrefectFuture:
                 task = grid_locally(request)
-                return task.submit(request, store_id, None, cell_timeout_s, workers)
+                return task.submit(request, store_id, cell_timeout_s, workers)
         elif backend == "lambda":
             window = lambda_concurrency(concurrency)
             client = lambda_client(aws_credentials_block, cell_timeout_s, window)
@@ -235,7 +235,7 @@ def process_cycle(
 
             def grid(request: CellRequest) -> PrefectFuture:
                 task = grid_on_lambda(request)
-                return task.submit(request, store_id, None, client, lambda_function)
+                return task.submit(request, store_id, client, lambda_function)
         elif backend == "ecs":
             window = concurrency or ECS_CONCURRENCY
 
@@ -245,9 +245,7 @@ def process_cycle(
                 )
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_on_ecs(request).submit(
-                    request, store_id, None, ecs_deployment, credentials_block
-                )
+                return grid_on_ecs(request).submit(request, store_id, ecs_deployment)
         else:
             raise ValueError(f"backend must be local, dask, lambda or ecs, got {backend!r}")
 

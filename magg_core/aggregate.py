@@ -53,6 +53,7 @@ from functools import cached_property
 import numpy as np
 
 from magg_core.config import PipelineConfig, Statistic
+from magg_core.errors import InputError
 from magg_core.expressions import Expression
 from magg_core.request import DROP_REASONS
 
@@ -66,11 +67,11 @@ _LOW_HALF = 0 if sys.byteorder == "little" else 1
 """Which uint32 of a uint64 holds its low bits."""
 
 
-class NonFiniteStatisticError(ValueError):
+class NonFiniteStatisticError(InputError, ValueError):
     """A statistic is not finite, or not representable in its dtype, for a child with points."""
 
 
-class InvalidDerivedValueError(ValueError):
+class InvalidDerivedValueError(InputError, ValueError):
     """A derived column is invalid for a point whose read values passed every filter."""
 
 
@@ -188,8 +189,8 @@ def aggregate(
     Parameters
     ----------
     child_index
-        Integer child position of each point, ``0 .. n_children - 1`` (as
-        :func:`magg_core.grid.child_index` returns).
+        Integer child position of each point, ``0 .. n_children - 1``: the
+        position of its child cell in :func:`magg_core.grid.children`.
     columns
         The ``data_source`` variables of each point (e.g. ``h_li``,
         ``h_li_sigma``), each as long as ``child_index``; any dtype.

@@ -1,4 +1,6 @@
-"""The granule catalog: which ATL06 granules touch which parent cells (DESIGN §2.2).
+"""The granule catalog: which ATL06 granules touch which parent cells.
+
+The file's contract is docs/architecture.md §Catalog.
 
 Building one takes three steps, each in its own module: a CMR search for the
 cycle's padded dates over the region's bounding box (:mod:`magg_core.cmr`),
@@ -9,21 +11,21 @@ footprint is missing or unusable are listed in the catalog's report instead
 of vanishing.
 
 Each granule is gridded once: a cell worker sums whatever it is given, so a
-granule listed twice would double its counts and shrink ``h_sigma`` by √2.
-CMR can list one granule under two providers (one record without an
-``s3://`` URL) and one acquisition as two revisions (``…_007_01`` and
-``…_007_02``, DESIGN §5), and a records list may hold two releases of it
-(``…_006_01`` and ``…_007_01``). A granule's name is its *file* name,
-wherever the record keeps it (:func:`magg_core.cmr.granule_name`: NSIDC_ECS records name it only in
-``DataGranule.Identifiers``). A catalog therefore keeps one record per
-granule name — the one with an ``s3://`` URL, whatever the order CMR sent
-them in — one granule per ``s3://`` object (however its URL is spelled:
-``s3://b//k`` is ``s3://b/k``), only the release it was built for (the
-query's version; other releases are reported as ``other_release``), and only
-the highest revision of each acquisition (same product, start time, RGT,
-cycle and region: :attr:`~magg_core.cycles.GranuleName.acquisition`);
-superseded revisions are named in the report. Records of two releases of
-one acquisition with no release chosen are refused.
+granule listed twice would double its counts and shrink ``h_sigma`` by √2. CMR
+can list one granule under two providers (one record without an ``s3://`` URL)
+and one acquisition as two revisions (``…_007_01`` and ``…_007_02``, docs/architecture.md
+§Catalog), and a records list may hold two releases of it (``…_006_01`` and
+``…_007_01``). A granule's name is its *file* name, wherever the record keeps
+it (:func:`magg_core.cmr.record_granule_name`: NSIDC_ECS records name it only
+in ``DataGranule.Identifiers``). A catalog therefore keeps one record per
+granule name — the one with an ``s3://`` URL, whatever the order CMR sent them
+in — one granule per ``s3://`` object (however its URL is spelled:
+``s3://b//k`` is ``s3://b/k``), only the release it was built for (the query's
+version; other releases are reported as ``other_release``), and only the
+highest revision of each acquisition (same product, start time, RGT, cycle and
+region: :attr:`~magg_core.cycles.GranuleName.acquisition`); superseded
+revisions are named in the report. Records of two releases of one acquisition
+with no release chosen are refused.
 
 The file is JSON: ``metadata``; ``cells``, parent morton words as decimal
 strings (JSON numbers lose uint64 precision) in ascending order — the order
@@ -63,7 +65,13 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from magg_core import __version__
-from magg_core.cmr import GranuleSearch, RetryPolicy, data_urls, granule_name, search_granules
+from magg_core.cmr import (
+    GranuleSearch,
+    RetryPolicy,
+    data_urls,
+    record_granule_name,
+    search_granules,
+)
 from magg_core.cmr import cmr_url as resolve_cmr_url
 from magg_core.cycles import (
     CycleError,
@@ -71,12 +79,13 @@ from magg_core.cycles import (
     TimeRange,
     cycle_query_range,
     date_range,
-    parse_granule_name,
+    granule_fields,
 )
+from magg_core.errors import InputError
 from magg_core.footprints import FootprintError, footprint_cells
 from magg_core.grid import cell_word_problem
 from magg_core.regions import Region, load_region
-from magg_core.urls import URLError, granule_url
+from magg_core.urls import URLError, granule_name, granule_url
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +101,7 @@ Problem = Literal[
 ]
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError, ValueError):
     """A catalog that cannot be built or read; the message says why."""
 
 
@@ -131,11 +140,6 @@ class Catalog:
     def parents(self) -> np.ndarray:
         """The parent cells, ascending, as ``uint64`` (the store's chunk order)."""
         return np.array(sorted(self.cells), dtype=np.uint64)
-
-    def urls(self, parent: int, scheme: Literal["s3", "https"] = "s3") -> list[str]:
-        """The granule URLs of one parent cell, in name (acquisition) order."""
-        values = (g.s3 if scheme == "s3" else g.https for g in self.cells[int(parent)])
-        return [url for url in values if url]
 
     @property
     def granule_count(self) -> int:
@@ -313,7 +317,7 @@ def _check_each_granule_once(cells: Mapping[int, tuple[CatalogGranule, ...]], wh
     for cell, granules in cells.items():
         seen: dict[str, str] = {}
         for g in granules:
-            names = {g.name, g.s3.rsplit("/", 1)[-1]}
+            names = {g.name, granule_name(g.s3)}
             keys = [*names, *(_same_object(u) for u in (g.s3, g.https) if u is not None)]
             for key in keys:
                 if key in seen:
@@ -323,7 +327,7 @@ def _check_each_granule_once(cells: Mapping[int, tuple[CatalogGranule, ...]], wh
                     )
             seen.update(dict.fromkeys(keys, g.name))
             for name in sorted(names):
-                parsed = parse_granule_name(name)
+                parsed = granule_fields(name)
                 if parsed is None:
                     continue
                 first, first_cell = acquisitions.setdefault(parsed.acquisition, (name, cell))
@@ -534,7 +538,7 @@ def _granules_to_grid(
         if not _is_plain_name(name):
             report.append(ReportEntry(name, "unrecognised_name", "not a plain file name"))
             continue
-        parsed = parse_granule_name(name)
+        parsed = granule_fields(name)
         if release is not None and parsed is not None and not _same_release(parsed, release):
             counts["other_release"] += 1
             report.append(
@@ -542,7 +546,7 @@ def _granules_to_grid(
             )
             continue
         if cycle is not None:
-            parsed = parse_granule_name(name)
+            parsed = granule_fields(name)
             if parsed is None:
                 report.append(
                     ReportEntry(name, "unrecognised_name", "cannot tell its cycle from the name")
@@ -570,7 +574,7 @@ def _one_record_per_name(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapp
     """
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for item in records:
-        groups[granule_name(item)].append(item)
+        groups[record_granule_name(item)].append(item)
     chosen = {}
     for name, items in groups.items():
         best = items[0] if len(items) == 1 else min(items, key=_record_rank(name))
@@ -599,7 +603,7 @@ def _same_release(name: GranuleName, release: str) -> bool:
 
 
 def _named_by_url(url: str | None, name: str) -> bool:
-    return url is not None and url.rsplit("/", 1)[-1] == name
+    return url is not None and not url.endswith("/") and granule_name(url) == name
 
 
 def _highest_revisions(names: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -614,12 +618,12 @@ def _highest_revisions(names: Iterable[str]) -> tuple[list[str], list[tuple[str,
     """
     groups: dict[Any, list[tuple[int, str]]] = defaultdict(list)
     for name in names:
-        parsed = parse_granule_name(name)
+        parsed = granule_fields(name)
         key = name if parsed is None else parsed.acquisition
         groups[key].append((-1 if parsed is None else int(parsed.revision), name))
     newest, superseded = [], []
     for revisions in groups.values():
-        releases = {p.version for _, name in revisions if (p := parse_granule_name(name))}
+        releases = {p.version for _, name in revisions if (p := granule_fields(name))}
         if len(releases) > 1:
             names = ", ".join(name for _, name in sorted(revisions, key=lambda r: r[1]))
             raise CatalogError(

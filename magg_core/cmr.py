@@ -34,6 +34,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from magg_core.cycles import TimeRange
+from magg_core.errors import PermanentError
 
 CMR_URL_ENV = "MAGG_CMR_URL"
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -49,7 +50,7 @@ them holds the ``s3://`` URL varies: NSIDC_CPRD records listed it under
 earthaccess's ``DataGranule`` falls back to doing, not by its type alone."""
 
 
-class CmrError(RuntimeError):
+class CmrError(PermanentError, RuntimeError):
     """CMR kept failing or refused the query; the message names the URL and query."""
 
 
@@ -239,7 +240,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def granule_name(item: Mapping[str, Any]) -> str:
+def record_granule_name(item: Mapping[str, Any]) -> str:
     """The granule's file name, wherever its CMR record keeps it (``"?"`` if nowhere).
 
     NSIDC_ECS records name a granule ``GranuleUR = "SC:ATL06.005:228825416"``

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from magg_core.errors import InputError
 from magg_core.expressions import Expression, ExpressionError
 
 BUILTIN_CONFIGS = ("atl06",)
@@ -32,7 +33,7 @@ TRANSFORM_VARIABLE = "x"
 """The name a statistic's ``transform`` expression uses for the reduced value."""
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config that cannot be used; the message names the key and the value."""
 
 

@@ -45,6 +45,7 @@ from earthaccess.daac import DAACS
 from earthaccess.exceptions import LoginAttemptFailure, LoginStrategyUnavailable
 from earthaccess.system import PROD, System
 
+from magg_core.errors import PermanentError, TransientError
 from magg_core.s3 import S3Credentials
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ MOMENTARY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 Clock = Callable[[], datetime]
 
 
-class CredentialsError(RuntimeError):
+class CredentialsError(PermanentError, RuntimeError):
     """Credentials could not be had; the message says why, never with a secret in it."""
 
 
-class _MomentaryFailure(Exception):
+class _MomentaryFailure(TransientError):
     """One attempt at s3credentials failed in a way that may pass; the text is safe to show."""
 
 

@@ -13,7 +13,14 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
+from magg_core.errors import InputError
+from magg_core.urls import URLError, granule_name
+
 CYCLE_DAYS = 91
+"""Length of a repeat cycle (ICESat-2's exact 91-day repeat orbit; docs/architecture.md §Cycles)."""
+
+RGTS_PER_CYCLE = 1387
+"""Reference ground tracks per cycle: one per revolution, 1,387 revolutions in 91 days."""
 
 CYCLE_1_START = datetime(2018, 9, 28, tzinfo=UTC)
 """Nominal start of cycle 1 (RGT 1).
@@ -56,8 +63,12 @@ _NAME = re.compile(
 )
 
 
-class CycleError(ValueError):
+class CycleError(InputError, ValueError):
     """A cycle or date range that cannot be queried; the message says why."""
+
+
+class GranuleNameError(InputError, ValueError):
+    """A file name that is not an ICESat-2 granule's; the message quotes it."""
 
 
 @dataclass(frozen=True)
@@ -110,18 +121,37 @@ def delta_time_utc(delta_time: float) -> datetime:
     return ATLAS_EPOCH + timedelta(seconds=float(delta_time))
 
 
-def parse_granule_name(name: str) -> GranuleName | None:
-    """Split a granule file name into its fields; ``None`` if it is not one.
+def parse_granule_name(name: str) -> GranuleName:
+    """Split a granule file name into its fields: the one parser of granule names.
 
-    A trailing path (as in a URL) is ignored, so ``s3://…/ATL06_….h5`` works too.
+    ``ATL06_<yyyymmddhhmmss>_<tttt><cc><rr>_<vvv>_<nn>.h5``: product, start of
+    the acquisition (UTC), RGT, cycle, region, release and revision, as NSIDC
+    names ICESat-2 granules (docs/architecture.md §Granule names). A URL or
+    path is accepted too: its file name (:func:`magg_core.urls.granule_name`)
+    is parsed, so ``s3://…/ATL06_….h5`` works.
+
+    Raises
+    ------
+    GranuleNameError
+        If the file name is not such a name (another product's, a subset's
+        ``processed_ATL06_…``, an impossible date); the message quotes it.
     """
-    match = _NAME.match(name.rsplit("/", 1)[-1])
-    if match is None:
-        return None
     try:
-        start = datetime.strptime(match["start"], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+        file_name = granule_name(name)
+    except URLError as exc:
+        raise GranuleNameError(f"not a granule name: {exc}") from None
+    match = _NAME.match(file_name)
+    start = None
+    if match is not None:
+        try:
+            start = datetime.strptime(match["start"], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        except ValueError:
+            start = None
+    if match is None or start is None:
+        raise GranuleNameError(
+            f"{file_name[:200]!r} is not an ICESat-2 granule name "
+            "(ATLnn_<yyyymmddhhmmss>_<rgt><cycle><region>_<release>_<revision>.h5)"
+        )
     return GranuleName(
         product=match["product"],
         start=start,
@@ -131,6 +161,18 @@ def parse_granule_name(name: str) -> GranuleName | None:
         version=match["version"],
         revision=match["revision"],
     )
+
+
+def granule_fields(name: str) -> GranuleName | None:
+    """:func:`parse_granule_name`, or ``None`` for a name that is not a granule's.
+
+    For callers that meet other files by design (a catalog's subsets, CMR
+    records of another naming) and set them aside instead of failing.
+    """
+    try:
+        return parse_granule_name(name)
+    except GranuleNameError:
+        return None
 
 
 def cycle_range(cycle: int) -> TimeRange:
@@ -144,7 +186,10 @@ def cycle_range(cycle: int) -> TimeRange:
     if isinstance(cycle, bool) or not isinstance(cycle, int):
         raise CycleError(f"cycle must be an integer, got {cycle!r}")
     if cycle < 1:
-        raise CycleError(f"cycle {cycle} is before launch: ICESat-2 cycles start at 1 (2018-10-13)")
+        raise CycleError(
+            f"cycle {cycle} is before launch: ICESat-2 cycles start at 1 "
+            f"({CYCLE_1_START:%Y-%m-%d}, first data {FIRST_DATA:%Y-%m-%d})"
+        )
     start = CYCLE_1_START + timedelta(days=CYCLE_DAYS * (cycle - 1))
     return TimeRange(start, start + timedelta(days=CYCLE_DAYS))
 

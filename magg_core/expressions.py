@@ -19,6 +19,8 @@ from typing import NoReturn
 
 import numpy as np
 
+from magg_core.errors import InputError
+
 FUNCTIONS: Mapping[str, tuple[Callable[..., np.ndarray], int]] = {
     "sqrt": (np.sqrt, 1),
     "exp": (np.exp, 1),
@@ -76,7 +78,7 @@ _DESCRIPTIONS: Mapping[type[ast.AST], str] = {
 """Readable names for constructs users are likely to try, for error messages."""
 
 
-class ExpressionError(ValueError):
+class ExpressionError(InputError, ValueError):
     """An expression that is malformed, uses a forbidden construct, or lacks a name."""
 
 

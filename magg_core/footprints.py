@@ -23,10 +23,12 @@ from typing import Any, Literal
 import mortie
 import numpy as np
 
+from magg_core.errors import PermanentError
+
 Problem = Literal["missing_footprint", "degenerate_footprint"]
 
 
-class FootprintError(ValueError):
+class FootprintError(PermanentError, ValueError):
     """A granule whose footprint gives no cells; ``problem`` says which kind."""
 
     def __init__(self, problem: Problem, detail: str):

@@ -202,14 +202,6 @@ async def _read_records(store: Store, prefix: str) -> list[ExtractRecord]:
     return [ExtractRecord.from_json(b) for b in blobs if b is not None]
 
 
-def read_fragment(
-    store: Store, config: PipelineConfig, url: str, parent_morton: int
-) -> GranulePoints | None:
-    """The parent's fragment of ``url``, or ``None`` if the store has none."""
-    data = sync(_get(store, fragment_key(config, url, parent_morton)))
-    return None if data is None else decode(data, url, config)
-
-
 def read_cell_fragments(
     store: Store,
     config: PipelineConfig,

@@ -48,32 +48,10 @@ def healpix_ids(morton: np.ndarray) -> np.ndarray:
     return np.asarray(ids, dtype=np.uint64)
 
 
-def child_index(
-    lat: np.ndarray, lon: np.ndarray, parent_morton: int, parent_order: int, child_order: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which points fall inside a parent cell, and their child index there.
-
-    Returns
-    -------
-    inside : ndarray of bool
-        One flag per input point.
-    index : ndarray of uint16/int64
-        For the points inside only: ``0 .. 4**(child_order-parent_order) - 1``,
-        the position of the point's child cell in :func:`children`.
-    """
-    words = point_morton(lat, lon, child_order)
-    inside = parent_of(words, parent_order) == np.uint64(parent_morton)
-    first = healpix_ids(np.array([parent_morton], dtype=np.uint64))[0] << np.uint64(
-        2 * (child_order - parent_order)
-    )
-    index = (healpix_ids(words[inside]) - first).astype(np.int64)
-    return inside, index
-
-
 def cell_word_problem(word: int, order: int) -> str | None:
     """Why ``word`` is not the morton word of an order-``order`` cell; ``None`` if it is.
 
-    mortie decides (DESIGN §4): the word must name a HEALPix cell
+    mortie decides (docs/architecture.md §Grid): the word must name a HEALPix cell
     (``MortonWord.order`` refuses the empty word 0 and invalid base-cell
     prefixes), at ``order``, and be that cell's canonical packing — the word
     its decimal label parses back to. The last check matters because

@@ -55,6 +55,7 @@ from h5coro.h5coro import H5Coro
 from h5coro.h5dataset import H5Dataset
 from h5coro.h5metadata import H5Metadata
 
+from magg_core.errors import PermanentError
 from magg_core.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
 
 try:
@@ -93,7 +94,7 @@ class ChunkIndexError(UnsupportedDatasetError):
     """A chunk index of data layout message version 4 or 5, which h5coro cannot walk."""
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(PermanentError, ValueError):
     """A dataset whose stored structure contradicts itself (it says where, not what bytes)."""
 
 

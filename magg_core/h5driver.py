@@ -14,7 +14,7 @@ compressed chunk read through lines costs up to a whole extra line, and 4 MiB
 lines would fetch far more than the chunks a cell needs. :class:`ExactH5Coro`
 therefore sends payload-sized requests (chunks) straight to the driver as
 exact ranges and keeps small lines for metadata: on the demo sample the
-bytes fetched are 1.11–1.26x the compressed chunks read (DESIGN §6 asks for
+bytes fetched are 1.11–1.26x the compressed chunks read (docs/architecture.md §Targets asks for
 <= 1.5x; 8 KiB lines gave up to 1.45x, 4 MiB lines 1.9x), at the cost of
 one request per chunk and ~10 % more requests than 8 KiB lines.
 
@@ -40,8 +40,9 @@ from h5coro.filedriver import FileDriver
 from h5coro.h5coro import H5Coro
 from obstore.store import S3Store
 
-from magg_core.errors import TransientReadError
-from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
+from magg_core.errors import InputError, PermanentError, TransientReadError
+from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
+from magg_core.urls import s3_location
 
 CACHE_LINE_BYTES = 4 * 1024
 """Line size for metadata reads: HDF5 headers and B-tree nodes are a few hundred bytes."""
@@ -70,8 +71,9 @@ class ObstoreDriver:
     """An h5coro driver reading one ``s3://`` object through a shared obstore store."""
 
     def __init__(self, resource: str, credentials: S3Access):
-        bucket, self._key = split_s3_url(resource)
-        self._store = shared_store(bucket, credentials)
+        location = s3_location(resource, "granule URL")
+        self._key = location.key
+        self._store = shared_store(location.bucket, credentials)
         self._lock = threading.Lock()
         self._size: int | None = None
         self.bytes_fetched = 0
@@ -141,7 +143,7 @@ class CountingFileDriver(FileDriver):
         return os.fstat(self.f.fileno()).st_size
 
 
-class UnsupportedURLError(ValueError):
+class UnsupportedURLError(InputError, ValueError):
     """A granule URL that is neither ``s3://``, ``file://`` nor a path."""
 
 
@@ -153,18 +155,18 @@ class ShortReadError(TransientReadError):
     """
 
 
-class TruncatedFileError(EOFError):
+class TruncatedFileError(PermanentError, EOFError):
     """A read ended before the bytes the file's own structure points to.
 
     Not a ``RuntimeError``: h5coro turns those into a silent ``None`` dataset.
     """
 
 
-class NotHDF5Error(ValueError):
+class NotHDF5Error(PermanentError, ValueError):
     """A file that does not start with the HDF5 signature."""
 
 
-class UnsupportedFormatError(ValueError):
+class UnsupportedFormatError(PermanentError, ValueError):
     """An HDF5 structure this reader does not decode; the message names the structure only.
 
     Messages are built from numbers we parse ourselves, never from the

@@ -28,8 +28,9 @@ import numpy as np
 import zarr
 
 from magg_core.config import PipelineConfig
-from magg_core.cycles import cycle_range, parse_granule_name
+from magg_core.cycles import cycle_range, granule_fields
 from magg_core.dhdt import FitOptions
+from magg_core.errors import InputError
 from magg_core.fragments import granule_name, read_extract_records
 from magg_core.height_change import CycleFragments, HeightChangeRequest
 from magg_core.request import INCOMPLETE_STATUSES
@@ -37,7 +38,7 @@ from magg_core.s3 import S3Endpoint
 from magg_core.store import TEMPLATE_ATTR, open_store, read_records, read_template
 
 
-class HeightChangePlanError(ValueError):
+class HeightChangePlanError(InputError, ValueError):
     """The cycle stores cannot make a height-change product; the message names the store."""
 
 
@@ -219,7 +220,7 @@ def scan_cycle_store(
     granules: dict[int, set[str]] = {}
     for record in records:
         name = granule_name(record.url)
-        parsed = parse_granule_name(name)
+        parsed = granule_fields(name)
         if parsed is not None and parsed.cycle != cycle:
             raise HeightChangePlanError(f"{where} holds granule {name} of cycle {parsed.cycle}")
         for parent, points in record.points.items():

@@ -2,12 +2,16 @@
 
 The Prefect task layer owns retries, so this module makes sure botocore never
 retries on its own: a synchronous ``Invoke`` that times out on the client side
-has usually *reached* the function, and botocore's default retry silently ran
-a >60 s cell twice (DESIGN §4). Everything that can come back — the handler's
-``{"statusCode", "body"}`` envelope, a ``FunctionError`` (which boto3 reports as
-a normal response, not an exception), a throttle, a client timeout — becomes
-either a :class:`~magg_core.request.CellResult` or one exception class whose
-:func:`is_retryable` answer the task layer can use as its retry condition.
+has usually *reached* the function, and botocore's default retry silently ran a
+>60 s cell twice (docs/architecture.md §Lambda invocation). Everything that can
+come back — the handler's ``{"statusCode", "body"}`` envelope, a
+``FunctionError`` (which boto3 reports as a normal response, not an exception),
+a throttle, a client timeout — becomes either a
+:class:`~magg_core.request.CellResult` or one exception class whose branch of
+:class:`~magg_core.errors.MaggError` (and :func:`is_retryable` answer) the task
+layer can use as its retry condition. A handler's 500 names its failure's
+branch in the body's ``error_kind`` field, which is decoded here into the class
+of that branch.
 
 No Prefect here: the same client serves flows, scripts and tests.
 """
@@ -25,7 +29,14 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from magg_core.errors import CredentialsRejectedError
+from magg_core.errors import (
+    CredentialsRejectedError,
+    ErrorKind,
+    InputError,
+    MaggError,
+    PermanentError,
+    TransientError,
+)
 from magg_core.extract import ExtractRequest, ExtractResult
 from magg_core.request import CellRequest, CellResult
 
@@ -42,18 +53,23 @@ CONNECT_TIMEOUT_S = 10
 THROTTLE_CODES = frozenset({"TooManyRequestsException"})
 
 
-class LambdaInvokeError(RuntimeError):
+class LambdaInvokeError(MaggError, RuntimeError):
     """A cell invocation that produced no :class:`CellResult`.
+
+    The common base of the classes below, which say in which branch of
+    :class:`~magg_core.errors.MaggError` the failure falls; never raised itself.
 
     Attributes
     ----------
     retryable
-        Whether invoking the same request again may succeed. Re-running a cell
-        is idempotent (it owns its chunks), so this is about *usefulness*, not
-        safety.
+        Whether invoking the same request again may succeed (the failure is
+        transient). Re-running a cell is idempotent (it owns its chunks), so
+        this is about *usefulness*, not safety.
     """
 
-    retryable = False
+    @property
+    def retryable(self) -> bool:
+        return isinstance(self, TransientError)
 
     def __init__(
         self,
@@ -76,17 +92,30 @@ class LambdaInvokeError(RuntimeError):
         return f"{self.function_name} {subject}: {self.args[0]}"
 
 
-class LambdaRequestRejected(LambdaInvokeError):
+class LambdaRequestRejected(LambdaInvokeError, InputError):
     """The handler answered 400: the request itself is wrong; sending it again won't help."""
 
 
-class LambdaCellError(LambdaInvokeError):
-    """The handler answered 500: an unexpected failure (often S3 trouble) worth retrying."""
+class LambdaCellError(LambdaInvokeError, TransientError):
+    """The handler answered 500 with a transient failure (often S3 trouble): worth retrying.
 
-    retryable = True
+    A 500 without ``error_kind`` (a handler older than the field) is taken as
+    this, as every 500 used to be.
+    """
 
 
-class LambdaFunctionError(LambdaInvokeError):
+class LambdaCellFailed(LambdaInvokeError, PermanentError):
+    """The handler answered 500 with a permanent failure: the same cell fails again.
+
+    For example a store whose policy refuses the function's writes, or a bug.
+    """
+
+
+class LambdaUnexpectedResponse(LambdaInvokeError, PermanentError):
+    """The function answered something that is not the handler's envelope."""
+
+
+class LambdaFunctionError(LambdaInvokeError, PermanentError):
     """The function did not return at all: it raised, crashed, ran out of memory or time.
 
     Not retryable: a cell that exceeds the function's timeout or memory will do
@@ -99,20 +128,16 @@ class LambdaFunctionError(LambdaInvokeError):
         self.error_type = error_type
 
 
-class LambdaThrottled(LambdaInvokeError):
+class LambdaThrottled(LambdaInvokeError, TransientError):
     """Lambda refused to start the function (concurrency limit); it never ran."""
 
-    retryable = True
 
-
-class LambdaTimeout(LambdaInvokeError):
+class LambdaTimeout(LambdaInvokeError, TransientError):
     """No answer within the client's read timeout (set above the function timeout).
 
     Lambda itself would have answered by then, so this is network trouble; the
     cell may or may not have run, and running it again is harmless.
     """
-
-    retryable = True
 
 
 def lambda_client_config(function_timeout_s: int) -> Config:
@@ -163,11 +188,13 @@ def invoke_cell(client: Any, function_name: str, request: CellRequest) -> CellRe
 
     Raises
     ------
-    LambdaRequestRejected, LambdaCellError, LambdaFunctionError, LambdaThrottled, LambdaTimeout
+    LambdaRequestRejected, LambdaCellError, LambdaCellFailed, LambdaFunctionError,
+    LambdaThrottled, LambdaTimeout, LambdaUnexpectedResponse
         See :func:`is_retryable`.
     CredentialsRejectedError
-        S3 refused the request's credentials (a 500 naming that error type);
-        retry with fresh ones. Messages never contain the request's secrets.
+        S3 refused the request's credentials (a 500 whose body has
+        ``"credentials_rejected": true``); retry with fresh ones. Messages
+        never contain the request's secrets.
     """
     where = {"function_name": function_name, "parent_morton": request.parent_morton}
     return CellResult.from_dict(_invoke(client, request.to_event(), request, where))
@@ -218,17 +245,32 @@ def _invoke(
     status, body = _envelope(raw)
     if status == 200 and isinstance(body, dict):
         return body
-    detail = body.get("error", "") if isinstance(body, dict) else ""
+    body = body if isinstance(body, dict) else {}
+    detail = body.get("error", "")
     if status == 400:
         raise LambdaRequestRejected(_redact(f"rejected: {detail}", secrets), **where)
-    if status == 500 and body.get("error_type") == CredentialsRejectedError.__name__:
+    if status == 500 and body.get("credentials_rejected") is True:
         # S3 refused the credentials sent: the caller retries with fresh ones.
         raise CredentialsRejectedError(_redact(f"{function_name}: {detail}", secrets))
     if status == 500:
-        raise LambdaCellError(_redact(f"cell failed: {detail}", secrets), **where)
-    raise LambdaInvokeError(
+        kind = body.get("error_kind")
+        failed = (
+            _FAILURE_CLASSES.get(kind, LambdaCellError)
+            if isinstance(kind, str)
+            else LambdaCellError
+        )
+        raise failed(_redact(f"cell failed: {detail}", secrets), **where)
+    raise LambdaUnexpectedResponse(
         f"unexpected handler response (statusCode {status!r}, {len(raw)} bytes)", **where
     )
+
+
+_FAILURE_CLASSES: dict[ErrorKind, type[LambdaInvokeError]] = {
+    "input": LambdaRequestRejected,
+    "transient": LambdaCellError,
+    "permanent": LambdaCellFailed,
+}
+"""The class a handler's 500 is raised as, by its body's ``error_kind``."""
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -14,6 +14,7 @@ import magg_core
 from magg_core.catalog import Catalog, CatalogGranule, cell_word_problem
 from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
+from magg_core.errors import InputError
 from magg_core.extract import ExtractRequest
 from magg_core.records import CellRecord, input_fingerprint
 from magg_core.request import OPERATOR, CellRequest, RequestError, check_request
@@ -25,7 +26,7 @@ MAX_CELL_TIMEOUT_S = min(LAMBDA_MAX_TIMEOUT_S, int(DEFAULT_MARGIN.total_seconds(
 is handed credentials valid for at least the margin, so they outlive the cell."""
 
 
-class PlanError(ValueError):
+class PlanError(InputError, ValueError):
     """A selection that does not fit the catalog or config; the message names it."""
 
 

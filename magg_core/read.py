@@ -53,9 +53,11 @@ from magg_core import grid
 from magg_core.config import PipelineConfig
 from magg_core.errors import (
     CredentialsRejectedError,
+    PermanentError,
     TransientReadError,
     is_transient,
     rejects_credentials,
+    s3_answer,
 )
 from magg_core.h5chunks import Column, CorruptFileError, index_column, read_spans
 from magg_core.h5driver import (
@@ -86,7 +88,7 @@ READ_DROPS = DROP_REASONS[:2]
 ``fill`` (see :data:`magg_core.request.DROP_REASONS`)."""
 
 
-class GranuleReadError(Exception):
+class GranuleReadError(PermanentError):
     """A granule that cannot be read; ``reason`` says why in words, without secrets."""
 
     def __init__(self, url: str, reason: str):
@@ -114,7 +116,8 @@ class GranulePoints:
     """Points of the granule inside the parent that the reader did not keep, by
     reason (:data:`READ_DROPS`; see :func:`read_parents`)."""
     bytes_fetched: int = 0
-    """Bytes the driver read, metadata included (for DESIGN §6's read-efficiency target)."""
+    """Bytes the driver read, metadata included (for the read-efficiency target,
+    docs/architecture.md §Targets)."""
     requests: int = 0
 
     def __len__(self) -> int:
@@ -139,7 +142,8 @@ class GranuleRead:
     points: Mapping[int, GranulePoints] = field(repr=False)
     """Parent morton word → its points (every requested parent, possibly empty)."""
     bytes_fetched: int = 0
-    """Bytes the driver read, metadata included (for DESIGN §6's read-efficiency targets)."""
+    """Bytes the driver read, metadata included (for the read-efficiency targets,
+    docs/architecture.md §Targets)."""
     requests: int = 0
 
 
@@ -779,8 +783,8 @@ def _describe(exc: BaseException) -> str:
     the HTTP status for S3 failures.
     """
     kind = type(exc).__name__
-    status = _HTTP_STATUS.search(str(exc)) if isinstance(exc, obstore_errors.BaseError) else None
-    http = f", HTTP {status.group(1)}" if status else ""
+    status = s3_answer(exc)[0] if isinstance(exc, obstore_errors.BaseError) else None
+    http = f", HTTP {status}" if status else ""
     if isinstance(exc, UnsupportedURLError):
         reason = str(exc)
     elif isinstance(exc, ShortReadError):
@@ -791,7 +795,7 @@ def _describe(exc: BaseException) -> str:
         reason = f"unsupported format ({exc})"
     elif isinstance(exc, CorruptFileError):
         reason = f"corrupt HDF5 ({exc})"
-    elif isinstance(exc, TruncatedFileError) or (status and status.group(1) == "416"):
+    elif isinstance(exc, TruncatedFileError) or status == 416:
         reason = "file is truncated (a read went past the end of the object)"
     elif isinstance(
         exc,
@@ -809,6 +813,3 @@ def _describe(exc: BaseException) -> str:
     if len(reason) > MAX_REASON_CHARS:
         reason = reason[: MAX_REASON_CHARS - 1] + "…"
     return reason
-
-
-_HTTP_STATUS = re.compile(r"status code: (\d{3})")

@@ -28,6 +28,7 @@ from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
 from magg_core.request import CellResult
+from magg_core.urls import granule_name
 
 RECORDS_PREFIX = "records"
 
@@ -77,9 +78,15 @@ def input_fingerprint(granule_urls: Iterable[str], config_hash: str, magg_versio
     order, and NSIDC's bucket or a mirror holding copies serve the same
     files, so the same inputs give the same fingerprint -- which is how a
     resumed run skips cells whose inputs did not change, and how the watcher
-    finds the cells a late granule touches.
+    finds the cells a late granule touches. The names are
+    :func:`magg_core.urls.granule_name`'s.
+
+    Raises
+    ------
+    URLError
+        If a URL names no file (empty, or ends in ``/``).
     """
-    names = {url.rstrip("/").rsplit("/", 1)[-1] for url in granule_urls}
+    names = {granule_name(url) for url in granule_urls}
     canonical = json.dumps(
         {"granules": sorted(names), "config": config_hash, "magg": magg_version},
         separators=(",", ":"),

@@ -28,6 +28,8 @@ from typing import Any
 import mortie
 import numpy as np
 
+from magg_core.errors import InputError
+
 BUILTIN_REGIONS = ("antarctica", "greenland")
 
 DENSIFY_DEG = 0.5
@@ -41,7 +43,7 @@ BOX_PAD_DEG = 0.1
 """Latitude padding of the CMR bounding box, for great-circle bulge between vertices."""
 
 
-class RegionError(ValueError):
+class RegionError(InputError, ValueError):
     """A region that cannot be used; the message says which and where."""
 
 

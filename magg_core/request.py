@@ -15,12 +15,14 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 from magg_core.config import ConfigError, PipelineConfig, load_config_at
-from magg_core.cycles import parse_granule_name
+from magg_core.cycles import granule_fields
+from magg_core.errors import InputError
 from magg_core.grid import cell_word_problem
 from magg_core.s3 import S3Credentials
 from magg_core.urls import (
     ALLOWED_STORES_VARIABLE,
     URLError,
+    granule_name,
     granule_url,
     remote_store,
 )
@@ -44,7 +46,7 @@ aggregates (:func:`magg_core.aggregate.valid_points`)."""
 REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
 
 
-class RequestError(ValueError):
+class RequestError(InputError, ValueError):
     """A cell request that cannot be run; the message names the bad fields."""
 
 
@@ -292,10 +294,10 @@ def duplicate_granule(urls: Sequence[str]) -> str | None:
     """
     seen: dict[Any, tuple[int, str]] = {}
     for i, url in enumerate(urls):
-        name = url.rstrip("/").rsplit("/", 1)[-1]
+        name = granule_name(url)
         if url[:5].lower() == "file:":
             name = unquote(name)
-        parsed = parse_granule_name(name)
+        parsed = granule_fields(name)
         for key in (name, parsed.acquisition if parsed is not None else None):
             if key is None or key not in seen:
                 continue

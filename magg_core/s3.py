@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlparse
 
 from obstore.store import S3Store
 
@@ -81,14 +80,6 @@ class S3Endpoint:
     @property
     def allow_http(self) -> bool:
         return bool(self.url and self.url.startswith("http://"))
-
-
-def split_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/key/path`` → ``("bucket", "key/path")``."""
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3:// URL: {url!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
 
 
 def s3_store(

@@ -9,7 +9,7 @@ tell the difference:
   ``land_ice_segments/{latitude, longitude, h_li, h_li_sigma,
   atl06_quality_summary, delta_time, segment_id}``, shuffle + gzip,
   ``_FillValue`` 3.4028235e38 on heights. One granule lacks a beam, as real
-  granules sometimes do. Two file layouts (``layout=``, DESIGN §5):
+  granules sometimes do. Two file layouts (``layout=``, docs/architecture.md §ATL06 files):
 
   - ``"r006"`` (the default): chunks of 10,000 rows, superblock v0 (h5py's
     default ``libver``; h5coro reads nothing newer);
@@ -54,7 +54,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from magg_core.cycles import ATLAS_EPOCH, delta_time_utc
+from magg_core.cycles import (
+    ATLAS_EPOCH,
+    CYCLE_DAYS,
+    RGTS_PER_CYCLE,
+    cycle_range,
+    delta_time_utc,
+)
 
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")
 FILL_VALUE = np.float32(3.4028235e38)
@@ -68,15 +74,12 @@ R007_FILE_OPTIONS = {
     "fs_page_size": R007_PAGE_BYTES,
     "track_order": True,
 }
-"""h5py's spelling of release 007's file-space settings (DESIGN §5)."""
+"""h5py's spelling of release 007's file-space settings (docs/architecture.md §ATL06 files)."""
 VERSION = "007"
 REVISION = "01"
 
 EARTH_RADIUS_M = 6_371_008.8
 INCLINATION_DEG = 92.0
-RGTS_PER_CYCLE = 1387
-CYCLE_DAYS = 91
-CYCLE_1_START = datetime(2018, 10, 13, tzinfo=UTC)
 REV_SECONDS = CYCLE_DAYS * 86_400 / RGTS_PER_CYCLE
 """One revolution: the repeat orbit fits exactly 1,387 of them in 91 days."""
 EARTH_TURN_DEG_PER_S = 360.0 / 86_400
@@ -336,9 +339,15 @@ def granule_name(begin: datetime, rgt: int, cycle: int, region: int) -> str:
     return f"ATL06_{begin:%Y%m%d%H%M%S}_{rgt:04d}{cycle:02d}{region:02d}_{VERSION}_{REVISION}.h5"
 
 
-def cycle_start(cycle: int) -> datetime:
-    """Approximate start of an ICESat-2 cycle (cycle 1 began 2018-10-13)."""
-    return CYCLE_1_START + timedelta(days=CYCLE_DAYS * (cycle - 1))
+def node_time(rgt: int, cycle: int) -> datetime:
+    """When the sample's orbit crosses the equator northbound at the start of RGT ``rgt``.
+
+    The start of ``cycle`` (:func:`magg_core.cycles.cycle_range`, the one
+    source of cycle dates) plus ``rgt - 1`` revolutions. Within a day of real
+    acquisitions: RGT 841 of cycle 2 comes out on 2019-02-21, the day of the
+    real granule ``ATL06_20190221121851_08410203_005_01`` (tests/test_sample.py).
+    """
+    return cycle_range(cycle).start + timedelta(seconds=(rgt - 1) * REV_SECONDS)
 
 
 # --- orbit ---------------------------------------------------------------------------
@@ -375,15 +384,8 @@ def _choose_passes(
             f"at latitude {lat_c}; asked for {n}"
         )
     chosen = sorted(candidates[i] for i in rng.choice(len(candidates), size=n, replace=False))
-    start = cycle_start(cycle)
     passes = [
-        _Pass(
-            rgt=k,
-            ascending=a,
-            u_centre=u,
-            node_time=start + timedelta(seconds=(k - 1) * REV_SECONDS),
-        )
-        for k, a, u in chosen
+        _Pass(rgt=k, ascending=a, u_centre=u, node_time=node_time(k, cycle)) for k, a, u in chosen
     ]
     return sorted(
         passes, key=lambda p: p.node_time + timedelta(seconds=_seconds_after_node(p.u_centre))

@@ -1,6 +1,6 @@
 """The Zarr v3 store: its template, one cell's write, and the checks in between.
 
-Layout (DESIGN §2.4): group ``/{child_order}/`` holds 1-D arrays over the
+Layout (docs/architecture.md §Store layout): group ``/{child_order}/`` holds 1-D arrays over the
 dimension ``cells``; chunk ``i`` of every array is the ``i``-th parent cell of
 the catalog (ascending morton order), so a cell worker writes exactly one
 chunk per statistic and never touches another cell's bytes. The coordinates
@@ -54,6 +54,7 @@ from zarr.storage import LocalStore, ObjectStore
 
 import magg_core
 from magg_core.config import PipelineConfig, named_ellipsoid
+from magg_core.errors import InputError
 from magg_core.fragments import FRAGMENTS_PREFIX
 from magg_core.grid import children, healpix_ids, parent_of
 from magg_core.levels import LEVELS_PREFIX, clear_staging, staged_orders
@@ -64,7 +65,8 @@ from magg_core.records import (
     read_records,
     write_record,
 )
-from magg_core.s3 import S3Credentials, S3Endpoint, s3_store, split_s3_url
+from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
+from magg_core.urls import URLError, s3_location
 
 __all__ = [
     "ArraySpec",
@@ -176,7 +178,7 @@ def statistic_arrays(config: PipelineConfig) -> tuple[ArraySpec, ...]:
     )
 
 
-class TemplateMismatchError(ValueError):
+class TemplateMismatchError(InputError, ValueError):
     """The store's template is missing or differs from what this run expects."""
 
 
@@ -215,13 +217,20 @@ def open_store(
         ``AWS_ENDPOINT_URL_S3`` points a worker at a test or non-AWS server.
     read_only
         Open without write permission (inspection, plotting).
+
+    Raises
+    ------
+    URLError
+        For another scheme, or an ``s3://`` URL :func:`magg_core.urls.parse_s3_url`
+        refuses (an invalid bucket name, a port or user info, a query, ``..``
+        above the bucket); the message quotes ``url``.
     """
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        bucket, prefix = split_s3_url(url)
+        location = s3_location(url, "store URL")
         s3 = s3_store(
-            bucket,
-            prefix=prefix.rstrip("/") or None,
+            location.bucket,
+            prefix=location.key or None,
             credentials=credentials,
             endpoint=endpoint or S3Endpoint.from_env(),
         )
@@ -230,7 +239,7 @@ def open_store(
         return LocalStore(Path(unquote(parsed.path)), read_only=read_only)
     if parsed.scheme == "":
         return LocalStore(Path(url), read_only=read_only)
-    raise ValueError(f"unsupported store URL {url!r} (use a path, file:// or s3://)")
+    raise URLError(f"unsupported store URL {url!r} (use a path, file:// or s3://)")
 
 
 def create_template(

@@ -12,7 +12,7 @@ allowed in :data:`ALLOWED_STORES_VARIABLE`, never to a bucket an event names.
 Sources: S3 bucket naming rules (3–63 characters: lowercase letters, digits,
 dots and hyphens, starting and ending with a letter or digit); NSIDC serves
 every object of its buckets at ``https://data.nsidc.earthdatacloud.nasa.gov/
-<bucket>/<key>`` too (DESIGN §5).
+<bucket>/<key>`` too (docs/architecture.md §URLs).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
+
+from magg_core.errors import InputError
 
 NSIDC_DATA_HOST = "data.nsidc.earthdatacloud.nasa.gov"
 """NSIDC's HTTPS host; ``https://{host}/{bucket}/{key}`` is ``s3://{bucket}/{key}``."""
@@ -36,7 +38,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SCHEME_MEANING = {"": "a local path", "file": "a local file"}
 
 
-class URLError(ValueError):
+class URLError(InputError, ValueError):
     """A URL a cell may not use; the message says why without repeating the whole URL."""
 
 
@@ -50,6 +52,11 @@ class S3Location:
     @property
     def url(self) -> str:
         return "/".join((f"s3://{self.bucket}", *self.segments))
+
+    @property
+    def key(self) -> str:
+        """The object key (or key prefix) without leading or trailing ``/``; ``""`` for none."""
+        return "/".join(self.segments)
 
     def is_within(self, prefix: S3Location) -> bool:
         """True when this location is ``prefix`` or below it, segment by segment.
@@ -86,6 +93,23 @@ def parse_s3_url(url: str) -> S3Location:
     return S3Location(parts.netloc, _normalised_segments(parts.path))
 
 
+def s3_location(url: str, what: str) -> S3Location:
+    """:func:`parse_s3_url`, with an error naming ``what`` the URL is and the URL itself.
+
+    For URLs an operator or a trusted caller gave (a store to open, a granule
+    to read), where quoting the URL helps and reveals nothing.
+
+    Raises
+    ------
+    URLError
+        As :func:`parse_s3_url`; the message starts ``"{what} '{url}': "``.
+    """
+    try:
+        return parse_s3_url(url)
+    except URLError as exc:
+        raise URLError(f"{what} {url[:200]!r}: {exc}") from None
+
+
 def granule_url(url: object) -> str:
     """The canonical ``s3://bucket/key`` of a granule URL from a catalog or an event.
 
@@ -119,9 +143,24 @@ def granule_url(url: object) -> str:
 
 
 def granule_name(url: str) -> str:
-    """The granule's file name: what keys its fragments and a cell's input fingerprint,
-    whatever bucket or mirror it came from."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
+    """The granule's file name: the last ``/``-separated segment of ``url``.
+
+    What keys its fragments and a cell's input fingerprint, whatever bucket
+    or mirror it came from: ``s3://b/ATL06/x.h5``, ``https://host/b/x.h5``,
+    ``file:///m/x.h5`` and ``/m/x.h5`` all name ``x.h5`` (a ``file://`` name
+    stays percent-encoded here; decoding it is the reader's business). A
+    name without ``/`` is returned as it is.
+
+    Raises
+    ------
+    URLError
+        If ``url`` is empty or ends in ``/`` (a prefix, not an object); the
+        message quotes it.
+    """
+    name = url.rsplit("/", 1)[-1] if isinstance(url, str) else ""
+    if not name:
+        raise URLError(f"granule URL {str(url)[:200]!r} names no file (empty, or ends in '/')")
+    return name
 
 
 def parse_allowed_stores(value: str | None) -> tuple[S3Location, ...]:

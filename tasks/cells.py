@@ -5,9 +5,11 @@ All share one policy (retries with backoff + jitter on transient errors
 only, a persisted result, and a cache key over everything that determines
 the cell's output) so that retrying a failed flow run — the Prefect UI's
 Retry button — re-executes only the cells that failed or are partial.
-Credentials are fetched at dispatch from an in-process source and never
-become a task parameter value the API stores, a cache key, a result or a
-log line.
+Cells read fragments from the output store with the backend's own identity,
+so they are handed no NSIDC credentials; the extract tasks
+(:mod:`tasks.extract`), which read granules, fetch theirs at dispatch from an
+in-process source, and they never become a task parameter value the API
+stores, a cache key, a result or a log line.
 
 Results and cache records go to Prefect's default result storage: local
 files unless ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` names a block (e.g.
@@ -22,7 +24,6 @@ import json
 from collections.abc import Callable, Sequence, Set
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -182,7 +183,6 @@ def replacing_rejected(credentials: Credentials | None, used: S3Credentials | No
 def grid_cell_locally(
     request: CellRequest,
     store_id: str,
-    credentials: Credentials | None,
     timeout_s: int,
     workers: Executor,
 ) -> CellResult:
@@ -194,9 +194,7 @@ def grid_cell_locally(
     only then may a retry start, so no stale attempt writes after a newer one.
     """
     with worker_slot(workers):
-        request = replace(request, s3_credentials=fresh(credentials))
-        with replacing_rejected(credentials, request.s3_credentials):
-            result = workers.submit(process_cell_within, request, timeout_s).result()
+        result = workers.submit(process_cell_within, request, timeout_s).result()
     return raise_if_incomplete(result)
 
 
@@ -204,7 +202,6 @@ def grid_cell_locally(
 def grid_cell_on_lambda(
     request: CellRequest,
     store_id: str,
-    credentials: Credentials | None,
     lambda_client: Any,
     function_name: str,
 ) -> CellResult:
@@ -218,6 +215,4 @@ def grid_cell_on_lambda(
     with concurrency(
         LAMBDA_CONCURRENCY_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False
     ):
-        request = replace(request, s3_credentials=fresh(credentials))
-        with replacing_rejected(credentials, request.s3_credentials):
-            return raise_if_incomplete(invoke_cell(lambda_client, function_name, request))
+        return raise_if_incomplete(invoke_cell(lambda_client, function_name, request))

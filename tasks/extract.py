@@ -22,7 +22,7 @@ from prefect.concurrency.sync import concurrency
 
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from magg.tasks.credentials import publish_credentials
-from magg.tasks.ecs import raise_if_credentials_rejected, run_child
+from magg.tasks.ecs import raise_if_child_failed, run_child
 from magg.tasks.workers import worker_slot
 from magg_core.credentials import Credentials
 from magg_core.extract import (
@@ -79,13 +79,14 @@ def extract_on_ecs(
     used = publish_credentials(credentials, credentials_block)
     with replacing_rejected(credentials, used):
         name = f"extract-{request.name}"
-        flow_run = run_child(deployment, request, credentials, credentials_block, name)
+        block = credentials_block if credentials is not None else None
+        flow_run = run_child(deployment, request, block, name)
         state = flow_run.state
         stored = stored_extract(request)  # the child's outcome, read where it wrote it
         if state is not None and state.is_completed() and stored is not None:
             return stored
         message = state.message if state is not None else "no state"
-        raise_if_credentials_rejected(state, f"granule {request.name}")
+        raise_if_child_failed(state, f"granule {request.name}")
         raise RuntimeError(f"granule {request.name}: child flow run {flow_run.name}: {message}")
 
 

@@ -20,9 +20,9 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from magg_core.catalog import build_catalog
-from magg_core.cmr import GranuleSearch, granule_name, search_granules
+from magg_core.cmr import GranuleSearch, record_granule_name, search_granules
 from magg_core.config import PipelineConfig
-from magg_core.cycles import cycle_query_range, cycle_range, parse_granule_name
+from magg_core.cycles import cycle_query_range, cycle_range, granule_fields
 from magg_core.plan import cells_to_update
 from magg_core.records import proven_cells
 from magg_core.regions import load_region
@@ -103,10 +103,8 @@ def cycle_granules_in_cmr(cycle: int, region: str, cmr_url: str | None) -> int:
     search = GranuleSearch(
         time_range=cycle_query_range(cycle), bounding_box=load_region(region).bounding_box()
     )
-    names = (granule_name(r) for r in search_granules(search, url=cmr_url))
-    return sum(
-        1 for name in names if (parsed := parse_granule_name(name)) and parsed.cycle == cycle
-    )
+    names = (record_granule_name(r) for r in search_granules(search, url=cmr_url))
+    return sum(1 for name in names if (parsed := granule_fields(name)) and parsed.cycle == cycle)
 
 
 @task(cache_policy=NONE, task_run_name="start-cycle-{cycle}")

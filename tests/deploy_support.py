@@ -163,7 +163,7 @@ class PrefectServer:
         )
 
     def retry(self, run_id: UUID | str) -> None:
-        """What the UI's Retry button sends (DESIGN §4)."""
+        """What the UI's Retry button sends (docs/architecture.md §Prefect)."""
         self.api(
             "POST",
             f"/flow_runs/{run_id}/set_state",

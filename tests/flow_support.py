@@ -380,7 +380,7 @@ def retry_like_the_ui(flow: Any, flow_run_id: UUID) -> Any:
     """Do what the UI's Retry button does, then run the same flow run here, as a worker would.
 
     The button sets the run ``AwaitingRetry`` (a ``SCHEDULED`` state), forced
-    past the orchestration rules (DESIGN §4); a worker then executes that same
+    past the orchestration rules (docs/architecture.md §Prefect); a worker then executes that same
     flow run with its stored parameters. Returns the run's final state.
     """
     from prefect.client.orchestration import get_client

@@ -2,7 +2,7 @@
 
 Nothing here uses magg_core's reading, gridding or aggregation: granules are
 read whole with h5py, points are assigned to cells with healpy (on authalic
-latitude, as DESIGN §4 verified: it agrees with mortie on 99.9999 % of points,
+latitude, as measured (docs/architecture.md §Grid): it agrees with mortie on 99.9999 % of points,
 and on every point of the samples the tests use), and statistics come from a
 pandas ``groupby``. A test that compares magg with this oracle therefore
 checks magg's reading, filtering, cell assignment and statistics at once.

@@ -129,7 +129,7 @@ def test_build_from_fake_cmr_matches_the_records_path(dome_c, fake_cmr, tmp_path
                 "parent_morton": str(parent),
                 "parent_order": ORDER,
                 "child_order": 12,
-                "granule_urls": loaded.urls(parent),
+                "granule_urls": [g.s3 for g in loaded.cells[parent]],
                 "store_path": "s3://bucket/store.zarr",
             },
             ECS,
@@ -398,7 +398,7 @@ def test_a_duplicate_record_from_cmr_pages_is_gridded_once(dome_c, fake_cmr):
     assert granule_lists(catalog) == granule_lists(catalog_from_records(records, cycle=CYCLE))
     assert catalog.metadata["counts"]["duplicates"] == 2 and catalog.report == ()
     for cell in catalog.parents:
-        urls = catalog.urls(cell)
+        urls = [g.s3 for g in catalog.cells[cell]]
         assert len(urls) == len(set(urls)) and all(u.startswith("s3://") for u in urls)
 
 

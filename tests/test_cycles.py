@@ -6,10 +6,12 @@ from magg_core.cycles import (
     CYCLE_DAYS,
     FIRST_DATA,
     CycleError,
+    GranuleNameError,
     TimeRange,
     cycle_query_range,
     cycle_range,
     date_range,
+    granule_fields,
     parse_granule_name,
 )
 
@@ -39,7 +41,23 @@ def test_parse_ignores_url_path():
     ],
 )
 def test_parse_rejects_other_names(bad):
-    assert parse_granule_name(bad) is None
+    with pytest.raises(GranuleNameError, match="not a granule name|is not an ICESat-2 granule"):
+        parse_granule_name(bad)
+    assert granule_fields(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "quoted"),
+    [
+        ("processed_ATL06_20181014103720_02410111_007_01.h5", "'processed_ATL06_"),
+        ("s3://b/ATL06/granule.h5", "'granule.h5'"),
+        ("s3://b/ATL06_20181014103720_02410111_007_01.h5/", "names no file"),
+    ],
+)
+def test_a_rejected_name_is_quoted(url, quoted):
+    with pytest.raises(GranuleNameError) as caught:
+        parse_granule_name(url)
+    assert quoted in str(caught.value) and isinstance(caught.value, ValueError)
 
 
 def test_real_granule_lies_inside_its_nominal_cycle():

@@ -204,7 +204,7 @@ def test_a_plan_of_a_cell_listing_one_granule_twice_is_refused(sample):
     """A catalog file listing a name twice is refused when loaded; one built in memory (from
     CMR) reaches the plan, whose requests go through the events' check."""
     parent = sample.parents[0]
-    url = sample.catalog.urls(parent)[0]
+    url = sample.catalog.cells[parent][0].s3
     name = url.rsplit("/", 1)[1]
     twice = (
         CatalogGranule(name=name, s3=url, https=None),

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 
 import botocore.exceptions
+import obstore.exceptions as obstore_errors
 import pytest
 
+from magg.tasks.ecs import FAILED_STATE_NAMES, failed_state, raise_if_child_failed
 from magg_core.catalog import catalog_from_records
 from magg_core.cell import process_cell
-from magg_core.config import load_config
+from magg_core.config import ConfigError, load_config
 from magg_core.errors import (
+    CellFailedError,
+    CellTimeoutError,
     CredentialsRejectedError,
+    InputError,
+    MaggError,
+    PermanentError,
+    TransientError,
     TransientReadError,
+    error_from_kind,
+    error_kind,
     is_transient,
     rejects_credentials,
+    s3_answer,
 )
+from magg_core.h5driver import TruncatedFileError
+from magg_core.lambda_client import LambdaInvokeError
 from magg_core.plan import plan_cells
 from magg_core.s3 import S3Credentials, S3Endpoint
 from magg_core.sample import write_sample
-from magg_core.store import create_template, open_store, read_records
+from magg_core.store import TemplateMismatchError, create_template, open_store, read_records
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
@@ -84,3 +98,128 @@ def test_an_unreachable_s3_endpoint_fails_the_cell_without_writing(tmp_path):
 
     assert is_transient(caught.value)
     assert read_records(store, config) == {}
+
+
+# -- one root, three branches -----------------------------------------------------------
+
+
+def _magg_exception_classes() -> list[type[BaseException]]:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import magg_core
+
+    found = []
+    for module in pkgutil.iter_modules(magg_core.__path__):
+        namespace = vars(importlib.import_module(f"magg_core.{module.name}"))
+        found += [
+            cls
+            for cls in namespace.values()
+            if inspect.isclass(cls)
+            and issubclass(cls, BaseException)
+            and cls.__module__.startswith("magg_core.")
+            and cls.__module__ == f"magg_core.{module.name}"
+        ]
+    return found
+
+
+BRANCHES = (InputError, TransientError, PermanentError)
+
+
+def test_every_exception_of_magg_core_has_the_root_and_one_branch():
+    classes = _magg_exception_classes()
+    assert len(classes) >= 35  # issue 19 counted 35 before the root was added
+    for cls in classes:
+        assert issubclass(cls, MaggError), cls
+        if cls in (MaggError, LambdaInvokeError):  # the root, and a base of several branches
+            continue
+        assert sum(issubclass(cls, branch) for branch in BRANCHES) == 1, cls
+        assert cls.kind == next(b for b in BRANCHES if issubclass(cls, b)).kind
+
+
+@pytest.mark.parametrize(
+    ("cls", "builtin", "kind"),
+    [
+        (ConfigError, ValueError, "input"),
+        (TemplateMismatchError, ValueError, "input"),
+        (CellTimeoutError, TimeoutError, "transient"),
+        (CredentialsRejectedError, ConnectionError, "transient"),
+        (TruncatedFileError, EOFError, "permanent"),
+        (CellFailedError, RuntimeError, "permanent"),
+    ],
+)
+def test_the_branches_keep_the_builtin_bases(cls, builtin, kind):
+    exc = cls("message")
+    assert isinstance(exc, builtin) and exc.kind == kind
+    assert is_transient(exc) is (kind == "transient")
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is cls and str(copy) == "message"
+
+
+@pytest.mark.parametrize("kind", ["input", "transient", "permanent"])
+def test_a_branch_survives_its_word(kind):
+    exc = error_from_kind(error_kind(_RAISED[kind]), "cell 7: it failed")
+    assert exc.kind == kind and str(exc) == "cell 7: it failed"
+    assert is_transient(exc) is (kind == "transient")
+
+
+_RAISED = {
+    "input": ConfigError("no such column"),
+    "transient": TransientReadError("throttled"),
+    "permanent": CellFailedError("cell 7 is partial"),
+}
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (client_error("SlowDown", 503), "transient"),
+        (client_error("AccessDenied", 403), "permanent"),  # the store's policy, see error_kind
+        (client_error("NoSuchKey", 404), "permanent"),
+        (KeyError("h_li"), "permanent"),
+    ],
+)
+def test_the_branch_of_a_library_error(exc, kind):
+    assert error_kind(exc) == kind
+
+
+def test_an_unknown_word_is_permanent():
+    # Nothing says a retry could help.
+    assert type(error_from_kind("sometimes", "x")) is PermanentError
+    assert type(error_from_kind(None, "x")) is PermanentError
+
+
+@pytest.mark.parametrize(
+    ("message", "answer"),
+    [
+        ("Generic S3 error: status code: 503, <Code>SlowDown</Code>", (503, "SlowDown")),
+        ("... status code: 400 ... <Error><Code>ExpiredToken</Code>", (400, "ExpiredToken")),
+        ("error sending request for url: connection refused", (None, None)),
+    ],
+)
+def test_the_s3_answer_of_an_obstore_error(message, answer):
+    exc = obstore_errors.GenericError(message)
+    assert s3_answer(exc) == answer
+    assert s3_answer(client_error("SlowDown", 503)) == (503, "SlowDown")
+
+
+def test_an_obstore_refusal_is_transient_only_when_the_token_expired():
+    expired = obstore_errors.PermissionDeniedError("status code: 400 <Code>ExpiredToken</Code>")
+    denied = obstore_errors.PermissionDeniedError("status code: 403 <Code>AccessDenied</Code>")
+    assert is_transient(expired) and not is_transient(denied)
+
+
+@pytest.mark.parametrize("kind", ["input", "transient", "permanent"])
+def test_the_branch_of_an_ecs_child_failure_reaches_the_parent(kind):
+    state = failed_state(_RAISED[kind])
+    assert state.is_failed() and state.name == FAILED_STATE_NAMES[kind]
+    with pytest.raises(MaggError) as caught:
+        raise_if_child_failed(state, "cell 7")
+    assert caught.value.kind == kind and str(caught.value).startswith("cell 7: ")
+
+
+def test_refused_credentials_of_an_ecs_child_reach_the_parent_as_such():
+    state = failed_state(CredentialsRejectedError("ExpiredToken"))
+    with pytest.raises(CredentialsRejectedError):
+        raise_if_child_failed(state, "granule G")

@@ -176,7 +176,7 @@ def one_cell(local_run, block, moto_server, bucket):
     @flow
     def run_one(request, function: str):
         quick = grid_cell_on_lambda.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
-        return quick(request, store_id, None, client, function)
+        return quick(request, store_id, client, function)
 
     def run(function: str):
         state = run_one(replace(next(requests), granule_urls=()), function, return_state=True)

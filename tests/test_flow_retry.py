@@ -23,6 +23,7 @@ from magg_core.config import load_config
 from magg_core.errors import CellsFailedError
 from magg_core.plan import plan_cells
 from magg_core.store import create_template, open_store, read_template
+from magg_core.urls import granule_name
 from tests.flow_support import (
     SAMPLE,
     S3Error,
@@ -189,7 +190,7 @@ def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(slow_cell, proxy,
         # Same task, no backoff: the property is what is retried, not how long it waits.
         quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
         with worker_pool(1) as workers:
-            return quick(request, store_id, None, TIMEOUT_S, workers, return_state=True)
+            return quick(request, store_id, TIMEOUT_S, workers, return_state=True)
 
     state = one_cell()
     assert state.is_completed()
@@ -215,7 +216,7 @@ def test_an_ecs_child_run_past_its_timeout_writes_nothing(slow_cell, proxy, pref
 
 def _remove_granule(sample, moto) -> tuple[str, bytes, dict[int, str]]:
     """Delete one granule of the mirror; the statuses its cells must then have."""
-    cells = {p: [u.rsplit("/", 1)[1] for u in sample.catalog.urls(p)] for p in sample.parents}
+    cells = {p: [granule_name(g.s3) for g in sample.catalog.cells[p]] for p in sample.parents}
     name = max(
         {n for names in cells.values() for n in names},
         key=lambda n: sum(n in names and len(names) > 1 for names in cells.values()),

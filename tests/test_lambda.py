@@ -32,16 +32,19 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from deployments.aws.lambda_handler import lambda_handler
 from magg_core.cell import process_cell
 from magg_core.config import PipelineConfig, load_config
+from magg_core.errors import CredentialsRejectedError, PermanentError, is_transient
 from magg_core.extract import ExtractRequest, extract_granule
 from magg_core.fragments import fragment_key
 from magg_core.grid import point_morton
 from magg_core.lambda_client import (
     LambdaCellError,
+    LambdaCellFailed,
     LambdaFunctionError,
     LambdaInvokeError,
     LambdaRequestRejected,
     LambdaThrottled,
     LambdaTimeout,
+    LambdaUnexpectedResponse,
     invoke_cell,
     invoke_extract,
     is_retryable,
@@ -64,6 +67,9 @@ LEAKY = "magg-leaky-raiser"
 CRASHES = "magg-crasher"
 WRONG_SHAPE = "magg-wrong-shape"
 NO_ALLOW_LIST = "magg-cell-no-allow-list"
+BARE_500 = "magg-bare-500"
+RAISES = "magg-raises-{}"
+"""Functions whose cell raises one error of each branch (:func:`raising_cell_handler`)."""
 
 ALLOWED = "s3://magg-lambda-out/allowed"
 """The functions' ``MAGG_ALLOWED_STORES``: no trailing slash, so a prefix check on
@@ -81,6 +87,32 @@ WOULD_BE_READ_TIMEOUT_S = 1
 def leaky_raising_handler(event, context):
     """A careless function whose unhandled error message embeds the secret key."""
     raise RuntimeError(f"could not sign with {event['s3_credentials']['secretAccessKey']}")
+
+
+def raising_cell_handler(event, context):
+    """The real handler, whose cell fails with the error ``MAGG_TEST_RAISES`` names."""
+    from deployments.aws import lambda_handler as handler
+    from magg_core.config import ConfigError
+    from magg_core.errors import CredentialsRejectedError, TransientReadError
+    from magg_core.h5chunks import CorruptFileError
+
+    raised = {
+        "input": ConfigError("no such column: h_lj"),
+        "transient": TransientReadError("SlowDown, S3 kept throttling"),
+        "credentials": CredentialsRejectedError("ExpiredToken"),
+        "permanent": CorruptFileError("/gt1l/land_ice_segments/h_li: a chunk does not inflate"),
+    }[os.environ["MAGG_TEST_RAISES"]]
+
+    def cell(_event):
+        raise raised
+
+    handler._cell = cell  # fault injection: the failure is given, its answer is real
+    return handler.lambda_handler(event, context)
+
+
+def bare_500_handler(event, context):
+    """A handler older than ``error_kind``: its 500 names no branch."""
+    return {"statusCode": 500, "body": json.dumps({"error": "OSError: disk full"})}
 
 
 def crashing_handler(event, context):
@@ -252,6 +284,13 @@ def fake(world, denying_s3, no_prefect):
         fake.add_function(LEAKY, handler="tests.test_lambda.leaky_raising_handler")
         fake.add_function(CRASHES, handler="tests.test_lambda.crashing_handler")
         fake.add_function(WRONG_SHAPE, handler="tests.test_lambda.wrong_shape_handler")
+        fake.add_function(BARE_500, handler="tests.test_lambda.bare_500_handler")
+        for kind in ("input", "transient", "credentials", "permanent"):
+            fake.add_function(
+                RAISES.format(kind),
+                handler="tests.test_lambda.raising_cell_handler",
+                environment={"MAGG_TEST_RAISES": kind},
+            )
         yield fake
 
 
@@ -675,13 +714,47 @@ def test_without_an_allow_list_the_function_writes_no_store(world, fake, client)
 # -- failures ---------------------------------------------------------------------------
 
 
-def test_unexpected_exception_in_the_handler_is_a_retryable_500(world, fake, client):
-    with pytest.raises(LambdaCellError, match="PermissionDenied") as caught:
+def test_a_store_refusing_the_function_is_a_permanent_500(world, fake, client):
+    # A policy refusing the write refuses it again: is_transient calls a 403 permanent.
+    with pytest.raises(LambdaCellFailed, match="PermissionDenied") as caught:
         invoke_cell(client, S3_DENIED, world.request(world.lambda_store))
-    assert is_retryable(caught.value)
+    assert isinstance(caught.value, PermanentError) and not is_retryable(caught.value)
     line = handler_log(fake, S3_DENIED)
     assert line["statusCode"] == 500 and "PermissionDenied" in line["error"]
     assert_no_secrets(world, str(caught.value), fake.invocations(S3_DENIED)[-1].output)
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "kind", "expected"),
+    [
+        ("input", 400, "input", LambdaRequestRejected),
+        ("transient", 500, "transient", LambdaCellError),
+        ("credentials", 500, "transient", CredentialsRejectedError),
+        ("permanent", 500, "permanent", LambdaCellFailed),
+    ],
+)
+def test_the_branch_of_a_failure_crosses_the_invocation(
+    world, fake, client, raised, status, kind, expected
+):
+    name = RAISES.format(raised)
+    with pytest.raises(expected) as caught:
+        invoke_cell(client, name, world.request(world.lambda_store))
+    assert type(caught.value) is expected and caught.value.kind == kind
+    assert is_transient(caught.value) is (kind == "transient")
+    assert is_retryable(caught.value) is (expected is LambdaCellError)
+    assert handler_log(fake, name)["statusCode"] == status
+
+    _, _, raw = _invoke_event(client, name, world.request(world.lambda_store).to_event())
+    body = json.loads(json.loads(raw)["body"])
+    assert body["error_kind"] == kind
+    assert body.get("credentials_rejected", False) is (raised == "credentials")
+
+
+def test_a_500_without_a_branch_is_retried_as_before(world, client):
+    """A handler older than ``error_kind`` answers a bare 500: retried, as every 500 was."""
+    with pytest.raises(LambdaCellError, match="disk full") as caught:
+        invoke_cell(client, BARE_500, world.request(world.lambda_store))
+    assert is_retryable(caught.value)
 
 
 def test_function_timeout_is_a_function_error(world, fake, client):
@@ -726,7 +799,7 @@ def test_errors_survive_pickling_with_their_details():
 def test_a_response_that_is_not_a_cell_answer_is_not_retried(world, client):
     with pytest.raises(LambdaInvokeError, match="unexpected handler response") as caught:
         invoke_cell(client, WRONG_SHAPE, world.request(world.lambda_store))
-    assert type(caught.value) is LambdaInvokeError and not is_retryable(caught.value)
+    assert type(caught.value) is LambdaUnexpectedResponse and not is_retryable(caught.value)
 
 
 def test_throttle_is_raised_once_not_retried_by_botocore(world, fake, client):
@@ -759,7 +832,7 @@ def test_unreachable_endpoint_is_retryable(world):
     assert is_retryable(caught.value)
 
 
-# -- the double-invocation trap (DESIGN §4) ---------------------------------------------
+# -- the double-invocation trap (docs/architecture.md §Lambda invocation) -------------
 
 
 def test_client_config_outwaits_the_function_and_never_retries():

@@ -160,7 +160,9 @@ def test_without_height_change_the_points_keep_only_the_variables(sample, refere
 
 
 def test_fetches_little_more_than_the_chunks_holding_the_rows(sample, reference):
-    """DESIGN §6: bytes fetched <= 1.5x the compressed chunks that hold the cell's rows."""
+    """Bytes fetched <= 1.5x the compressed chunks that hold the cell's rows.
+
+    A target of docs/architecture.md §Targets."""
     _, parents = reference
     best = None
     for granule in sample:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from magg.flows.extract_granule import extract_granule_flow
-from magg.tasks.ecs import CREDENTIALS_REJECTED, raise_if_credentials_rejected
+from magg.tasks.ecs import CREDENTIALS_REJECTED, raise_if_child_failed
 from magg_core.errors import CredentialsRejectedError, TransientReadError, is_transient
 from magg_core.extract import ExtractRequest
 from magg_core.h5driver import SHORT_READ_ATTEMPTS
@@ -200,9 +200,9 @@ def test_an_ecs_extract_whose_credentials_s3_refused_ends_in_a_named_state(
     state = extract_granule_flow(request.to_event(), return_state=True)
     assert state.is_failed() and state.name == CREDENTIALS_REJECTED
     with pytest.raises(CredentialsRejectedError):
-        raise_if_credentials_rejected(state, f"granule {request.name}")
+        raise_if_child_failed(state, f"granule {request.name}")
 
     proxy.fault = None  # the same child with credentials S3 takes: the extract is done
     state = extract_granule_flow(request.to_event(), return_state=True)
     assert state.is_completed() and state.result()["status"] == "ok"
-    raise_if_credentials_rejected(state, f"granule {request.name}")  # nothing to raise
+    raise_if_child_failed(state, f"granule {request.name}")  # nothing to raise

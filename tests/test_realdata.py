@@ -23,7 +23,7 @@ import pytest
 
 from magg.flows.cli import main
 from magg_core.catalog import build_catalog, catalog_from_records, load_catalog
-from magg_core.cmr import granule_name
+from magg_core.cmr import record_granule_name
 from magg_core.config import load_config
 from magg_core.cycles import ATLAS_EPOCH, delta_time_utc
 from magg_core.extract import ExtractRequest, extract_granule, stored_extract
@@ -219,7 +219,7 @@ def with_footprint_and_s3(record: dict, s3_type: str) -> dict:
     umm["SpatialExtent"]["HorizontalSpatialDomain"]["Geometry"] = {
         "GPolygons": [{"Boundary": {"Points": points}}]
     }
-    name = granule_name(record)
+    name = record_granule_name(record)
     umm["RelatedUrls"].append(
         {
             "URL": f"s3://nsidc-cumulus-prod-protected/ATLAS/ATL06/005/2019/02/21/{name}",
@@ -232,7 +232,7 @@ def with_footprint_and_s3(record: dict, s3_type: str) -> dict:
 def revision(record: dict, number: str, concept: str) -> dict:
     """Another revision of the record's acquisition, named as NSIDC_ECS names records."""
     record = copy.deepcopy(record)
-    old = granule_name(record)
+    old = record_granule_name(record)
     new = old.replace("_01.h5", f"_{number}.h5")
     record["umm"]["DataGranule"]["Identifiers"][0]["Identifier"] = new
     record["umm"]["GranuleUR"] = record["meta"]["native-id"] = f"SC:ATL06.005:{concept}"

@@ -86,7 +86,7 @@ def test_cells_are_ascending_uint64():
     assert cells.dtype == np.uint64
     assert np.all(np.diff(cells) > 0)
     assert 1000 < cells.size < 2500  # ~14 M km² over ~10,400 km² cells, plus the rim
-    assert cells.min() >= 2**63  # southern words need uint64 (DESIGN §4)
+    assert cells.min() >= 2**63  # southern words need uint64 (docs/architecture.md §Grid)
 
 
 def test_cap_around_the_south_pole_in_planar_geojson_form():

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
 
+from magg_core.cmr import record_granule_name
+from magg_core.cycles import cycle_range, parse_granule_name
 from magg_core.sample import (
     BEAMS,
     DEMO_CENTRE,
     FILL_VALUE,
     R007_PAGE_BYTES,
-    cycle_start,
+    node_time,
     planted_dhdt,
     planted_height,
     planted_surface,
@@ -26,6 +30,8 @@ from magg_core.sample import (
     write_sample,
 )
 from tests import oracle
+
+REALDATA = Path(__file__).parent / "data" / "realdata"
 
 NAME = re.compile(r"^ATL06_(\d{14})_(\d{4})(\d{2})(\d{2})_(\d{3})_(\d{2})\.h5$")
 VARIABLES = {
@@ -199,7 +205,7 @@ def test_beam_geometry_matches_icesat2(small):
 
 
 def test_names_parse_and_agree_with_contents(small):
-    start = cycle_start(22)
+    start = cycle_range(22).start
     for granule in small:
         match = NAME.match(granule.name)
         assert match, granule.name
@@ -412,3 +418,21 @@ def test_write_cycles_refuses_bad_arguments(tmp_path):
         write_cycles(tmp_path, blunder_fraction=2.0)
     with pytest.raises(ValueError, match="latitude"):
         write_cycles(tmp_path, centre=(-89.0, 0.0))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ATL06_20181013235645_02340114_209_01.h5",  # tests/data/realdata/atl06
+        None,  # the real NSIDC_ECS record of tests/data/realdata/cmr
+    ],
+)
+def test_sample_dates_agree_with_real_granules(name):
+    # One source for cycle dates: the sample flies RGT k of cycle c when ICESat-2 did.
+    if name is None:
+        page = json.loads((REALDATA / "cmr" / "earthaccess_atl06_umm.json").read_text())
+        name = record_granule_name(page["items"][0])
+    real = parse_granule_name(name)
+    assert real.start - node_time(real.rgt, real.cycle) < timedelta(days=1)
+    assert node_time(real.rgt, real.cycle) <= real.start
+    assert cycle_range(real.cycle).start <= real.start < cycle_range(real.cycle).end

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import pytest
 
+from magg_core.h5driver import ObstoreDriver, S3Access
+from magg_core.records import input_fingerprint
 from magg_core.request import ECS, CellRequest, RequestError
-from magg_core.urls import URLError, allowed_store, granule_url, parse_allowed_stores
+from magg_core.s3 import S3Endpoint
+from magg_core.store import open_store
+from magg_core.urls import (
+    URLError,
+    allowed_store,
+    granule_name,
+    granule_url,
+    parse_allowed_stores,
+    parse_s3_url,
+)
 
 KEY = "ATLAS/ATL06/007/2018/10/14/ATL06_20181014103720_02410111_007_01.h5"
 S3 = f"s3://nsidc-cumulus-prod-protected/{KEY}"
@@ -185,3 +196,72 @@ def test_an_ecs_child_run_refuses_one_granule_twice_before_reading(prefect_serve
     assert state.is_failed()
     assert "granule_urls[1] is granule" in state.message and "(granule_urls[0])" in state.message
     assert not (tmp_path / "store.zarr").exists()
+
+
+# -- one S3 URL parser, one granule-name parser ------------------------------------------
+# The lax parser that opened stores and granules (``magg_core.s3.split_s3_url``) took
+# any netloc as the bucket, dropped a query, kept ``..`` and empty segments in the key.
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://Not_A_Bucket/store.zarr", "is not a valid S3 bucket name"),
+        ("s3://bucket:9000/store.zarr", "is not a valid S3 bucket name"),
+        ("s3://user@bucket/store.zarr", "is not a valid S3 bucket name"),
+        ("s3://bucket/store.zarr?versionId=3", "query or fragment"),
+        ("s3://bucket/../other/store.zarr", "climbs above the bucket"),
+        ("s3:///store.zarr", "has no bucket"),
+    ],
+)
+def test_stores_and_granules_open_only_what_the_strict_parser_accepts(url, message):
+    with pytest.raises(URLError, match=message) as caught:
+        open_store(url, endpoint=S3Endpoint(url="http://127.0.0.1:9", region="us-west-2"))
+    assert str(caught.value).startswith(f"store URL {url!r}: ")
+    with pytest.raises(URLError, match=message) as caught:
+        ObstoreDriver(url, S3Access(None, S3Endpoint(url="http://127.0.0.1:9")))
+    assert str(caught.value).startswith(f"granule URL {url!r}: ")
+
+
+def test_the_key_the_strict_parser_gives_is_normalised():
+    # The lax parser kept "a//b/./c" as the key; S3 would have looked for that literal key.
+    location = parse_s3_url("S3://bucket//a//b/./c.h5")
+    assert (location.bucket, location.key) == ("bucket", "a/b/c.h5")
+    assert parse_s3_url("s3://bucket").key == ""
+
+
+NAME = "ATL06_20181014103720_02410111_007_01.h5"
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        (
+            "s3://b/ATL06/007/ATL06_20181014103720_02410111_007_01.h5",
+            "ATL06_20181014103720_02410111_007_01.h5",
+        ),
+        ("https://data.nsidc.earthdatacloud.nasa.gov/b/k/x.h5", "x.h5"),
+        ("file:///mirror/a%20b.h5", "a%20b.h5"),
+        ("/mirror/x.h5", "x.h5"),
+        ("x.h5", "x.h5"),
+    ],
+)
+def test_the_granule_name_is_the_last_segment(url, name):
+    assert granule_name(url) == name
+
+
+@pytest.mark.parametrize("url", ["", "s3://b/ATL06/", "/mirror/"])
+def test_a_url_naming_no_file_is_refused_quoting_it(url):
+    # The copies this replaced stripped a trailing "/" (so "…/x.h5/" was "x.h5"),
+    # or returned "" (the catalog's), which matched nothing.
+    with pytest.raises(URLError, match="names no file") as caught:
+        granule_name(url)
+    assert repr(url) in str(caught.value)
+
+
+def test_the_input_fingerprint_uses_the_one_granule_name():
+    a = input_fingerprint(["s3://b/x/ATL06_1.h5", "/m/ATL06_2.h5"], "cfg", "0")
+    b = input_fingerprint(["file:///elsewhere/ATL06_2.h5", "s3://c/ATL06_1.h5"], "cfg", "0")
+    assert a == b
+    with pytest.raises(URLError):
+        input_fingerprint(["s3://b/x/ATL06_1.h5/"], "cfg", "0")

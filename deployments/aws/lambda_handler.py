@@ -10,9 +10,13 @@ to do with it), 400 a request that can never run (missing fields, a granule
 that is not an S3 object or is listed twice, a parent that is no cell of its
 order, a store outside the operator's allow-list, a config that does not
 validate, a store without this cell in its template: the check every entry
-point makes, :func:`magg_core.request.check_request`), 500
-anything unexpected, which is worth a retry (its body names the exception's
-type in ``error_type``, so the caller can tell refused credentials apart).
+point makes, :func:`magg_core.request.check_request`; every
+:class:`~magg_core.errors.InputError`), 500 anything else. A 500's body says
+in ``error_kind`` which branch of :class:`~magg_core.errors.MaggError` the
+failure belongs to (``"transient"``: worth a retry; ``"permanent"``: not), and
+in ``credentials_rejected`` whether S3 refused the credentials sent, so the
+caller retries with fresh ones; ``error_type`` names the exception's class for
+people reading logs, and no program reads it.
 Answering 500 instead of raising keeps the error message under our control:
 an unhandled exception would put a traceback into the invoke response.
 
@@ -29,15 +33,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from magg_core.cell import process_cell
-from magg_core.config import ConfigError
-from magg_core.errors import CellDataError
+from magg_core.errors import CredentialsRejectedError, InputError, error_kind
 from magg_core.extract import EXTRACT_EVENT, ExtractRequest, ExtractResult, extract_granule
-from magg_core.request import LAMBDA, CellRequest, CellResult, RequestError
-from magg_core.store import TemplateMismatchError
-from magg_core.urls import URLError
+from magg_core.request import LAMBDA, CellRequest, CellResult
 
-CALLER_ERRORS = (RequestError, URLError, ConfigError, TemplateMismatchError, CellDataError)
-"""Failures that repeat on every attempt until the caller changes something: 400."""
+CALLER_ERRORS = (InputError,)
+"""Failures that repeat on every attempt until the caller changes something: 400.
+
+Among them :class:`~magg_core.request.RequestError`,
+:class:`~magg_core.urls.URLError`, :class:`~magg_core.config.ConfigError`,
+:class:`~magg_core.store.TemplateMismatchError` and
+:class:`~magg_core.errors.CellDataError`."""
 
 
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
@@ -73,10 +79,15 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         run = _extract if extract else _cell
         result = run(event)
     except CALLER_ERRORS as exc:
-        status, body = 400, {"error": str(exc)}
+        status, body = 400, {"error": str(exc), "error_kind": exc.kind}
     except Exception as exc:  # noqa: BLE001 - anything else is the 500 answer
         status = 500
-        body = {"error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
+        body = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "error_type": type(exc).__name__,
+            "error_kind": error_kind(exc),
+            "credentials_rejected": isinstance(exc, CredentialsRejectedError),
+        }
     else:
         status, body = 200, result.to_dict()
         line.update(_result_fields(result) if isinstance(result, CellResult) else body)
