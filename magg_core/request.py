@@ -291,10 +291,16 @@ def duplicate_granule(urls: Sequence[str]) -> str | None:
     ``file://`` URL's name is compared percent-decoded, as it is read; an
     ``s3://`` key is literal (S3 does not decode it), and two spellings of one
     key (``s3://b//k``) are one URL once canonical (:func:`granule_url`).
+
+    A URL that names no file is no one's duplicate: the URL checks report it
+    with its position (:func:`check_request`).
     """
     seen: dict[Any, tuple[int, str]] = {}
     for i, url in enumerate(urls):
-        name = granule_name(url)
+        try:
+            name = granule_name(url)
+        except URLError:
+            continue
         if url[:5].lower() == "file:":
             name = unquote(name)
         parsed = granule_fields(name)
