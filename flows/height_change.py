@@ -14,8 +14,8 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from magg.flows.process_cycle import run_windowed
 from magg.tasks.cells import CELL_TIMEOUT_S, cache_unless_proven
+from magg.tasks.dispatch import run_windowed
 from magg.tasks.height_change import (
     fit_parent_locally,
     plan_cycles,

@@ -8,9 +8,7 @@ metadata → per-cell table, summary and cost estimate.
 
 from __future__ import annotations
 
-import queue
 import time
-from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Literal
@@ -26,6 +24,7 @@ from magg.tasks.cells import (
     proven_parents,
 )
 from magg.tasks.credentials import open_credentials
+from magg.tasks.dispatch import run_windowed
 from magg.tasks.ecs import grid_cell_on_ecs
 from magg.tasks.extract import (
     extract_locally,
@@ -44,7 +43,7 @@ from magg.tasks.report import (
 )
 from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 from magg.tasks.workers import local_workers
-from magg_core.errors import CellFailedError, CellsFailedError
+from magg_core.errors import CellsFailedError
 from magg_core.extract import ExtractRequest
 from magg_core.levels import staged_orders
 from magg_core.plan import (
@@ -284,68 +283,9 @@ def process_cycle(
     return summary
 
 
-def run_windowed[T, K](
-    submit: Callable[[T], PrefectFuture],
-    items: Iterable[T],
-    window: int,
-    on_done: Callable[[bool], None],
-    key: Callable[[T], K],
-) -> tuple[list[Any], dict[K, str]]:
-    """Keep at most ``window`` tasks in flight; collect results and failures.
-
-    Results include the failed and partial cells whose task raised with their
-    result; ``failures`` are the items whose task ended without one (``key``
-    → one-line reason). ``on_done(ok)`` is called as each task ends: ``ok``
-    when it completed with a result whose status is not ``failed``.
-
-    Submitting everything at once would start one thread per task; a window
-    bounds threads and memory while keeping the backend saturated.
-    """
-    pending = iter(items)
-    done: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
-    in_flight: dict[PrefectFuture, K] = {}
-    results: list[Any] = []
-    failures: dict[K, str] = {}
-
-    def fill() -> None:
-        while len(in_flight) < window:
-            item = next(pending, None)
-            if item is None:
-                return
-            future = submit(item)
-            in_flight[future] = key(item)
-            future.add_done_callback(done.put)
-
-    fill()
-    while in_flight:
-        future = done.get()
-        name = in_flight.pop(future)
-        future.wait()  # sets the final state locally; the API may not have it yet
-        state = future.state
-        ok = state.is_completed()
-        if ok:
-            results.append(result := future.result())
-            ok = getattr(result, "status", None) != "failed"  # an unreadable granule's extract
-        elif isinstance(error := future.result(raise_on_failure=False), CellFailedError) and (
-            error.result is not None
-        ):
-            results.append(error.result)  # a failed or partial cell, with its granules' reasons
-        else:
-            failures[name] = _first_line(state.message or state.name)
-        on_done(ok)
-        fill()
-    return results, failures
-
-
 def _parent_of(request: CellRequest) -> int:
     return request.parent_morton
 
 
 def _granule_of(request: ExtractRequest) -> str:
     return request.granule_url
-
-
-def _first_line(message: str, limit: int = 300) -> str:
-    """A failure's reason for the table: S3 clients add dozens of debug lines."""
-    line = message.strip().splitlines()[0] if message.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
