@@ -10,8 +10,8 @@ values, and a chunk that is all fill values is removed (zarr's default), so
 a cell that lost its data also disappears from the coarse levels.
 
 Parents are read in catalog order, :data:`PARENTS_PER_BATCH` at a time with at
-most :data:`READ_CONCURRENCY` requests in flight, and each level's chunks are
-written as soon as all their parents are read, so memory holds one batch plus
+most :data:`magg_core.objects.READ_CONCURRENCY` requests in flight, and each
+level's chunks are written as soon as all their parents are read, so memory holds one batch plus
 at most one chunk per level and statistic.
 """
 
@@ -23,17 +23,15 @@ from collections.abc import Sequence
 import numpy as np
 import zarr.api.asynchronous
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
-from magg_core.levels import LevelStatistics, decode_staging, staged_orders, staging_key
+from magg_core.levels import decode_staging, staged_orders, staging_key
+from magg_core.objects import get_many
 from magg_core.store import TemplateMismatchError, level_chunk_parents, read_template
 
 PARENTS_PER_BATCH = 256
 """Staging objects read before the finished chunks are written (~50 KB each uncompressed)."""
-READ_CONCURRENCY = 64
-"""Staging objects fetched at once, as for the cells' records."""
 
 
 def assemble_levels(store: Store, config: PipelineConfig) -> int:
@@ -89,21 +87,16 @@ async def _assemble(
         }
         for order in orders
     }
-    limit = asyncio.Semaphore(READ_CONCURRENCY)
-
-    async def fetch(parent: int) -> LevelStatistics | None:
-        key = staging_key(config, parent)
-        async with limit:
-            buffer = await store.get(key, prototype=default_buffer_prototype())
-        return None if buffer is None else decode_staging(buffer.to_bytes(), config, key)
 
     pending: dict[int, list[dict[str, np.ndarray]]] = {order: [] for order in orders}
     written = dict.fromkeys(orders, 0)  # parents whose cells are written, per level
     found = 0
     for start in range(0, len(parents), PARENTS_PER_BATCH):
-        batch = await asyncio.gather(
-            *(fetch(p) for p in parents[start : start + PARENTS_PER_BATCH])
-        )
+        keys = [staging_key(config, p) for p in parents[start : start + PARENTS_PER_BATCH]]
+        batch = [
+            None if data is None else decode_staging(data, config, key)
+            for key, data in zip(keys, await get_many(store, keys), strict=True)
+        ]
         found += sum(staged is not None for staged in batch)
         end = start + len(batch)
         writes = []

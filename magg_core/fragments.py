@@ -54,6 +54,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
+from magg_core.objects import READ_CONCURRENCY, get_many, get_one
 from magg_core.read import READ_DROPS, GranulePoints
 from magg_core.request import GranuleFailure
 from magg_core.urls import granule_name
@@ -62,8 +63,6 @@ FRAGMENTS_PREFIX = "fragments"
 RECORD_NAME = "extract.json"
 
 ExtractStatus = Literal["ok", "failed"]
-READ_CONCURRENCY = 64
-"""Extract records fetched at once when listing a store's (as for cell records)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,7 @@ def write_extract_record(store: Store, config: PipelineConfig, record: ExtractRe
 
 
 def read_extract_record(store: Store, config: PipelineConfig, url: str) -> ExtractRecord | None:
-    data = sync(_get(store, record_key(config, url)))
+    data = sync(get_one(store, record_key(config, url)))
     return None if data is None else ExtractRecord.from_json(data)
 
 
@@ -192,14 +191,7 @@ def read_extract_records(store: Store, config: PipelineConfig) -> list[ExtractRe
 
 async def _read_records(store: Store, prefix: str) -> list[ExtractRecord]:
     keys = [k async for k in store.list_prefix(prefix) if k.endswith(f"/{RECORD_NAME}")]
-    limit = asyncio.Semaphore(READ_CONCURRENCY)
-
-    async def fetch(key: str) -> bytes | None:
-        async with limit:
-            return await _get(store, key)
-
-    blobs = await asyncio.gather(*(fetch(key) for key in keys))
-    return [ExtractRecord.from_json(b) for b in blobs if b is not None]
+    return [ExtractRecord.from_json(b) for b in await get_many(store, keys) if b is not None]
 
 
 def read_cell_fragments(
@@ -218,7 +210,7 @@ def read_cell_fragments(
     run extracts that granule again.
     """
     keys = [fragment_key(config, url, parent_morton) for url in urls]
-    blobs = sync(_get_all(store, keys))
+    blobs = sync(get_many(store, keys))
     points, failures = [], []
     for url, key, data in zip(urls, keys, blobs, strict=True):
         if data is not None:
@@ -267,12 +259,3 @@ async def _sizes(store: Store, keys: Sequence[str]) -> list[int | None]:
                 return None
 
     return await asyncio.gather(*(size(key) for key in keys))
-
-
-async def _get_all(store: Store, keys: Sequence[str]) -> list[bytes | None]:
-    return await asyncio.gather(*(_get(store, key) for key in keys))
-
-
-async def _get(store: Store, key: str) -> bytes | None:
-    buffer = await store.get(key, prototype=default_buffer_prototype())
-    return None if buffer is None else buffer.to_bytes()

@@ -15,7 +15,6 @@ grow by one entry per cell.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -27,14 +26,11 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
+from magg_core.objects import get_many
 from magg_core.request import CellResult
 from magg_core.urls import granule_name
 
 RECORDS_PREFIX = "records"
-
-READ_CONCURRENCY = 64
-"""Records fetched at once: ~2,000 small GETs take a few round trips, not 2,000,
-without opening thousands of connections (or files) at the same time."""
 
 
 @dataclass(frozen=True)
@@ -108,15 +104,9 @@ def read_records(store: Store, config: PipelineConfig) -> dict[int, CellRecord]:
 
 async def _read_all(store: Store, prefix: str) -> dict[int, CellRecord]:
     keys = [key async for key in store.list_prefix(prefix) if key.endswith(".json")]
-    limit = asyncio.Semaphore(READ_CONCURRENCY)
-
-    async def fetch(key: str) -> CellRecord | None:
-        async with limit:
-            buffer = await store.get(key, prototype=default_buffer_prototype())
-        return None if buffer is None else CellRecord.from_dict(json.loads(buffer.to_bytes()))
-
-    records = await asyncio.gather(*(fetch(key) for key in keys))
-    return {r.result.parent_morton: r for r in records if r is not None}
+    blobs = await get_many(store, keys)
+    records = [CellRecord.from_dict(json.loads(b)) for b in blobs if b is not None]
+    return {r.result.parent_morton: r for r in records}
 
 
 def output_digests(store: Store, keys: Iterable[str]) -> dict[str, str | None]:
@@ -167,14 +157,9 @@ def proven_cells(
 
 
 async def _digests(store: Store, keys: list[str]) -> dict[str, str | None]:
-    limit = asyncio.Semaphore(READ_CONCURRENCY)
-
-    async def digest(key: str) -> str | None:
-        async with limit:
-            buffer = await store.get(key, prototype=default_buffer_prototype())
-        return None if buffer is None else hashlib.sha256(buffer.to_bytes()).hexdigest()
-
-    return dict(zip(keys, await asyncio.gather(*(digest(k) for k in keys)), strict=True))
+    blobs = await get_many(store, keys)
+    digests = [None if b is None else hashlib.sha256(b).hexdigest() for b in blobs]
+    return dict(zip(keys, digests, strict=True))
 
 
 def _prefix(config: PipelineConfig) -> str:
