@@ -176,10 +176,30 @@ def cell_table(
     return [rows[parent] for parent in sorted(rows)]
 
 
-def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
-    """The run summary as markdown (a Prefect artifact and the CLI's output)."""
+def to_markdown(
+    summary: RunSummary,
+    *,
+    title: str = "magg run",
+    lambda_cost: bool = True,
+    rows: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The run summary as markdown (a Prefect artifact and the CLI's output).
+
+    ``lambda_cost``: include the Lambda cost estimate (a flow that cannot run
+    on Lambda leaves it out); ``rows``: the flow's own (label, value) rows,
+    after the common ones.
+    """
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted(summary.status_counts.items())) or "none"
     split = summary.read_s + summary.aggregate_s + summary.write_s or 1.0
+    cost = (
+        [
+            f"| Lambda cost estimate | ${summary.lambda_cost_usd:.4f}: "
+            f"{summary.lambda_gb_seconds:,.1f} GB-s at {summary.lambda_memory_mb} MB "
+            f"{summary.lambda_architecture} + {summary.cells} requests |"
+        ]
+        if lambda_cost
+        else []
+    )
     return "\n".join(
         [
             f"# {title}",
@@ -198,8 +218,7 @@ def to_markdown(summary: RunSummary, *, title: str = "magg run") -> str:
             f"aggregate {100 * summary.aggregate_s / split:.0f} %, "
             f"write {100 * summary.write_s / split:.0f} % |",
             f"| peak memory | {summary.peak_rss_mb:.0f} MiB |",
-            f"| Lambda cost estimate | ${summary.lambda_cost_usd:.4f}: "
-            f"{summary.lambda_gb_seconds:,.1f} GB-s at {summary.lambda_memory_mb} MB "
-            f"{summary.lambda_architecture} + {summary.cells} requests |",
+            *cost,
+            *(f"| {label} | {value} |" for label, value in rows),
         ]
     )

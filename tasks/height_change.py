@@ -133,14 +133,13 @@ def report_height_change(
         key="magg-height-change-cells",
         description=f"one row per parent of {output}",
     )
-    lines = to_markdown(summary, title=f"magg height change into {output}").splitlines()
-    markdown = "\n".join(line for line in lines if not line.startswith("| Lambda cost"))
-    markdown += f"\n| reference epoch t0 | {plan.epoch.isoformat()} |"
-    for cycle in plan.cycles:
-        markdown += (
-            f"\n| cycle {cycle.cycle} | {cycle.store_path}: "
-            f"{cycle.fragments:,} granules with fragments |"
-        )
+    rows = [("reference epoch t0", plan.epoch.isoformat())] + [
+        (f"cycle {c.cycle}", f"{c.store_path}: {c.fragments:,} granules with fragments")
+        for c in plan.cycles
+    ]
+    markdown = to_markdown(
+        summary, title=f"magg height change into {output}", lambda_cost=False, rows=rows
+    )
     incomplete = incomplete_cells(results, failures)
     if incomplete:
         markdown += (

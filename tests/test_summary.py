@@ -118,6 +118,16 @@ def test_markdown_shows_totals_throughput_and_cost():
     )
 
 
+def test_markdown_without_the_lambda_cost_and_with_a_flows_own_rows():
+    summary = summarize(results(), failed=1, wall_s=8.0, lambda_memory_mb=2048)
+    full = to_markdown(summary).splitlines()
+    text = to_markdown(summary, lambda_cost=False, rows=[("reference epoch t0", "2019-01-01")])
+    lines = text.splitlines()
+    assert not any("Lambda" in line for line in lines)
+    assert lines[-1] == "| reference epoch t0 | 2019-01-01 |"
+    assert lines[:-1] == [line for line in full if "Lambda" not in line]
+
+
 def test_an_empty_run_still_summarizes():
     summary = summarize([], wall_s=0.0)
     assert summary.cells == 0 and summary.cells_per_second == 0.0
