@@ -519,7 +519,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from magg_core.config import load_config
-    from magg_core.store import open_store, read_records, read_template, store_levels
+    from magg_core.records import read_records
+    from magg_core.store import open_store, read_template, store_levels
     from magg_core.summary import describe_dropped
 
     config = load_config(args.config)

@@ -41,17 +41,10 @@ from magg_core.errors import CellDataError, CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.levels import level_statistics, staging_object
 from magg_core.read import READ_DROPS, GranulePoints, read_granules
+from magg_core.records import CellRecord, input_fingerprint, write_record
 from magg_core.request import CellRequest, CellResult, Timings
 from magg_core.s3 import S3Endpoint
-from magg_core.store import (
-    CellRecord,
-    check_template,
-    chunk_index,
-    input_fingerprint,
-    open_store,
-    write_cell,
-    write_record,
-)
+from magg_core.store import check_template, chunk_index, open_store, write_cell
 
 
 def request_config(request: CellRequest) -> PipelineConfig:

@@ -35,16 +35,10 @@ from magg_core.errors import CellTimeoutError
 from magg_core.fragments import read_cell_fragments
 from magg_core.grid import children
 from magg_core.read import GranulePoints
+from magg_core.records import CellRecord, write_record
 from magg_core.request import CellResult, GranuleFailure, Timings
 from magg_core.s3 import S3Endpoint
-from magg_core.store import (
-    ArraySpec,
-    CellRecord,
-    check_template,
-    open_store,
-    write_cell,
-    write_record,
-)
+from magg_core.store import ArraySpec, check_template, open_store, write_cell
 
 
 def fit_arrays(epoch: datetime) -> tuple[ArraySpec, ...]:

@@ -33,9 +33,10 @@ from magg_core.dhdt import FitOptions
 from magg_core.errors import InputError
 from magg_core.fragments import granule_name, read_extract_records
 from magg_core.height_change import CycleFragments, HeightChangeRequest
+from magg_core.records import read_records
 from magg_core.request import INCOMPLETE_STATUSES
 from magg_core.s3 import S3Endpoint
-from magg_core.store import TEMPLATE_ATTR, open_store, read_records, read_template
+from magg_core.store import TEMPLATE_ATTR, open_store, read_template
 
 
 class HeightChangePlanError(InputError, ValueError):

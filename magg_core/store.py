@@ -10,8 +10,7 @@ created, so cells without data still have valid coordinates.
 The group's attributes are written *last* when a template is created and act
 as its commit marker: a group without them is an unfinished template that the
 next :func:`create_template` rebuilds, and that :func:`check_template` rejects.
-Per-cell records live beside the arrays (see :mod:`magg_core.records`, whose
-public names are re-exported here so callers need one import).
+Per-cell records live beside the arrays (see :mod:`magg_core.records`).
 
 Pyramid levels (``output.levels``, see :mod:`magg_core.levels` and
 docs/levels.md): every other order ``k`` of the config gets a group ``/{k}/``
@@ -58,19 +57,12 @@ from magg_core.errors import InputError
 from magg_core.fragments import FRAGMENTS_PREFIX
 from magg_core.grid import children, healpix_ids, parent_of
 from magg_core.levels import LEVELS_PREFIX, clear_staging, staged_orders
-from magg_core.records import (
-    RECORDS_PREFIX,
-    CellRecord,
-    input_fingerprint,
-    read_records,
-    write_record,
-)
+from magg_core.records import RECORDS_PREFIX
 from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
 from magg_core.urls import URLError, s3_location
 
 __all__ = [
     "ArraySpec",
-    "CellRecord",
     "Level",
     "Template",
     "TemplateMismatchError",
@@ -78,15 +70,12 @@ __all__ = [
     "chunk_index",
     "consolidate",
     "create_template",
-    "input_fingerprint",
     "level_chunk_parents",
     "open_store",
-    "read_records",
     "read_template",
     "statistic_arrays",
     "store_levels",
     "write_cell",
-    "write_record",
 ]
 
 DIMENSION = "cells"

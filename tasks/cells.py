@@ -39,10 +39,10 @@ from magg_core.config import PipelineConfig, load_config
 from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
 from magg_core.lambda_client import invoke_cell, is_retryable
-from magg_core.records import proven_cells
+from magg_core.records import input_fingerprint, proven_cells
 from magg_core.request import CellRequest, CellResult
 from magg_core.s3 import S3Credentials
-from magg_core.store import input_fingerprint, open_store
+from magg_core.store import open_store
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""

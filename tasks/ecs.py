@@ -16,8 +16,9 @@ from magg_core.errors import (
     error_kind,
 )
 from magg_core.extract import ExtractRequest
+from magg_core.records import read_records
 from magg_core.request import CellRequest, CellResult
-from magg_core.store import open_store, read_records
+from magg_core.store import open_store
 
 CREDENTIALS_REJECTED = "CredentialsRejected"
 """The name of the ``Failed`` state a child flow run ends in when S3 refused its

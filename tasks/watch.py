@@ -24,9 +24,9 @@ from magg_core.cmr import GranuleSearch, record_granule_name, search_granules
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_query_range, cycle_range, granule_fields
 from magg_core.plan import cells_to_update
-from magg_core.records import proven_cells
+from magg_core.records import proven_cells, read_records
 from magg_core.regions import load_region
-from magg_core.store import open_store, read_records, read_template
+from magg_core.store import open_store, read_template
 
 FINISHED = frozenset({"ok", "empty", "no_granules"})
 """Record statuses that need no further run; ``failed`` cells do."""

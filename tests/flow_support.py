@@ -28,8 +28,9 @@ import zarr
 
 from magg_core.catalog import Catalog, catalog_from_records
 from magg_core.config import PipelineConfig, load_config
+from magg_core.records import read_records
 from magg_core.sample import write_sample
-from magg_core.store import open_store, read_records
+from magg_core.store import open_store
 from tests.fakes.loopback import serve_on_loopback, shut_down
 from tests.oracle import STATISTICS, reference_statistics
 

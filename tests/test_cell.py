@@ -18,14 +18,9 @@ from magg_core.cell import process_cell
 from magg_core.config import ConfigError, load_config
 from magg_core.errors import CellDataError
 from magg_core.plan import plan_cells
+from magg_core.records import read_records
 from magg_core.sample import write_sample
-from magg_core.store import (
-    TemplateMismatchError,
-    consolidate,
-    create_template,
-    open_store,
-    read_records,
-)
+from magg_core.store import TemplateMismatchError, consolidate, create_template, open_store
 from tests import oracle
 
 CONFIG = load_config()

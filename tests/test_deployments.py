@@ -37,8 +37,9 @@ from deployments.aws import deploy as lambda_deploy
 from deployments.aws.package import LAMBDA_UNZIPPED_LIMIT, build_function, build_layer
 from magg_core.catalog import catalog_from_records
 from magg_core.config import load_config
+from magg_core.records import read_records
 from magg_core.sample import write_sample
-from magg_core.store import open_store, read_records
+from magg_core.store import open_store
 from tests import oracle
 from tests.deploy_support import ALL_DEPLOYMENTS, REPO_ROOT, PrefectServer, prefect_cli, worker
 from tests.fakes.earthdata import FakeEarthdata

@@ -31,9 +31,10 @@ from magg_core.errors import (
 from magg_core.h5driver import TruncatedFileError
 from magg_core.lambda_client import LambdaInvokeError
 from magg_core.plan import plan_cells
+from magg_core.records import read_records
 from magg_core.s3 import S3Credentials, S3Endpoint
 from magg_core.sample import write_sample
-from magg_core.store import TemplateMismatchError, create_template, open_store, read_records
+from magg_core.store import TemplateMismatchError, create_template, open_store
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:

@@ -21,9 +21,10 @@ from magg_core.fragments import decode, fragment_key, read_extract_record
 from magg_core.grid import parent_of, point_morton
 from magg_core.height_change_plan import HeightChangePlanError, scan_cycle_store
 from magg_core.plan import plan_cells, plan_extracts
+from magg_core.records import read_records
 from magg_core.request import OPERATOR
 from magg_core.sample import BEAMS, write_sample
-from magg_core.store import create_template, open_store, read_records
+from magg_core.store import create_template, open_store
 from tests import oracle
 
 CONFIG = load_config()

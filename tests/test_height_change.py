@@ -34,8 +34,9 @@ from magg_core.height_change_plan import (
     plan_height_change,
     reference_epoch,
 )
+from magg_core.records import read_records
 from magg_core.sample import planted_dhdt, write_cycles
-from magg_core.store import create_template, open_store, read_records
+from magg_core.store import create_template, open_store
 from tests import oracle
 from tests.flow_support import ambient_s3, cell_task_runs
 from tests.test_dhdt_fit import oracle_fit

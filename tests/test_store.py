@@ -19,21 +19,18 @@ from zarr.storage import LocalStore, ObjectStore
 from magg_core import store as magg_store
 from magg_core.config import load_config
 from magg_core.grid import children, parent_of, point_morton
+from magg_core.records import CellRecord, input_fingerprint, read_records, write_record
 from magg_core.request import CellResult, GranuleFailure, Timings
 from magg_core.store import (
     ArraySpec,
-    CellRecord,
     TemplateMismatchError,
     check_template,
     chunk_index,
     consolidate,
     create_template,
-    input_fingerprint,
     open_store,
-    read_records,
     read_template,
     write_cell,
-    write_record,
 )
 
 # Points on the Antarctic ice sheet, 75-85°S, spread in longitude.

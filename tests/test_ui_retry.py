@@ -28,8 +28,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from magg_core.catalog import catalog_from_records
 from magg_core.config import load_config
+from magg_core.records import read_records
 from magg_core.sample import SampleGranule, write_sample
-from magg_core.store import open_store, read_records
+from magg_core.store import open_store
 from tests.browser import (
     click,
     headless_chromium,
