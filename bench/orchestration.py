@@ -69,8 +69,7 @@ class NoOpWork:
         self.calls = 0
 
     def __call__(self, request, *_: object, **__: object):
-        from magg_core.extract import ExtractRequest, ExtractResult
-        from magg_core.request import CellResult
+        from magg_core.request import CellResult, ExtractRequest, ExtractResult
 
         now = time.perf_counter()
         with self.lock:

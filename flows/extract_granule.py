@@ -17,8 +17,8 @@ from prefect.states import State
 
 from magg.tasks.credentials import load_published_credentials
 from magg.tasks.ecs import failed_state
-from magg_core.extract import ExtractRequest, extract_granule
-from magg_core.request import ECS
+from magg_core.extract import extract_granule
+from magg_core.request import ECS, ExtractRequest
 
 
 @flow(name="extract-granule")

@@ -44,7 +44,6 @@ from magg.tasks.report import (
 from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 from magg.tasks.workers import local_workers
 from magg_core.errors import CellsFailedError
-from magg_core.extract import ExtractRequest
 from magg_core.levels import staged_orders
 from magg_core.plan import (
     check_cell_timeout,
@@ -53,7 +52,7 @@ from magg_core.plan import (
     plan_extracts,
     store_url_for,
 )
-from magg_core.request import CellRequest
+from magg_core.request import CellRequest, ExtractRequest
 
 Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]

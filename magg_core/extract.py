@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from zarr.abc.store import Store
 
 import magg_core
-from magg_core.config import PipelineConfig, load_config_at
+from magg_core.config import PipelineConfig
 from magg_core.fragments import (
     ExtractRecord,
     fragments_intact,
@@ -26,141 +24,10 @@ from magg_core.fragments import (
     write_extract_record,
     write_fragments,
 )
-from magg_core.grid import cell_word_problem
 from magg_core.read import GranuleReadError, permanent_failure, read_parents
-from magg_core.request import MAX_URL_PROBLEMS, CellRequest, EntryPoint, RequestError
-from magg_core.s3 import S3Credentials, S3Endpoint
+from magg_core.request import ExtractRequest, ExtractResult
+from magg_core.s3 import S3Endpoint
 from magg_core.store import open_store
-
-EXTRACT_EVENT = "extract"
-"""The ``kind`` of a Lambda event that extracts a granule (a cell event has no ``kind``)."""
-
-
-@dataclass(frozen=True)
-class ExtractRequest:
-    """One granule to extract for the parents the catalog lists it under."""
-
-    granule_url: str
-    parents: tuple[int, ...]
-    store_path: str
-    parent_order: int
-    child_order: int
-    s3_credentials: S3Credentials | None = None
-    config: Mapping[str, Any] | None = None
-    height_change: bool = False
-    """Keep the config's ``height_change`` columns (latitude, longitude, time) in the
-    fragments: only a run that keeps its fragments for height change needs them
-    (``magg run --keep-fragments``); otherwise a fragment holds the variables only."""
-
-    @property
-    def name(self) -> str:
-        """The granule's file name."""
-        return granule_name(self.granule_url)
-
-    def to_event(self, *, include_credentials: bool = True) -> dict[str, Any]:
-        """The JSON event form (``"kind": "extract"``); carries secrets unless told not to."""
-        event: dict[str, Any] = {
-            "kind": EXTRACT_EVENT,
-            "granule_url": self.granule_url,
-            "parents": [str(p) for p in self.parents],  # uint64 words stay exact as strings
-            "store_path": self.store_path,
-            "parent_order": self.parent_order,
-            "child_order": self.child_order,
-        }
-        if include_credentials and self.s3_credentials is not None:
-            event["s3_credentials"] = self.s3_credentials.to_event()
-        if self.config is not None:
-            event["config"] = dict(self.config)
-        if self.height_change:
-            event["height_change"] = True
-        return event
-
-    @classmethod
-    def from_event(cls, event: Mapping[str, Any], entry: EntryPoint) -> ExtractRequest:
-        """Validate an extract event sent to ``entry``; every problem in one :class:`RequestError`.
-
-        The cell event's validation (:func:`magg_core.request.check_request`)
-        applies to the granule, orders, config and store; each of ``parents``
-        must besides be a distinct canonical morton word of ``parent_order``.
-        """
-        if not isinstance(event, Mapping):
-            raise RequestError(f"event must be a JSON object, got {type(event).__name__}")
-        parents = event.get("parents")
-        if not isinstance(parents, list) or not parents:
-            raise RequestError("parents must be a non-empty list of morton words")
-        try:
-            words = tuple(int(p) for p in parents if not isinstance(p, bool | float))
-        except (TypeError, ValueError) as exc:
-            raise RequestError("parents must be morton words (decimal strings)") from exc
-        if len(words) != len(parents) or not all(0 <= w < 2**64 for w in words):
-            raise RequestError("parents must be uint64 morton words (decimal strings)")
-        height_change = event.get("height_change", False)
-        if not isinstance(height_change, bool):
-            raise RequestError("height_change must be true or false")
-        own = ("kind", "granule_url", "parents", "height_change")
-        cell = CellRequest.from_event(
-            {
-                **{k: v for k, v in event.items() if k not in own},
-                "parent_morton": words[0],
-                "granule_urls": [event.get("granule_url")],
-            },
-            entry,
-        )
-        problems = [
-            f"parents[{i}] {word} {problem}"
-            for i, word in enumerate(words)
-            if (problem := cell_word_problem(word, cell.parent_order)) is not None
-        ]
-        if len(set(words)) != len(words):
-            twice = next(w for w in words if words.count(w) > 1)
-            problems.append(
-                f"parents lists a morton word more than once ({twice}): one fragment each"
-            )
-        if problems:
-            raise RequestError("; ".join(problems[:MAX_URL_PROBLEMS]))
-        return cls(
-            granule_url=cell.granule_urls[0],
-            parents=words,
-            store_path=cell.store_path,
-            parent_order=cell.parent_order,
-            child_order=cell.child_order,
-            s3_credentials=cell.s3_credentials,
-            config=cell.config,
-            height_change=height_change,
-        )
-
-    def pipeline_config(self) -> PipelineConfig:
-        """The request's config (built-in ``atl06`` by default) at the request's orders,
-        without its ``height_change`` section unless :attr:`height_change` asks for it:
-        what the extract reads and its fragments carry follow ``point_columns``."""
-        config = load_config_at(self.config, self.parent_order, self.child_order)
-        return config if self.height_change else replace(config, height_change=None)
-
-
-@dataclass(frozen=True)
-class ExtractResult:
-    """What one extract did; ``reused`` when the store already held it for these inputs."""
-
-    def as_found(self) -> ExtractResult:
-        """This stored outcome as a run that found it reports it: nothing fetched now."""
-        return replace(self, reused=True, bytes_fetched=0, bytes_written=0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExtractResult:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-    url: str
-    status: str
-    points: int = 0
-    parents: int = 0
-    bytes_fetched: int = 0
-    bytes_written: int = 0
-    duration_s: float = 0.0
-    reason: str | None = None
-    reused: bool = False
 
 
 def extract_fingerprint(url: str, config: PipelineConfig) -> str:

@@ -25,7 +25,7 @@ the parent out (``dropped.quality``, ``dropped.fill``: see
 did not give it; the dot keeps these names apart from any variable's, which
 are identifiers. A run that keeps its fragments for height change (``magg run
 --keep-fragments`` with a config that has a ``height_change`` section,
-:attr:`magg_core.extract.ExtractRequest.height_change`) adds each point's
+:attr:`magg_core.request.ExtractRequest.height_change`) adds each point's
 ``latitude``, ``longitude`` and ``time`` (float64 each): 34 bytes a point, what
 fitting height change across cycles needs (:mod:`magg_core.height_change`).
 Other runs leave them out: the cells use only the variables. The extract

@@ -37,8 +37,7 @@ from magg_core.errors import (
     PermanentError,
     TransientError,
 )
-from magg_core.extract import ExtractRequest, ExtractResult
-from magg_core.request import CellRequest, CellResult
+from magg_core.request import CellRequest, CellResult, ExtractRequest, ExtractResult
 
 READ_TIMEOUT_MARGIN_S = 30
 """How much longer than the function timeout the client waits for an answer.

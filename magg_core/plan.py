@@ -15,9 +15,8 @@ from magg_core.catalog import Catalog, CatalogGranule, cell_word_problem
 from magg_core.config import PipelineConfig
 from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.errors import InputError
-from magg_core.extract import ExtractRequest
 from magg_core.records import CellRecord, input_fingerprint
-from magg_core.request import OPERATOR, CellRequest, RequestError, check_request
+from magg_core.request import OPERATOR, CellRequest, ExtractRequest, RequestError, check_request
 from magg_core.urls import URLError, granule_url, mirror_granule, parse_s3_url
 
 LAMBDA_MAX_TIMEOUT_S = 900

@@ -15,9 +15,8 @@ from magg_core.errors import (
     error_from_kind,
     error_kind,
 )
-from magg_core.extract import ExtractRequest
 from magg_core.records import read_records
-from magg_core.request import CellRequest, CellResult
+from magg_core.request import CellRequest, CellResult, ExtractRequest
 from magg_core.store import open_store
 
 CREDENTIALS_REJECTED = "CredentialsRejected"

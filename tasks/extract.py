@@ -25,14 +25,9 @@ from magg.tasks.credentials import publish_credentials
 from magg.tasks.ecs import raise_if_child_failed, run_child
 from magg.tasks.workers import worker_slot
 from magg_core.credentials import Credentials
-from magg_core.extract import (
-    ExtractRequest,
-    ExtractResult,
-    extract_granule,
-    record_extract_failure,
-    stored_extract,
-)
+from magg_core.extract import extract_granule, record_extract_failure, stored_extract
 from magg_core.lambda_client import invoke_extract
+from magg_core.request import ExtractRequest, ExtractResult
 
 
 def extract_task(fn):

@@ -22,10 +22,9 @@ from prefect.logging import get_logger
 from magg_core.assembly import assemble_levels
 from magg_core.cell import record_failure
 from magg_core.config import PipelineConfig
-from magg_core.extract import ExtractResult
 from magg_core.fragments import delete_fragments
 from magg_core.progress import Progress, RunProgress
-from magg_core.request import CellRequest, CellResult
+from magg_core.request import CellRequest, CellResult, ExtractResult
 from magg_core.store import consolidate, open_store
 from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
 

@@ -20,9 +20,8 @@ from magg.flows.extract_granule import extract_granule_flow
 from magg.flows.process_cell import process_cell_flow
 from magg_core.catalog import Catalog, CatalogGranule
 from magg_core.config import load_config
-from magg_core.extract import ExtractRequest
 from magg_core.plan import PlanError, plan_cells
-from magg_core.request import CellRequest
+from magg_core.request import CellRequest, ExtractRequest
 from magg_core.store import create_template, open_store
 from tests.flow_support import SAMPLE, sample_in_s3
 

@@ -33,7 +33,7 @@ from deployments.aws.lambda_handler import lambda_handler
 from magg_core.cell import process_cell
 from magg_core.config import PipelineConfig, load_config
 from magg_core.errors import CredentialsRejectedError, PermanentError, is_transient
-from magg_core.extract import ExtractRequest, extract_granule
+from magg_core.extract import extract_granule
 from magg_core.fragments import fragment_key
 from magg_core.grid import point_morton
 from magg_core.lambda_client import (
@@ -50,7 +50,7 @@ from magg_core.lambda_client import (
     is_retryable,
     lambda_client_config,
 )
-from magg_core.request import CellRequest, CellResult
+from magg_core.request import CellRequest, CellResult, ExtractRequest
 from magg_core.sample import BEAMS, write_sample
 from magg_core.store import create_template, open_store
 from tests.fakes.lambda_api import REPO_ROOT, FakeLambda

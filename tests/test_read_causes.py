@@ -15,9 +15,9 @@ import pytest
 from magg.flows.extract_granule import extract_granule_flow
 from magg.tasks.ecs import CREDENTIALS_REJECTED, raise_if_child_failed
 from magg_core.errors import CredentialsRejectedError, TransientReadError, is_transient
-from magg_core.extract import ExtractRequest
 from magg_core.h5driver import SHORT_READ_ATTEMPTS
 from magg_core.read import GranuleReadError, read_granules, read_parents
+from magg_core.request import ExtractRequest
 from magg_core.s3 import S3Endpoint
 from tests import oracle
 from tests.conftest import running_moto

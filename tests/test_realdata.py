@@ -26,9 +26,10 @@ from magg_core.catalog import build_catalog, catalog_from_records, load_catalog
 from magg_core.cmr import record_granule_name
 from magg_core.config import load_config
 from magg_core.cycles import ATLAS_EPOCH, delta_time_utc
-from magg_core.extract import ExtractRequest, extract_granule, stored_extract
+from magg_core.extract import extract_granule, stored_extract
 from magg_core.plan import plan_cells
 from magg_core.read import GranuleReadError, read_parents
+from magg_core.request import ExtractRequest
 from magg_core.sample import write_sample
 from tests import oracle
 from tests.fakes.cmr import FakeCmr, umm_item

@@ -34,8 +34,15 @@ from typing import Any
 
 from magg_core.cell import process_cell
 from magg_core.errors import CredentialsRejectedError, InputError, error_kind
-from magg_core.extract import EXTRACT_EVENT, ExtractRequest, ExtractResult, extract_granule
-from magg_core.request import LAMBDA, CellRequest, CellResult
+from magg_core.extract import extract_granule
+from magg_core.request import (
+    EXTRACT_EVENT,
+    LAMBDA,
+    CellRequest,
+    CellResult,
+    ExtractRequest,
+    ExtractResult,
+)
 
 CALLER_ERRORS = (InputError,)
 """Failures that repeat on every attempt until the caller changes something: 400.
