@@ -244,18 +244,28 @@ class ExactH5Coro(H5Coro):
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._hdf5: Any = None
-        self._hdf5_lock = threading.Lock()
+        self.hdf5_lock = threading.RLock()
+        """Held by whoever uses HDF5 on this file (:meth:`hdf5`, :meth:`root_attribute`).
+
+        HDF5 reads through :class:`DriverFile` while holding h5py's own global
+        lock; a second thread calling h5py meanwhile waits for that lock inside
+        h5py, where a ranged S3 read of the first thread was seen never to
+        return (a test thread parked in obstore for good, the others in h5py).
+        Waiting here instead, in a plain Python lock, keeps one thread at a
+        time in HDF5 for this file."""
         super().__init__(*args, **kwargs)
 
     def hdf5(self) -> Any:
         """The file opened by HDF5 itself (an ``h5py.File``) through this driver, once.
+
+        Callers use it while holding :attr:`hdf5_lock`.
 
         Raises
         ------
         ImportError
             Where h5py is not installed (the Lambda layer leaves it out).
         """
-        with self._hdf5_lock:
+        with self.hdf5_lock:
             if self._hdf5 is None:
                 import h5py
 
@@ -278,11 +288,11 @@ class ExactH5Coro(H5Coro):
         """
         import h5py
 
-        with h5py.File(DriverFile(self.driver, block_bytes=4096), "r") as f:
+        with self.hdf5_lock, h5py.File(DriverFile(self.driver, block_bytes=4096), "r") as f:
             return f.attrs.get(name)
 
     def close(self) -> None:
-        with self._hdf5_lock:
+        with self.hdf5_lock:
             if self._hdf5 is not None:
                 self._hdf5.close()
         super().close()
