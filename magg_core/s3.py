@@ -96,11 +96,17 @@ def s3_store(
     credentials are never mixed with ambient ones. ``credentials=None`` means
     the ambient identity (e.g. a Lambda role) is wanted on purpose.
     """
-    options: dict[str, Any] = {"region": endpoint.region}
+    options: dict[str, Any] = {
+        "region": endpoint.region,
+        # A bounded wait: a request whose answer never comes (seen on loopback: a ranged
+        # GET parked for good, the server idle) times out and obstore retries it, instead
+        # of holding its thread for ever.
+        "client_options": {"timeout": "30s", "connect_timeout": "5s"},
+    }
     if endpoint.url:
         options["endpoint"] = endpoint.url
     if endpoint.allow_http:
-        options["client_options"] = {"allow_http": True}
+        options["client_options"]["allow_http"] = True
     if credentials is not None:
         options["access_key_id"] = credentials.access_key_id
         options["secret_access_key"] = credentials.secret_access_key
