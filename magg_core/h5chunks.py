@@ -49,7 +49,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from h5coro.h5coro import H5Coro
@@ -238,11 +237,7 @@ def _index_by_hdf5(h5: ExactH5Coro, path: str, refusal: ChunkIndexError) -> Colu
 
 def _hdf5_column(h5: ExactH5Coro, path: str) -> Column:
     """The :class:`Column` of ``path`` from HDF5's own reading of the dataset."""
-    with h5.hdf5_lock:
-        return _column_of(h5, h5.hdf5()[path], path)
-
-
-def _column_of(h5: ExactH5Coro, dset: Any, path: str) -> Column:
+    dset = h5.hdf5()[path]
     if dset.dtype.kind not in "iuf" or dset.ndim != 1:
         raise UnsupportedDatasetError(f"{path}: only 1-D integer or float datasets are read")
     plist = dset.id.get_create_plist()

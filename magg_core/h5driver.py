@@ -244,28 +244,18 @@ class ExactH5Coro(H5Coro):
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._hdf5: Any = None
-        self.hdf5_lock = threading.RLock()
-        """Held by whoever uses HDF5 on this file (:meth:`hdf5`, :meth:`root_attribute`).
-
-        HDF5 reads through :class:`DriverFile` while holding h5py's own global
-        lock; a second thread calling h5py meanwhile waits for that lock inside
-        h5py, where a ranged S3 read of the first thread was seen never to
-        return (a test thread parked in obstore for good, the others in h5py).
-        Waiting here instead, in a plain Python lock, keeps one thread at a
-        time in HDF5 for this file."""
+        self._hdf5_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def hdf5(self) -> Any:
         """The file opened by HDF5 itself (an ``h5py.File``) through this driver, once.
-
-        Callers use it while holding :attr:`hdf5_lock`.
 
         Raises
         ------
         ImportError
             Where h5py is not installed (the Lambda layer leaves it out).
         """
-        with self.hdf5_lock:
+        with self._hdf5_lock:
             if self._hdf5 is None:
                 import h5py
 
@@ -288,13 +278,21 @@ class ExactH5Coro(H5Coro):
         """
         import h5py
 
-        with self.hdf5_lock, h5py.File(DriverFile(self.driver, block_bytes=4096), "r") as f:
+        with h5py.File(DriverFile(self.driver, block_bytes=4096), "r") as f:
             return f.attrs.get(name)
 
     def close(self) -> None:
-        with self.hdf5_lock:
+        """Close HDF5's view of the file (if opened) and h5coro's.
+
+        The ``h5py.File`` is dropped here, not left to the garbage collector:
+        freeing any h5py object takes h5py's global lock, so a collection
+        run by whichever thread happens to allocate next would otherwise wait
+        on a thread that holds that lock while it reads from S3.
+        """
+        with self._hdf5_lock:
             if self._hdf5 is not None:
                 self._hdf5.close()
+                self._hdf5 = None
         super().close()
 
     def ioRequest(self, pos: int, size: int, caching: bool = True, prefetch: bool = False) -> Any:

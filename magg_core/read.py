@@ -575,11 +575,7 @@ def _parser_failure(h5: H5Coro, path: str, exc: Exception) -> Exception:
     ``exc`` itself where h5py is absent (the Lambda layer): then the reason
     says only which parser failed.
     """
-    with h5.hdf5_lock:
-        return _hdf5_verdict(h5, path, type(exc).__name__, exc)
-
-
-def _hdf5_verdict(h5: H5Coro, path: str, kind: str, exc: Exception) -> Exception:
+    kind = type(exc).__name__
     try:
         f = h5.hdf5()
     except ImportError:

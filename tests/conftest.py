@@ -15,8 +15,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import boto3  # noqa: E402
 import pytest
-from moto.server import ThreadedMotoServer  # noqa: E402
 
+from bench.servers import moto_s3  # noqa: E402
 from magg_core.s3 import S3Credentials, S3Endpoint  # noqa: E402
 
 TEST_REGION = "us-west-2"
@@ -59,14 +59,15 @@ class MotoS3:
 
 @contextmanager
 def running_moto() -> Iterator[MotoS3]:
-    """moto's S3 server on a free loopback port, for as long as the block runs."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield MotoS3(f"http://{host}:{port}")
-    finally:
-        server.stop()
+    """moto's S3 server on a free loopback port, in a process of its own, while the block runs.
+
+    Not a thread of the test process: freeing any h5py object takes h5py's
+    global lock, so a garbage collection run by a server thread could wait on
+    a reader that holds that lock (HDF5 reading through our driver) while it
+    waits for that very server. Seen as a ranged GET that never returned.
+    """
+    with moto_s3() as server:
+        yield MotoS3(server.endpoint.url)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ expired on a test clock) or stall them (a fault that sleeps, then passes).
 
 from __future__ import annotations
 
+import gc
 import http.client
 import re
 import threading
@@ -180,11 +181,23 @@ class S3Proxy:
 
 @contextmanager
 def s3_proxy(upstream: str) -> Iterator[S3Proxy]:
+    """An :class:`S3Proxy` in front of ``upstream`` while the block runs.
+
+    The proxy is a thread of the test process (its faults are the test's own
+    callables), so the cyclic garbage collector is paused meanwhile: a
+    collection run on the proxy's thread could free an h5py object, which
+    waits for h5py's global lock while a reader holding it waits for the
+    proxy (see ``tests.conftest.running_moto``).
+    """
+    collecting = gc.isenabled()
+    gc.disable()
     proxy = S3Proxy(upstream).start()
     try:
         yield proxy
     finally:
         proxy.stop()
+        if collecting:
+            gc.enable()
 
 
 # -- the sample, in S3, with its oracle ---------------------------------------------------
