@@ -90,9 +90,9 @@ def cached_sample(**options: Any) -> list:
     """``write_sample(**options)`` once per distinct options; later calls reuse the files.
 
     The granules' CMR records are stored beside them, so a cached sample comes
-    back exactly as :func:`magg_core.sample.write_sample` returned it.
+    back exactly as :func:`magg_core.granules.sample.write_sample` returned it.
     """
-    from magg_core.sample import SampleGranule, write_sample
+    from magg_core.granules.sample import SampleGranule, write_sample
 
     key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     directory = CACHE / f"sample-{key}"

@@ -6,7 +6,7 @@ Antarctic granules cross 25-32. Both ways run end to end through the real
 ``process-cycle`` flow on a real Prefect server, side by side:
 
 - ``one stage`` (the design before, kept here only as the baseline): a
-  bench-only flow whose cell tasks run :func:`magg_core.cell.process_cell`
+  bench-only flow whose cell tasks run :func:`magg_core.grid.cell.process_cell`
   on the flow's threads, each cell reading its own rows of every granule it
   touches;
 - ``two stages``: ``process-cycle`` on the local backend (extracts, then
@@ -110,10 +110,10 @@ def one_stage_flow(credentials):
     from prefect.cache_policies import NONE
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from magg_core.catalog import load_catalog
-    from magg_core.cell import process_cell
+    from magg_core.catalog.catalog import load_catalog
     from magg_core.config import load_config
-    from magg_core.plan import plan_cells
+    from magg_core.grid.cell import process_cell
+    from magg_core.grid.plan import plan_cells
 
     @task(cache_policy=NONE)
     def cell(request):
@@ -130,9 +130,9 @@ def one_stage_flow(credentials):
 
 def run_both(catalog_path: Path, mirror: str, store_root: str) -> dict:
     from magg.flows.process_cycle import process_cycle
-    from magg_core.catalog import load_catalog
+    from magg_core.catalog.catalog import load_catalog
     from magg_core.config import load_config
-    from magg_core.store import create_template, open_store
+    from magg_core.store.arrays import create_template, open_store
 
     config = load_config()
     catalog = load_catalog(catalog_path)
@@ -172,7 +172,7 @@ def run_both(catalog_path: Path, mirror: str, store_root: str) -> dict:
 def _arrays(url: str) -> dict:
     import zarr
 
-    from magg_core.store import open_store
+    from magg_core.store.arrays import open_store
 
     group = zarr.open_group(open_store(url, read_only=True), path="12", mode="r")
     return {name: array[:] for name, array in group.arrays()}
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = [g.path for g in granules]
     needed = stored_bytes(paths)
 
-    from magg_core.catalog import catalog_from_records
+    from magg_core.catalog.catalog import catalog_from_records
 
     catalog = catalog_from_records([g.umm for g in granules], cycle=22)
     crossings = sum(len(gs) for gs in catalog.cells.values()) / len(granules)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect.testing.utilities import prefect_test_harness
 
-    from magg_core.catalog import catalog_from_records
+    from magg_core.catalog.catalog import catalog_from_records
 
     print(f"end-to-end benchmark on {machine()}")
     granules = cached_sample(**sample_options)

@@ -2,7 +2,7 @@
 
 Decoding: each granule's chunk index is read once; then, for the three
 datasets every extract decodes whole (latitude, longitude, h_li of every
-beam), :func:`magg_core.h5chunks.read_spans` fetches and decodes them with
+beam), :func:`magg_core.granules.h5chunks.read_spans` fetches and decodes them with
 h5coro-hidefix and with our zlib + numpy decoder, alternating, several
 times; reported are the median times per granule and their ratio. Both must
 give the same bytes (checked). Layouts: the demo sample, the real-density
@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from bench._common import cached_sample, machine, parser, ratio_line
+from magg_core.access.s3 import S3Endpoint
 from magg_core.config import load_config
-from magg_core.fragments import decode, encode
-from magg_core.h5chunks import index_column, read_spans
-from magg_core.h5driver import S3Access, open_h5
-from magg_core.read import READ_DROPS, read_parents
-from magg_core.s3 import S3Endpoint
+from magg_core.granules.h5chunks import index_column, read_spans
+from magg_core.granules.h5driver import S3Access, open_h5
+from magg_core.granules.read import read_parents
+from magg_core.schema import READ_DROPS
+from magg_core.store.fragments import decode, encode
 
 REAL = sorted(Path("/work/shared/realdata/atl06").glob("*.h5"))
 LAYOUTS = {
@@ -76,7 +77,7 @@ def decode_times(path: Path, repeats: int) -> tuple[float, float]:
 
 def fragment_costs(granules: list, repeats: int) -> None:
     """Bytes a point and encode + decode time, with and without height change's columns."""
-    from magg_core.catalog import catalog_from_records
+    from magg_core.catalog.catalog import catalog_from_records
 
     full = load_config()
     plain = replace(full, height_change=None)

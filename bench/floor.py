@@ -246,7 +246,7 @@ def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> tuple[int
     """
     import zarr
 
-    from magg_core.store import open_store
+    from magg_core.store.arrays import open_store
 
     files = [np.load(path) for path in sorted(out.glob("*.npz"))]
     compared = moved = 0
@@ -335,7 +335,7 @@ def jobs(catalog, where: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def sample_for(n: int, quick: bool) -> tuple[list, object, Path, Path]:
-    from magg_core.catalog import catalog_from_records
+    from magg_core.catalog.catalog import catalog_from_records
 
     granules = cached_sample(n_granules=n, **(QUICK if quick else SAMPLE))
     catalog = catalog_from_records([g.umm for g in granules], cycle=22)

@@ -2,7 +2,7 @@
 
 From the output of ``magg demo --height-change`` (run first if the directory
 lacks it): per child cell, the planted rate of the multi-cycle sample
-(:func:`magg_core.sample.planted_dhdt` at the cell's centre), the fitted
+(:func:`magg_core.granules.sample.planted_dhdt` at the cell's centre), the fitted
 ``dhdt`` of the height-change store, and the rate from differencing cell
 means, ``(h_mean of cycle 22 − h_mean of cycle 20) / (182 days)``. Prints
 the error statistics docs/height-change.md quotes and draws three maps on one
@@ -26,7 +26,7 @@ import xarray as xr  # noqa: E402
 from pyproj import Transformer  # noqa: E402
 
 from bench._common import REPO  # noqa: E402
-from magg_core.sample import planted_dhdt  # noqa: E402
+from magg_core.granules.sample import planted_dhdt  # noqa: E402
 
 FIRST, LAST = 20, 22
 YEARS_BETWEEN = 2 * 91 / 365.25

@@ -4,7 +4,7 @@ The demo sample's cells are processed one after another in this process into
 two local stores, one with the built-in config (levels 6..12) and one with
 the same config without ``levels`` (order 12 only), alternating store by
 store ``--repeats`` times; the medians of the per-cell times that
-:class:`magg_core.request.Timings` records are compared (aggregate: the
+:class:`magg_core.schema.Timings` records are compared (aggregate: the
 statistics, once per level; write: the chunks plus, with levels, the staging
 object). Also reported: the assembly of the coarse levels and the bytes each
 store holds (arrays of the coarse groups, staging objects). Local files, not
@@ -13,8 +13,8 @@ reported for docs/levels.md.
 
 Second, the levels' statistics of one dense parent (``--points`` track-ordered
 points, as :mod:`bench.statistics` makes them): all orders from one sort
-(:func:`magg_core.levels.level_statistics`, what a cell runs) against the
-design before it, one :func:`magg_core.aggregate.aggregate` per order on the
+(:func:`magg_core.stats.levels.level_statistics`, what a cell runs) against the
+design before it, one :func:`magg_core.stats.aggregate.aggregate` per order on the
 shifted positions -- compared byte for byte, then timed in CPU time of this
 thread.
 """
@@ -30,14 +30,15 @@ import numpy as np
 
 from bench._common import cached_sample, machine, median_time, parser, ratio_line
 from bench.statistics import track
-from magg_core.aggregate import aggregate
-from magg_core.assembly import assemble_levels
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import PipelineConfig, load_config
-from magg_core.levels import LEVELS_PREFIX, level_statistics
-from magg_core.plan import plan_cells
-from magg_core.store import create_template, open_store
+from magg_core.grid.assembly import assemble_levels
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import plan_cells
+from magg_core.stats.aggregate import aggregate
+from magg_core.stats.levels import level_statistics
+from magg_core.store.arrays import create_template, open_store
+from magg_core.store.staging import LEVELS_PREFIX
 
 
 def run_store(granules, catalog, config: PipelineConfig, url: str) -> dict[str, float]:

@@ -7,7 +7,7 @@ synthetic sample cannot place 500 distinct passes in one cell in one cycle
 every cycle, so 14 cycles of the same 37 passes give 518 granules -- as a
 multi-cycle product or a cell at the pole would.
 
-The cell runs :func:`magg_core.cell.process_cell` (read from local files,
+The cell runs :func:`magg_core.grid.cell.process_cell` (read from local files,
 aggregate, write to a local store) in a fresh process, as a Lambda or ECS
 worker would, and reports that process's peak RSS: the figure a 2 GB
 Lambda is billed and killed against. Target (docs/architecture.md §Targets): <= 1 GB.
@@ -52,10 +52,10 @@ def _peak_rss_mb() -> float:
 
 def _run_cell(paths: list[str], parent: int, store: str, answer) -> None:
     """In a fresh process: the template, then the cell; reports peak RSS before and after."""
-    from magg_core.cell import process_cell
     from magg_core.config import load_config
-    from magg_core.request import CellRequest
-    from magg_core.store import create_template, open_store
+    from magg_core.grid.cell import process_cell
+    from magg_core.schema import CellRequest
+    from magg_core.store.arrays import create_template, open_store
 
     config = load_config("atl06")
     create_template(open_store(store), config, [parent], {})
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     cycles, passes = (QUICK_CYCLES, 5) if args.quick else (FULL_CYCLES, PASSES_PER_CYCLE)
     print(f"memory benchmark on {machine()}")
     paths = granule_paths(cycles, passes)
-    from magg_core.grid import parent_of, point_morton
+    from magg_core.morton import parent_of, point_morton
 
     parent = int(parent_of(point_morton(np.array([CENTRE[0]]), np.array([CENTRE[1]]), 12), 6)[0])
     spawn = multiprocessing.get_context("spawn")  # a fresh process: its peak is the cell's alone

@@ -45,8 +45,8 @@ def write_catalog(path: Path, n_cells: int) -> Path:
     import mortie
     import numpy as np
 
-    from magg_core.catalog import Catalog, CatalogGranule
-    from magg_core.grid import children
+    from magg_core.catalog.catalog import Catalog, CatalogGranule
+    from magg_core.morton import children
 
     lat, lon = np.array(ORDER_1_CELLS).T
     coarse = mortie.clip2order(1, mortie.geo2mort(lat, lon, order=18))
@@ -69,7 +69,7 @@ class NoOpWork:
         self.calls = 0
 
     def __call__(self, request, *_: object, **__: object):
-        from magg_core.request import CellResult, ExtractRequest, ExtractResult
+        from magg_core.schema import CellResult, ExtractRequest, ExtractResult
 
         now = time.perf_counter()
         with self.lock:

@@ -1,6 +1,6 @@
 """Read concurrency and read efficiency on one 40-granule cell behind 30 ms of S3 latency.
 
-Setup: synthetic ATL06 granules (:mod:`magg_core.sample`) in a moto S3 server,
+Setup: synthetic ATL06 granules (:mod:`magg_core.granules.sample`) in a moto S3 server,
 reached through :mod:`bench.latency_proxy`, which adds 30 ms to every request
 (about what a ranged GET costs from Lambda to S3 in the same region). Both run
 in child processes, so this process runs the reader alone.
@@ -29,11 +29,12 @@ import numpy as np
 
 from bench._common import cached_sample, machine, median_time, parser, ratio_line
 from bench.servers import CREDENTIALS, Server, latency_proxy, moto_s3, range_server, upload
-from magg_core import grid
-from magg_core.catalog import catalog_from_records
+from magg_core import morton
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import PipelineConfig, load_config
-from magg_core.read import GranulePoints, read_granules
-from magg_core.sample import SampleGranule
+from magg_core.granules.read import read_granules
+from magg_core.granules.sample import SampleGranule
+from magg_core.schema import GranulePoints
 
 FULL = {"granules": 40, "sample": {"n_granules": 130, "extent_km": 600.0, "seed": 7}}
 QUICK = {"granules": 4, "sample": {"n_granules": 6, "extent_km": 250.0, "seed": 7}}
@@ -67,10 +68,10 @@ def unavoidable_bytes(granule: SampleGranule, parent: int, config: PipelineConfi
             if group not in f:
                 continue
             g = f[group]
-            words = grid.point_morton(
+            words = morton.point_morton(
                 g[source.latitude][:], g[source.longitude][:], config.output.child_order
             )
-            inside = grid.parent_of(words, config.output.parent_order) == np.uint64(parent)
+            inside = morton.parent_of(words, config.output.parent_order) == np.uint64(parent)
             rows = np.flatnonzero(inside)
             for name in (source.latitude, source.longitude):
                 total += _chunk_bytes(g[name], None)

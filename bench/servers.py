@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 
 from bench._common import REPO
-from magg_core.s3 import S3Credentials, S3Endpoint
+from magg_core.access.s3 import S3Credentials, S3Endpoint
 
 REGION = "us-west-2"
 CREDENTIALS = S3Credentials(access_key_id="AKIABENCHMAGG000", secret_access_key="bench-secret")

@@ -1,4 +1,4 @@
-"""Statistics: :func:`magg_core.aggregate.aggregate` against a naive per-child loop.
+"""Statistics: :func:`magg_core.stats.aggregate.aggregate` against a naive per-child loop.
 
 The baseline is what a straightforward implementation does: for each of the
 4,096 children of a parent, select its points with a boolean mask over all
@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from bench._common import machine, median_time, parser, ratio_line
-from magg_core.aggregate import aggregate
 from magg_core.config import PipelineConfig, load_config
+from magg_core.stats.aggregate import aggregate
 
 SIDE = 64
 """Children per side of a parent (4**6 = 64 x 64 at orders 6 -> 12)."""

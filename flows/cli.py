@@ -375,8 +375,8 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     """Sample granules → catalog (same intersection code, no CMR) → the real flow."""
-    from magg_core.catalog import catalog_from_records
-    from magg_core.sample import write_sample
+    from magg_core.catalog.catalog import catalog_from_records
+    from magg_core.granules.sample import write_sample
 
     if args.height_change:
         return _demo_height_change(args)
@@ -409,8 +409,8 @@ DEMO_CYCLE_GRANULES = 6
 
 def _demo_height_change(args: argparse.Namespace) -> int:
     """Three cycles of the sample, each gridded keeping its fragments, then dh/dt."""
-    from magg_core.catalog import catalog_from_records
-    from magg_core.sample import write_cycles
+    from magg_core.catalog.catalog import catalog_from_records
+    from magg_core.granules.sample import write_cycles
 
     workdir = Path(args.dir).resolve()
     n_granules = args.granules or DEMO_CYCLE_GRANULES
@@ -467,7 +467,7 @@ def _run_height_change(**parameters) -> dict:
 
 
 def _catalog(args: argparse.Namespace) -> int:
-    from magg_core.catalog import build_catalog
+    from magg_core.catalog.catalog import build_catalog
 
     catalog = build_catalog(
         cycle=args.cycle,
@@ -519,9 +519,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from magg_core.config import load_config
-    from magg_core.records import read_records
-    from magg_core.store import open_store, read_template, store_levels
-    from magg_core.summary import describe_dropped
+    from magg_core.report.summary import describe_dropped
+    from magg_core.store.arrays import open_store, read_template, store_levels
+    from magg_core.store.records import read_records
 
     config = load_config(args.config)
     store = open_store(args.store, read_only=True)
@@ -562,8 +562,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    """Attributes only (never array bytes): see ``magg_core.store.upgrade_dggs_attributes``."""
-    from magg_core.store import open_store, upgrade_dggs_attributes
+    """Attributes only (never array bytes).
+
+    See ``magg_core.store.arrays.upgrade_dggs_attributes``.
+    """
+    from magg_core.store.arrays import open_store, upgrade_dggs_attributes
 
     groups = upgrade_dggs_attributes(open_store(args.store))
     if groups:
@@ -591,7 +594,7 @@ def _run_flow(**parameters) -> dict:
 class _LiveProgress:
     """Bars for the run's stages on a terminal: done/total, failures so far, elapsed, ETA.
 
-    A watcher of :mod:`magg_core.progress`, which the flow advances as each
+    A watcher of :mod:`magg_core.report.progress`, which the flow advances as each
     extract and cell finishes. Drawn on standard output only when it is a
     terminal, and erased when the run ends, so the summary printed next (and
     anything read from a pipe or a file) is exactly what it was without it.
@@ -619,7 +622,7 @@ class _LiveProgress:
             TimeRemainingColumn,
         )
 
-        from magg_core.progress import watching
+        from magg_core.report.progress import watching
 
         bars = Progress(
             TextColumn("{task.description:<10}"),
@@ -668,8 +671,8 @@ def _quicklook(
     import xarray as xr
 
     from magg_core.config import load_config
-    from magg_core.quicklook import quicklook
-    from magg_core.store import open_store, store_levels
+    from magg_core.report.quicklook import quicklook
+    from magg_core.store.arrays import open_store, store_levels
 
     config = load_config(config_name)
     store = open_store(store_url, read_only=True)

@@ -4,7 +4,7 @@ The parent ``process-cycle`` run starts one of these per granule through the
 ``extract-granule`` deployment on the ECS work pool, before the cells. Like
 ``process-cell``, its parameters carry the request without credentials,
 which come from the Secret block the parent keeps fresh, and its request is
-checked like a Lambda event (:func:`magg_core.request.check_request`).
+checked like a Lambda event (:func:`magg_core.schema.check_request`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from prefect.states import State
 
 from magg.tasks.credentials import load_published_credentials
 from magg.tasks.ecs import failed_state
-from magg_core.extract import extract_granule
-from magg_core.request import ECS, ExtractRequest
+from magg_core.extract.granule import extract_granule
+from magg_core.schema import ECS, ExtractRequest
 
 
 @flow(name="extract-granule")

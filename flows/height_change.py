@@ -3,7 +3,7 @@
 plan (check each cycle store, list each parent's fragments) → output template
 → one task per parent (fit, write its chunk, record) in local worker
 processes → consolidated metadata → per-parent table and summary. The
-method is in :mod:`magg_core.dhdt`; the product in docs/height-change.md.
+method is in :mod:`magg_core.height_change.dhdt`; the product in docs/height-change.md.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from magg.tasks.height_change import (
 from magg.tasks.report import consolidate_store, run_progress
 from magg.tasks.setup import load_pipeline_config
 from magg.tasks.workers import local_workers
-from magg_core.dhdt import FitOptions
 from magg_core.errors import CellsFailedError
-from magg_core.height_change import HeightChangeRequest
+from magg_core.height_change.cell import HeightChangeRequest
+from magg_core.height_change.dhdt import FitOptions
 
 
 @flow(name="height-change")
@@ -70,7 +70,7 @@ def height_change(
         The cycles' pipeline config (a built-in name or a YAML path); it must
         have a ``height_change`` section.
     min_points, min_cycles, rejection_threshold, max_iterations
-        The fit's :class:`~magg_core.dhdt.FitOptions`: the fewest points and
+        The fit's :class:`~magg_core.height_change.dhdt.FitOptions`: the fewest points and
         distinct cycles a child needs, and the outlier-rejection rule. Run
         parameters, not config: changing them re-fits without touching the
         cycle stores.

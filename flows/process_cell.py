@@ -4,8 +4,8 @@ The parent ``process-cycle`` run starts one of these per cell through the
 ``process-cell`` deployment on an ECS work pool. Parameters carry the cell
 request without credentials; the credentials come from the Secret block the
 parent keeps fresh. Anyone who may create a flow run writes those parameters,
-so the request is checked like a Lambda event (:func:`magg_core.request.check_request`
-with :data:`magg_core.request.ECS`): its granules must be S3 objects, never local
+so the request is checked like a Lambda event (:func:`magg_core.schema.check_request`
+with :data:`magg_core.schema.ECS`): its granules must be S3 objects, never local
 files, and its store an ``s3://`` URL (below ``MAGG_ALLOWED_STORES`` when set).
 """
 
@@ -21,8 +21,8 @@ from prefect.states import State
 from magg.tasks.cells import CELL_TIMEOUT_S, raise_if_incomplete
 from magg.tasks.credentials import load_published_credentials
 from magg.tasks.ecs import failed_state
-from magg_core.cell import process_cell
-from magg_core.request import ECS, CellRequest
+from magg_core.grid.cell import process_cell
+from magg_core.schema import ECS, CellRequest
 
 
 @flow(name="process-cell")

@@ -44,15 +44,15 @@ from magg.tasks.report import (
 from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
 from magg.tasks.workers import local_workers
 from magg_core.errors import CellsFailedError
-from magg_core.levels import staged_orders
-from magg_core.plan import (
+from magg_core.grid.plan import (
     check_cell_timeout,
     check_mirror,
     plan_cells,
     plan_extracts,
     store_url_for,
 )
-from magg_core.request import CellRequest, ExtractRequest
+from magg_core.schema import CellRequest, ExtractRequest
+from magg_core.store.staging import staged_orders
 
 Backend = Literal["local", "dask", "lambda", "ecs"]
 CredentialsMode = Literal["earthdata", "environment", "none"]

@@ -22,7 +22,7 @@ from magg.tasks.watch import (
     late_cells,
     start_cycle_run,
 )
-from magg_core.plan import cycle_store
+from magg_core.grid.plan import cycle_store
 
 
 @flow(name="watch-cycles", log_prints=True)

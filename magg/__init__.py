@@ -126,7 +126,7 @@ def open(store: str, order: int = 12, **kwargs: Any) -> xr.Dataset:  # noqa: A00
     import xdggs
     import zarr
 
-    from magg_core.store import current_dggs_attributes, open_store
+    from magg_core.store.arrays import current_dggs_attributes, open_store
 
     zstore = open_store(store, read_only=True)
     root = zarr.open_group(zstore, mode="r")

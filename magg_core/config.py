@@ -61,7 +61,7 @@ class DataSource:
     product: str | None = None
     """The ``short_name`` a granule must declare (its root attribute, as NSIDC writes
     it); ``None`` accepts any. A granule with no beam group at all is refused either
-    way (:mod:`magg_core.read`, "Wrong product")."""
+    way (:mod:`magg_core.granules.read`, "Wrong product")."""
 
     def beam_group(self, beam: str) -> str:
         return self.group.format(beam=beam)

@@ -121,7 +121,7 @@ class CredentialsRejectedError(TransientReadError):
     """S3 refused the request's credentials (expired, invalid, access denied).
 
     Says nothing about the granule: the cell is retried with fresh credentials
-    (:meth:`magg_core.credentials.Credentials.reject`), never left with a hole.
+    (:meth:`magg_core.access.credentials.Credentials.reject`), never left with a hole.
     """
 
 
@@ -132,7 +132,7 @@ class CellDataError(InputError, ValueError):
 class CellFailedError(PermanentError, RuntimeError):
     """A cell did not produce complete statistics: it ``failed`` or is ``partial``.
 
-    ``result`` is the cell's :class:`~magg_core.request.CellResult` when it has
+    ``result`` is the cell's :class:`~magg_core.schema.CellResult` when it has
     one (which granules failed and why), so the run still reports the cell.
     """
 
@@ -261,7 +261,7 @@ def error_kind(exc: BaseException) -> ErrorKind:
     A library's error is ``"transient"`` if :func:`is_transient` says so, else
     ``"permanent"``: only magg knows what input it was given. Refusals of a
     granule's credentials have become :class:`CredentialsRejectedError` by
-    then (see :func:`magg_core.read.permanent_failure`); a 403 that reaches
+    then (see :func:`magg_core.granules.read.permanent_failure`); a 403 that reaches
     here is the run's own store refusing a write, which a retry won't change.
     """
     if isinstance(exc, MaggError):

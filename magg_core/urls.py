@@ -5,7 +5,7 @@ of an ECS child run — is written by whoever may invoke the function, so its
 URLs are untrusted. Its granules may only be S3 objects: a local path or a
 ``file://`` URL would let a caller read the worker's own files (and see their
 first bytes in a failure reason). Local granules remain possible through an
-operator's mirror (:func:`magg_core.plan.plan_cells`), which never comes from
+operator's mirror (:func:`magg_core.grid.plan.plan_cells`), which never comes from
 an event. The Lambda handler writes only below the store prefixes its operator
 allowed in :data:`ALLOWED_STORES_VARIABLE`, never to a bucket an event names.
 

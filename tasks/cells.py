@@ -35,14 +35,14 @@ from prefect.tasks import exponential_backoff
 
 import magg_core
 from magg.tasks.workers import process_cell_within, worker_slot
+from magg_core.access.credentials import Credentials
+from magg_core.access.s3 import S3Credentials
+from magg_core.backends.aws_lambda import invoke_cell, is_retryable
 from magg_core.config import PipelineConfig, load_config
-from magg_core.credentials import Credentials
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
-from magg_core.lambda_client import invoke_cell, is_retryable
-from magg_core.records import input_fingerprint, proven_cells
-from magg_core.request import CellRequest, CellResult
-from magg_core.s3 import S3Credentials
-from magg_core.store import open_store
+from magg_core.schema import CellRequest, CellResult
+from magg_core.store.arrays import open_store
+from magg_core.store.records import input_fingerprint, proven_cells
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -129,7 +129,7 @@ def proven_parents(
     """The cells of ``requests`` whose record proves their output is in the store.
 
     A cell's Prefect cache entry says only that it once succeeded; the store
-    says whether what it wrote is still there (:func:`magg_core.records.proven_cells`).
+    says whether what it wrote is still there (:func:`magg_core.store.records.proven_cells`).
     The flow submits every other cell with ``refresh_cache=True``
     (:func:`cache_unless_proven`), so a cell whose chunk or staging object was
     lost since is done again, and a proven cell is taken from the cache.

@@ -15,8 +15,8 @@ from prefect import task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NONE
 
-from magg_core.credentials import Credentials, aws_credentials, nsidc_credentials
-from magg_core.s3 import S3Credentials
+from magg_core.access.credentials import Credentials, aws_credentials, nsidc_credentials
+from magg_core.access.s3 import S3Credentials
 
 CREDENTIAL_SOURCES: dict[str, Callable[[], Credentials | None]] = {
     "earthdata": nsidc_credentials,

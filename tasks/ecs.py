@@ -7,7 +7,6 @@ from prefect.deployments import run_deployment
 from prefect.states import Failed, State
 
 from magg.tasks.cells import CELL_TIMEOUT_S, cell_task, raise_if_incomplete
-from magg_core.cell import request_config
 from magg_core.errors import (
     ERROR_KINDS,
     CellFailedError,
@@ -15,9 +14,10 @@ from magg_core.errors import (
     error_from_kind,
     error_kind,
 )
-from magg_core.records import read_records
-from magg_core.request import CellRequest, CellResult, ExtractRequest
-from magg_core.store import open_store
+from magg_core.grid.cell import request_config
+from magg_core.schema import CellRequest, CellResult, ExtractRequest
+from magg_core.store.arrays import open_store
+from magg_core.store.records import read_records
 
 CREDENTIALS_REJECTED = "CredentialsRejected"
 """The name of the ``Failed`` state a child flow run ends in when S3 refused its

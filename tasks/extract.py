@@ -24,10 +24,10 @@ from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected
 from magg.tasks.credentials import publish_credentials
 from magg.tasks.ecs import raise_if_child_failed, run_child
 from magg.tasks.workers import worker_slot
-from magg_core.credentials import Credentials
-from magg_core.extract import extract_granule, record_extract_failure, stored_extract
-from magg_core.lambda_client import invoke_extract
-from magg_core.request import ExtractRequest, ExtractResult
+from magg_core.access.credentials import Credentials
+from magg_core.backends.aws_lambda import invoke_extract
+from magg_core.extract.granule import extract_granule, record_extract_failure, stored_extract
+from magg_core.schema import ExtractRequest, ExtractResult
 
 
 def extract_task(fn):

@@ -25,22 +25,22 @@ from prefect.context import TaskRunContext
 from magg.tasks.cells import raise_if_incomplete, work_task
 from magg.tasks.workers import process_height_change_within
 from magg_core.config import PipelineConfig
-from magg_core.dhdt import FitOptions
-from magg_core.height_change import (
+from magg_core.height_change.cell import (
     HeightChangeRequest,
     fit_arrays,
     height_change_fingerprint,
     record_height_change,
 )
-from magg_core.height_change_plan import (
+from magg_core.height_change.dhdt import FitOptions
+from magg_core.height_change.plan import (
     HeightChangePlan,
     check_output_provenance,
     plan_height_change,
 )
-from magg_core.records import proven_cells
-from magg_core.request import CellResult
-from magg_core.store import create_template, open_store, read_template
-from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
+from magg_core.report.summary import cell_table, incomplete_cells, summarize, to_markdown
+from magg_core.schema import CellResult
+from magg_core.store.arrays import create_template, open_store, read_template
+from magg_core.store.records import proven_cells
 
 
 def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -61,7 +61,7 @@ def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any])
 def plan_cycles(
     cycles: Sequence[int], stores: str | Sequence[str], config: PipelineConfig
 ) -> HeightChangePlan:
-    """Check the cycle stores, list each parent's fragments (magg_core.height_change_plan)."""
+    """Check the cycle stores, list each parent's fragments (magg_core.height_change.plan)."""
     return plan_height_change(cycles, stores, config)
 
 

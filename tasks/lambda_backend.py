@@ -11,7 +11,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect_aws import AwsCredentials
 
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT
-from magg_core.lambda_client import lambda_client_config
+from magg_core.backends.aws_lambda import lambda_client_config
 
 DEFAULT_LAMBDA_CONCURRENCY = 1000
 """AWS's default account-wide concurrency; lower it (``prefect gcl update magg-lambda

@@ -19,14 +19,14 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 from prefect.logging import get_logger
 
-from magg_core.assembly import assemble_levels
-from magg_core.cell import record_failure
 from magg_core.config import PipelineConfig
-from magg_core.fragments import delete_fragments
-from magg_core.progress import Progress, RunProgress
-from magg_core.request import CellRequest, CellResult, ExtractResult
-from magg_core.store import consolidate, open_store
-from magg_core.summary import cell_table, incomplete_cells, summarize, to_markdown
+from magg_core.grid.assembly import assemble_levels
+from magg_core.grid.cell import record_failure
+from magg_core.report.progress import Progress, RunProgress
+from magg_core.report.summary import cell_table, incomplete_cells, summarize, to_markdown
+from magg_core.schema import CellRequest, CellResult, ExtractResult
+from magg_core.store.arrays import consolidate, open_store
+from magg_core.store.fragments import delete_fragments
 
 
 class ProgressArtifact:
@@ -87,7 +87,7 @@ class ProgressArtifact:
 @contextmanager
 def run_progress(extracts: int, cells: int) -> Iterator[RunProgress]:
     """A run's progress counter, watched by its Prefect artifact and by in-process watchers
-    (:func:`magg_core.progress.watching`: the CLI's live display)."""
+    (:func:`magg_core.report.progress.watching`: the CLI's live display)."""
     artifact = ProgressArtifact()
     try:
         yield RunProgress(extracts, cells, watchers=(artifact,))

@@ -8,9 +8,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from magg_core.catalog import Catalog, build_catalog, load_catalog
+from magg_core.catalog.catalog import Catalog, build_catalog, load_catalog
 from magg_core.config import PipelineConfig, load_config
-from magg_core.store import create_template, open_store, read_template
+from magg_core.store.arrays import create_template, open_store, read_template
 
 
 @task(cache_policy=NONE)

@@ -19,14 +19,14 @@ from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from magg_core.catalog import build_catalog
-from magg_core.cmr import GranuleSearch, record_granule_name, search_granules
+from magg_core.catalog.catalog import build_catalog
+from magg_core.catalog.cmr import GranuleSearch, record_granule_name, search_granules
+from magg_core.catalog.regions import load_region
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_query_range, cycle_range, granule_fields
-from magg_core.plan import cells_to_update
-from magg_core.records import proven_cells, read_records
-from magg_core.regions import load_region
-from magg_core.store import open_store, read_template
+from magg_core.grid.plan import cells_to_update
+from magg_core.store.arrays import open_store, read_template
+from magg_core.store.records import proven_cells, read_records
 
 FINISHED = frozenset({"ok", "empty", "no_granules"})
 """Record statuses that need no further run; ``failed`` cells do."""
@@ -66,8 +66,8 @@ def late_cells(
 
     Builds the cycle's catalog as ``process-cycle`` would and compares each
     cell's granules with the store's record of it
-    (:func:`magg_core.plan.cells_to_update`); a cell whose record no longer
-    proves its output (:func:`magg_core.records.proven_cells`) is stale as
+    (:func:`magg_core.grid.plan.cells_to_update`); a cell whose record no longer
+    proves its output (:func:`magg_core.store.records.proven_cells`) is stale as
     well. Returns the stale cells, the
     catalog cells outside the store's template, and the catalog's fingerprint
     (which names this state of the archive) -- combined with the lost cells'

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 
-from magg_core.cell import process_cell
-from magg_core.height_change import HeightChangeRequest, process_height_change
-from magg_core.request import CellRequest, CellResult
+from magg_core.grid.cell import process_cell
+from magg_core.height_change.cell import HeightChangeRequest, process_height_change
+from magg_core.schema import CellRequest, CellResult
 
-PRELOAD = ["magg_core.cell", "magg_core.extract", "magg_core.height_change"]
+PRELOAD = ["magg_core.grid.cell", "magg_core.extract.granule", "magg_core.height_change.cell"]
 TASKS_PER_PROCESS = 2
 """Tasks the local backend keeps in flight per worker process (see :func:`local_workers`)."""
 

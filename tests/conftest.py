@@ -17,7 +17,7 @@ import boto3  # noqa: E402
 import pytest
 
 from bench.servers import moto_s3  # noqa: E402
-from magg_core.s3 import S3Credentials, S3Endpoint  # noqa: E402
+from magg_core.access.s3 import S3Credentials, S3Endpoint  # noqa: E402
 
 TEST_REGION = "us-west-2"
 

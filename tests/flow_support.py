@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import zarr
 
-from magg_core.catalog import Catalog, catalog_from_records
+from magg_core.catalog.catalog import Catalog, catalog_from_records
 from magg_core.config import PipelineConfig, load_config
-from magg_core.records import read_records
-from magg_core.sample import write_sample
-from magg_core.store import open_store
+from magg_core.granules.sample import write_sample
+from magg_core.store.arrays import open_store
+from magg_core.store.records import read_records
 from tests.fakes.loopback import serve_on_loopback, shut_down
 from tests.oracle import STATISTICS, reference_statistics
 

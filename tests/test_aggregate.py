@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magg_core.aggregate import aggregate
 from magg_core.config import load_config
+from magg_core.stats.aggregate import aggregate
 
 BUILTIN = load_config()
 N_CHILDREN = BUILTIN.output.children_per_parent

@@ -14,8 +14,8 @@ import pytest
 import xarray as xr
 
 import magg
-from magg_core.catalog import catalog_from_records, load_catalog
-from magg_core.sample import write_sample
+from magg_core.catalog.catalog import catalog_from_records, load_catalog
+from magg_core.granules.sample import write_sample
 from tests.oracle import reference_statistics
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -10,19 +10,19 @@ import h5py
 import numpy as np
 import pytest
 
-from magg_core.catalog import (
+from magg_core.catalog.catalog import (
     Catalog,
     CatalogError,
     build_catalog,
     catalog_from_records,
     load_catalog,
 )
-from magg_core.cmr import CmrError, GranuleSearch, RetryPolicy
+from magg_core.catalog.cmr import CmrError, GranuleSearch, RetryPolicy
+from magg_core.catalog.regions import RegionError
 from magg_core.cycles import CycleError, cycle_query_range
-from magg_core.grid import parent_of, point_morton
-from magg_core.regions import RegionError
-from magg_core.request import ECS, CellRequest
-from magg_core.sample import write_sample
+from magg_core.granules.sample import write_sample
+from magg_core.morton import parent_of, point_morton
+from magg_core.schema import ECS, CellRequest
 from tests.fakes.cmr import FakeCmr, revision_of, umm_item
 
 CYCLE = 22
@@ -197,7 +197,7 @@ def test_write_is_atomic(dome_c, tmp_path, monkeypatch):
         f.write('{"metadata": {')
         raise OSError("disk full")
 
-    monkeypatch.setattr("magg_core.catalog.json.dump", fail_midway)
+    monkeypatch.setattr("magg_core.catalog.catalog.json.dump", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         catalog_from_records([g.umm for g in dome_c[:3]], cycle=CYCLE).write(path)
     assert path.read_bytes() == before

@@ -14,14 +14,14 @@ import pytest
 import zarr
 
 from magg.flows.cli import main
-from magg_core.catalog import Catalog, build_catalog
-from magg_core.cell import process_cell
-from magg_core.cmr import RetryPolicy
+from magg_core.catalog.catalog import Catalog, build_catalog
+from magg_core.catalog.cmr import RetryPolicy
 from magg_core.config import load_config
-from magg_core.grid import parent_of, point_morton
-from magg_core.plan import PlanError, plan_cells
-from magg_core.sample import write_sample
-from magg_core.store import create_template, open_store
+from magg_core.granules.sample import write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import PlanError, plan_cells
+from magg_core.morton import parent_of, point_morton
+from magg_core.store.arrays import create_template, open_store
 from tests import oracle
 from tests.fakes.cmr import FakeCmr, revision_of
 

@@ -13,14 +13,14 @@ import xarray as xr
 import xdggs
 import zarr
 
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import ConfigError, load_config
 from magg_core.errors import CellDataError
-from magg_core.plan import plan_cells
-from magg_core.records import read_records
-from magg_core.sample import write_sample
-from magg_core.store import TemplateMismatchError, consolidate, create_template, open_store
+from magg_core.granules.sample import write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import plan_cells
+from magg_core.store.arrays import TemplateMismatchError, consolidate, create_template, open_store
+from magg_core.store.records import read_records
 from tests import oracle
 
 CONFIG = load_config()

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from magg.flows.cli import main
-from magg_core.catalog import Catalog, CatalogGranule, catalog_from_records, load_catalog
-from magg_core.sample import write_sample
+from magg_core.catalog.catalog import Catalog, CatalogGranule, catalog_from_records, load_catalog
+from magg_core.granules.sample import write_sample
 from tests import oracle
 from tests.deploy_support import BIN, clean_environment
 from tests.fakes.cmr import FakeCmr

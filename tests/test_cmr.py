@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from magg_core.cmr import CmrError, GranuleSearch, RetryPolicy, cmr_url, search_granules
+from magg_core.catalog.cmr import CmrError, GranuleSearch, RetryPolicy, cmr_url, search_granules
 from magg_core.cycles import TimeRange
 from tests.fakes.cmr import FakeCmr, Fault, umm_item
 

@@ -18,8 +18,8 @@ import zarr
 
 import magg
 from magg_core.config import ConfigError, load_config
-from magg_core.grid import parent_of, point_morton
-from magg_core.store import (
+from magg_core.morton import parent_of, point_morton
+from magg_core.store.arrays import (
     consolidate,
     create_template,
     open_store,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import obstore
 import pytest
 
-from magg_core.credentials import (
+from magg_core.access.credentials import (
     DEFAULT_MARGIN,
     Credentials,
     CredentialsError,
@@ -19,7 +19,7 @@ from magg_core.credentials import (
     earthdata_login,
     nsidc_credentials,
 )
-from magg_core.s3 import S3Credentials, s3_store
+from magg_core.access.s3 import S3Credentials, s3_store
 from tests.fakes.earthdata import FakeEarthdata
 
 USER, PASSWORD = "magg-tester", "correct-horse-battery-staple-7!"

@@ -35,11 +35,11 @@ from packaging import tags
 
 from deployments.aws import deploy as lambda_deploy
 from deployments.aws.package import LAMBDA_UNZIPPED_LIMIT, build_function, build_layer
-from magg_core.catalog import catalog_from_records
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import load_config
-from magg_core.records import read_records
-from magg_core.sample import write_sample
-from magg_core.store import open_store
+from magg_core.granules.sample import write_sample
+from magg_core.store.arrays import open_store
+from magg_core.store.records import read_records
 from tests import oracle
 from tests.deploy_support import ALL_DEPLOYMENTS, REPO_ROOT, PrefectServer, prefect_cli, worker
 from tests.fakes.earthdata import FakeEarthdata
@@ -394,8 +394,8 @@ print(json.dumps(lambda_handler(json.loads(sys.stdin.read()), None)))
 
 def _run_in_sandbox(tmp_path: Path, moto_server) -> dict:
     """One cell through the handler in ``python -I -S`` with only task root + layer on the path."""
-    from magg_core.plan import plan_cells
-    from magg_core.store import create_template
+    from magg_core.grid.plan import plan_cells
+    from magg_core.store.arrays import create_template
 
     granules = write_sample(
         tmp_path / "g", n_granules=1, extent_km=20, centre=(-78.0, 40.0), seed=3

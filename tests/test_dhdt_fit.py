@@ -1,6 +1,6 @@
 """The plane-plus-trend fit against an independent per-child lstsq, and against the planted truth.
 
-The oracle here is written from the rule stated in magg_core/dhdt.py, one
+The oracle here is written from the rule stated in magg_core/height_change/dhdt.py, one
 child at a time with ``np.linalg.lstsq`` on uncentred rows (x, y in metres),
 weights applied by scaling rows with ``1/h_sigma``. Sample points are read
 with h5py, assigned to order-12 cells with healpy on authalic latitude (as
@@ -20,13 +20,19 @@ import numpy as np
 import pytest
 from pyproj import Geod, Proj, Transformer
 
-from magg_core.dhdt import FIT_ARRAYS, FitOptions, cell_offsets, fit_height_change, years_since
-from magg_core.sample import (
+from magg_core.granules.sample import (
     GLACIER_DHDT,
     PLANTED_EPOCH,
     planted_dhdt,
     planted_height,
     write_cycles,
+)
+from magg_core.height_change.dhdt import (
+    FIT_ARRAYS,
+    FitOptions,
+    cell_offsets,
+    fit_height_change,
+    years_since,
 )
 
 FILL = np.float32(3.4028235e38)
@@ -51,7 +57,7 @@ def t_quantile_975(dof):
 
 
 def oracle_fit(child, x, y, t, h, cycle, n_children, options, h_sigma=None):
-    """Per child: lstsq, the rejection rule of magg_core/dhdt.py, written out plainly."""
+    """Per child: lstsq, the rejection rule of magg_core/height_change/dhdt.py, written plainly."""
     sigma = np.ones_like(h) if h_sigma is None else h_sigma
     out = {name: np.full(n_children, fill, dtype=np.float64) for name, _, fill, _, _ in FIT_ARRAYS}
     for c in np.unique(child):

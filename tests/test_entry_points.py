@@ -5,7 +5,7 @@ flows against a real Prefect test server, on moto S3, with the parameters a
 caller who may create flow runs could write; the CLI runs in process. The
 Lambda events are in ``tests/test_lambda.py`` (through the loopback Invoke
 API and called as Lambda calls the handler); the shared check itself,
-:func:`magg_core.request.check_request`, is what all of them go through.
+:func:`magg_core.schema.check_request`, is what all of them go through.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 from magg.flows.cli import main
 from magg.flows.extract_granule import extract_granule_flow
 from magg.flows.process_cell import process_cell_flow
-from magg_core.catalog import Catalog, CatalogGranule
+from magg_core.catalog.catalog import Catalog, CatalogGranule
 from magg_core.config import load_config
-from magg_core.plan import PlanError, plan_cells
-from magg_core.request import CellRequest, ExtractRequest
-from magg_core.store import create_template, open_store
+from magg_core.grid.plan import PlanError, plan_cells
+from magg_core.schema import CellRequest, ExtractRequest
+from magg_core.store.arrays import create_template, open_store
 from tests.flow_support import SAMPLE, sample_in_s3
 
 IN, OUT = "magg-entry-in", "magg-entry-out"

@@ -10,8 +10,9 @@ import obstore.exceptions as obstore_errors
 import pytest
 
 from magg.tasks.ecs import FAILED_STATE_NAMES, failed_state, raise_if_child_failed
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.access.s3 import S3Credentials, S3Endpoint
+from magg_core.backends.aws_lambda import LambdaInvokeError
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import ConfigError, load_config
 from magg_core.errors import (
     CellFailedError,
@@ -28,13 +29,12 @@ from magg_core.errors import (
     rejects_credentials,
     s3_answer,
 )
-from magg_core.h5driver import TruncatedFileError
-from magg_core.lambda_client import LambdaInvokeError
-from magg_core.plan import plan_cells
-from magg_core.records import read_records
-from magg_core.s3 import S3Credentials, S3Endpoint
-from magg_core.sample import write_sample
-from magg_core.store import TemplateMismatchError, create_template, open_store
+from magg_core.granules.h5driver import TruncatedFileError
+from magg_core.granules.sample import write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import plan_cells
+from magg_core.store.arrays import TemplateMismatchError, create_template, open_store
+from magg_core.store.records import read_records
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
@@ -112,16 +112,16 @@ def _magg_exception_classes() -> list[type[BaseException]]:
     import magg_core
 
     found = []
-    for module in pkgutil.iter_modules(magg_core.__path__):
-        namespace = vars(importlib.import_module(f"magg_core.{module.name}"))
+    for module in pkgutil.walk_packages(magg_core.__path__, prefix="magg_core."):
+        namespace = vars(importlib.import_module(module.name))
         found += [
             cls
             for cls in namespace.values()
             if inspect.isclass(cls)
             and issubclass(cls, BaseException)
-            and cls.__module__.startswith("magg_core.")
-            and cls.__module__ == f"magg_core.{module.name}"
+            and cls.__module__ == module.name
         ]
+    assert len({cls.__module__ for cls in found}) > 10  # the walk reached the subpackages
     return found
 
 

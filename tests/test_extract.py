@@ -13,18 +13,18 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import load_config
-from magg_core.extract import extract_granule
-from magg_core.fragments import decode, fragment_key, read_extract_record
-from magg_core.grid import parent_of, point_morton
-from magg_core.height_change_plan import HeightChangePlanError, scan_cycle_store
-from magg_core.plan import plan_cells, plan_extracts
-from magg_core.records import read_records
-from magg_core.request import OPERATOR, ExtractRequest
-from magg_core.sample import BEAMS, write_sample
-from magg_core.store import create_template, open_store
+from magg_core.extract.granule import extract_granule
+from magg_core.granules.sample import BEAMS, write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import plan_cells, plan_extracts
+from magg_core.height_change.plan import HeightChangePlanError, scan_cycle_store
+from magg_core.morton import parent_of, point_morton
+from magg_core.schema import OPERATOR, ExtractRequest
+from magg_core.store.arrays import create_template, open_store
+from magg_core.store.fragments import decode, fragment_key, read_extract_record
+from magg_core.store.records import read_records
 from tests import oracle
 
 CONFIG = load_config()

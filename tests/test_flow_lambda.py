@@ -23,12 +23,12 @@ from prefect_aws import AwsClientParameters, AwsCredentials
 from magg.flows.process_cycle import process_cycle
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, grid_cell_on_lambda
 from magg.tasks.lambda_backend import DEFAULT_LAMBDA_CONCURRENCY, lambda_client, lambda_concurrency
+from magg_core.backends.aws_lambda import invoke_cell
 from magg_core.config import load_config
-from magg_core.grid import point_morton
-from magg_core.lambda_client import invoke_cell
-from magg_core.plan import plan_cells
-from magg_core.request import CellRequest
-from magg_core.store import create_template, open_store, read_template
+from magg_core.grid.plan import plan_cells
+from magg_core.morton import point_morton
+from magg_core.schema import CellRequest
+from magg_core.store.arrays import create_template, open_store, read_template
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     ambient_s3,

@@ -18,8 +18,8 @@ import pytest
 
 from magg.flows.cli import main
 from magg.flows.process_cycle import process_cycle
-from magg_core.catalog import load_catalog
-from magg_core.summary import LAMBDA_PRICE_PER_GB_S, LAMBDA_PRICE_PER_REQUEST
+from magg_core.catalog.catalog import load_catalog
+from magg_core.report.summary import LAMBDA_PRICE_PER_GB_S, LAMBDA_PRICE_PER_REQUEST
 from tests.flow_support import (
     Sample,
     assert_store_matches_oracle,

@@ -21,8 +21,8 @@ from magg.tasks.cells import grid_cell_locally
 from magg.tasks.workers import worker_pool
 from magg_core.config import load_config
 from magg_core.errors import CellsFailedError
-from magg_core.plan import plan_cells
-from magg_core.store import create_template, open_store, read_template
+from magg_core.grid.plan import plan_cells
+from magg_core.store.arrays import create_template, open_store, read_template
 from magg_core.urls import granule_name
 from tests.flow_support import (
     SAMPLE,

@@ -36,12 +36,12 @@ from magg.flows.process_cycle import process_cycle
 from magg.tasks.credentials import CREDENTIAL_SOURCES, open_credentials
 from magg.tasks.extract import extract_locally
 from magg.tasks.workers import worker_pool
+from magg_core.access.credentials import DEFAULT_MARGIN, Credentials
+from magg_core.access.s3 import S3Credentials
 from magg_core.config import load_config
-from magg_core.credentials import DEFAULT_MARGIN, Credentials
-from magg_core.extract import extract_granule
-from magg_core.plan import plan_cells, plan_extracts
-from magg_core.s3 import S3Credentials
-from magg_core.store import create_template, open_store
+from magg_core.extract.granule import extract_granule
+from magg_core.grid.plan import plan_cells, plan_extracts
+from magg_core.store.arrays import create_template, open_store
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     S3Error,

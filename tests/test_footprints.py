@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from magg_core.footprints import FootprintError, footprint_cells, footprint_polygons
-from magg_core.grid import point_morton
+from magg_core.catalog.footprints import FootprintError, footprint_cells, footprint_polygons
+from magg_core.morton import point_morton
 
 ORDER = 6
 

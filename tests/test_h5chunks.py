@@ -17,13 +17,13 @@ import h5py
 import numpy as np
 import pytest
 
-from magg_core import h5chunks
+from magg_core.access.s3 import S3Endpoint
 from magg_core.config import load_config
-from magg_core.h5chunks import CorruptFileError, index_column, read_spans
-from magg_core.h5driver import S3Access, open_h5
-from magg_core.read import GranuleReadError, read_granule
-from magg_core.s3 import S3Endpoint
-from magg_core.sample import BEAMS, write_sample
+from magg_core.granules import h5chunks
+from magg_core.granules.h5chunks import CorruptFileError, index_column, read_spans
+from magg_core.granules.h5driver import S3Access, open_h5
+from magg_core.granules.read import GranuleReadError, read_granule
+from magg_core.granules.sample import BEAMS, write_sample
 from tests import oracle
 
 REAL = sorted(Path("/work/shared/realdata/atl06").glob("*.h5"))

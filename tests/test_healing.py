@@ -23,9 +23,9 @@ import zarr
 
 from magg.flows.process_cycle import process_cycle
 from magg_core.config import load_config
-from magg_core.fragments import fragment_key
-from magg_core.levels import staged_orders, staging_key
-from magg_core.store import open_store
+from magg_core.store.arrays import open_store
+from magg_core.store.fragments import fragment_key
+from magg_core.store.staging import staged_orders, staging_key
 from tests.flow_support import (
     SAMPLE,
     S3Proxy,

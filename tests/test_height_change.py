@@ -22,21 +22,21 @@ import xdggs
 import zarr
 from pyproj import Transformer
 
-from magg_core.catalog import catalog_from_records
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import load_config
 from magg_core.cycles import ATLAS_EPOCH
-from magg_core.dhdt import FitOptions
 from magg_core.errors import CellsFailedError
-from magg_core.fragments import fragment_key
-from magg_core.height_change_plan import (
+from magg_core.granules.sample import planted_dhdt, write_cycles
+from magg_core.height_change.dhdt import FitOptions
+from magg_core.height_change.plan import (
     HeightChangePlanError,
     cycle_store_urls,
     plan_height_change,
     reference_epoch,
 )
-from magg_core.records import read_records
-from magg_core.sample import planted_dhdt, write_cycles
-from magg_core.store import create_template, open_store
+from magg_core.store.arrays import create_template, open_store
+from magg_core.store.fragments import fragment_key
+from magg_core.store.records import read_records
 from tests import oracle
 from tests.flow_support import ambient_s3, cell_task_runs
 from tests.test_dhdt_fit import oracle_fit
@@ -184,7 +184,7 @@ def test_provenance_lists_the_cycle_stores_and_their_fragments(run, cycles):
 
 def test_magg_plot_draws_dhdt_on_a_scale_centred_on_zero(run, product, tmp_path):
     from magg.flows.cli import main
-    from magg_core.quicklook import colour_scale
+    from magg_core.report.quicklook import colour_scale
 
     png = tmp_path / "dhdt.png"
     assert main(["plot", run["store"], "--variable", "dhdt", "-o", str(png)]) == 0

@@ -30,13 +30,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from deployments.aws.lambda_handler import lambda_handler
-from magg_core.cell import process_cell
-from magg_core.config import PipelineConfig, load_config
-from magg_core.errors import CredentialsRejectedError, PermanentError, is_transient
-from magg_core.extract import extract_granule
-from magg_core.fragments import fragment_key
-from magg_core.grid import point_morton
-from magg_core.lambda_client import (
+from magg_core.backends.aws_lambda import (
     LambdaCellError,
     LambdaCellFailed,
     LambdaFunctionError,
@@ -50,9 +44,15 @@ from magg_core.lambda_client import (
     is_retryable,
     lambda_client_config,
 )
-from magg_core.request import CellRequest, CellResult, ExtractRequest
-from magg_core.sample import BEAMS, write_sample
-from magg_core.store import create_template, open_store
+from magg_core.config import PipelineConfig, load_config
+from magg_core.errors import CredentialsRejectedError, PermanentError, is_transient
+from magg_core.extract.granule import extract_granule
+from magg_core.granules.sample import BEAMS, write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.morton import point_morton
+from magg_core.schema import CellRequest, CellResult, ExtractRequest
+from magg_core.store.arrays import create_template, open_store
+from magg_core.store.fragments import fragment_key
 from tests.fakes.lambda_api import REPO_ROOT, FakeLambda
 
 if TYPE_CHECKING:  # the sandbox imports this module for its test handlers: keep it light
@@ -94,7 +94,7 @@ def raising_cell_handler(event, context):
     from deployments.aws import lambda_handler as handler
     from magg_core.config import ConfigError
     from magg_core.errors import CredentialsRejectedError, TransientReadError
-    from magg_core.h5chunks import CorruptFileError
+    from magg_core.granules.h5chunks import CorruptFileError
 
     raised = {
         "input": ConfigError("no such column: h_lj"),

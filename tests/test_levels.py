@@ -19,21 +19,21 @@ import zarr
 
 from magg.flows.cli import main
 from magg.flows.process_cycle import process_cycle
-from magg_core import assembly
-from magg_core.assembly import assemble_levels
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import ConfigError, load_config
-from magg_core.levels import (
+from magg_core.granules.sample import write_sample
+from magg_core.grid import assembly
+from magg_core.grid.assembly import assemble_levels
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import plan_cells
+from magg_core.stats.levels import level_statistics
+from magg_core.store.arrays import ArraySpec, create_template, open_store, store_levels
+from magg_core.store.staging import (
     decode_staging,
     encode_staging,
-    level_statistics,
     staged_orders,
     staging_key,
 )
-from magg_core.plan import plan_cells
-from magg_core.sample import write_sample
-from magg_core.store import ArraySpec, create_template, open_store, store_levels
 from tests import oracle
 from tests.flow_support import (
     SAMPLE,
@@ -112,7 +112,7 @@ def _float64(rng, n):
 @pytest.mark.parametrize("heights", [_positive, _signed_with_ties, _float64])
 @pytest.mark.parametrize("in_runs", [True, False], ids=["runs", "shuffled"])
 def test_level_statistics_equal_a_pandas_groupby_at_every_order(heights, in_runs):
-    """Every order from one sort (magg_core.aggregate.aggregate_levels) against pandas."""
+    """Every order from one sort (magg_core.stats.aggregate.aggregate_levels) against pandas."""
     rng = np.random.default_rng(7)
     n = 30_000
     occupied = rng.choice(4096, size=400, replace=False)  # most children empty

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-from magg_core.catalog import Catalog, CatalogGranule
+from magg_core.access.credentials import DEFAULT_MARGIN
+from magg_core.catalog.catalog import Catalog, CatalogGranule
 from magg_core.config import load_config
-from magg_core.credentials import DEFAULT_MARGIN
-from magg_core.plan import (
+from magg_core.grid.plan import (
     MAX_CELL_TIMEOUT_S,
     PlanError,
     check_cell_timeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from magg_core.progress import Progress, RunProgress, watching
+from magg_core.report.progress import Progress, RunProgress, watching
 
 
 def test_watchers_see_every_finished_item_and_the_failures_so_far():

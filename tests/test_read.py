@@ -10,12 +10,12 @@ import mortie
 import numpy as np
 import pytest
 
+from magg_core.access.s3 import S3Credentials
 from magg_core.config import load_config
-from magg_core.h5driver import S3Access, shared_store
-from magg_core.read import GranulePoints, GranuleReadError, read_granule, read_granules, row_spans
-from magg_core.request import GranuleFailure
-from magg_core.s3 import S3Credentials
-from magg_core.sample import BEAMS, write_sample
+from magg_core.granules.h5driver import S3Access, shared_store
+from magg_core.granules.read import GranuleReadError, read_granule, read_granules, row_spans
+from magg_core.granules.sample import BEAMS, write_sample
+from magg_core.schema import GranuleFailure, GranulePoints
 from tests import oracle
 
 CONFIG = load_config("atl06")

@@ -14,11 +14,11 @@ import pytest
 
 from magg.flows.extract_granule import extract_granule_flow
 from magg.tasks.ecs import CREDENTIALS_REJECTED, raise_if_child_failed
+from magg_core.access.s3 import S3Endpoint
 from magg_core.errors import CredentialsRejectedError, TransientReadError, is_transient
-from magg_core.h5driver import SHORT_READ_ATTEMPTS
-from magg_core.read import GranuleReadError, read_granules, read_parents
-from magg_core.request import ExtractRequest
-from magg_core.s3 import S3Endpoint
+from magg_core.granules.h5driver import SHORT_READ_ATTEMPTS
+from magg_core.granules.read import GranuleReadError, read_granules, read_parents
+from magg_core.schema import ExtractRequest
 from tests import oracle
 from tests.conftest import running_moto
 from tests.flow_support import S3Error, s3_proxy

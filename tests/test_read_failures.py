@@ -28,14 +28,14 @@ from h5coro.h5coro import H5Coro
 from h5coro.h5dataset import H5Dataset
 
 from magg.tasks.cells import CELL_RETRIES
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import load_config
 from magg_core.errors import is_transient
-from magg_core.plan import plan_cells
-from magg_core.read import GranuleReadError, read_granule
-from magg_core.sample import BEAMS, write_sample
-from magg_core.store import create_template, open_store
+from magg_core.granules.read import GranuleReadError, read_granule
+from magg_core.granules.sample import BEAMS, write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import plan_cells
+from magg_core.store.arrays import create_template, open_store
 from tests import oracle
 from tests.conftest import running_moto
 

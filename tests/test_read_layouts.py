@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from magg_core.config import load_config
-from magg_core.read import read_granule, read_granules
-from magg_core.sample import BEAMS, FILL_VALUE, write_sample
+from magg_core.granules.read import read_granule, read_granules
+from magg_core.granules.sample import BEAMS, FILL_VALUE, write_sample
 from tests import oracle
 
 CONFIG = load_config("atl06")

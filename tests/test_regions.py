@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from magg_core.grid import point_morton
-from magg_core.regions import BUILTIN_REGIONS, RegionError, load_region, region_from_geojson
+from magg_core.catalog.regions import BUILTIN_REGIONS, RegionError, load_region, region_from_geojson
+from magg_core.morton import point_morton
 
 ORDER = 6
 

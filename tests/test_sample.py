@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
 
-from magg_core.cmr import record_granule_name
+from magg_core.catalog.cmr import record_granule_name
 from magg_core.cycles import cycle_range, parse_granule_name
-from magg_core.sample import (
+from magg_core.granules.sample import (
     BEAMS,
     DEMO_CENTRE,
     FILL_VALUE,

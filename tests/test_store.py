@@ -16,12 +16,11 @@ import xdggs  # noqa: F401  (registers the .dggs accessor)
 import zarr
 from zarr.storage import LocalStore, ObjectStore
 
-from magg_core import store as magg_store
 from magg_core.config import load_config
-from magg_core.grid import children, parent_of, point_morton
-from magg_core.records import CellRecord, input_fingerprint, read_records, write_record
-from magg_core.request import CellResult, GranuleFailure, Timings
-from magg_core.store import (
+from magg_core.morton import children, parent_of, point_morton
+from magg_core.schema import CellResult, GranuleFailure, Timings
+from magg_core.store import arrays as magg_store
+from magg_core.store.arrays import (
     ArraySpec,
     TemplateMismatchError,
     check_template,
@@ -32,6 +31,7 @@ from magg_core.store import (
     read_template,
     write_cell,
 )
+from magg_core.store.records import CellRecord, input_fingerprint, read_records, write_record
 
 # Points on the Antarctic ice sheet, 75-85°S, spread in longitude.
 LATS = np.array([-75.3, -76.8, -78.1, -79.6, -81.2, -82.7, -84.4])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from magg_core.request import CellResult, GranuleFailure, Timings
-from magg_core.summary import cell_table, summarize, to_markdown
+from magg_core.report.summary import cell_table, summarize, to_markdown
+from magg_core.schema import CellResult, GranuleFailure, Timings
 
 ARM64_USD_PER_GB_S = 0.0000133334
 X86_USD_PER_GB_S = 0.0000166667

@@ -26,11 +26,11 @@ import httpx
 import pytest
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from magg_core.catalog import catalog_from_records
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import load_config
-from magg_core.records import read_records
-from magg_core.sample import SampleGranule, write_sample
-from magg_core.store import open_store
+from magg_core.granules.sample import SampleGranule, write_sample
+from magg_core.store.arrays import open_store
+from magg_core.store.records import read_records
 from tests.browser import (
     click,
     headless_chromium,

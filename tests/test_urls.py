@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from magg_core.h5driver import ObstoreDriver, S3Access
-from magg_core.records import input_fingerprint
-from magg_core.request import ECS, CellRequest, RequestError
-from magg_core.s3 import S3Endpoint
-from magg_core.store import open_store
+from magg_core.access.s3 import S3Endpoint
+from magg_core.granules.h5driver import ObstoreDriver, S3Access
+from magg_core.schema import ECS, CellRequest, RequestError
+from magg_core.store.arrays import open_store
+from magg_core.store.records import input_fingerprint
 from magg_core.urls import (
     URLError,
     allowed_store,
@@ -199,7 +199,7 @@ def test_an_ecs_child_run_refuses_one_granule_twice_before_reading(prefect_serve
 
 
 # -- one S3 URL parser, one granule-name parser ------------------------------------------
-# The lax parser that opened stores and granules (``magg_core.s3.split_s3_url``) took
+# The lax parser that opened stores and granules (``magg_core.access.s3.split_s3_url``) took
 # any netloc as the bucket, dropped a query, kept ``..`` and empty segments in the key.
 
 

@@ -23,14 +23,14 @@ import pytest
 
 from magg.flows.process_cycle import process_cycle
 from magg.tasks.watch import due_cycles
-from magg_core.catalog import catalog_from_records
-from magg_core.cell import process_cell
+from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import load_config
 from magg_core.cycles import cycle_query_range, cycle_range
-from magg_core.fragments import read_extract_record
-from magg_core.plan import cycle_store, plan_cells
-from magg_core.sample import write_sample
-from magg_core.store import create_template, open_store, read_template
+from magg_core.granules.sample import write_sample
+from magg_core.grid.cell import process_cell
+from magg_core.grid.plan import cycle_store, plan_cells
+from magg_core.store.arrays import create_template, open_store, read_template
+from magg_core.store.fragments import read_extract_record
 from tests.deploy_support import ALL_DEPLOYMENTS, BIN, PrefectServer, prefect_cli
 from tests.fakes.cmr import FakeCmr
 from tests.flow_support import cell_task_runs, store_arrays

@@ -1,7 +1,7 @@
 """AWS Lambda entry point: one parent cell, or one granule's extract, per invocation.
 
 A run's first stage sends extract events (``"kind": "extract"``: one granule
-into fragments, see :mod:`magg_core.extract`), its second cell events with
+into fragments, see :mod:`magg_core.extract.granule`), its second cell events with
 ``from_fragments``. A cell event without it reads its granules itself, as
 the seed's did. The event and the ``{"statusCode", "body"}`` answer are the seed's, so existing
 orchestrators keep working: 200 carries the :class:`CellResult` (also when the
@@ -10,7 +10,7 @@ to do with it), 400 a request that can never run (missing fields, a granule
 that is not an S3 object or is listed twice, a parent that is no cell of its
 order, a store outside the operator's allow-list, a config that does not
 validate, a store without this cell in its template: the check every entry
-point makes, :func:`magg_core.request.check_request`; every
+point makes, :func:`magg_core.schema.check_request`; every
 :class:`~magg_core.errors.InputError`), 500 anything else. A 500's body says
 in ``error_kind`` which branch of :class:`~magg_core.errors.MaggError` the
 failure belongs to (``"transient"``: worth a retry; ``"permanent"``: not), and
@@ -32,10 +32,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from magg_core.cell import process_cell
 from magg_core.errors import CredentialsRejectedError, InputError, error_kind
-from magg_core.extract import extract_granule
-from magg_core.request import (
+from magg_core.extract.granule import extract_granule
+from magg_core.grid.cell import process_cell
+from magg_core.schema import (
     EXTRACT_EVENT,
     LAMBDA,
     CellRequest,
@@ -47,9 +47,9 @@ from magg_core.request import (
 CALLER_ERRORS = (InputError,)
 """Failures that repeat on every attempt until the caller changes something: 400.
 
-Among them :class:`~magg_core.request.RequestError`,
+Among them :class:`~magg_core.schema.RequestError`,
 :class:`~magg_core.urls.URLError`, :class:`~magg_core.config.ConfigError`,
-:class:`~magg_core.store.TemplateMismatchError` and
+:class:`~magg_core.store.arrays.TemplateMismatchError` and
 :class:`~magg_core.errors.CellDataError`."""
 
 

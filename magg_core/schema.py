@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import numpy as np
+
+from magg_core.access.s3 import S3Credentials
 from magg_core.config import ConfigError, PipelineConfig, load_config_at
 from magg_core.cycles import granule_fields
 from magg_core.errors import InputError
-from magg_core.grid import cell_word_problem
-from magg_core.s3 import S3Credentials
+from magg_core.morton import cell_word_problem
 from magg_core.urls import (
     ALLOWED_STORES_VARIABLE,
     URLError,
@@ -40,8 +42,37 @@ the order the filters apply (a point counts under the first that drops it):
 variable has no value (the fill value, a non-finite number, or a dataset
 without rows in that beam); ``sigma``, an uncertainty (a read variable a
 ``weights`` column is derived from) is not finite and positive. The first two
-apply when a granule is read (:mod:`magg_core.read`), the third when the cell
-aggregates (:func:`magg_core.aggregate.valid_points`)."""
+apply when a granule is read (:mod:`magg_core.granules.read`), the third when the cell
+aggregates (:func:`magg_core.stats.aggregate.valid_points`)."""
+
+READ_DROPS = DROP_REASONS[:2]
+"""The reasons the reader leaves a point inside a parent out: ``quality`` and
+``fill`` (see :data:`DROP_REASONS`)."""
+
+
+@dataclass(frozen=True)
+class GranulePoints:
+    """The good points of one granule inside one parent cell.
+
+    ``child_index`` (int64) is each point's child position in the parent,
+    ``0 .. 4**(child_order - parent_order) - 1``; ``columns`` holds the
+    config's variables, aligned with it, in the file's dtypes.
+    """
+
+    url: str
+    child_index: np.ndarray
+    columns: Mapping[str, np.ndarray] = field(repr=False)
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    """Points of the granule inside the parent that the reader did not keep, by
+    reason (:data:`READ_DROPS`; see :func:`magg_core.granules.read.read_parents`)."""
+    bytes_fetched: int = 0
+    """Bytes the driver read, metadata included (for the read-efficiency target,
+    docs/architecture.md §Targets)."""
+    requests: int = 0
+
+    def __len__(self) -> int:
+        return int(self.child_index.size)
+
 
 REQUIRED_FIELDS = ("parent_morton", "parent_order", "child_order", "granule_urls", "store_path")
 
@@ -64,7 +95,7 @@ class CellRequest:
     """A pipeline config mapping; ``None`` means the built-in ``atl06``."""
     from_fragments: bool = False
     """Aggregate the fragments the extract stage stored for this cell
-    (:mod:`magg_core.fragments`) instead of reading the granules here."""
+    (:mod:`magg_core.store.fragments`) instead of reading the granules here."""
     accept_partial: bool = False
     """Write the statistics of a ``partial`` cell (some granules failed) instead of
     leaving its chunk as it was: for runs where a granule is known to be bad upstream."""
@@ -183,7 +214,7 @@ class EntryPoint:
     the worker's own files, and see their first bytes in a failure reason),
     and its store an ``s3://`` URL the operator allows
     (:func:`magg_core.urls.remote_store`). The operator's own entry point (the
-    CLI and ``process-cycle``, through :func:`magg_core.plan.plan_cells`)
+    CLI and ``process-cycle``, through :func:`magg_core.grid.plan.plan_cells`)
     may also read the operator's mirror and write a local store.
     """
 
@@ -213,7 +244,7 @@ def check_request(
     - the config loads at the request's orders (``config``, when the caller
       already loaded it at those orders, is used as is);
     - ``parent_morton`` is a canonical morton word of ``parent_order``
-      (mortie decides: :func:`magg_core.grid.cell_word_problem`), so it can
+      (mortie decides: :func:`magg_core.morton.cell_word_problem`), so it can
       only ever match its own chunk;
     - the granules are canonical (remote: ``s3://`` objects, NSIDC's HTTPS
       form mapped to them, :func:`magg_core.urls.granule_url`) and name each
@@ -426,7 +457,7 @@ class ExtractRequest:
     def from_event(cls, event: Mapping[str, Any], entry: EntryPoint) -> ExtractRequest:
         """Validate an extract event sent to ``entry``; every problem in one :class:`RequestError`.
 
-        The cell event's validation (:func:`magg_core.request.check_request`)
+        The cell event's validation (:func:`magg_core.schema.check_request`)
         applies to the granule, orders, config and store; each of ``parents``
         must besides be a distinct canonical morton word of ``parent_order``.
         """

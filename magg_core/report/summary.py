@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from magg_core.request import DROP_REASONS, CellResult
+from magg_core.schema import DROP_REASONS, CellResult
 
 LAMBDA_PRICE_PER_GB_S = {"arm64": 0.0000133334, "x86_64": 0.0000166667}
 """AWS Lambda on-demand compute price (USD per GB-second, us-west-2, first tier)."""
@@ -37,7 +37,7 @@ class RunSummary:
     lambda_architecture: str
     dropped: dict[str, int] = field(default_factory=dict)
     """Points inside the cells left out of the statistics, by filter
-    (:attr:`magg_core.request.CellResult.dropped`)."""
+    (:attr:`magg_core.schema.CellResult.dropped`)."""
 
     @property
     def failed(self) -> int:

@@ -8,7 +8,7 @@ reading the arrays) unless the request accepts partial cells; both leave a
 record naming each failed granule and why.
 
 With pyramid levels configured, the points are aggregated once more per
-coarse order and staged for the flow's assembly (:mod:`magg_core.levels`).
+coarse order and staged for the flow's assembly (:mod:`magg_core.store.staging`).
 
 Every point of its granules inside the cell is either in the statistics or
 counted in the result's ``dropped``, by the filter that left it out (quality
@@ -29,22 +29,23 @@ import numpy as np
 from zarr.abc.store import Store
 
 import magg_core
-from magg_core.aggregate import (
+from magg_core.access.s3 import S3Endpoint
+from magg_core.config import PipelineConfig, load_config_at
+from magg_core.errors import CellDataError, CellTimeoutError
+from magg_core.granules.read import read_granules
+from magg_core.schema import READ_DROPS, CellRequest, CellResult, GranulePoints, Timings
+from magg_core.stats.aggregate import (
     SIGMA_DROP,
     InvalidDerivedValueError,
     NonFiniteStatisticError,
     check_derived,
     valid_points,
 )
-from magg_core.config import PipelineConfig, load_config_at
-from magg_core.errors import CellDataError, CellTimeoutError
-from magg_core.fragments import read_cell_fragments
-from magg_core.levels import level_statistics, staging_object
-from magg_core.read import READ_DROPS, GranulePoints, read_granules
-from magg_core.records import CellRecord, input_fingerprint, write_record
-from magg_core.request import CellRequest, CellResult, Timings
-from magg_core.s3 import S3Endpoint
-from magg_core.store import check_template, chunk_index, open_store, write_cell
+from magg_core.stats.levels import level_statistics
+from magg_core.store.arrays import check_template, chunk_index, open_store, write_cell
+from magg_core.store.fragments import read_cell_fragments
+from magg_core.store.records import CellRecord, input_fingerprint, write_record
+from magg_core.store.staging import staging_object
 
 
 def request_config(request: CellRequest) -> PipelineConfig:

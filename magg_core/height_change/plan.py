@@ -4,7 +4,7 @@ For each requested cycle the plan opens its store and checks that it was
 gridded with this config (same config hash, so the same orders and the same
 fragment columns) and that its fragments were kept. What feeds each parent
 comes from the cycle's *extract records* (``fragments/{order}/*/extract.json``,
-:mod:`magg_core.fragments`): one listing and one small GET per granule, each
+:mod:`magg_core.store.fragments`): one listing and one small GET per granule, each
 record naming the parents its granule has points in. The cycle's cell records
 cannot say this (they count granules, not name them), but they do say which
 parents were incomplete in that cycle: their failed granules are added to the
@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 import zarr
 
+from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_range, granule_fields
-from magg_core.dhdt import FitOptions
 from magg_core.errors import InputError
-from magg_core.fragments import granule_name, read_extract_records
-from magg_core.height_change import CycleFragments, HeightChangeRequest
-from magg_core.records import read_records
-from magg_core.request import INCOMPLETE_STATUSES
-from magg_core.s3 import S3Endpoint
-from magg_core.store import TEMPLATE_ATTR, open_store, read_template
+from magg_core.height_change.cell import CycleFragments, HeightChangeRequest
+from magg_core.height_change.dhdt import FitOptions
+from magg_core.schema import INCOMPLETE_STATUSES
+from magg_core.store.arrays import TEMPLATE_ATTR, open_store, read_template
+from magg_core.store.fragments import granule_name, read_extract_records
+from magg_core.store.records import read_records
 
 
 class HeightChangePlanError(InputError, ValueError):

@@ -11,12 +11,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import magg_core
-from magg_core.catalog import Catalog, CatalogGranule, cell_word_problem
+from magg_core.access.credentials import DEFAULT_MARGIN
+from magg_core.catalog.catalog import Catalog, CatalogGranule, cell_word_problem
 from magg_core.config import PipelineConfig
-from magg_core.credentials import DEFAULT_MARGIN
 from magg_core.errors import InputError
-from magg_core.records import CellRecord, input_fingerprint
-from magg_core.request import OPERATOR, CellRequest, ExtractRequest, RequestError, check_request
+from magg_core.schema import OPERATOR, CellRequest, ExtractRequest, RequestError, check_request
+from magg_core.store.records import CellRecord, input_fingerprint
 from magg_core.urls import URLError, granule_url, mirror_granule, parse_s3_url
 
 LAMBDA_MAX_TIMEOUT_S = 900
@@ -120,7 +120,7 @@ def plan_cells(
         not a plain file name or links outside a local mirror (with a
         mirror), a mirror is neither a directory nor an ``s3://`` prefix, or a
         request fails the check every entry point makes
-        (:func:`magg_core.request.check_request`: e.g. a cell listing one
+        (:func:`magg_core.schema.check_request`: e.g. a cell listing one
         granule twice).
     """
     check_catalog_cells(catalog, config.output.parent_order)

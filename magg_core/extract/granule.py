@@ -1,7 +1,7 @@
 """Stage *extract*: read one granule once and store its points as a fragment per parent cell.
 
 The unit of reading is the granule and the unit of gridding the cell (see
-:mod:`magg_core.fragments`). This runs identically in a thread, a worker
+:mod:`magg_core.store.fragments`). This runs identically in a thread, a worker
 process, the Lambda handler (its ``extract`` event) or a Dask worker.
 """
 
@@ -15,8 +15,12 @@ from dataclasses import replace
 from zarr.abc.store import Store
 
 import magg_core
+from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig
-from magg_core.fragments import (
+from magg_core.granules.read import GranuleReadError, permanent_failure, read_parents
+from magg_core.schema import ExtractRequest, ExtractResult
+from magg_core.store.arrays import open_store
+from magg_core.store.fragments import (
     ExtractRecord,
     fragments_intact,
     granule_name,
@@ -24,10 +28,6 @@ from magg_core.fragments import (
     write_extract_record,
     write_fragments,
 )
-from magg_core.read import GranuleReadError, permanent_failure, read_parents
-from magg_core.request import ExtractRequest, ExtractResult
-from magg_core.s3 import S3Endpoint
-from magg_core.store import open_store
 
 
 def extract_fingerprint(url: str, config: PipelineConfig) -> str:
@@ -125,7 +125,7 @@ def stored_extract(
     version for at least the requested parents (a later run restricted to a
     few cells reuses a whole-cycle extract), and the fragments of those
     parents are still in the store at the size written
-    (:func:`magg_core.fragments.fragments_intact`); a failure, for the same inputs.
+    (:func:`magg_core.store.fragments.fragments_intact`); a failure, for the same inputs.
     """
     config = request.pipeline_config()
     store = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())

@@ -22,7 +22,7 @@ one request per chunk and ~10 % more requests than 8 KiB lines.
 cannot open is refused by name (:class:`NotHDF5Error`,
 :class:`UnsupportedFormatError`) rather than by whatever h5coro trips over;
 and it opens the file with HDF5 itself (h5py, through :class:`DriverFile`)
-for the few structures h5coro cannot walk (see :mod:`magg_core.h5chunks`).
+for the few structures h5coro cannot walk (see :mod:`magg_core.granules.h5chunks`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from h5coro.filedriver import FileDriver
 from h5coro.h5coro import H5Coro
 from obstore.store import S3Store
 
+from magg_core.access.s3 import S3Credentials, S3Endpoint, s3_store
 from magg_core.errors import InputError, PermanentError, TransientReadError
-from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
 from magg_core.urls import s3_location
 
 CACHE_LINE_BYTES = 4 * 1024
@@ -326,7 +326,7 @@ def _superblock_head(head: bytes, driver: Any) -> bytes:
     (SWMR) and which h5coro does not read (HDF5 file format specification,
     "Superblock" / "Version 3"): it is handed to h5coro as version 2, so that
     such a file's groups and contiguous datasets are read by h5coro, and its
-    chunk indexes (layout version 4 and 5) by HDF5 (:mod:`magg_core.h5chunks`).
+    chunk indexes (layout version 4 and 5) by HDF5 (:mod:`magg_core.granules.h5chunks`).
 
     Raises
     ------

@@ -45,8 +45,8 @@ from earthaccess.daac import DAACS
 from earthaccess.exceptions import LoginAttemptFailure, LoginStrategyUnavailable
 from earthaccess.system import PROD, System
 
+from magg_core.access.s3 import S3Credentials
 from magg_core.errors import PermanentError, TransientError
-from magg_core.s3 import S3Credentials
 
 log = logging.getLogger(__name__)
 

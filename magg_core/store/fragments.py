@@ -4,7 +4,7 @@ A cycle is gridded in two stages so that each granule is read once however
 many cells it crosses (an Antarctic granule crosses 25-32 order-6 parents):
 
 - *extract*, per granule: read it once for every parent the catalog lists it
-  under (:func:`magg_core.read.read_parents`) and store one fragment per
+  under (:func:`magg_core.granules.read.read_parents`) and store one fragment per
   (granule, parent), then the granule's extract record;
 - *grid*, per parent: fetch the parent's fragment of each of its granules
   (one request each) and aggregate.
@@ -21,13 +21,13 @@ orders 6 → 12) -- and each ``data_source`` variable in the file's dtype, in
 the granule's beam-then-row order. For ATL06 that is 2 + 4 + 4 = 10 bytes a
 point. Beside them, one int64 scalar per reason the reader left a point of
 the parent out (``dropped.quality``, ``dropped.fill``: see
-:data:`magg_core.read.READ_DROPS`), so the cell can count what its granules
+:data:`magg_core.granules.read.READ_DROPS`), so the cell can count what its granules
 did not give it; the dot keeps these names apart from any variable's, which
 are identifiers. A run that keeps its fragments for height change (``magg run
 --keep-fragments`` with a config that has a ``height_change`` section,
-:attr:`magg_core.request.ExtractRequest.height_change`) adds each point's
+:attr:`magg_core.schema.ExtractRequest.height_change`) adds each point's
 ``latitude``, ``longitude`` and ``time`` (float64 each): 34 bytes a point, what
-fitting height change across cycles needs (:mod:`magg_core.height_change`).
+fitting height change across cycles needs (:mod:`magg_core.height_change.cell`).
 Other runs leave them out: the cells use only the variables. The extract
 record lists the columns its fragments carry.
 Every parent the catalog lists for the granule gets a fragment, empty
@@ -54,9 +54,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
-from magg_core.objects import READ_CONCURRENCY, get_many, get_one
-from magg_core.read import READ_DROPS, GranulePoints
-from magg_core.request import GranuleFailure
+from magg_core.schema import READ_DROPS, GranuleFailure, GranulePoints
+from magg_core.store.objects import READ_CONCURRENCY, get_many, get_one
 from magg_core.urls import granule_name
 
 FRAGMENTS_PREFIX = "fragments"
@@ -72,7 +71,7 @@ class ExtractRecord:
     url: str
     status: ExtractStatus
     fingerprint: str
-    """:func:`magg_core.extract.extract_fingerprint`: the granule, config and magg version."""
+    """:func:`magg_core.extract.granule.extract_fingerprint`: granule, config, magg version."""
     points: Mapping[str, int] = field(default_factory=dict)
     """Parent morton word (decimal string, as JSON keeps uint64 exact) → good points."""
     reason: str | None = None

@@ -3,10 +3,10 @@
 The file's contract is docs/architecture.md §Catalog.
 
 Building one takes three steps, each in its own module: a CMR search for the
-cycle's padded dates over the region's bounding box (:mod:`magg_core.cmr`),
+cycle's padded dates over the region's bounding box (:mod:`magg_core.catalog.cmr`),
 exact cycle membership from each granule's name (:mod:`magg_core.cycles`),
-and the cells each footprint touches (:mod:`magg_core.footprints`), kept
-where they cover the region (:mod:`magg_core.regions`). Granules whose
+and the cells each footprint touches (:mod:`magg_core.catalog.footprints`), kept
+where they cover the region (:mod:`magg_core.catalog.regions`). Granules whose
 footprint is missing or unusable are listed in the catalog's report instead
 of vanishing.
 
@@ -16,7 +16,7 @@ can list one granule under two providers (one record without an ``s3://`` URL)
 and one acquisition as two revisions (``…_007_01`` and ``…_007_02``, docs/architecture.md
 §Catalog), and a records list may hold two releases of it (``…_006_01`` and
 ``…_007_01``). A granule's name is its *file* name, wherever the record keeps
-it (:func:`magg_core.cmr.record_granule_name`: NSIDC_ECS records name it only
+it (:func:`magg_core.catalog.cmr.record_granule_name`: NSIDC_ECS records name it only
 in ``DataGranule.Identifiers``). A catalog therefore keeps one record per
 granule name — the one with an ``s3://`` URL, whatever the order CMR sent them
 in — one granule per ``s3://`` object (however its URL is spelled:
@@ -65,14 +65,16 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from magg_core import __version__
-from magg_core.cmr import (
+from magg_core.catalog.cmr import (
     GranuleSearch,
     RetryPolicy,
     data_urls,
     record_granule_name,
     search_granules,
 )
-from magg_core.cmr import cmr_url as resolve_cmr_url
+from magg_core.catalog.cmr import cmr_url as resolve_cmr_url
+from magg_core.catalog.footprints import FootprintError, footprint_cells
+from magg_core.catalog.regions import Region, load_region
 from magg_core.cycles import (
     CycleError,
     GranuleName,
@@ -82,9 +84,7 @@ from magg_core.cycles import (
     granule_fields,
 )
 from magg_core.errors import InputError
-from magg_core.footprints import FootprintError, footprint_cells
-from magg_core.grid import cell_word_problem
-from magg_core.regions import Region, load_region
+from magg_core.morton import cell_word_problem
 from magg_core.urls import URLError, granule_name, granule_url
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def build_catalog(
     cmr_url
         CMR's search root; ``$MAGG_CMR_URL`` or production when ``None``.
     retry
-        Timeout and retry budget per CMR request (:class:`~magg_core.cmr.RetryPolicy`).
+        Timeout and retry budget per CMR request (:class:`~magg_core.catalog.cmr.RetryPolicy`).
 
     Raises
     ------
@@ -430,7 +430,7 @@ def catalog_from_records(
     ----------
     records
         CMR search items ``{"meta": …, "umm": …}`` (as ``granules.umm_json``
-        pages and :func:`magg_core.sample.write_sample` give them).
+        pages and :func:`magg_core.granules.sample.write_sample` give them).
     search
         What the records answer, for the metadata, and the release to keep;
         ATL06/007/NSIDC_CPRD with no dates, and every release, when ``None``
@@ -658,7 +658,7 @@ def _data_urls(umm: Mapping[str, Any], name: str) -> tuple[str | None, str | Non
     """The granule's ``s3://`` and ``https://`` data URLs, preferring those ending in its name.
 
     A URL is told by its scheme among the record's data links
-    (:func:`magg_core.cmr.data_urls`), whichever type lists it. Only URLs a
+    (:func:`magg_core.catalog.cmr.data_urls`), whichever type lists it. Only URLs a
     catalog file may hold (:func:`_is_url`) are picked, so a built catalog
     always loads.
     """

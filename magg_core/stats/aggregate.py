@@ -24,7 +24,7 @@ NaN and infinities behave as in numpy's own reductions. The pipeline keeps
 them out, and says so in numbers or in an error, never by a silent drop:
 
 - the reader drops points whose quality flag is bad or a variable has no value
-  (:data:`magg_core.read.READ_DROPS`), and counts them;
+  (:data:`magg_core.granules.read.READ_DROPS`), and counts them;
 - :func:`valid_points` marks the points whose uncertainty (a read variable a
   ``weights`` column is, or is derived from: ATL06's ``h_li_sigma``) is not
   finite and positive (σ = 0 gives an infinite weight, and one such point
@@ -55,7 +55,7 @@ import numpy as np
 from magg_core.config import PipelineConfig, Statistic
 from magg_core.errors import InputError
 from magg_core.expressions import Expression
-from magg_core.request import DROP_REASONS
+from magg_core.schema import DROP_REASONS
 
 ORDER_STATISTICS = ("min", "max", "quantile")
 """Functions read from each child's sorted values rather than from sums."""
@@ -76,7 +76,7 @@ class InvalidDerivedValueError(InputError, ValueError):
 
 
 SIGMA_DROP = DROP_REASONS[2]
-"""The reason :func:`valid_points` drops a point (:data:`magg_core.request.DROP_REASONS`)."""
+"""The reason :func:`valid_points` drops a point (:data:`magg_core.schema.DROP_REASONS`)."""
 
 
 def valid_points(columns: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
@@ -190,7 +190,7 @@ def aggregate(
     ----------
     child_index
         Integer child position of each point, ``0 .. n_children - 1``: the
-        position of its child cell in :func:`magg_core.grid.children`.
+        position of its child cell in :func:`magg_core.morton.children`.
     columns
         The ``data_source`` variables of each point (e.g. ``h_li``,
         ``h_li_sigma``), each as long as ``child_index``; any dtype.
@@ -232,7 +232,7 @@ def aggregate_levels(
     HEALPix nested numbering a cell's four children are the consecutive ids
     ``4j .. 4j+3`` (Górski et al. 2005, ApJ 622:759), so this is the cell
     ``shifts[i]`` orders coarser, and a parent holds ``n_children >> 2 *
-    shifts[i]`` of them (:mod:`magg_core.levels` asks for orders 12 .. 6).
+    shifts[i]`` of them (:mod:`magg_core.store.staging` asks for orders 12 .. 6).
 
     Each level is exactly what :func:`aggregate` gives for the shifted
     positions -- the same float64 sums in the same order, the same sorted

@@ -10,7 +10,7 @@ values, and a chunk that is all fill values is removed (zarr's default), so
 a cell that lost its data also disappears from the coarse levels.
 
 Parents are read in catalog order, :data:`PARENTS_PER_BATCH` at a time with at
-most :data:`magg_core.objects.READ_CONCURRENCY` requests in flight, and each
+most :data:`magg_core.store.objects.READ_CONCURRENCY` requests in flight, and each
 level's chunks are written as soon as all their parents are read, so memory holds one batch plus
 at most one chunk per level and statistic.
 """
@@ -26,9 +26,9 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
-from magg_core.levels import decode_staging, staged_orders, staging_key
-from magg_core.objects import get_many
-from magg_core.store import TemplateMismatchError, level_chunk_parents, read_template
+from magg_core.store.arrays import TemplateMismatchError, level_chunk_parents, read_template
+from magg_core.store.objects import get_many
+from magg_core.store.staging import decode_staging, staged_orders, staging_key
 
 PARENTS_PER_BATCH = 256
 """Staging objects read before the finished chunks are written (~50 KB each uncompressed)."""
@@ -42,7 +42,7 @@ def assemble_levels(store: Store, config: PipelineConfig) -> int:
     store
         A store whose template was created with ``config``'s statistic arrays.
     config
-        The run's config; its :func:`~magg_core.levels.staged_orders` are
+        The run's config; its :func:`~magg_core.store.staging.staged_orders` are
         assembled (none: nothing is read or written).
 
     Returns
@@ -56,7 +56,7 @@ def assemble_levels(store: Store, config: PipelineConfig) -> int:
         If the store has no finished template of ``config``.
     ValueError
         If a staging object does not match ``config`` (see
-        :func:`~magg_core.levels.decode_staging`).
+        :func:`~magg_core.store.staging.decode_staging`).
     """
     orders = staged_orders(config)
     if not orders:

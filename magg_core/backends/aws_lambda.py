@@ -7,7 +7,7 @@ has usually *reached* the function, and botocore's default retry silently ran a
 come back — the handler's ``{"statusCode", "body"}`` envelope, a
 ``FunctionError`` (which boto3 reports as a normal response, not an exception),
 a throttle, a client timeout — becomes either a
-:class:`~magg_core.request.CellResult` or one exception class whose branch of
+:class:`~magg_core.schema.CellResult` or one exception class whose branch of
 :class:`~magg_core.errors.MaggError` (and :func:`is_retryable` answer) the task
 layer can use as its retry condition. A handler's 500 names its failure's
 branch in the body's ``error_kind`` field, which is decoded here into the class
@@ -37,7 +37,7 @@ from magg_core.errors import (
     PermanentError,
     TransientError,
 )
-from magg_core.request import CellRequest, CellResult, ExtractRequest, ExtractResult
+from magg_core.schema import CellRequest, CellResult, ExtractRequest, ExtractResult
 
 READ_TIMEOUT_MARGIN_S = 30
 """How much longer than the function timeout the client waits for an answer.

@@ -3,7 +3,7 @@
 A granule crosses several parent cells, and a cell is read by its own worker,
 so each worker should fetch only its own rows. ATL06 has no spatial index, so
 reading a granule takes two phases, each a round of concurrent requests (one
-thread per dataset, see :mod:`magg_core.h5chunks` for how a dataset is read):
+thread per dataset, see :mod:`magg_core.granules.h5chunks` for how a dataset is read):
 
 1. every beam's latitude and longitude, whole, to find the rows inside the
    parent -- and meanwhile the chunk indexes of the variables and the
@@ -28,7 +28,7 @@ another product (its ``short_name``, or no beam with the config's group at
 all: a real ATL07 file), a beam that lacks one of the datasets, or one whose
 datasets have rows but disagree in length, raises :class:`GranuleReadError`;
 an S3 answer cut short of an intact object raises a transient error instead
-(:class:`~magg_core.h5driver.ShortReadError`). The granule is not
+(:class:`~magg_core.granules.h5driver.ShortReadError`). The granule is not
 what the catalog promised, and silently dropping part of it would bias
 statistics. Reasons are our own words and never quote the file's bytes
 (see :func:`_describe`).
@@ -49,7 +49,8 @@ import numpy as np
 import obstore.exceptions as obstore_errors
 from h5coro.h5coro import H5Coro
 
-from magg_core import grid
+from magg_core import morton
+from magg_core.access.s3 import S3Credentials, S3Endpoint
 from magg_core.config import PipelineConfig
 from magg_core.errors import (
     CredentialsRejectedError,
@@ -59,8 +60,8 @@ from magg_core.errors import (
     rejects_credentials,
     s3_answer,
 )
-from magg_core.h5chunks import Column, CorruptFileError, index_column, read_spans
-from magg_core.h5driver import (
+from magg_core.granules.h5chunks import Column, CorruptFileError, index_column, read_spans
+from magg_core.granules.h5driver import (
     NotHDF5Error,
     S3Access,
     ShortReadError,
@@ -69,8 +70,7 @@ from magg_core.h5driver import (
     UnsupportedURLError,
     open_h5,
 )
-from magg_core.request import DROP_REASONS, GranuleFailure
-from magg_core.s3 import S3Credentials, S3Endpoint
+from magg_core.schema import READ_DROPS, GranuleFailure, GranulePoints
 
 MAX_REASON_CHARS = 300
 BOX_MARGIN_DEG = 0.05
@@ -83,10 +83,6 @@ DATASET_THREADS = 128
 _DATASET_POOL = ThreadPoolExecutor(max_workers=DATASET_THREADS, thread_name_prefix="magg-dataset")
 T = TypeVar("T")
 
-READ_DROPS = DROP_REASONS[:2]
-"""The reasons the reader leaves a point inside a parent out: ``quality`` and
-``fill`` (see :data:`magg_core.request.DROP_REASONS`)."""
-
 
 class GranuleReadError(PermanentError):
     """A granule that cannot be read; ``reason`` says why in words, without secrets."""
@@ -98,30 +94,6 @@ class GranuleReadError(PermanentError):
 
     def failure(self) -> GranuleFailure:
         return GranuleFailure(url=self.url, reason=self.reason)
-
-
-@dataclass(frozen=True)
-class GranulePoints:
-    """The good points of one granule inside one parent cell.
-
-    ``child_index`` (int64) is each point's child position in the parent,
-    ``0 .. 4**(child_order - parent_order) - 1``; ``columns`` holds the
-    config's variables, aligned with it, in the file's dtypes.
-    """
-
-    url: str
-    child_index: np.ndarray
-    columns: Mapping[str, np.ndarray] = field(repr=False)
-    dropped: Mapping[str, int] = field(default_factory=dict)
-    """Points of the granule inside the parent that the reader did not keep, by
-    reason (:data:`READ_DROPS`; see :func:`read_parents`)."""
-    bytes_fetched: int = 0
-    """Bytes the driver read, metadata included (for the read-efficiency target,
-    docs/architecture.md §Targets)."""
-    requests: int = 0
-
-    def __len__(self) -> int:
-        return int(self.child_index.size)
 
 
 @dataclass(frozen=True)
@@ -552,7 +524,7 @@ _NAMED_FAILURES = (
 
 
 def _index(h5: H5Coro, path: str) -> Column | None:
-    """:func:`~magg_core.h5chunks.index_column`, with h5coro's own failures told apart.
+    """:func:`~magg_core.granules.h5chunks.index_column`, with h5coro's own failures told apart.
 
     h5coro raises whatever its parser trips over, on a damaged file and on a
     valid structure it does not parse alike. HDF5 itself tells the two apart
@@ -631,7 +603,7 @@ def _child_index(
 
     Returns a flag per point and, for the points inside, ``position <<
     2·(child_order − parent_order) | child`` (int64): the parent's position
-    in ``parents`` and the child's in that parent (see :func:`grid.children`).
+    in ``parents`` and the child's in that parent (see :func:`morton.children`).
 
     A granule runs ~2,900 km and a parent is ~100 km across, so when few
     parents are wanted most coordinates are far away; a bounding-box test
@@ -643,13 +615,13 @@ def _child_index(
     for parent in parents:
         near |= _near_parent(lat, lon, int(parent), parent_order)
     near = np.flatnonzero(near)
-    words = grid.point_morton(lat[near], lon[near], child_order)
-    ancestors = grid.parent_of(words, parent_order)
+    words = morton.point_morton(lat[near], lon[near], child_order)
+    ancestors = morton.parent_of(words, parent_order)
     position = np.searchsorted(parents, ancestors)
     found = position < parents.size
     found[found] = parents[position[found]] == ancestors[found]
-    first = grid.healpix_ids(parents) << shift
-    child = grid.healpix_ids(words[found]) - first[position[found]]
+    first = morton.healpix_ids(parents) << shift
+    child = morton.healpix_ids(words[found]) - first[position[found]]
     inside = np.zeros(lat.shape, dtype=bool)
     inside[near[found]] = True
     located = (position[found].astype(np.uint64) << shift) | child

@@ -26,8 +26,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
-from magg_core.objects import get_many
-from magg_core.request import CellResult
+from magg_core.schema import CellResult
+from magg_core.store.objects import get_many
 from magg_core.urls import granule_name
 
 RECORDS_PREFIX = "records"
@@ -113,7 +113,7 @@ def output_digests(store: Store, keys: Iterable[str]) -> dict[str, str | None]:
     """The SHA-256 (hex) of each object's bytes as the store holds them now; ``None``: absent.
 
     What :func:`proven_cells` compares with the digests a record took of the
-    bytes its cell put (:func:`magg_core.store.write_cell`): a put that
+    bytes its cell put (:func:`magg_core.store.arrays.write_cell`): a put that
     succeeded stored those bytes (S3 checks each PUT's payload), so the
     comparison at the next run is what catches an object lost or altered since.
     """

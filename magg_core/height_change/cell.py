@@ -1,8 +1,8 @@
 """One parent cell of the height-change product: its fragments in every cycle → fit → write.
 
-The height-change store has the layout of a cycle store (:mod:`magg_core.store`:
+The height-change store has the layout of a cycle store (:mod:`magg_core.store.arrays`:
 group ``/{child_order}/``, one chunk per parent, DGGS attributes, a record per
-parent) with the arrays of :data:`magg_core.dhdt.FIT_ARRAYS` instead of the
+parent) with the arrays of :data:`magg_core.height_change.dhdt.FIT_ARRAYS` instead of the
 statistics. Each parent is fitted from the fragments the cycles' extract
 stage kept (``magg run --keep-fragments`` with a config that has a
 ``height_change`` section): every point's child, height, latitude, longitude
@@ -28,21 +28,26 @@ import mortie
 import numpy as np
 
 import magg_core
-from magg_core.cell import peak_rss_mb
+from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig, load_config
-from magg_core.dhdt import FIT_ARRAYS, FitOptions, cell_offsets, fit_height_change, years_since
 from magg_core.errors import CellTimeoutError
-from magg_core.fragments import read_cell_fragments
-from magg_core.grid import children
-from magg_core.read import GranulePoints
-from magg_core.records import CellRecord, write_record
-from magg_core.request import CellResult, GranuleFailure, Timings
-from magg_core.s3 import S3Endpoint
-from magg_core.store import ArraySpec, check_template, open_store, write_cell
+from magg_core.grid.cell import peak_rss_mb
+from magg_core.height_change.dhdt import (
+    FIT_ARRAYS,
+    FitOptions,
+    cell_offsets,
+    fit_height_change,
+    years_since,
+)
+from magg_core.morton import children
+from magg_core.schema import CellResult, GranuleFailure, GranulePoints, Timings
+from magg_core.store.arrays import ArraySpec, check_template, open_store, write_cell
+from magg_core.store.fragments import read_cell_fragments
+from magg_core.store.records import CellRecord, write_record
 
 
 def fit_arrays(epoch: datetime) -> tuple[ArraySpec, ...]:
-    """The arrays of a height-change store (:data:`magg_core.dhdt.FIT_ARRAYS`), with units.
+    """The arrays of a height-change store (:data:`.dhdt.FIT_ARRAYS`), with units.
 
     ``reference_epoch`` (ISO 8601 UTC, the ``t0`` of ``t = 0``) is an attribute of
     each array, so ``h0`` says which instant it is the height at.
@@ -73,7 +78,7 @@ class HeightChangeRequest:
     """One parent of the height-change product.
 
     ``config`` is the cycles' pipeline config mapping (all cycles share it:
-    :func:`magg_core.height_change_plan.plan_height_change` checks); it decides the
+    :func:`magg_core.height_change.plan.plan_height_change` checks); it decides the
     orders and fragment layout, and is the output store's config too.
     """
 
@@ -132,7 +137,7 @@ def process_height_change(
     deadline
         A ``time.monotonic()`` instant after which the parent gives up before
         writing (:class:`~magg_core.errors.CellTimeoutError`), as
-        :func:`magg_core.cell.process_cell` does.
+        :func:`magg_core.grid.cell.process_cell` does.
 
     Returns
     -------
@@ -143,7 +148,7 @@ def process_height_change(
 
     Raises
     ------
-    magg_core.store.TemplateMismatchError
+    magg_core.store.arrays.TemplateMismatchError
         If the output store's template does not hold this parent at ``chunk_idx``.
     ValueError
         If a fragment lacks a column of the config (``h_li``, ``latitude``,
@@ -241,14 +246,14 @@ def fit_parent(
     Returns
     -------
     dict
-        :data:`magg_core.dhdt.FIT_ARRAYS` name → array of shape ``(children_per_parent,)``.
+        :data:`.dhdt.FIT_ARRAYS` name → array of shape ``(children_per_parent,)``.
 
     Notes
     -----
     ``x, y`` are metres about each child's centre on the hemisphere's polar
-    stereographic map (:func:`magg_core.dhdt.cell_offsets`); the centre is
+    stereographic map (:func:`magg_core.height_change.dhdt.cell_offsets`); the centre is
     the HEALPix cell's centre (mortie's ``mort2geo``, geodetic degrees) and
-    ``t`` is Julian years since ``epoch`` (:func:`magg_core.dhdt.years_since`).
+    ``t`` is Julian years since ``epoch`` (:func:`magg_core.height_change.dhdt.years_since`).
     """
     n_children = config.output.children_per_parent
     parts = [(cycle, p) for cycle, fragments in points.items() for p in fragments]
@@ -262,7 +267,7 @@ def fit_parent(
         return np.concatenate(values or [np.empty(0)])
 
     # A sigma that is zero, negative or not finite describes no measurement and gives
-    # no weight (as for the cycle statistics, magg_core.aggregate.valid_points).
+    # no weight (as for the cycle statistics, magg_core.stats.aggregate.valid_points).
     source = config.height_change
     if source is None:
         raise ValueError(f"config {config.name!r} has no height_change section")

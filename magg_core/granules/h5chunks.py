@@ -56,7 +56,7 @@ from h5coro.h5dataset import H5Dataset
 from h5coro.h5metadata import H5Metadata
 
 from magg_core.errors import PermanentError
-from magg_core.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
+from magg_core.granules.h5driver import ExactH5Coro, TruncatedFileError, UnsupportedFormatError
 
 try:
     from h5coro_hidefix import Index as HidefixIndex

@@ -10,16 +10,16 @@ created, so cells without data still have valid coordinates.
 The group's attributes are written *last* when a template is created and act
 as its commit marker: a group without them is an unfinished template that the
 next :func:`create_template` rebuilds, and that :func:`check_template` rejects.
-Per-cell records live beside the arrays (see :mod:`magg_core.records`).
+Per-cell records live beside the arrays (see :mod:`magg_core.store.records`).
 
-Pyramid levels (``output.levels``, see :mod:`magg_core.levels` and
+Pyramid levels (``output.levels``, see :mod:`magg_core.store.staging` and
 docs/levels.md): every other order ``k`` of the config gets a group ``/{k}/``
 laid out the same way -- parents in catalog order, each parent's
 ``4**(k - parent_order)`` cells contiguous -- but chunked by
 :func:`level_chunk_parents` parents, so that a coarse level is a few
 ~4,096-cell chunks rather than thousands of one-value objects. Those chunks
 span several parents, so no cell writes them: the flow assembles them after
-the cells (:mod:`magg_core.assembly`). The template creates their groups
+the cells (:mod:`magg_core.grid.assembly`). The template creates their groups
 and coordinates with the child group's, before the commit marker.
 """
 
@@ -52,13 +52,13 @@ from zarr.errors import ZarrUserWarning
 from zarr.storage import LocalStore, ObjectStore
 
 import magg_core
+from magg_core.access.s3 import S3Credentials, S3Endpoint, s3_store
 from magg_core.config import PipelineConfig, named_ellipsoid
 from magg_core.errors import InputError
-from magg_core.fragments import FRAGMENTS_PREFIX
-from magg_core.grid import children, healpix_ids, parent_of
-from magg_core.levels import LEVELS_PREFIX, clear_staging, staged_orders
-from magg_core.records import RECORDS_PREFIX
-from magg_core.s3 import S3Credentials, S3Endpoint, s3_store
+from magg_core.morton import children, healpix_ids, parent_of
+from magg_core.store.fragments import FRAGMENTS_PREFIX
+from magg_core.store.records import RECORDS_PREFIX
+from magg_core.store.staging import LEVELS_PREFIX, clear_staging, staged_orders
 from magg_core.urls import URLError, s3_location
 
 __all__ = [
@@ -419,8 +419,8 @@ def write_cell(
     Returns every store key written or removed → the SHA-256 (hex) of the
     bytes put, ``None`` for a removed object: the chunks (one per array) and
     ``objects``. The cell's record keeps them
-    (:attr:`magg_core.records.CellRecord.outputs`) and a later run compares
-    them with what the store then holds (:func:`magg_core.records.proven_cells`).
+    (:attr:`magg_core.store.records.CellRecord.outputs`) and a later run compares
+    them with what the store then holds (:func:`magg_core.store.records.proven_cells`).
 
     Everything is validated before the first byte is written, so a bad call
     leaves the store as it was. A chunk that is all fill values is removed
@@ -429,7 +429,7 @@ def write_cell(
 
     ``objects`` are other objects of the same cell (store key → bytes to
     put, or ``None`` to delete), written together with the chunks: the
-    pyramid levels' staging object (:func:`magg_core.levels.staging_object`).
+    pyramid levels' staging object (:func:`magg_core.store.staging.staging_object`).
 
     ``template``: the store's template as the caller checked it
     (:func:`check_template`). With it, the arrays' metadata is read once per

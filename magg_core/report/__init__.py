@@ -1,0 +1,1 @@
+"""What a run did, for people: the run summary, live progress, quicklook images."""
