@@ -62,9 +62,14 @@ def _child(args: list[str]) -> Iterator[tuple[int, int]]:
 
 
 @contextmanager
-def moto_s3() -> Iterator[Server]:
-    """A moto S3 server on loopback, in its own process."""
-    with _child(["bench.servers"]) as (port, pid):
+def moto_s3(*, every_service: bool = False) -> Iterator[Server]:
+    """A moto S3 server on loopback, in its own process.
+
+    ``every_service``: moto's whole dispatcher (IAM, Lambda, ... beside S3), as the
+    tests' deploy checks need, at about twice the CPU per S3 request.
+    """
+    args = ["bench.servers", *(["--every-service"] if every_service else [])]
+    with _child(args) as (port, pid):
         yield Server(S3Endpoint(url=f"http://127.0.0.1:{port}", region=REGION), pid)
 
 
@@ -101,21 +106,26 @@ def upload(endpoint: S3Endpoint, bucket: str, files: dict[str, str]) -> None:
         client.upload_file(path, bucket, key)
 
 
-def _serve_moto() -> None:
-    """moto's S3 backend app on werkzeug's threaded server.
+def _serve_moto(every_service: bool) -> None:
+    """moto's S3 backend app (or its whole dispatcher) on werkzeug's threaded server.
 
-    Not ``ThreadedMotoServer``: its dispatcher works out the AWS service of
-    every request anew (scanning moto's modules), which doubles moto's ~2 ms
-    of CPU per request; the S3 app alone answers the same S3 API.
+    By default not ``ThreadedMotoServer``'s dispatcher: it works out the AWS
+    service of every request anew (scanning moto's modules), which doubles
+    moto's ~2 ms of CPU per request; the S3 app alone answers the same S3 API.
     """
     import logging
     import threading
 
-    from moto.server import create_backend_app
+    from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = make_server("127.0.0.1", 0, create_backend_app("s3"), threaded=True)
+    app = (
+        DomainDispatcherApplication(create_backend_app)
+        if every_service
+        else create_backend_app("s3")
+    )
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     print(f"PORT {server.server_port}", flush=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     sys.stdin.read()  # until the parent closes our stdin
@@ -123,4 +133,4 @@ def _serve_moto() -> None:
 
 
 if __name__ == "__main__":
-    _serve_moto()
+    _serve_moto(every_service="--every-service" in sys.argv[1:])

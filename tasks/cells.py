@@ -34,10 +34,10 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 import magg_core
+from deployments.aws.lambda_client import invoke_cell, is_retryable
 from magg.tasks.workers import process_cell_within, worker_slot
 from magg_core.access.credentials import Credentials
 from magg_core.access.s3 import S3Credentials
-from magg_core.backends.aws_lambda import invoke_cell, is_retryable
 from magg_core.config import PipelineConfig, load_config
 from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
 from magg_core.schema import CellRequest, CellResult

@@ -20,12 +20,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 
+from deployments.aws.lambda_client import invoke_extract
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from magg.tasks.credentials import publish_credentials
 from magg.tasks.ecs import raise_if_child_failed, run_child
 from magg.tasks.workers import worker_slot
 from magg_core.access.credentials import Credentials
-from magg_core.backends.aws_lambda import invoke_extract
 from magg_core.extract.granule import extract_granule, record_extract_failure, stored_extract
 from magg_core.schema import ExtractRequest, ExtractResult
 

@@ -10,8 +10,8 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_aws import AwsCredentials
 
+from deployments.aws.lambda_client import lambda_client_config
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT
-from magg_core.backends.aws_lambda import lambda_client_config
 
 DEFAULT_LAMBDA_CONCURRENCY = 1000
 """AWS's default account-wide concurrency; lower it (``prefect gcl update magg-lambda

@@ -66,7 +66,7 @@ def running_moto() -> Iterator[MotoS3]:
     a reader that holds that lock (HDF5 reading through our driver) while it
     waits for that very server. Seen as a ranged GET that never returned.
     """
-    with moto_s3() as server:
+    with moto_s3(every_service=True) as server:
         yield MotoS3(server.endpoint.url)
 
 

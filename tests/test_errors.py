@@ -9,9 +9,9 @@ import botocore.exceptions
 import obstore.exceptions as obstore_errors
 import pytest
 
+from deployments.aws.lambda_client import LambdaInvokeError
 from magg.tasks.ecs import FAILED_STATE_NAMES, failed_state, raise_if_child_failed
 from magg_core.access.s3 import S3Credentials, S3Endpoint
-from magg_core.backends.aws_lambda import LambdaInvokeError
 from magg_core.catalog.catalog import catalog_from_records
 from magg_core.config import ConfigError, load_config
 from magg_core.errors import (
@@ -112,14 +112,15 @@ def _magg_exception_classes() -> list[type[BaseException]]:
     import magg_core
 
     found = []
-    for module in pkgutil.walk_packages(magg_core.__path__, prefix="magg_core."):
-        namespace = vars(importlib.import_module(module.name))
+    modules = [m.name for m in pkgutil.walk_packages(magg_core.__path__, prefix="magg_core.")]
+    for name in [*modules, "deployments.aws.lambda_client"]:  # the client raises ours too
+        namespace = vars(importlib.import_module(name))
         found += [
             cls
             for cls in namespace.values()
             if inspect.isclass(cls)
             and issubclass(cls, BaseException)
-            and cls.__module__ == module.name
+            and cls.__module__ == name
         ]
     assert len({cls.__module__ for cls in found}) > 10  # the walk reached the subpackages
     return found

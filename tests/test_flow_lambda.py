@@ -20,10 +20,10 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect_aws import AwsClientParameters, AwsCredentials
 
+from deployments.aws.lambda_client import invoke_cell
 from magg.flows.process_cycle import process_cycle
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, grid_cell_on_lambda
 from magg.tasks.lambda_backend import DEFAULT_LAMBDA_CONCURRENCY, lambda_client, lambda_concurrency
-from magg_core.backends.aws_lambda import invoke_cell
 from magg_core.config import load_config
 from magg_core.grid.plan import plan_cells
 from magg_core.morton import point_morton

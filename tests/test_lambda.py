@@ -29,8 +29,7 @@ import zarr
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from deployments.aws.lambda_handler import lambda_handler
-from magg_core.backends.aws_lambda import (
+from deployments.aws.lambda_client import (
     LambdaCellError,
     LambdaCellFailed,
     LambdaFunctionError,
@@ -44,6 +43,7 @@ from magg_core.backends.aws_lambda import (
     is_retryable,
     lambda_client_config,
 )
+from deployments.aws.lambda_handler import lambda_handler
 from magg_core.config import PipelineConfig, load_config
 from magg_core.errors import CredentialsRejectedError, PermanentError, is_transient
 from magg_core.extract.granule import extract_granule

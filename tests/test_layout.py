@@ -30,7 +30,6 @@ ORDER = (
     "grid",
     "height_change",
     "report",
-    "backends",
 )
 """Leaves and folders of magg_core, lowest first (as the architecture page lists them)."""
 

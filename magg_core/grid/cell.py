@@ -21,19 +21,15 @@ statistics its dtypes cannot hold, and for failures that may pass
 
 from __future__ import annotations
 
-import resource
-import sys
-import time
-
 import numpy as np
 from zarr.abc.store import Store
 
 import magg_core
 from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig, load_config_at
-from magg_core.errors import CellDataError, CellTimeoutError
+from magg_core.errors import CellDataError
 from magg_core.granules.read import read_granules
-from magg_core.schema import READ_DROPS, CellRequest, CellResult, GranulePoints, Timings
+from magg_core.schema import READ_DROPS, CellRequest, CellResult, GranulePoints
 from magg_core.stats.aggregate import (
     SIGMA_DROP,
     InvalidDerivedValueError,
@@ -44,8 +40,9 @@ from magg_core.stats.aggregate import (
 from magg_core.stats.levels import level_statistics
 from magg_core.store.arrays import check_template, chunk_index, open_store, write_cell
 from magg_core.store.fragments import read_cell_fragments
-from magg_core.store.records import CellRecord, input_fingerprint, write_record
+from magg_core.store.records import input_fingerprint
 from magg_core.store.staging import staging_object
+from magg_core.store.work import UnitOfWork, record_result
 
 
 def request_config(request: CellRequest) -> PipelineConfig:
@@ -79,7 +76,7 @@ def process_cell(
         retry already has: this fence makes every chunk written at most once
         per successful attempt.
     """
-    started = time.perf_counter()
+    work = UnitOfWork(request.parent_morton, deadline)
     endpoint = endpoint or S3Endpoint.from_env()
     config = request_config(request)
     store = open_store(request.store_path, endpoint=endpoint)
@@ -88,7 +85,6 @@ def process_cell(
         chunk_idx = chunk_index(store, config, request.parent_morton)
     template = check_template(store, config, request.parent_morton, chunk_idx)
 
-    timings = Timings()
     result = CellResult(
         parent_morton=request.parent_morton,
         status="no_granules",
@@ -96,40 +92,38 @@ def process_cell(
     )
     points: list[GranulePoints] = []
     if request.granule_urls:
-        t0 = time.perf_counter()
-        if request.from_fragments:
-            points, failures = read_cell_fragments(
-                store, config, request.granule_urls, request.parent_morton
-            )
-        else:
-            points, failures = read_granules(
-                request.granule_urls,
-                request.parent_morton,
-                config,
-                credentials=request.s3_credentials,
-                endpoint=endpoint,
-                max_workers=max_workers,
-            )
-        timings.read = time.perf_counter() - t0
+        with work.timed("read"):
+            if request.from_fragments:
+                points, failures = read_cell_fragments(
+                    store, config, request.granule_urls, request.parent_morton
+                )
+            else:
+                points, failures = read_granules(
+                    request.granule_urls,
+                    request.parent_morton,
+                    config,
+                    credentials=request.s3_credentials,
+                    endpoint=endpoint,
+                    max_workers=max_workers,
+                )
         result.files_processed = len(points)
         result.files_failed = failures
 
-    _check_deadline(deadline, request)
-    t0 = time.perf_counter()
-    child_index, columns = _concatenate(points, config)
-    read_drops = {r: sum(p.dropped.get(r, 0) for p in points) for r in READ_DROPS}
-    points.clear()  # the concatenated arrays hold the points now: not twice while aggregating
-    good = valid_points(columns, config)
-    result.dropped = {**read_drops, SIGMA_DROP: int(good.size - np.count_nonzero(good))}
-    child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
-    counts = np.bincount(child_index, minlength=config.output.children_per_parent)
-    try:
-        check_derived(columns, config)
-        levels = level_statistics(child_index, columns, config)  # every order, one sort
-    except (InvalidDerivedValueError, NonFiniteStatisticError) as exc:
-        raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
-    stats = levels.pop(config.output.child_order)
-    timings.aggregate = time.perf_counter() - t0
+    work.check_deadline()
+    with work.timed("aggregate"):
+        child_index, columns = _concatenate(points, config)
+        read_drops = {r: sum(p.dropped.get(r, 0) for p in points) for r in READ_DROPS}
+        points.clear()  # the concatenated arrays hold the points now: not twice while aggregating
+        good = valid_points(columns, config)
+        result.dropped = {**read_drops, SIGMA_DROP: int(good.size - np.count_nonzero(good))}
+        child_index, columns = child_index[good], {k: v[good] for k, v in columns.items()}
+        counts = np.bincount(child_index, minlength=config.output.children_per_parent)
+        try:
+            check_derived(columns, config)
+            levels = level_statistics(child_index, columns, config)  # every order, one sort
+        except (InvalidDerivedValueError, NonFiniteStatisticError) as exc:
+            raise CellDataError(f"cell {request.parent_morton}: {exc}") from exc
+        stats = levels.pop(config.output.child_order)
 
     result.total_obs = int(child_index.size)
     result.cells_with_data = int(np.count_nonzero(counts))
@@ -146,17 +140,14 @@ def process_cell(
     # (records.proven_cells): a lost chunk or staging object is done again.
     outputs: dict[str, str | None] = {}
     if result.is_complete or (result.status == "partial" and request.accept_partial):
-        _check_deadline(deadline, request)
-        t0 = time.perf_counter()
-        staged = levels if result.total_obs else None
-        objects = staging_object(config, request.parent_morton, staged) if levels else {}
-        outputs = write_cell(store, config, chunk_idx, stats, objects=objects, template=template)
-        timings.write = time.perf_counter() - t0
-
-    timings.total = time.perf_counter() - started
-    result.duration_s = timings
-    result.peak_rss_mb = peak_rss_mb()
-    _record(store, config, request, result, outputs)
+        work.check_deadline()
+        with work.timed("write"):
+            staged = levels if result.total_obs else None
+            objects = staging_object(config, request.parent_morton, staged) if levels else {}
+            outputs = write_cell(
+                store, config, chunk_idx, stats, objects=objects, template=template
+            )
+    _record(store, config, request, work.finish(result), outputs)
     return result
 
 
@@ -187,16 +178,8 @@ def _record(
     result: CellResult,
     outputs: dict[str, str | None] | None = None,
 ) -> None:
-    write_record(
-        store,
-        config,
-        CellRecord(
-            result=result,
-            fingerprint=input_fingerprint(request.granule_urls, config.hash, magg_core.__version__),
-            written_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            outputs=outputs or {},
-        ),
-    )
+    fingerprint = input_fingerprint(request.granule_urls, config.hash, magg_core.__version__)
+    record_result(store, config, result, fingerprint, outputs)
 
 
 def _outcome(result: CellResult, accept_partial: bool) -> tuple[str, str | None]:
@@ -210,13 +193,6 @@ def _outcome(result: CellResult, accept_partial: bool) -> tuple[str, str | None]
     return ("ok" if result.total_obs else "empty"), None
 
 
-def _check_deadline(deadline: float | None, request: CellRequest) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise CellTimeoutError(
-            f"cell {request.parent_morton} passed its deadline; nothing was written"
-        )
-
-
 def _concatenate(
     points: list[GranulePoints], config: PipelineConfig
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -226,13 +202,3 @@ def _concatenate(
     child_index = np.concatenate([p.child_index for p in points])
     columns = {v: np.concatenate([p.columns[v] for p in points]) for v in variables}
     return child_index, columns
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (what Lambda bills against).
-
-    In the thread backend this is the whole process's peak, shared by all cells.
-    """
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    bytes_per_unit = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
-    return round(peak * bytes_per_unit / 2**20, 1)

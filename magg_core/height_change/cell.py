@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,8 +29,6 @@ import numpy as np
 import magg_core
 from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig, load_config
-from magg_core.errors import CellTimeoutError
-from magg_core.grid.cell import peak_rss_mb
 from magg_core.height_change.dhdt import (
     FIT_ARRAYS,
     FitOptions,
@@ -40,10 +37,10 @@ from magg_core.height_change.dhdt import (
     years_since,
 )
 from magg_core.morton import children
-from magg_core.schema import CellResult, GranuleFailure, GranulePoints, Timings
+from magg_core.schema import CellResult, GranuleFailure, GranulePoints
 from magg_core.store.arrays import ArraySpec, check_template, open_store, write_cell
 from magg_core.store.fragments import read_cell_fragments
-from magg_core.store.records import CellRecord, write_record
+from magg_core.store.work import UnitOfWork, record_result
 
 
 def fit_arrays(epoch: datetime) -> tuple[ArraySpec, ...]:
@@ -154,21 +151,19 @@ def process_height_change(
         If a fragment lacks a column of the config (``h_li``, ``latitude``,
         ``longitude``, ``time``).
     """
-    started = time.perf_counter()
+    work = UnitOfWork(request.parent_morton, deadline)
     endpoint = endpoint or S3Endpoint.from_env()
     config = request.pipeline_config()
     output = open_store(request.output_path, endpoint=endpoint)
     template = check_template(output, config, request.parent_morton, request.chunk_idx)
-    timings = Timings()
     result = CellResult(
         parent_morton=request.parent_morton,
         status="empty",
         granule_count=request.granule_count,
     )
 
-    t0 = time.perf_counter()
-    points, failures = _read_cycles(request, config, endpoint)
-    timings.read = time.perf_counter() - t0
+    with work.timed("read"):
+        points, failures = _read_cycles(request, config, endpoint)
     result.files_processed = sum(len(p) for p in points.values())
     result.files_failed = failures
     outputs: dict[str, str | None] = {}
@@ -179,27 +174,19 @@ def process_height_change(
             "nothing written (re-run the cycles' extracts with --keep-fragments)"
         )
     else:
-        t0 = time.perf_counter()
-        fit = fit_parent(request.parent_morton, points, config, request.options, request.epoch)
-        timings.aggregate = time.perf_counter() - t0
+        with work.timed("aggregate"):
+            fit = fit_parent(request.parent_morton, points, config, request.options, request.epoch)
         result.total_obs = int(fit["n_points"].sum())
         result.cells_with_data = int(np.count_nonzero(fit["n_points"]))
         result.status = "ok" if result.cells_with_data else "empty"
-        if deadline is not None and time.monotonic() > deadline:
-            raise CellTimeoutError(
-                f"cell {request.parent_morton} passed its deadline; nothing was written"
+        work.check_deadline()
+        with work.timed("write"):
+            arrays = fit_arrays(request.epoch)
+            # what the record proves (records.proven_cells)
+            outputs = write_cell(
+                output, config, request.chunk_idx, fit, arrays=arrays, template=template
             )
-        t0 = time.perf_counter()
-        arrays = fit_arrays(request.epoch)
-        # what the record proves (records.proven_cells)
-        outputs = write_cell(
-            output, config, request.chunk_idx, fit, arrays=arrays, template=template
-        )
-        timings.write = time.perf_counter() - t0
-    timings.total = time.perf_counter() - started
-    result.duration_s = timings
-    result.peak_rss_mb = peak_rss_mb()
-    record_height_change(request, result, endpoint=endpoint, outputs=outputs)
+    record_height_change(request, work.finish(result), endpoint=endpoint, outputs=outputs)
     return result
 
 
@@ -214,13 +201,7 @@ def record_height_change(
     chunks it wrote, ``outputs``) in the output store."""
     config = request.pipeline_config()
     output = open_store(request.output_path, endpoint=endpoint or S3Endpoint.from_env())
-    record = CellRecord(
-        result=result,
-        fingerprint=height_change_fingerprint(request),
-        written_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        outputs=dict(outputs or {}),
-    )
-    write_record(output, config, record)
+    record_result(output, config, result, height_change_fingerprint(request), outputs)
 
 
 def fit_parent(
