@@ -228,7 +228,7 @@ authalic latitude (the script) and mortie (magg) agree on 99.9999 % of points, t
 others lie on cell edges (docs/architecture.md §Grid); ten times that is allowed."""
 
 
-def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> tuple[int, int]:
+def check_equal(store_path: str, out: Path, levels: tuple[int, ...]) -> tuple[int, int]:
     """magg's store equals the script's output at every level.
 
     Returns the cells compared and the points the two cell assignments place
@@ -251,7 +251,7 @@ def check_equal(store_url: str, out: Path, levels: tuple[int, ...]) -> tuple[int
     files = [np.load(path) for path in sorted(out.glob("*.npz"))]
     compared = moved = 0
     for order in levels:
-        group = zarr.open_group(open_store(store_url, read_only=True), path=str(order), mode="r")
+        group = zarr.open_group(open_store(store_path, read_only=True), path=str(order), mode="r")
         count = group["count"][:]
         filled = count > 0
         cells = group["cell_ids"][:][filled].astype(np.int64)

@@ -666,7 +666,7 @@ class _LiveProgress:
 
 
 def _quicklook(
-    store_url: str, config_name: str, variable: str, path: Path, order: int | None = None
+    store_path: str, config_name: str, variable: str, path: Path, order: int | None = None
 ) -> Path:
     import xarray as xr
 
@@ -675,13 +675,13 @@ def _quicklook(
     from magg_core.store.arrays import open_store, store_levels
 
     config = load_config(config_name)
-    store = open_store(store_url, read_only=True)
+    store = open_store(store_path, read_only=True)
     order = config.output.child_order if order is None else order
     present = [level.order for level in store_levels(store, config)]
     if not present:
-        raise ValueError(f"{store_url} holds no magg store made with config {config.name!r}")
+        raise ValueError(f"{store_path} holds no magg store made with config {config.name!r}")
     if order not in present:
         raise ValueError(
-            f"--order {order}: {store_url} has levels {', '.join(map(str, present)) or 'none'}"
+            f"--order {order}: {store_path} has levels {', '.join(map(str, present)) or 'none'}"
         )
     return quicklook(xr.open_zarr(store, group=str(order)), path, variable)

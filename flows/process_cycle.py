@@ -182,34 +182,34 @@ def process_cycle(
         cell_catalog = query_catalog(
             cycle, start_date, end_date, region, pipeline.output.parent_order, cmr_url
         )
-    store_url = store_url_for(pipeline, cell_catalog, store)
+    store_path = store_url_for(pipeline, cell_catalog, store)
     requests = plan_cells(
         cell_catalog,
         pipeline,
-        store_url,
+        store_path,
         cells=cells,
         max_cells=max_cells,
         granule_mirror=granule_mirror,
         accept_partial=accept_partial,
     )
     logger.info(
-        "%d of %d cells to process into %s", len(requests), len(cell_catalog.parents), store_url
+        "%d of %d cells to process into %s", len(requests), len(cell_catalog.parents), store_path
     )
     if dry_run:
         return {
-            "store": store_url,
+            "store": store_path,
             "cells": [str(r.parent_morton) for r in requests],
             "dry_run": True,
         }
 
     provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
-    store_id = prepare_store(store_url, pipeline, cell_catalog.parents, provenance)
+    store_id = prepare_store(store_path, pipeline, cell_catalog.parents, provenance)
 
     # Only extracts read NSIDC's granules; cells read fragments from the output
     # store with the backend's own identity, so they are handed no credentials.
     extracts = plan_extracts(requests, height_change=keep_fragments)
     cells = [replace(r, from_fragments=True) for r in requests]
-    proven = proven_parents(store_url, pipeline, requests)
+    proven = proven_parents(store_path, pipeline, requests)
     grid_locally = cache_unless_proven(grid_cell_locally, proven)
     grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
     grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
@@ -258,8 +258,8 @@ def process_cycle(
     if staged_orders(pipeline):
         # After every cell, failed ones included: the levels show what the
         # order-12 chunks show, from every parent's staging object.
-        assemble_store_levels(store_url, pipeline)
-    consolidate_store(store_url)
+        assemble_store_levels(store_path, pipeline)
+    consolidate_store(store_path)
     summary = report_run(
         results,
         failures,
@@ -267,11 +267,11 @@ def process_cycle(
         wall_s=time.monotonic() - started,
         lambda_memory_mb=lambda_memory_mb,
         lambda_architecture=lambda_architecture,
-        store_url=store_url,
+        store_path=store_path,
         accept_partial=accept_partial,
     )
     if not keep_fragments and not summary["failed_cells"]:
-        remove_fragments(store_url, pipeline)
+        remove_fragments(store_path, pipeline)
     if summary["failed_cells"]:
         raise CellsFailedError(
             f"{len(summary['failed_cells'])} of {len(requests)} cells incomplete: "

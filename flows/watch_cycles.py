@@ -71,17 +71,17 @@ def watch_cycles(
     cycles = due_cycles(datetime.now(UTC), timedelta(days=latency_days), lookback_cycles)
     outcome: dict[str, str] = {}
     for cycle in cycles:
-        store_url = cycle_store(store, cycle)
+        store_path = cycle_store(store, cycle)
         parameters = {
-            "store": store_url,
+            "store": store_path,
             "region": region,
             "config": config,
             "keep_fragments": keep_fragments,
         }
         if cmr_url:
             parameters["cmr_url"] = cmr_url
-        if cycle_done(store_url, pipeline):
-            stale, outside, catalog = late_cells(store_url, pipeline, cycle, region, cmr_url)
+        if cycle_done(store_path, pipeline):
+            stale, outside, catalog = late_cells(store_path, pipeline, cycle, region, cmr_url)
             if outside:
                 logger.warning(
                     "cycle %d: %d cells with late granules are outside the store's template "

@@ -124,7 +124,7 @@ def cell_task(fn):
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def proven_parents(
-    store_url: str, config: PipelineConfig, requests: Sequence[CellRequest]
+    store_path: str, config: PipelineConfig, requests: Sequence[CellRequest]
 ) -> set[int]:
     """The cells of ``requests`` whose record proves their output is in the store.
 
@@ -138,7 +138,7 @@ def proven_parents(
         r.parent_morton: input_fingerprint(r.granule_urls, config.hash, magg_core.__version__)
         for r in requests
     }
-    return set(proven_cells(open_store(store_url), config, fingerprints))
+    return set(proven_cells(open_store(store_path), config, fingerprints))
 
 
 def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Any], Task]:

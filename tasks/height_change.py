@@ -50,7 +50,7 @@ def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any])
     material = {
         "parent": str(request.parent_morton),
         "inputs": height_change_fingerprint(request),
-        "store": request.output_path,
+        "store": request.store_path,
         "store_id": parameters["store_id"],
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()

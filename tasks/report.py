@@ -96,13 +96,13 @@ def run_progress(extracts: int, cells: int) -> Iterator[RunProgress]:
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def assemble_store_levels(store_url: str, config: PipelineConfig) -> int:
+def assemble_store_levels(store_path: str, config: PipelineConfig) -> int:
     """Build the coarse pyramid levels from the cells' staging objects (every run, idempotent).
 
     Never cached: cells of this run may have replaced their staging objects.
     Returns how many parents have data.
     """
-    found = assemble_levels(open_store(store_url), config)
+    found = assemble_levels(open_store(store_path), config)
     get_run_logger().info(
         "levels %s assembled from %d parents with data",
         ", ".join(map(str, config.output.orders[:-1])),
@@ -112,15 +112,15 @@ def assemble_store_levels(store_url: str, config: PipelineConfig) -> int:
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def consolidate_store(store_url: str) -> None:
+def consolidate_store(store_path: str) -> None:
     """Consolidate the store's metadata so readers open it with one request."""
-    consolidate(open_store(store_url))
+    consolidate(open_store(store_path))
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def remove_fragments(store_url: str, config: PipelineConfig) -> None:
+def remove_fragments(store_path: str, config: PipelineConfig) -> None:
     """Delete the run's fragments once every cell is complete (unless the run keeps them)."""
-    delete_fragments(open_store(store_url), config)
+    delete_fragments(open_store(store_path), config)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
@@ -145,7 +145,7 @@ def report_run(
     wall_s: float,
     lambda_memory_mb: int,
     lambda_architecture: str,
-    store_url: str,
+    store_path: str,
     accept_partial: bool = False,
 ) -> dict[str, Any]:
     """Publish the per-cell table and the summary; return the summary as a dict.
@@ -163,8 +163,8 @@ def report_run(
         lambda_architecture=lambda_architecture,
     )
     rows = cell_table(results, failures)
-    create_table_artifact(rows, key="magg-cells", description=f"one row per cell of {store_url}")
-    markdown = to_markdown(summary, title=f"magg run into {store_url}")
+    create_table_artifact(rows, key="magg-cells", description=f"one row per cell of {store_path}")
+    markdown = to_markdown(summary, title=f"magg run into {store_path}")
     fetched = sum(e.bytes_fetched for e in extracts)
     written = sum(e.bytes_written for e in extracts)
     reused = sum(e.reused for e in extracts)
@@ -191,6 +191,6 @@ def report_run(
         "granules_extracted": len(extracts),
         "extract_bytes_fetched": fetched,
         "fragment_bytes_written": written,
-        "store": store_url,
+        "store": store_path,
         "markdown": markdown,
     }

@@ -46,13 +46,13 @@ def read_catalog(path: str) -> Catalog:
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def prepare_store(
-    store_url: str, config: PipelineConfig, parents: Sequence[int], provenance: Mapping[str, Any]
+    store_path: str, config: PipelineConfig, parents: Sequence[int], provenance: Mapping[str, Any]
 ) -> str:
     """Create (or verify) the store's template and return its identity.
 
     The identity goes into every cell's cache key: a store that was deleted
     and re-created gets a new one, so no cell is skipped on an old cache hit.
     """
-    store = open_store(store_url)
+    store = open_store(store_path)
     create_template(store, config, parents, provenance)
     return read_template(store, config).id

@@ -45,9 +45,9 @@ def due_cycles(now: datetime, latency: timedelta, lookback: int) -> list[int]:
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
-def cycle_done(store_url: str, config: PipelineConfig) -> bool:
+def cycle_done(store_path: str, config: PipelineConfig) -> bool:
     """True when the store has a template and a finished record for every parent cell."""
-    store = open_store(store_url, read_only=True)
+    store = open_store(store_path, read_only=True)
     template = read_template(store, config)
     if template is None:
         return False
@@ -60,7 +60,7 @@ def cycle_done(store_url: str, config: PipelineConfig) -> bool:
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=30)
 def late_cells(
-    store_url: str, config: PipelineConfig, cycle: int, region: str, cmr_url: str | None
+    store_path: str, config: PipelineConfig, cycle: int, region: str, cmr_url: str | None
 ) -> tuple[list[int], list[int], str]:
     """The cells of a gridded cycle whose granules CMR now lists differently.
 
@@ -76,7 +76,7 @@ def late_cells(
     catalog = build_catalog(
         cycle=cycle, region=region, parent_order=config.output.parent_order, cmr_url=cmr_url
     )
-    store = open_store(store_url, read_only=True)
+    store = open_store(store_path, read_only=True)
     template = read_template(store, config)
     records = read_records(store, config)
     # A record stands for its cell only while its chunks and staging object are

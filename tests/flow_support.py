@@ -266,9 +266,9 @@ def records_by_parent(url: str) -> dict[int, Any]:
     return read_records(open_store(url, read_only=True), config)
 
 
-def chunk_writes(proxy: S3Proxy, store_url: str, mark: int = 0) -> dict[tuple[str, int], int]:
+def chunk_writes(proxy: S3Proxy, store_path: str, mark: int = 0) -> dict[tuple[str, int], int]:
     """Successful writes (PUT, or DELETE of an all-fill chunk) per (statistic, chunk index)."""
-    bucket, _, prefix = store_url.removeprefix("s3://").partition("/")
+    bucket, _, prefix = store_path.removeprefix("s3://").partition("/")
     counts: dict[tuple[str, int], int] = {}
     for call in proxy.since(mark):
         if call.bucket != bucket or call.method not in ("PUT", "DELETE") or not call.succeeded:
@@ -281,9 +281,9 @@ def chunk_writes(proxy: S3Proxy, store_url: str, mark: int = 0) -> dict[tuple[st
     return counts
 
 
-def record_writes(proxy: S3Proxy, store_url: str, mark: int = 0) -> dict[int, int]:
+def record_writes(proxy: S3Proxy, store_path: str, mark: int = 0) -> dict[int, int]:
     """Successful writes of per-cell records, by parent morton word."""
-    bucket, _, prefix = store_url.removeprefix("s3://").partition("/")
+    bucket, _, prefix = store_path.removeprefix("s3://").partition("/")
     counts: dict[int, int] = {}
     for call in proxy.since(mark):
         name = call.key.removeprefix(f"{prefix}/records/12/")

@@ -60,10 +60,10 @@ def test_two_revisions_grid_like_one(granules, tmp_path):
     newest = [directory / newer["umm"]["GranuleUR"]] + [g.path for g in sample[1:]]
     assert {g.name for gs in catalog.cells.values() for g in gs} == {p.name for p in newest}
 
-    store_url = str(tmp_path / "out.zarr")
-    store = open_store(store_url)
+    store_path = str(tmp_path / "out.zarr")
+    store = open_store(store_path)
     create_template(store, CONFIG, catalog.parents, {"test": True})
-    requests = plan_cells(catalog, CONFIG, store_url, granule_mirror=str(directory))
+    requests = plan_cells(catalog, CONFIG, store_path, granule_mirror=str(directory))
     for request in requests:
         assert process_cell(request).status in ("ok", "empty")
 

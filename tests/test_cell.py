@@ -42,9 +42,9 @@ def make_store(url, catalog):
     return store
 
 
-def local_requests(sample, store_url):
+def local_requests(sample, store_path):
     directory, _, catalog = sample
-    return plan_cells(catalog, CONFIG, store_url, granule_mirror=str(directory / "granules"))
+    return plan_cells(catalog, CONFIG, store_path, granule_mirror=str(directory / "granules"))
 
 
 def read_group(store) -> zarr.Group:

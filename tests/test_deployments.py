@@ -402,15 +402,15 @@ def _run_in_sandbox(tmp_path: Path, moto_server) -> dict:
     )
     catalog = catalog_from_records([g.umm for g in granules], cycle=CYCLE)
     config = load_config()
-    store_url = "s3://magg-layer-test/cell.zarr"
+    store_path = "s3://magg-layer-test/cell.zarr"
     moto_server.create_bucket("magg-layer-test")
     moto_server.upload_dir(tmp_path / "g", "magg-layer-test", "granules")
     store = open_store(
-        store_url, credentials=moto_server.credentials, endpoint=moto_server.endpoint
+        store_path, credentials=moto_server.credentials, endpoint=moto_server.endpoint
     )
     create_template(store, config, catalog.parents, {})
     [request] = plan_cells(
-        catalog, config, store_url, max_cells=1, granule_mirror="s3://magg-layer-test/granules"
+        catalog, config, store_path, max_cells=1, granule_mirror="s3://magg-layer-test/granules"
     )
     event = {**request.to_event(include_credentials=False), "s3_credentials": {
         "accessKeyId": moto_server.credentials.access_key_id,

@@ -118,9 +118,7 @@ def _magg_exception_classes() -> list[type[BaseException]]:
         found += [
             cls
             for cls in namespace.values()
-            if inspect.isclass(cls)
-            and issubclass(cls, BaseException)
-            and cls.__module__ == name
+            if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == name
         ]
     assert len({cls.__module__ for cls in found}) > 10  # the walk reached the subpackages
     return found

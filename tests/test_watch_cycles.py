@@ -109,11 +109,11 @@ def _granules(directory, cycle):
     return granules, catalog_from_records([g.umm for g in granules], cycle=cycle)
 
 
-def _grid(store_url, catalog, mirror):
+def _grid(store_path, catalog, mirror):
     """Grid a whole cycle with magg_core, as a finished ``process-cycle`` run leaves it."""
     config = load_config()
-    create_template(open_store(store_url), config, catalog.parents, {})
-    for request in plan_cells(catalog, config, store_url, granule_mirror=str(mirror)):
+    create_template(open_store(store_path), config, catalog.parents, {})
+    for request in plan_cells(catalog, config, store_path, granule_mirror=str(mirror)):
         assert process_cell(request).status == "ok"
 
 

@@ -86,7 +86,7 @@ def check_catalog_cells(catalog: Catalog, parent_order: int) -> None:
 def plan_cells(
     catalog: Catalog,
     config: PipelineConfig,
-    store_url: str,
+    store_path: str,
     *,
     cells: Sequence[str | int] | None = None,
     max_cells: int | None = None,
@@ -152,7 +152,7 @@ def plan_cells(
                 parent_order=config.output.parent_order,
                 child_order=config.output.child_order,
                 granule_urls=tuple(_granule_urls(catalog, parent, mirror, in_mirror)),
-                store_path=store_url,
+                store_path=store_path,
                 chunk_idx=position[parent],
                 config=config_dict,
                 accept_partial=accept_partial,

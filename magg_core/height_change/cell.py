@@ -82,7 +82,7 @@ class HeightChangeRequest:
     parent_morton: int
     chunk_idx: int
     cycles: tuple[CycleFragments, ...]
-    output_path: str
+    store_path: str
     config: Mapping[str, Any]
     options: FitOptions
     epoch: datetime
@@ -154,7 +154,7 @@ def process_height_change(
     work = UnitOfWork(request.parent_morton, deadline)
     endpoint = endpoint or S3Endpoint.from_env()
     config = request.pipeline_config()
-    output = open_store(request.output_path, endpoint=endpoint)
+    output = open_store(request.store_path, endpoint=endpoint)
     template = check_template(output, config, request.parent_morton, request.chunk_idx)
     result = CellResult(
         parent_morton=request.parent_morton,
@@ -200,7 +200,7 @@ def record_height_change(
     """Store the parent's record (its result, input fingerprint and the digests of the
     chunks it wrote, ``outputs``) in the output store."""
     config = request.pipeline_config()
-    output = open_store(request.output_path, endpoint=endpoint or S3Endpoint.from_env())
+    output = open_store(request.store_path, endpoint=endpoint or S3Endpoint.from_env())
     record_result(output, config, result, height_change_fingerprint(request), outputs)
 
 

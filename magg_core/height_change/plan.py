@@ -64,7 +64,7 @@ class HeightChangePlan:
     """Parent morton words (uint64), ascending: the output's chunk order."""
 
     def requests(
-        self, output_path: str, options: FitOptions, cells: Sequence[str] | None = None
+        self, store_path: str, options: FitOptions, cells: Sequence[str] | None = None
     ) -> list[HeightChangeRequest]:
         """One request per parent (or per parent of ``cells``, morton words as strings).
 
@@ -89,7 +89,7 @@ class HeightChangePlan:
                     CycleFragments(c.cycle, c.store_path, c.granules.get(parent, ()))
                     for c in self.cycles
                 ),
-                output_path=output_path,
+                store_path=store_path,
                 config=self.config.to_dict(),
                 options=options,
                 epoch=self.epoch,
