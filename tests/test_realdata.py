@@ -22,18 +22,18 @@ import numpy as np
 import pytest
 
 from magg.flows.cli import main
-from magg_core.catalog import build_catalog, catalog_from_records, load_catalog
-from magg_core.cmr import record_granule_name
+from magg_core.catalog.catalog import build_catalog, catalog_from_records, load_catalog
+from magg_core.catalog.cmr import record_granule_name
 from magg_core.config import load_config
 from magg_core.cycles import ATLAS_EPOCH, delta_time_utc
-from magg_core.extract import extract_granule, stored_extract
-from magg_core.plan import plan_cells
-from magg_core.read import GranuleReadError, read_parents
-from magg_core.request import ExtractRequest
-from magg_core.sample import write_sample
+from magg_core.extract.granule import extract_granule, stored_extract
+from magg_core.granules.read import GranuleReadError, read_parents
+from magg_core.granules.sample import write_sample
+from magg_core.grid.plan import plan_cells
+from magg_core.schema import ExtractRequest
 from tests import oracle
 from tests.fakes.cmr import FakeCmr, umm_item
-from tests.test_levels import ORDERS, assert_cell_ids, assert_level_equals, level_arrays
+from tests.grid.test_levels import ORDERS, assert_cell_ids, assert_level_equals, level_arrays
 
 REALDATA = Path(__file__).parent / "data" / "realdata"
 THWAITES = REALDATA / "atl06" / "processed_ATL06_20181015100401_02560110_003_01.h5"

@@ -1,7 +1,7 @@
 """Untrusted URLs: which granules and stores a cell event may name (pure: no I/O).
 
 The Lambda handler and the ECS child run go through these checks; the
-handler end to end is in ``tests/test_lambda.py``, the ECS child here.
+handler end to end is in ``tests/deployments/test_lambda.py``, the ECS child here.
 """
 
 from __future__ import annotations

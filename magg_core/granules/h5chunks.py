@@ -32,7 +32,7 @@ wheel), the fetched chunks are inflated, unshuffled and assembled by it
 ``Index.from_chunks`` manifest, ``read_plan`` names the chunks a span needs
 and ``read_from_buffers`` decodes the bytes we fetched -- it never touches
 the file. Otherwise zlib and numpy decode one chunk at a time
-(:func:`_decode`). Both give byte-identical values (tests/test_h5chunks.py);
+(:func:`_decode`). Both give byte-identical values (tests/granules/test_h5chunks.py);
 hidefix decodes 2-6x faster (docs/performance.md).
 
 Chunk indexes: h5coro walks none, and version-1 B-trees (all that superblock

@@ -345,7 +345,7 @@ def node_time(rgt: int, cycle: int) -> datetime:
     The start of ``cycle`` (:func:`magg_core.cycles.cycle_range`, the one
     source of cycle dates) plus ``rgt - 1`` revolutions. Within a day of real
     acquisitions: RGT 841 of cycle 2 comes out on 2019-02-21, the day of the
-    real granule ``ATL06_20190221121851_08410203_005_01`` (tests/test_sample.py).
+    real granule ``ATL06_20190221121851_08410203_005_01`` (tests/granules/test_sample.py).
     """
     return cycle_range(cycle).start + timedelta(seconds=(rgt - 1) * REV_SECONDS)
 

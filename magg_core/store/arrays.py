@@ -442,7 +442,7 @@ def write_cell(
     than through ``zarr.Array.__setitem__``: that route costs ~1.5 ms of
     zarr's per-array machinery a chunk (indexing, a codec pipeline, one
     thread hop per codec), ~14 ms a cell for nine 16 KB chunks, more than
-    encoding them. The bytes are the same (tests/test_store.py compares them
+    encoding them. The bytes are the same (tests/store/test_store.py compares them
     with zarr's). On S3 the write is two round trips whatever the number of
     arrays: every array's metadata is read at once (each by its own path,
     not through the group, whose metadata holds the whole template), then

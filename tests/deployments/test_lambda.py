@@ -281,14 +281,14 @@ def fake(world, denying_s3, no_prefect):
         fake.add_function(THROTTLED, timeout_s=FUNCTION_TIMEOUT_S, environment=env)
         denied_env = {**env, "AWS_ENDPOINT_URL_S3": denying_s3}
         fake.add_function(S3_DENIED, timeout_s=FUNCTION_TIMEOUT_S, environment=denied_env)
-        fake.add_function(LEAKY, handler="tests.test_lambda.leaky_raising_handler")
-        fake.add_function(CRASHES, handler="tests.test_lambda.crashing_handler")
-        fake.add_function(WRONG_SHAPE, handler="tests.test_lambda.wrong_shape_handler")
-        fake.add_function(BARE_500, handler="tests.test_lambda.bare_500_handler")
+        fake.add_function(LEAKY, handler="tests.deployments.test_lambda.leaky_raising_handler")
+        fake.add_function(CRASHES, handler="tests.deployments.test_lambda.crashing_handler")
+        fake.add_function(WRONG_SHAPE, handler="tests.deployments.test_lambda.wrong_shape_handler")
+        fake.add_function(BARE_500, handler="tests.deployments.test_lambda.bare_500_handler")
         for kind in ("input", "transient", "credentials", "permanent"):
             fake.add_function(
                 RAISES.format(kind),
-                handler="tests.test_lambda.raising_cell_handler",
+                handler="tests.deployments.test_lambda.raising_cell_handler",
                 environment={"MAGG_TEST_RAISES": kind},
             )
         yield fake

@@ -18,7 +18,7 @@ from magg_core.catalog.catalog import catalog_from_records, load_catalog
 from magg_core.granules.sample import write_sample
 from tests.oracle import reference_statistics
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_api_example() -> str:

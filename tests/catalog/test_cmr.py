@@ -17,7 +17,7 @@ FAST = RetryPolicy(attempts=4, backoff_s=0.01, timeout_s=5.0)
 T0 = datetime(2023, 12, 20, tzinfo=UTC)
 RANGE = TimeRange(T0, T0 + timedelta(days=91))
 BOX = (-180.0, -90.0, 180.0, -60.0)
-REALDATA = Path(__file__).parent / "data" / "realdata"
+REALDATA = Path(__file__).parents[1] / "data" / "realdata"
 
 
 def granule_name(i: int) -> str:

@@ -263,7 +263,7 @@ def lambda_runs(local_run, source, proxy, moto_server, logs):
     }
     with FakeLambda() as fake, pytest.MonkeyPatch.context() as env:
         fake.add_function(CELL, environment=role)
-        fake.add_function(LEAKY, handler="tests.test_lambda.leaky_raising_handler")
+        fake.add_function(LEAKY, handler="tests.deployments.test_lambda.leaky_raising_handler")
         # The ambient AWS configuration, no block: where Lambda is, in which region.
         env.setenv("AWS_ENDPOINT_URL_LAMBDA", fake.url)
         env.setenv("AWS_DEFAULT_REGION", "us-west-2")

@@ -26,9 +26,9 @@ from magg_core.store.arrays import (
     upgrade_dggs_attributes,
     write_cell,
 )
-from tests.test_store import LATS, LONS, stats_for  # noqa: F401  (same sample cells)
+from tests.store.test_store import LATS, LONS, stats_for  # noqa: F401  (same sample cells)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 # WGS84's defining parameters (NIMA TR8350.2, table 3.1).

@@ -39,7 +39,7 @@ from magg_core.store.fragments import fragment_key
 from magg_core.store.records import read_records
 from tests import oracle
 from tests.flow_support import ambient_s3, cell_task_runs
-from tests.test_dhdt_fit import oracle_fit
+from tests.height_change.test_dhdt_fit import oracle_fit
 
 CYCLES = (20, 21, 22)
 SAMPLE = {"n_granules": 3, "extent_km": 150.0}
@@ -164,7 +164,8 @@ def test_the_planted_rate_is_recovered_within_two_standard_errors(product):
     within = error <= 2 * product["dhdt_se"].values[fitted][uniform]
     assert uniform.sum() > 500
     # 95 % of a finite set of cells, less 3 binomial standard errors (~2 % for ~800 cells),
-    # as tests/test_dhdt_fit.py allows; an SE far too large would hold nearly every cell.
+    # as tests/height_change/test_dhdt_fit.py allows; an SE far too large would hold nearly
+    # every cell.
     allowance = 3 * np.sqrt(0.95 * 0.05 / uniform.sum())
     assert 0.95 - allowance <= within.mean() <= 0.975, f"{within.mean():.1%} within 2 SE"
 
@@ -281,7 +282,7 @@ def reference_fit(granules: dict[int, list]) -> dict[int, dict[str, float]]:
     healpy, cell centres by healpy's ``pix2ang`` (authalic latitude made geodetic),
     x and y by pyproj in EPSG:3031, t in Julian years since :data:`EPOCH`. The fit:
     the weighted per-child ``lstsq`` with the rejection rule of docs/height-change.md,
-    as tests/test_dhdt_fit.py writes it out (``oracle_fit``).
+    as tests/height_change/test_dhdt_fit.py writes it out (``oracle_fit``).
     """
     frames = []
     for cycle, written in granules.items():
@@ -315,7 +316,7 @@ def reference_fit(granules: dict[int, list]) -> dict[int, dict[str, float]]:
 
 
 def _fit_child(p: dict[str, np.ndarray]) -> dict[str, float] | None:
-    """One child's fit by the per-child ``lstsq`` oracle of tests/test_dhdt_fit.py."""
+    """One child's fit by the per-child ``lstsq`` oracle of tests/height_change/test_dhdt_fit.py."""
     fit = oracle_fit(
         np.zeros(p["h"].size, dtype=np.int64),
         p["x"],

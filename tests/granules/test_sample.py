@@ -31,7 +31,7 @@ from magg_core.granules.sample import (
 )
 from tests import oracle
 
-REALDATA = Path(__file__).parent / "data" / "realdata"
+REALDATA = Path(__file__).parents[1] / "data" / "realdata"
 
 NAME = re.compile(r"^ATL06_(\d{14})_(\d{4})(\d{2})(\d{2})_(\d{3})_(\d{2})\.h5$")
 VARIABLES = {

@@ -32,7 +32,7 @@ LAYOUTS = {
     "r007": {"layout": "r007"},
     "r007-10k": {"layout": "r007", "chunk_rows": 10_000},
 }
-"""As tests/test_read_layouts.py writes them; its repacked variants, which need
+"""As tests/granules/test_read_layouts.py writes them; its repacked variants, which need
 h5repack, are read there by the default decoder (hidefix) against the oracle."""
 CANARY = b"MAGG-CANARY-q7Zx!"
 SEGMENTS = "gt1l/land_ice_segments"

@@ -30,7 +30,7 @@ from tests.flow_support import (
 )
 from tests.oracle import reference_statistics
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def oracle_obs(sample: Sample, parent: int) -> int:

@@ -3,7 +3,7 @@
 The ECS flows (``process-cell``, ``extract-granule``) run here as Prefect
 flows against a real Prefect test server, on moto S3, with the parameters a
 caller who may create flow runs could write; the CLI runs in process. The
-Lambda events are in ``tests/test_lambda.py`` (through the loopback Invoke
+Lambda events are in ``tests/deployments/test_lambda.py`` (through the loopback Invoke
 API and called as Lambda calls the handler); the shared check itself,
 :func:`magg_core.schema.check_request`, is what all of them go through.
 """
