@@ -19,8 +19,6 @@ on another machine — finds the cells that already succeeded.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence, Set
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -35,6 +33,7 @@ from prefect.tasks import exponential_backoff
 
 import magg_core
 from deployments.aws.lambda_client import invoke_cell, is_retryable
+from magg.tasks.caching import parent_cache_key
 from magg.tasks.workers import process_cell_within, worker_slot
 from magg_core.access.credentials import Credentials
 from magg_core.access.s3 import S3Credentials
@@ -55,23 +54,18 @@ longer should be split (a finer parent order), not waited for."""
 
 
 def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Everything that determines a cell's output, and nothing secret.
-
-    ``store_id`` changes when a store is re-created, so a deleted store is
-    re-filled instead of being skipped on the strength of an old cache entry;
-    the granule set and config hash make each cycle and config distinct.
-    """
+    """A cell's :func:`~magg.tasks.caching.parent_cache_key`: its granule set, config hash
+    and magg version (the input fingerprint), its orders, the store and its identity."""
     request: CellRequest = parameters["request"]
     config_hash = load_config(request.config).hash
-    material = {
-        "parent": str(request.parent_morton),
-        "orders": [request.parent_order, request.child_order],
-        "inputs": input_fingerprint(request.granule_urls, config_hash, magg_core.__version__),
-        "store": request.store_path,
-        "store_id": parameters["store_id"],
-    }
-    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-    return f"magg-cell-{request.parent_morton}-{digest[:24]}"
+    return parent_cache_key(
+        "cell",
+        request.parent_morton,
+        input_fingerprint(request.granule_urls, config_hash, magg_core.__version__),
+        request.store_path,
+        parameters["store_id"],
+        orders=[request.parent_order, request.child_order],
+    )
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

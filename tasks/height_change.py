@@ -10,8 +10,6 @@ and so is never cached.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict
@@ -22,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
+from magg.tasks.caching import parent_cache_key
 from magg.tasks.cells import raise_if_incomplete, work_task
 from magg.tasks.workers import process_height_change_within
 from magg_core.config import PipelineConfig
@@ -44,17 +43,17 @@ from magg_core.store.records import proven_cells
 
 
 def height_change_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The parent's input fingerprint (cycle stores, granule names, config, fit options,
-    t0, magg version), the output store and its identity; nothing secret."""
+    """A parent's :func:`~magg.tasks.caching.parent_cache_key`: its input fingerprint (cycle
+    stores, granule names, config, fit options, t0, magg version), the store and its
+    identity."""
     request: HeightChangeRequest = parameters["request"]
-    material = {
-        "parent": str(request.parent_morton),
-        "inputs": height_change_fingerprint(request),
-        "store": request.store_path,
-        "store_id": parameters["store_id"],
-    }
-    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-    return f"magg-dhdt-{request.parent_morton}-{digest[:24]}"
+    return parent_cache_key(
+        "dhdt",
+        request.parent_morton,
+        height_change_fingerprint(request),
+        request.store_path,
+        parameters["store_id"],
+    )
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
