@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     try:
+        if args.name == "run":
+            _check_run_inputs(args)
         if getattr(args, "flows", False):
             _start_up(args)
         return args.command(args)
@@ -55,6 +57,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"magg {args.name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _check_run_inputs(args: argparse.Namespace) -> None:
+    """What ``magg run`` can refuse before Prefect starts (~10 s): a catalog file that does
+    not load, or neither a catalog nor a cycle or date range to query CMR for.
+
+    Raises
+    ------
+    CatalogError, CycleError
+        Naming the file, or saying what to give.
+    """
+    from magg_core.catalog.catalog import load_catalog, query_time_range
+    from magg_core.cycles import CycleError
+
+    if args.catalog is not None:
+        load_catalog(args.catalog)
+        return
+    try:
+        query_time_range(args.cycle, args.start_date, args.end_date)
+    except CycleError as exc:
+        raise CycleError(f"{exc}, or a --catalog file") from None
 
 
 def _start_up(args: argparse.Namespace) -> None:
@@ -250,7 +273,7 @@ def _check_directory_path(path: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="magg", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="magg", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument(
         "--debug", action="store_true", help="show Prefect's logs and full tracebacks"
     )

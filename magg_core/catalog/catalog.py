@@ -386,7 +386,7 @@ def build_catalog(
         When CMR keeps failing.
     """
     _check_order(parent_order)
-    time_range = _time_range(cycle, start, end)
+    time_range = query_time_range(cycle, start, end)
     region = region if isinstance(region, Region) else load_region(region)
     search = GranuleSearch(
         short_name=short_name,
@@ -637,9 +637,18 @@ def _highest_revisions(names: Iterable[str]) -> tuple[list[str], list[tuple[str,
     return newest, superseded
 
 
-def _time_range(
+def query_time_range(
     cycle: int | None, start: date | datetime | str | None, end: date | datetime | str | None
 ) -> TimeRange:
+    """The dates to ask CMR for: a cycle's (padded, see :mod:`magg_core.cycles`) or a range.
+
+    Raises
+    ------
+    CycleError
+        If neither or both of a cycle and a start/end pair are given, or as
+        :func:`magg_core.cycles.cycle_query_range` and
+        :func:`magg_core.cycles.date_range` do.
+    """
     if cycle is not None:
         if start is not None or end is not None:
             raise CycleError("give either a cycle or start/end dates, not both")

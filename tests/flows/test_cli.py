@@ -168,7 +168,7 @@ def test_a_weight_invalid_for_every_point_fails_the_run_naming_the_expression(
             + ["--credentials", "none"],
             "catalog.json",
         ),
-        (["run", "--catalog", "c.json", "--store", "x.zarr"], "EARTHDATA_TOKEN"),
+        (["run", "--cycle", "22", "--store", "x.zarr"], "EARTHDATA_TOKEN"),
         (["inspect", "/nonexistent/store.zarr"], "store.zarr"),
         (["plot", "/nonexistent/store.zarr"], "/nonexistent/store.zarr holds no magg store"),
         (
@@ -186,6 +186,35 @@ def test_bad_input_is_one_clear_line(args, message, prefect_server, capsys, tmp_
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("magg ") and message in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--catalog", "{tmp}/none.json"], "cannot read catalog '{tmp}/none.json'"),
+        (["--catalog", "{tmp}/bad.json"], "catalog '{tmp}/bad.json' is not JSON"),
+        ([], "give a cycle, or both a start and an end date, or a --catalog file"),
+        (["--start-date", "2024-01-01"], "or a --catalog file"),
+        (["--cycle", "22", "--start-date", "2024-01-01"], "not both"),
+    ],
+)
+def test_run_refuses_what_it_can_tell_before_any_flow_run(
+    args, message, prefect_server, capsys, tmp_path
+):
+    """A catalog that does not load, or nothing to query CMR for: one line, and no flow run
+    is ever created (the check comes before Prefect is started or asked)."""
+    from prefect.client.orchestration import get_client
+
+    (tmp_path / "bad.json").write_text('{"format": 1, "cells"')
+    with get_client(sync_client=True) as client:
+        before = len(client.read_flow_runs(limit=200))
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["run", *args, "--store", str(tmp_path / "x.zarr"), "--credentials", "none"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("magg run: error: ") and message.format(tmp=tmp_path) in line
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs(limit=200)) == before
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_demo_runs_the_main_job_on_the_sample(prefect_server, tmp_path, capsys):
