@@ -28,8 +28,7 @@ from magg.tasks.report import consolidate_store, run_progress
 from magg.tasks.setup import load_pipeline_config
 from magg.tasks.workers import local_workers
 from magg_core.errors import CellsFailedError
-from magg_core.height_change.cell import HeightChangeRequest
-from magg_core.height_change.dhdt import FitOptions
+from magg_core.schema import FitOptions, HeightChangeRequest
 
 
 @flow(name="height-change")

@@ -4,6 +4,12 @@ The request keeps the seed's Lambda event field-for-field (``parent_morton``,
 ``parent_order``, ``child_order``, ``granule_urls``, ``store_path``,
 ``s3_credentials``) so existing orchestrators keep working; ``chunk_idx`` and
 ``config`` are additions. The result is what every backend reports per cell.
+
+Everything else that passes between stages, processes and backends lives here
+too, one name per concept: the extract stage's request and result, a
+granule's points in a parent (:class:`GranulePoints`, the reader's output
+and a fragment's content), and the height-change product's request and fit
+options. Stages import these types from here, never from each other.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import unquote
 
 import numpy as np
 
 from magg_core.access.s3 import S3Credentials
-from magg_core.config import ConfigError, PipelineConfig, load_config_at
+from magg_core.config import ConfigError, PipelineConfig, load_config, load_config_at
 from magg_core.cycles import granule_fields
 from magg_core.errors import InputError
 from magg_core.morton import cell_word_problem
@@ -539,3 +546,94 @@ class ExtractResult:
     duration_s: float = 0.0
     reason: str | None = None
     reused: bool = False
+
+
+# -- the height-change product ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Minimums and the outlier-rejection rule of the height-change fit
+    (:func:`magg_core.height_change.dhdt.fit_height_change`).
+
+    Attributes
+    ----------
+    min_points
+        Fewest kept points for a fit: 4 parameters plus enough residual
+        degrees of freedom (6) for the MAD and ``s²`` to mean something.
+    min_cycles
+        Fewest distinct cycles: two cycles give a trend that is only a
+        difference, with nothing in time to show a bad cycle; three is the
+        least that leaves a temporal residual.
+    rejection_threshold
+        Points farther than this many robust sigmas from the fit are dropped.
+        Not 3: the MAD of ~100 residuals is itself uncertain by ~10 %, and
+        repeated rounds at 3 trim ~2 % of normal residuals, enough to shrink
+        the SE measurably (module docstring); at 4 a normal residual is
+        dropped 0.006 % of the time, while blunders of metres stand tens of
+        sigmas off.
+    max_iterations
+        Most rounds of rejection.
+    min_sigma
+        Floor (m) of the robust sigma, so that near noise-free data (a MAD of
+        ~0) does not reject good points; 1 cm is below ATL06's precision over
+        flat ice, a few centimetres (Smith et al., 2019, Remote Sensing of
+        Environment 233, 111352).
+    min_rcond
+        Smallest reciprocal condition number of the centred, km-scaled normal
+        matrix for a child to be fitted.
+    """
+
+    min_points: int = 10
+    min_cycles: int = 3
+    rejection_threshold: float = 4.0
+    max_iterations: int = 5
+    min_sigma: float = 0.01
+    min_rcond: float = 1e-10
+
+    def __post_init__(self) -> None:
+        if self.min_points < 5 or self.min_cycles < 2:
+            raise ValueError(
+                f"min_points must be >= 5 and min_cycles >= 2, "
+                f"got {self.min_points} and {self.min_cycles}"
+            )
+        if self.rejection_threshold <= 0 or self.max_iterations < 0 or self.min_sigma < 0:
+            raise ValueError(
+                "rejection_threshold must be positive, max_iterations and min_sigma >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class CycleFragments:
+    """Where one cycle's points for one parent are: its store and the granules with fragments."""
+
+    cycle: int
+    store_path: str
+    granules: tuple[str, ...]
+    """Granule file names whose fragment of the parent holds points (sorted)."""
+
+
+@dataclass(frozen=True)
+class HeightChangeRequest:
+    """One parent of the height-change product.
+
+    ``config`` is the cycles' pipeline config mapping (all cycles share it:
+    :func:`magg_core.height_change.plan.plan_height_change` checks); it decides the
+    orders and fragment layout, and is the output store's config too.
+    """
+
+    parent_morton: int
+    chunk_idx: int
+    cycles: tuple[CycleFragments, ...]
+    store_path: str
+    config: Mapping[str, Any]
+    options: FitOptions
+    epoch: datetime
+    """The reference epoch ``t0`` (UTC) of the whole product."""
+
+    def pipeline_config(self) -> PipelineConfig:
+        return load_config(self.config)
+
+    @property
+    def granule_count(self) -> int:
+        return sum(len(c.granules) for c in self.cycles)

@@ -24,20 +24,14 @@ from magg.tasks.caching import parent_cache_key
 from magg.tasks.cells import raise_if_incomplete, work_task
 from magg.tasks.workers import process_height_change_within
 from magg_core.config import PipelineConfig
-from magg_core.height_change.cell import (
-    HeightChangeRequest,
-    fit_arrays,
-    height_change_fingerprint,
-    record_height_change,
-)
-from magg_core.height_change.dhdt import FitOptions
+from magg_core.height_change.cell import fit_arrays, height_change_fingerprint, record_height_change
 from magg_core.height_change.plan import (
     HeightChangePlan,
     check_output_provenance,
     plan_height_change,
 )
 from magg_core.report.summary import cell_table, incomplete_cells, summarize, to_markdown
-from magg_core.schema import CellResult
+from magg_core.schema import CellResult, FitOptions, HeightChangeRequest
 from magg_core.store.arrays import create_template, open_store, read_template
 from magg_core.store.records import proven_cells
 

@@ -26,8 +26,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 
 from magg_core.grid.cell import process_cell
-from magg_core.height_change.cell import HeightChangeRequest, process_height_change
-from magg_core.schema import CellRequest, CellResult
+from magg_core.height_change.cell import process_height_change
+from magg_core.schema import CellRequest, CellResult, HeightChangeRequest
 
 PRELOAD = ["magg_core.grid.cell", "magg_core.extract.granule", "magg_core.height_change.cell"]
 TASKS_PER_PROCESS = 2

@@ -19,9 +19,8 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
-from typing import Any
 
 import mortie
 import numpy as np
@@ -29,15 +28,16 @@ import numpy as np
 import magg_core
 from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig, load_config
-from magg_core.height_change.dhdt import (
-    FIT_ARRAYS,
-    FitOptions,
-    cell_offsets,
-    fit_height_change,
-    years_since,
-)
+from magg_core.height_change.dhdt import FIT_ARRAYS, cell_offsets, fit_height_change, years_since
 from magg_core.morton import children
-from magg_core.schema import CellResult, GranuleFailure, GranulePoints
+from magg_core.schema import (
+    CellResult,
+    CycleFragments,
+    FitOptions,
+    GranuleFailure,
+    GranulePoints,
+    HeightChangeRequest,
+)
 from magg_core.store.arrays import ArraySpec, check_template, open_store, write_cell
 from magg_core.store.fragments import read_cell_fragments
 from magg_core.store.work import UnitOfWork, record_result
@@ -58,42 +58,6 @@ def fit_arrays(epoch: datetime) -> tuple[ArraySpec, ...]:
         )
         for name, dtype, fill, units, long_name in FIT_ARRAYS
     )
-
-
-@dataclass(frozen=True)
-class CycleFragments:
-    """Where one cycle's points for one parent are: its store and the granules with fragments."""
-
-    cycle: int
-    store_path: str
-    granules: tuple[str, ...]
-    """Granule file names whose fragment of the parent holds points (sorted)."""
-
-
-@dataclass(frozen=True)
-class HeightChangeRequest:
-    """One parent of the height-change product.
-
-    ``config`` is the cycles' pipeline config mapping (all cycles share it:
-    :func:`magg_core.height_change.plan.plan_height_change` checks); it decides the
-    orders and fragment layout, and is the output store's config too.
-    """
-
-    parent_morton: int
-    chunk_idx: int
-    cycles: tuple[CycleFragments, ...]
-    store_path: str
-    config: Mapping[str, Any]
-    options: FitOptions
-    epoch: datetime
-    """The reference epoch ``t0`` (UTC) of the whole product."""
-
-    def pipeline_config(self) -> PipelineConfig:
-        return load_config(self.config)
-
-    @property
-    def granule_count(self) -> int:
-        return sum(len(c.granules) for c in self.cycles)
 
 
 def height_change_fingerprint(request: HeightChangeRequest) -> str:

@@ -71,6 +71,7 @@ import numpy as np
 from pyproj import Transformer
 
 from magg_core.cycles import ATLAS_EPOCH
+from magg_core.schema import FitOptions
 
 JULIAN_YEAR_S = 365.25 * 86_400
 """Seconds in a Julian year (IAU), the year of ``t`` and of ``dhdt``."""
@@ -89,57 +90,6 @@ FIT_ARRAYS = (
     ("t_span", np.float32, np.nan, "yr", "time between the first and last kept point"),
 )
 """``(name, dtype, fill_value, units, long_name)`` of each output of :func:`fit_height_change`."""
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    """Minimums and the outlier-rejection rule of :func:`fit_height_change`.
-
-    Attributes
-    ----------
-    min_points
-        Fewest kept points for a fit: 4 parameters plus enough residual
-        degrees of freedom (6) for the MAD and ``s²`` to mean something.
-    min_cycles
-        Fewest distinct cycles: two cycles give a trend that is only a
-        difference, with nothing in time to show a bad cycle; three is the
-        least that leaves a temporal residual.
-    rejection_threshold
-        Points farther than this many robust sigmas from the fit are dropped.
-        Not 3: the MAD of ~100 residuals is itself uncertain by ~10 %, and
-        repeated rounds at 3 trim ~2 % of normal residuals, enough to shrink
-        the SE measurably (module docstring); at 4 a normal residual is
-        dropped 0.006 % of the time, while blunders of metres stand tens of
-        sigmas off.
-    max_iterations
-        Most rounds of rejection.
-    min_sigma
-        Floor (m) of the robust sigma, so that near noise-free data (a MAD of
-        ~0) does not reject good points; 1 cm is below ATL06's precision over
-        flat ice, a few centimetres (Smith et al., 2019, Remote Sensing of
-        Environment 233, 111352).
-    min_rcond
-        Smallest reciprocal condition number of the centred, km-scaled normal
-        matrix for a child to be fitted.
-    """
-
-    min_points: int = 10
-    min_cycles: int = 3
-    rejection_threshold: float = 4.0
-    max_iterations: int = 5
-    min_sigma: float = 0.01
-    min_rcond: float = 1e-10
-
-    def __post_init__(self) -> None:
-        if self.min_points < 5 or self.min_cycles < 2:
-            raise ValueError(
-                f"min_points must be >= 5 and min_cycles >= 2, "
-                f"got {self.min_points} and {self.min_cycles}"
-            )
-        if self.rejection_threshold <= 0 or self.max_iterations < 0 or self.min_sigma < 0:
-            raise ValueError(
-                "rejection_threshold must be positive, max_iterations and min_sigma >= 0"
-            )
 
 
 def years_since(delta_time: np.ndarray, epoch: datetime) -> np.ndarray:

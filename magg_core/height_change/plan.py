@@ -31,9 +31,7 @@ from magg_core.access.s3 import S3Endpoint
 from magg_core.config import PipelineConfig
 from magg_core.cycles import cycle_range, granule_fields
 from magg_core.errors import InputError
-from magg_core.height_change.cell import CycleFragments, HeightChangeRequest
-from magg_core.height_change.dhdt import FitOptions
-from magg_core.schema import INCOMPLETE_STATUSES
+from magg_core.schema import INCOMPLETE_STATUSES, CycleFragments, FitOptions, HeightChangeRequest
 from magg_core.store.arrays import TEMPLATE_ATTR, open_store, read_template
 from magg_core.store.fragments import granule_name, read_extract_records
 from magg_core.store.records import read_records

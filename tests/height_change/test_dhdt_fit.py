@@ -27,13 +27,8 @@ from magg_core.granules.sample import (
     planted_height,
     write_cycles,
 )
-from magg_core.height_change.dhdt import (
-    FIT_ARRAYS,
-    FitOptions,
-    cell_offsets,
-    fit_height_change,
-    years_since,
-)
+from magg_core.height_change.dhdt import FIT_ARRAYS, cell_offsets, fit_height_change, years_since
+from magg_core.schema import FitOptions
 
 FILL = np.float32(3.4028235e38)
 BEAMS = ("gt1l", "gt1r", "gt2l", "gt2r", "gt3l", "gt3r")

@@ -27,13 +27,13 @@ from magg_core.config import load_config
 from magg_core.cycles import ATLAS_EPOCH
 from magg_core.errors import CellsFailedError
 from magg_core.granules.sample import planted_dhdt, write_cycles
-from magg_core.height_change.dhdt import FitOptions
 from magg_core.height_change.plan import (
     HeightChangePlanError,
     cycle_store_urls,
     plan_height_change,
     reference_epoch,
 )
+from magg_core.schema import FitOptions
 from magg_core.store.arrays import create_template, open_store
 from magg_core.store.fragments import fragment_key
 from magg_core.store.records import read_records
