@@ -256,6 +256,14 @@ def _granule_mirror(value: str) -> str:
     return value
 
 
+def _absent(store: str) -> str:
+    """`` (no such directory)`` for a local store path that does not exist, else ``""``:
+    a store that is not there and a directory that holds no store are told apart."""
+    if urlsplit(store).scheme.lower() in ("", "file") and not Path(_local_path(store)).exists():
+        return " (no such directory)"
+    return ""
+
+
 def _local_path(value: str) -> str:
     """A local path argument, given as a path or a ``file://`` URL."""
     parts = urlsplit(value)
@@ -550,7 +558,9 @@ def _inspect(args: argparse.Namespace) -> int:
     store = open_store(args.store, read_only=True)
     template = read_template(store, config)
     if template is None:
-        raise ValueError(f"{args.store} has no magg template for config {config.name!r}")
+        raise ValueError(
+            f"{args.store} has no magg template for config {config.name!r}{_absent(args.store)}"
+        )
     records = read_records(store, config)
     statuses = Counter(r.result.status for r in records.values())
     missing = len(template.parents) - len(records)
@@ -702,7 +712,10 @@ def _quicklook(
     order = config.output.child_order if order is None else order
     present = [level.order for level in store_levels(store, config)]
     if not present:
-        raise ValueError(f"{store_path} holds no magg store made with config {config.name!r}")
+        raise ValueError(
+            f"{store_path} holds no magg store made with config {config.name!r}"
+            f"{_absent(store_path)}"
+        )
     if order not in present:
         raise ValueError(
             f"--order {order}: {store_path} has levels {', '.join(map(str, present)) or 'none'}"

@@ -170,7 +170,10 @@ def test_a_weight_invalid_for_every_point_fails_the_run_naming_the_expression(
         ),
         (["run", "--cycle", "22", "--store", "x.zarr"], "EARTHDATA_TOKEN"),
         (["inspect", "/nonexistent/store.zarr"], "store.zarr"),
+        (["inspect", "/nonexistent/store.zarr"], "(no such directory)"),
+        (["inspect", "{tmp}"], "has no magg template for config 'atl06'"),
         (["plot", "/nonexistent/store.zarr"], "/nonexistent/store.zarr holds no magg store"),
+        (["plot", "/nonexistent/store.zarr"], "(no such directory)"),
         (
             ["height-change", "--cycles", "20", "21", "22", "--output", "dhdt.zarr"]
             + ["--store", "/nonexistent/c{cycle}.zarr"],
@@ -183,9 +186,11 @@ def test_a_weight_invalid_for_every_point_fails_the_run_naming_the_expression(
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, prefect_server, capsys, tmp_path):
-    assert main(args) == 1
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("magg ") and message in err[-1]
+    if args[0] in ("inspect", "plot") and "{tmp}" in args:  # there, but not a store
+        assert "no such directory" not in err[-1]
 
 
 @pytest.mark.parametrize(
