@@ -475,8 +475,7 @@ def write_cell(
                 f"got dtype {got_dtype} and shape {getattr(values, 'shape', None)}"
             )
     path = _group_path(config)
-    metadata = sync(_arrays_metadata(store, path, tuple(stats), template))
-    return sync(_write_chunks(store, path, chunk_idx, per_parent, stats, metadata, objects or {}))
+    return sync(_write_chunks(store, path, chunk_idx, per_parent, stats, template, objects or {}))
 
 
 async def _arrays_metadata(
@@ -495,7 +494,7 @@ async def _arrays_metadata(
     for name, document in zip(missing, documents, strict=True):
         if document is None:
             raise ValueError(f"the store has no array {path}/{name}")
-        read[(path, name)] = _array_metadata(document.to_bytes())
+        read[(path, name)] = ArrayV3Metadata.from_dict(json.loads(document.to_bytes()))
     if template is not None and read:
         if len(_TEMPLATE_ARRAYS) >= 16:  # a process sees few stores; bound it anyway
             _TEMPLATE_ARRAYS.clear()
@@ -514,9 +513,10 @@ async def _write_chunks(
     chunk_idx: int,
     per_parent: int,
     stats: Mapping[str, np.ndarray],
-    metadata: Mapping[str, ArrayV3Metadata],
+    template: Template | None,
     objects: Mapping[str, bytes | None],
 ) -> dict[str, str | None]:
+    metadata = await _arrays_metadata(store, path, tuple(stats), template)
     prototype = default_buffer_prototype()
     chunks: dict[str, bytes | None] = {}
     for name, values in stats.items():
@@ -543,18 +543,6 @@ async def _write_chunks(
         key: None if data is None else hashlib.sha256(data).hexdigest()
         for key, data in written.items()
     }
-
-
-@functools.lru_cache(maxsize=64)
-def _array_metadata(document: bytes) -> ArrayV3Metadata:
-    """An array's parsed ``zarr.json``, once per distinct document in a process.
-
-    Every cell of a run writes the same arrays; parsing their metadata
-    (~0.5 ms each) once per process instead of once per cell and array is
-    what the cache is for. Keyed by the bytes, so a store re-created with
-    other metadata is parsed afresh.
-    """
-    return ArrayV3Metadata.from_dict(json.loads(document))
 
 
 async def _encode_chunk(metadata: ArrayV3Metadata, values: np.ndarray) -> bytes | None:
