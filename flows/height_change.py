@@ -124,10 +124,11 @@ def height_change(
     ):
 
         def fit(request: HeightChangeRequest) -> PrefectFuture:
-            return fit_task(request).submit(request, store_id, cell_timeout_s, workers)
+            task = fit_task([request.parent_morton])
+            return task.submit(request, store_id, cell_timeout_s, workers)
 
         results, failures = run_windowed(
-            fit, requests, window, progress.cell_done, lambda r: r.parent_morton
+            fit, requests, window, progress.cell_done, lambda r: [r.parent_morton]
         )
     if failures:
         record_failed_parents([r for r in requests if r.parent_morton in failures], failures)

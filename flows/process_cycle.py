@@ -19,8 +19,9 @@ from prefect.futures import PrefectFuture
 from magg.tasks.cells import (
     CELL_TIMEOUT_S,
     cache_unless_proven,
-    grid_cell_locally,
     grid_cell_on_lambda,
+    grid_cells_locally,
+    group_cells,
     proven_parents,
 )
 from magg.tasks.credentials import open_credentials
@@ -210,7 +211,7 @@ def process_cycle(
     extracts = plan_extracts(requests, height_change=keep_fragments)
     cells = [replace(r, from_fragments=True) for r in requests]
     proven = proven_parents(store_path, pipeline, requests)
-    grid_locally = cache_unless_proven(grid_cell_locally, proven)
+    grid_locally = cache_unless_proven(grid_cells_locally, proven)
     grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
     grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
     with ExitStack() as stack:
@@ -221,9 +222,11 @@ def process_cycle(
             def extract(request: ExtractRequest) -> PrefectFuture:
                 return extract_locally.submit(request, source, workers)
 
-            def grid(request: CellRequest) -> PrefectFuture:
-                task = grid_locally(request)
-                return task.submit(request, store_id, cell_timeout_s, workers)
+            def grid(group: list[CellRequest]) -> PrefectFuture:
+                task = grid_locally(_parents_of(group))
+                return task.submit(group, store_id, cell_timeout_s, workers)
+
+            batches = group_cells(cells)
         elif backend == "lambda":
             window = lambda_concurrency(concurrency)
             client = lambda_client(aws_credentials_block, cell_timeout_s, window)
@@ -232,8 +235,10 @@ def process_cycle(
                 return extract_on_lambda.submit(request, source, client, lambda_function)
 
             def grid(request: CellRequest) -> PrefectFuture:
-                task = grid_on_lambda(request)
+                task = grid_on_lambda([request.parent_morton])
                 return task.submit(request, store_id, client, lambda_function)
+
+            batches = cells
         elif backend == "ecs":
             window = concurrency or ECS_CONCURRENCY
 
@@ -243,7 +248,10 @@ def process_cycle(
                 )
 
             def grid(request: CellRequest) -> PrefectFuture:
-                return grid_on_ecs(request).submit(request, store_id, ecs_deployment)
+                task = grid_on_ecs([request.parent_morton])
+                return task.submit(request, store_id, ecs_deployment)
+
+            batches = cells
         else:
             raise ValueError(f"backend must be local, dask, lambda or ecs, got {backend!r}")
 
@@ -252,7 +260,7 @@ def process_cycle(
         )
         if lost:
             record_failed_extracts([e for e in extracts if e.granule_url in lost], lost)
-        results, failures = run_windowed(grid, cells, window, progress.cell_done, _parent_of)
+        results, failures = run_windowed(grid, batches, window, progress.cell_done, _parents_of)
     if failures:
         record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
     if staged_orders(pipeline):
@@ -282,9 +290,10 @@ def process_cycle(
     return summary
 
 
-def _parent_of(request: CellRequest) -> int:
-    return request.parent_morton
+def _parents_of(cells: CellRequest | list[CellRequest]) -> list[int]:
+    """The parent cells of one task run's work: one cell's, or a group's."""
+    return [r.parent_morton for r in (cells if isinstance(cells, list) else [cells])]
 
 
-def _granule_of(request: ExtractRequest) -> str:
-    return request.granule_url
+def _granule_of(request: ExtractRequest) -> list[str]:
+    return [request.granule_url]

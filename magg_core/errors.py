@@ -125,6 +125,34 @@ class CredentialsRejectedError(TransientReadError):
     """
 
 
+class _GroupOutcomes:
+    """What every cell of a group (one task run of several cells) came to.
+
+    ``results`` holds a :class:`~magg_core.schema.CellResult` for each cell
+    that has one (complete, partial, failed); ``failures`` maps each other
+    cell's parent morton word to why it raised. The flow reports each cell
+    from them, as it would from one task run per cell.
+    """
+
+    def __init__(self, message: str, results: Any = (), failures: Any = None):
+        super().__init__(message)
+        self.results = list(results)
+        self.failures = dict(failures or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect persists a failed task's exception; keep the outcomes through pickling.
+        return type(self), (self.args[0], self.results, self.failures)
+
+
+class CellGroupFailedError(_GroupOutcomes, PermanentError, RuntimeError):
+    """Some cells of a group did not complete, and no retry can change that."""
+
+
+class CellGroupInterruptedError(_GroupOutcomes, TransientError, RuntimeError):
+    """Some cells of a group raised a failure that may pass: the group is retried,
+    and its cells whose output is proven in the store are not done again."""
+
+
 class CellDataError(InputError, ValueError):
     """The points of a cell give no valid statistics (e.g. a non-finite mean); not retried."""
 

@@ -19,7 +19,9 @@ on another machine — finds the cells that already succeeded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Sequence, Set
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any
@@ -34,14 +36,21 @@ from prefect.tasks import exponential_backoff
 import magg_core
 from deployments.aws.lambda_client import invoke_cell, is_retryable
 from magg.tasks.caching import parent_cache_key
-from magg.tasks.workers import process_cell_within, worker_slot
+from magg.tasks.workers import process_cell_within
 from magg_core.access.credentials import Credentials
 from magg_core.access.s3 import S3Credentials
 from magg_core.config import PipelineConfig, load_config
-from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
+from magg_core.errors import (
+    CellFailedError,
+    CellGroupFailedError,
+    CellGroupInterruptedError,
+    CredentialsRejectedError,
+    is_transient,
+)
+from magg_core.grid.cell import request_config
 from magg_core.schema import CellRequest, CellResult
 from magg_core.store.arrays import open_store
-from magg_core.store.records import input_fingerprint, proven_cells
+from magg_core.store.records import CellRecord, input_fingerprint, proven_cells, read_records
 
 LAMBDA_CONCURRENCY_LIMIT = "magg-lambda"
 """Global concurrency limit shared by every run invoking the function."""
@@ -51,6 +60,12 @@ CELL_RETRY_BACKOFF_S = 10
 CELL_TIMEOUT_S = 720
 """Default per-cell limit, matching the Lambda function's timeout: a cell that needs
 longer should be split (a finer parent order), not waited for."""
+GROUP_TASK_RUNS = 32
+"""The task runs the local and dask backends grid a run's cells in, at most
+(:func:`group_cells`). Each task run costs the flow and the API ~35–50 ms of CPU
+(creating it, its cache look-up, states, events, its persisted result), as much
+as gridding a cell of real density; a run of 232 cells spent ~10 s of a
+25 s run on 256 task runs (docs/performance.md §12)."""
 
 
 def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -66,6 +81,20 @@ def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         parameters["store_id"],
         orders=[request.parent_order, request.child_order],
     )
+
+
+def group_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """A group's key: the digest of its cells' :func:`cell_cache_key` values, in order.
+
+    Equal exactly when every cell's key is; one cell's new granule or a
+    re-created store gives the group a new key.
+    """
+    keys = [
+        cell_cache_key(context, {**parameters, "request": request})
+        for request in parameters["requests"]
+    ]
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    return f"magg-cells-{parameters['requests'][0].parent_morton}-{digest[:24]}"
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -128,18 +157,45 @@ def proven_parents(
     (:func:`cache_unless_proven`), so a cell whose chunk or staging object was
     lost since is done again, and a proven cell is taken from the cache.
     """
+    return set(proven_records(store_path, config, requests))
+
+
+def proven_records(
+    store_path: str,
+    config: PipelineConfig,
+    requests: Sequence[CellRequest],
+    records: dict[int, CellRecord] | None = None,
+) -> dict[int, CellRecord]:
+    """The records proving the output of cells of ``requests``, by parent morton word.
+
+    ``records``: the records to judge (default: every record in the store).
+    """
     fingerprints = {
         r.parent_morton: input_fingerprint(r.granule_urls, config.hash, magg_core.__version__)
         for r in requests
     }
-    return set(proven_cells(open_store(store_path), config, fingerprints))
+    return proven_cells(open_store(store_path), config, fingerprints, records)
 
 
-def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Any], Task]:
-    """The task to submit for a request (anything with a ``parent_morton``): ``cell`` as is
-    for a proven cell, else ``cell`` with ``refresh_cache=True``."""
+def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Iterable[int]], Task]:
+    """The task to submit for the work of some parent cells: ``cell`` as is when every one
+    of them is proven, else ``cell`` with ``refresh_cache=True``."""
     refreshing = cell.with_options(refresh_cache=True)
-    return lambda request: cell if request.parent_morton in proven else refreshing
+    return lambda parents: cell if set(parents) <= proven else refreshing
+
+
+def group_cells(
+    requests: Sequence[CellRequest], task_runs: int | None = None
+) -> list[list[CellRequest]]:
+    """``requests`` in consecutive groups, at most ``task_runs`` of them (default
+    :data:`GROUP_TASK_RUNS`), as even as the count allows; one cell a group when
+    there are no more cells than task runs.
+
+    Grouping is deterministic (the order of ``requests``), so the same run
+    again forms the same groups and finds them in the cache.
+    """
+    size = math.ceil(len(requests) / (task_runs or GROUP_TASK_RUNS)) if requests else 1
+    return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
 
 
 def raise_if_incomplete(result: CellResult) -> CellResult:
@@ -173,23 +229,74 @@ def replacing_rejected(credentials: Credentials | None, used: S3Credentials | No
         raise
 
 
-@cell_task
-def grid_cell_locally(
-    request: CellRequest,
-    store_id: str,
-    timeout_s: int,
-    workers: Executor,
-) -> CellResult:
-    """Run the cell in a worker process: this machine's, or a Dask cluster's (:mod:`tasks.workers`).
+def group_run_name(parameters: dict[str, Any]) -> str:
+    """``cell-{parent}`` for a group of one cell (as every backend names a cell's task
+    run), ``cells-{first}+{others}`` for more."""
+    requests = parameters["requests"]
+    first = requests[0].parent_morton
+    return f"cell-{first}" if len(requests) == 1 else f"cells-{first}+{len(requests) - 1}"
 
-    The task waits for the worker, so the timeout is a deadline the cell
-    checks before aggregating and before writing: an attempt that overran
-    raises :class:`~magg_core.errors.CellTimeoutError` without writing, and
-    only then may a retry start, so no stale attempt writes after a newer one.
+
+def _grid_cells_locally(
+    requests: list[CellRequest], store_id: str, timeout_s: int, workers: Executor
+) -> list[CellResult]:
+    """Grid a group of cells in worker processes: this machine's, or a Dask cluster's
+    (:mod:`tasks.workers`); every cell's result, or raise with each cell's outcome.
+
+    Every cell goes to the workers at once, so the pool balances cells, not
+    groups. A cell whose record proves its output (:func:`proven_records`) is
+    not done again: its result is its record's. That is what makes a retry of
+    the group -- Prefect's after a transient failure, or the UI's Retry of
+    the flow run -- redo only the cells that did not complete.
+
+    The task waits for the workers, so the timeout is a deadline each cell
+    checks before aggregating and before writing, from when a worker takes
+    it: an attempt that overran raises
+    :class:`~magg_core.errors.CellTimeoutError` without writing, and only
+    then may a retry start, so no stale attempt writes after a newer one.
+
+    Raises
+    ------
+    CellGroupInterruptedError
+        When a cell raised a failure that may pass (retried).
+    CellGroupFailedError
+        When a cell is failed or partial, or raised a permanent failure.
     """
-    with worker_slot(workers):
-        result = workers.submit(process_cell_within, request, timeout_s).result()
-    return raise_if_incomplete(result)
+    config = request_config(requests[0])
+    store = open_store(requests[0].store_path)
+    recorded = read_records(store, config, [r.parent_morton for r in requests])
+    done = proven_records(requests[0].store_path, config, requests, recorded)
+    futures = {
+        r.parent_morton: workers.submit(process_cell_within, r, timeout_s)
+        for r in requests
+        if r.parent_morton not in done
+    }
+    results = [record.result for record in done.values()]
+    errors: dict[int, BaseException] = {}
+    for parent, future in futures.items():
+        try:
+            results.append(future.result())
+        except Exception as exc:  # reported per cell, below
+            errors[parent] = exc
+    incomplete = [r for r in results if not r.is_complete]
+    if not incomplete and not errors:
+        return results
+    failures = {p: f"{type(e).__name__}: {e}" for p, e in errors.items()}
+    named = [f"{r.parent_morton} {r.status}" for r in incomplete]
+    named += [f"{p}: {reason}" for p, reason in failures.items()]
+    message = f"{len(named)} of {len(requests)} cells incomplete: " + "; ".join(named[:5])
+    transient = any(is_transient(e) for e in errors.values())
+    error = CellGroupInterruptedError if transient else CellGroupFailedError
+    raise error(message, results, failures)
+
+
+grid_cells_locally = work_task(
+    _grid_cells_locally,
+    name="grid-cells-locally",
+    persist_result=True,
+    cache_key_fn=group_cache_key,
+    task_run_name=group_run_name,
+)
 
 
 @cell_task

@@ -8,12 +8,12 @@ imports another flow for it.
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prefect.futures import PrefectFuture
 
-from magg_core.errors import CellFailedError
+from magg_core.errors import CellFailedError, CellGroupFailedError, CellGroupInterruptedError
 
 
 def run_windowed[T, K](
@@ -21,21 +21,26 @@ def run_windowed[T, K](
     items: Iterable[T],
     window: int,
     on_done: Callable[[bool], None],
-    key: Callable[[T], K],
+    keys: Callable[[T], Sequence[K]],
 ) -> tuple[list[Any], dict[K, str]]:
-    """Keep at most ``window`` tasks in flight; collect results and failures.
+    """Keep at most ``window`` tasks in flight; collect each item's results and failures.
 
-    Results include the failed and partial cells whose task raised with their
-    result; ``failures`` are the items whose task ended without one (``key``
-    → one-line reason). ``on_done(ok)`` is called as each task ends: ``ok``
-    when it completed with a result whose status is not ``failed``.
+    An item is the work of one task run: one granule or cell, or a group of
+    cells (``keys(item)``: its members' keys, one for a single item), whose
+    task returns a list of results. Results include the failed and partial
+    cells whose task raised with their result (one cell's
+    :class:`CellFailedError`, a group's :class:`CellGroupFailedError` or
+    :class:`CellGroupInterruptedError`); ``failures`` are the members that
+    ended without one (key → one-line reason). ``on_done(ok)`` is called once
+    per member as its task ends: ``ok`` when it has a result that is not
+    ``failed`` (an unreadable granule's extract) nor incomplete.
 
     Submitting everything at once would start one thread per task; a window
     bounds threads and memory while keeping the backend saturated.
     """
     pending = iter(items)
     done: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
-    in_flight: dict[PrefectFuture, K] = {}
+    in_flight: dict[PrefectFuture, Sequence[K]] = {}
     results: list[Any] = []
     failures: dict[K, str] = {}
 
@@ -45,26 +50,36 @@ def run_windowed[T, K](
             if item is None:
                 return
             future = submit(item)
-            in_flight[future] = key(item)
+            in_flight[future] = keys(item)
             future.add_done_callback(done.put)
+
+    def report(outcomes: Sequence[Any], failed: dict[K, str]) -> None:
+        results.extend(outcomes)
+        for outcome in outcomes:
+            complete = getattr(outcome, "is_complete", None)
+            on_done(getattr(outcome, "status", None) != "failed" and complete is not False)
+        for name, reason in failed.items():
+            failures[name] = _first_line(reason)
+            on_done(False)
 
     fill()
     while in_flight:
         future = done.get()
-        name = in_flight.pop(future)
+        names = in_flight.pop(future)
         future.wait()  # sets the final state locally; the API may not have it yet
         state = future.state
-        ok = state.is_completed()
-        if ok:
-            results.append(result := future.result())
-            ok = getattr(result, "status", None) != "failed"  # an unreadable granule's extract
-        elif isinstance(error := future.result(raise_on_failure=False), CellFailedError) and (
-            error.result is not None
-        ):
-            results.append(error.result)  # a failed or partial cell, with its granules' reasons
+        if state.is_completed():
+            value = future.result()
+            report(value if isinstance(value, list) else [value], {})
+            fill()
+            continue
+        error = future.result(raise_on_failure=False)
+        if isinstance(error, CellGroupFailedError | CellGroupInterruptedError):
+            report(error.results, error.failures)
+        elif isinstance(error, CellFailedError) and error.result is not None:
+            report([error.result], {})  # a failed or partial cell, with its granules' reasons
         else:
-            failures[name] = _first_line(state.message or state.name)
-        on_done(ok)
+            report([], dict.fromkeys(names, state.message or state.name))
         fill()
     return results, failures
 

@@ -97,13 +97,18 @@ def write_record(store: Store, config: PipelineConfig, record: CellRecord) -> No
     sync(store.set(_key(config, record.result.parent_morton), buffer))
 
 
-def read_records(store: Store, config: PipelineConfig) -> dict[int, CellRecord]:
-    """Every record of ``config``'s group, by parent morton word (one list, concurrent gets)."""
-    return sync(_read_all(store, _prefix(config)))
+def read_records(
+    store: Store, config: PipelineConfig, parents: Iterable[int] | None = None
+) -> dict[int, CellRecord]:
+    """The records of ``config``'s group, by parent morton word: every one (one list,
+    concurrent gets), or those of ``parents`` (concurrent gets, no list)."""
+    keys = None if parents is None else [_key(config, p) for p in parents]
+    return sync(_read_all(store, _prefix(config), keys))
 
 
-async def _read_all(store: Store, prefix: str) -> dict[int, CellRecord]:
-    keys = [key async for key in store.list_prefix(prefix) if key.endswith(".json")]
+async def _read_all(store: Store, prefix: str, keys: list[str] | None) -> dict[int, CellRecord]:
+    if keys is None:
+        keys = [key async for key in store.list_prefix(prefix) if key.endswith(".json")]
     blobs = await get_many(store, keys)
     records = [CellRecord.from_dict(json.loads(b)) for b in blobs if b is not None]
     return {r.result.parent_morton: r for r in records}

@@ -17,7 +17,7 @@ from prefect import flow
 
 from magg.flows.process_cell import process_cell_flow
 from magg.flows.process_cycle import process_cycle
-from magg.tasks.cells import grid_cell_locally
+from magg.tasks.cells import grid_cells_locally
 from magg.tasks.workers import worker_pool
 from magg_core.config import load_config
 from magg_core.errors import CellsFailedError
@@ -79,15 +79,36 @@ def deny_chunk_writes(store_key: str, chunks: set[int]):
     return fault
 
 
-def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, prefect_server):
-    store = f"s3://{OUT}/retry.zarr"
+def by_cell(flow_run_id, attempt: int, groups: list[list[int]] | None) -> dict[int, object]:
+    """Each parent's task run in one attempt of the flow run: its own, or its group's."""
+    if groups is None:
+        return {int(r.name.removeprefix("cell-")): r for r in cell_task_runs(flow_run_id, attempt)}
+    first = {g[0]: g for g in groups}
+    runs = cell_task_runs(flow_run_id, attempt, prefix="cells-")
+    assert len(runs) == len(groups)
+    return {p: r for r in runs for p in first[int(r.name[6:].split("+")[0])]}
+
+
+@pytest.mark.parametrize("task_runs", [None, 3], ids=["a-task-run-a-cell", "cells-in-3-groups"])
+def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(
+    sample, proxy, prefect_server, monkeypatch, task_runs
+):
+    """Also when the local backend grids several cells a task run: the retry re-runs the
+    groups of the failed cells, and in them only the failed cells reach the store."""
     parents = sample.parents
     with_data = [i for i, p in enumerate(parents) if p in sample.oracle]
     failing_chunks = set(with_data[:3])
+    groups = None
+    if task_runs:  # groups of two; one cell fails in each of the first two groups
+        monkeypatch.setattr("magg.tasks.cells.GROUP_TASK_RUNS", task_runs)
+        groups = [parents[i : i + 2] for i in range(0, len(parents), 2)]
+        failing_chunks = {i for i in with_data if i < 4 and i % 2 == 0}
+        assert len(failing_chunks) == 2 and {i + 1 for i in failing_chunks} <= set(with_data)
+    store = f"s3://{OUT}/retry-{task_runs}.zarr"
     failing = {parents[i] for i in failing_chunks}
     assert len(parents) - len(failing) >= 3
 
-    proxy.fault = deny_chunk_writes("retry.zarr", failing_chunks)
+    proxy.fault = deny_chunk_writes(f"retry-{task_runs}.zarr", failing_chunks)
     first = process_cycle(
         catalog=str(sample.catalog_path),
         store=store,
@@ -102,10 +123,14 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
     with pytest.raises(CellsFailedError):
         first.result()
     assert all(str(p) in first.message for p in failing)
-    runs = {int(r.name.removeprefix("cell-")): r for r in cell_task_runs(flow_run_id, 1)}
+    runs = by_cell(flow_run_id, 1, groups)
     assert set(runs) == set(parents)
-    assert {p for p, r in runs.items() if r.state.is_failed()} == failing
-    assert all(r.state.is_completed() for p, r in runs.items() if p not in failing)
+    failed_runs = {p for p, r in runs.items() if r.state.is_failed()}
+    if groups is None:
+        assert failed_runs == failing
+    else:  # the groups of the failed cells
+        assert failed_runs == {p for g in groups if failing & set(g) for p in g}
+    assert all(r.state.is_completed() for p, r in runs.items() if p not in failed_runs)
     # AccessDenied cannot succeed on a retry: not one retry was spent on it.
     assert all(runs[p].run_count == 1 for p in failing)
     # Each cell that raised still has a record, saying why: none reads "not yet run".
@@ -123,7 +148,7 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
         "AccessDenied" in rows[p]["error"] or "denied" in rows[p]["error"].lower() for p in failing
     )
     assert artifacts["magg-cells-progress"].data == 100.0
-    assert "**3 cells incomplete**" in artifacts["magg-summary"].data
+    assert f"**{len(failing)} cells incomplete**" in artifacts["magg-summary"].data
 
     # The fault is cleared; the operator presses Retry.
     proxy.fault = None
@@ -132,10 +157,8 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
 
     assert second.is_completed(), second.message
     assert read_flow_run(flow_run_id).run_count == 2
-    rerun = {
-        int(r.name.removeprefix("cell-")): r.state.name for r in cell_task_runs(flow_run_id, 2)
-    }
-    assert rerun == {p: ("Completed" if p in failing else "Cached") for p in parents}
+    rerun = {p: r.state.name for p, r in by_cell(flow_run_id, 2, groups).items()}
+    assert rerun == {p: ("Completed" if p in failed_runs else "Cached") for p in parents}
     # What reached S3 during the retry: the failed cells' chunks and records, nothing else.
     assert {i for _, i in chunk_writes(proxy, store, written_before)} == failing_chunks
     assert set(record_writes(proxy, store, written_before)) == failing
@@ -158,14 +181,17 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(sample, proxy, 
 def slow_cell(sample, proxy):
     """A small cell in a fresh store whose first granule read stalls past ``TIMEOUT_S``."""
 
-    def make(store: str):
+    def make(store: str, *others: int):
+        """The slow cell's request and the store's id; with ``others``, the requests of
+        the slow cell and of those (the slow one first), and the store's id."""
         config = load_config()
         create_template(open_store(store), config, sample.catalog.parents, {})
         store_id = read_template(open_store(store), config).id
         parent = min(sample.oracle, key=lambda p: sample.oracle[p]["count"].sum())
-        (request,) = plan_cells(
-            sample.catalog, config, store, cells=[parent], granule_mirror=sample.mirror
+        requests = plan_cells(
+            sample.catalog, config, store, cells=[parent, *others], granule_mirror=sample.mirror
         )
+        requests.sort(key=lambda r: r.parent_morton != parent)
         stalled = []
 
         def stall_first_read(method, bucket, key, access_key):
@@ -175,7 +201,7 @@ def slow_cell(sample, proxy):
             return None
 
         proxy.fault = stall_first_read
-        return request, store_id
+        return (requests if others else requests[0]), store_id
 
     return make
 
@@ -188,9 +214,9 @@ def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(slow_cell, proxy,
     @flow
     def one_cell():
         # Same task, no backoff: the property is what is retried, not how long it waits.
-        quick = grid_cell_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+        quick = grid_cells_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
         with worker_pool(1) as workers:
-            return quick(request, store_id, TIMEOUT_S, workers, return_state=True)
+            return quick([request], store_id, TIMEOUT_S, workers, return_state=True)
 
     state = one_cell()
     assert state.is_completed()
@@ -200,6 +226,37 @@ def test_a_cell_past_its_timeout_writes_nothing_and_is_retried(slow_cell, proxy,
     assert set(writes) == {(s, request.chunk_idx) for s in STATISTICS}
     assert set(writes.values()) == {1}
     assert record_writes(proxy, store) == {request.parent_morton: 1}
+
+
+def test_a_group_retried_after_a_timeout_redoes_only_that_cell(
+    slow_cell, sample, proxy, prefect_server
+):
+    """Several cells a task run: one overran, the others completed; Prefect retries the
+    group, and the retry writes the overrun cell alone: every chunk and record once."""
+    store = f"s3://{OUT}/timeout-group.zarr"
+    slowest = min(sample.oracle, key=lambda p: sample.oracle[p]["count"].sum())
+    others = [p for p in sample.oracle if p != slowest][:2]
+    requests, store_id = slow_cell(store, *others)
+    assert len(requests) == 3
+
+    @flow
+    def one_group():
+        quick = grid_cells_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+        with worker_pool(1) as workers:
+            return quick(requests, store_id, TIMEOUT_S, workers, return_state=True)
+
+    state = one_group()
+    assert state.is_completed(), state.message
+    assert sorted(r.parent_morton for r in state.result()) == sorted(
+        r.parent_morton for r in requests
+    )
+    assert {r.status for r in state.result()} == {"ok"}
+    (run,) = cell_task_runs(state.state_details.flow_run_id, prefix="cells-")
+    assert run.run_count == 2
+    writes = chunk_writes(proxy, store)
+    assert set(writes) == {(s, r.chunk_idx) for s in STATISTICS for r in requests}
+    assert set(writes.values()) == {1}
+    assert record_writes(proxy, store) == {r.parent_morton: 1 for r in requests}
 
 
 def test_an_ecs_child_run_past_its_timeout_writes_nothing(slow_cell, proxy, prefect_server):
