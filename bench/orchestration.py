@@ -2,9 +2,10 @@
 
 What runs is the real flow (``flows.process_cycle``) on the ``local``
 backend, talking to a real Prefect server in its own process (Prefect's
-test harness: uvicorn + SQLite). Every cell is a real task run with
-everything Prefect does for it -- its cache key, retry policy, persisted
-result, state changes sent to the server, the windowed dispatch, the
+test harness: uvicorn + SQLite). Every extract is a real task run, and the
+cells run in real task runs of at most 32 groups (``tasks/cells.py``), with
+everything Prefect does for them -- cache keys, retry policy, persisted
+results, state changes sent to the server, the windowed dispatch, the
 progress artifact.
 
 What does *not* run is the work: the extract (read a granule, store its
@@ -71,6 +72,9 @@ class NoOpWork:
     def __call__(self, request, *_: object, **__: object):
         from magg_core.schema import CellResult, ExtractRequest, ExtractResult
 
+        if isinstance(request, list):  # the cells a worker process grids at once
+            return [self(r) for r in request]
+
         now = time.perf_counter()
         with self.lock:
             self.first = now if self.first is None else self.first
@@ -87,7 +91,8 @@ class NoOpWork:
 
 
 def completed_cell_runs(flow_run_id) -> int:
-    """Cell task runs the server shows as completed for this flow run."""
+    """Cells whose task run the server shows as completed for this flow run (a task run
+    of a group counts its cells: ``cells-{first}+{others}``)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -100,10 +105,10 @@ def completed_cell_runs(flow_run_id) -> int:
     from prefect.client.schemas.objects import StateType
 
     done = TaskRunFilter(
-        name=TaskRunFilterName(like_="cell-"),
+        name=TaskRunFilterName(like_="cell"),
         state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED])),
     )
-    count, page = 0, 200
+    count, cells, page = 0, 0, 200
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(
@@ -113,8 +118,9 @@ def completed_cell_runs(flow_run_id) -> int:
                 offset=count,
             )
             count += len(runs)
+            cells += sum(1 + int(r.name.partition("+")[2] or 0) for r in runs)
             if len(runs) < page:
-                return count
+                return cells
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     catalog = write_catalog(work / "catalog.json", n_cells)
     cells = NoOpWork()
     # The seams (see the module doc): the work, and the processes it would run in.
-    magg.tasks.cells.process_cell_within = magg.tasks.extract.extract_granule = cells
+    magg.tasks.cells.process_cells_within = magg.tasks.extract.extract_granule = cells
     magg.tasks.workers.worker_pool = ThreadPoolExecutor
 
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from prefect.tasks import exponential_backoff
 import magg_core
 from deployments.aws.lambda_client import invoke_cell, is_retryable
 from magg.tasks.caching import parent_cache_key
-from magg.tasks.workers import process_cell_within
+from magg.tasks.workers import CELLS_PER_PROCESS, process_cells_within
 from magg_core.access.credentials import Credentials
 from magg_core.access.s3 import S3Credentials
 from magg_core.config import PipelineConfig, load_config
@@ -243,8 +243,9 @@ def _grid_cells_locally(
     """Grid a group of cells in worker processes: this machine's, or a Dask cluster's
     (:mod:`tasks.workers`); every cell's result, or raise with each cell's outcome.
 
-    Every cell goes to the workers at once, so the pool balances cells, not
-    groups. A cell whose record proves its output (:func:`proven_records`) is
+    The cells go to the workers at once, a few to a process
+    (:func:`~magg.tasks.workers.process_cells_within`), so the pool balances
+    cells, not groups. A cell whose record proves its output (:func:`proven_records`) is
     not done again: its result is its record's. That is what makes a retry of
     the group -- Prefect's after a transient failure, or the UI's Retry of
     the flow run -- redo only the cells that did not complete.
@@ -266,18 +267,21 @@ def _grid_cells_locally(
     store = open_store(requests[0].store_path)
     recorded = read_records(store, config, [r.parent_morton for r in requests])
     done = proven_records(requests[0].store_path, config, requests, recorded)
-    futures = {
-        r.parent_morton: workers.submit(process_cell_within, r, timeout_s)
-        for r in requests
-        if r.parent_morton not in done
-    }
+    todo = [r for r in requests if r.parent_morton not in done]
+    batches = [todo[i : i + CELLS_PER_PROCESS] for i in range(0, len(todo), CELLS_PER_PROCESS)]
+    futures = [(batch, workers.submit(process_cells_within, batch, timeout_s)) for batch in batches]
     results = [record.result for record in done.values()]
     errors: dict[int, BaseException] = {}
-    for parent, future in futures.items():
+    for batch, future in futures:
         try:
-            results.append(future.result())
-        except Exception as exc:  # reported per cell, below
-            errors[parent] = exc
+            outcomes = future.result()
+        except Exception as exc:  # the worker itself failed: every cell of its batch
+            outcomes = [exc] * len(batch)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                errors[request.parent_morton] = outcome  # reported per cell, below
+            else:
+                results.append(outcome)
     incomplete = [r for r in results if not r.is_complete]
     if not incomplete and not errors:
         return results

@@ -32,6 +32,7 @@ import json
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,6 +119,10 @@ handful: faster to create on S3 and faster for xdggs, which reads every id.
 Statistics are *not* sharded: cells write concurrently, and a shared shard
 would make each a read-modify-write of its neighbours' bytes.
 """
+
+TEMPLATE_THREADS = 8
+"""Groups, and arrays of a group, created at once by :func:`create_template` (threads
+waiting on the store, each request's latency overlapped)."""
 
 WRITE_BLOCK_PARENTS = 2 * COORDINATE_SHARD_PARENTS
 """Parents whose coordinates are computed and written in one bulk write
@@ -283,11 +288,22 @@ def create_template(
     level_groups = {k: root.create_group(str(k), overwrite=True) for k in levels}
     if levels:  # a new template: no cell has run for it, whatever an old one left
         clear_staging(store, config)
-    for order, target in [*level_groups.items(), (config.output.child_order, group)]:
+
+    def fill(order: int, target: zarr.Group) -> None:
         _create_arrays(target, config, order, words.size, arrays)
         _write_coordinates(target, config, words, order)
-    for order, target in level_groups.items():
-        target.update_attributes(_dggs_attributes(config, order))
+
+    # Orders and arrays are independent objects: created at once, a template
+    # costs a few request latencies on S3 rather than ~400 in a row (12 s at 30 ms).
+    with ThreadPoolExecutor(TEMPLATE_THREADS) as pool:
+        groups = [*level_groups.items(), (config.output.child_order, group)]
+        list(pool.map(lambda item: fill(*item), groups))
+        list(
+            pool.map(
+                lambda item: item[1].update_attributes(_dggs_attributes(config, item[0])),
+                level_groups.items(),
+            )
+        )
     group.update_attributes(
         _group_attributes(config, words, provenance, arrays)
     )  # the commit marker, last
@@ -687,7 +703,8 @@ def _create_arrays(
         else None
     )
     coordinates = [ArraySpec(name, config.aggregation.coordinates[name], 0) for name in COORDINATES]
-    for spec in [*coordinates, *arrays]:
+
+    def create(spec: ArraySpec) -> None:
         coordinate = spec.name in COORDINATES
         group.create_array(
             spec.name,
@@ -700,6 +717,9 @@ def _create_arrays(
             dimension_names=(DIMENSION,),
             attributes={**_array_attributes(spec.name, config, order), **spec.attributes},
         )
+
+    with ThreadPoolExecutor(TEMPLATE_THREADS) as pool:
+        list(pool.map(create, [*coordinates, *arrays]))
 
 
 def _array_attributes(name: str, config: PipelineConfig, order: int) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
 from magg_core.schema import READ_DROPS, GranuleFailure, GranulePoints
-from magg_core.store.objects import READ_CONCURRENCY, get_many, get_one
+from magg_core.store.objects import READ_CONCURRENCY, delete_prefix, get_many, get_one
 from magg_core.urls import granule_name
 
 FRAGMENTS_PREFIX = "fragments"
@@ -233,7 +233,7 @@ def read_cell_fragments(
 
 def delete_fragments(store: Store, config: PipelineConfig) -> None:
     """Remove every fragment and extract record of the config's child order."""
-    sync(store.delete_dir(f"{FRAGMENTS_PREFIX}/{config.output.child_order}"))
+    delete_prefix(store, f"{FRAGMENTS_PREFIX}/{config.output.child_order}")
 
 
 def _prefix(config: PipelineConfig, url: str) -> str:

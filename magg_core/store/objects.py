@@ -1,10 +1,11 @@
-"""Reading many small objects of a store at once, with a bound.
+"""Reading and deleting many small objects of a store at once, with a bound.
 
 Records, extract records, fragments and staging objects are small objects
 read by the hundred or thousand. Read one after another, ~2,000 GETs on S3
 are ~2,000 round trips; all at once, they open thousands of connections (or
 files). :func:`get_many` keeps at most :data:`READ_CONCURRENCY` in flight,
-which turns them into a few dozen round trips.
+which turns them into a few dozen round trips. :func:`delete_prefix` removes
+them with S3's bulk delete, up to 1,000 objects a request.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import obstore
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import ObjectStore
 
 READ_CONCURRENCY = 64
 """Objects fetched at once by :func:`get_many`."""
@@ -36,3 +40,26 @@ async def get_many(
             return await get_one(store, key)
 
     return await asyncio.gather(*(fetch(key) for key in keys))
+
+
+def delete_prefix(store: Store, prefix: str) -> None:
+    """Remove every object under ``prefix`` (a folder: ``"fragments/12"``).
+
+    On S3 (a zarr ``ObjectStore``) through obstore's bulk delete: S3's
+    ``DeleteObjects``, 1,000 keys a request, where zarr's ``delete_dir`` sends
+    one request a key, ten at a time -- ~70,000 fragments of a cycle were
+    ~7,000 round trips. Any other store deletes through zarr.
+    """
+    prefix = prefix.rstrip("/") + "/"
+    if not isinstance(store, ObjectStore):
+        sync(store.delete_dir(prefix))
+        return
+    if store.read_only:
+        raise ValueError(f"cannot delete {prefix!r} from a read-only store")
+    sync(_delete_listed(store.store, prefix))
+
+
+async def _delete_listed(inner: obstore.store.ObjectStore, prefix: str) -> None:
+    metas = await obstore.list(inner, prefix).collect_async()
+    if metas:
+        await obstore.delete_async(inner, [m["path"] for m in metas])

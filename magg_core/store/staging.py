@@ -25,10 +25,10 @@ import io
 
 import numpy as np
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
 from magg_core.stats.levels import LevelStatistics
+from magg_core.store.objects import delete_prefix
 
 LEVELS_PREFIX = "levels"
 
@@ -96,4 +96,4 @@ def staging_object(
 
 def clear_staging(store: Store, config: PipelineConfig) -> None:
     """Remove every staging object of ``config``'s child order (a new template has none)."""
-    sync(store.delete_dir(f"{LEVELS_PREFIX}/{config.output.child_order}"))
+    delete_prefix(store, f"{LEVELS_PREFIX}/{config.output.child_order}")

@@ -64,7 +64,7 @@ def test_a_cycle_on_a_dask_cluster_equals_the_local_backend_and_the_oracle(
     # The work ran on the cluster: its scheduler saw every extract and every cell.
     seen = {n: p.state_counts["memory"] for n, p in cluster.scheduler.task_prefixes.items()}
     assert seen.get("extract_granule", 0) >= summary["granules_extracted"], seen
-    assert seen.get("process_cell_within", 0) >= len(runs), seen
+    assert seen.get("process_cells_within", 0) >= len(runs), seen
 
 
 def test_backend_dask_without_an_address_is_refused(local_run):
