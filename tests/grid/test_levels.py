@@ -6,6 +6,7 @@ Every level of a store is compared with the independent oracle at that order
 
 from __future__ import annotations
 
+import io
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -167,6 +168,26 @@ def test_a_staging_object_round_trips_and_refuses_another_config():
     other["aggregation"]["statistics"]["count"]["dtype"] = "int64"
     with pytest.raises(ValueError, match=r"staging object k: '6/count' is int32"):
         decode_staging(data, load_config(other), "k")
+
+
+def test_a_staging_object_of_the_former_layout_still_reads():
+    """Before: an array per order and statistic (``"{order}/{statistic}"``); a store's
+    parents not in this run keep such objects, and the assembly reads every parent's."""
+    levels = level_statistics(
+        np.arange(0, 4096, 7), {"h_li": np.arange(586.0), "h_li_sigma": np.ones(586)}, CONFIG
+    )
+    del levels[12]
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"{k}/{n}": v for k, s in levels.items() for n, v in s.items()})
+
+    back = decode_staging(buffer.getvalue(), CONFIG, "k")
+
+    assert {k: {n: v.tobytes() for n, v in s.items()} for k, s in back.items()} == {
+        k: {n: v.tobytes() for n, v in s.items()} for k, s in levels.items()
+    }
+    assert len(buffer.getvalue()) > len(encode_staging(levels)) > 0
+    with np.load(io.BytesIO(encode_staging(levels))) as npz:
+        assert sorted(npz.files, key=int) == [str(k) for k in sorted(levels)]
 
 
 # -- process_cell + assembly on local files -----------------------------------------------------
