@@ -21,11 +21,10 @@ from magg.tasks.cells import (
     cache_unless_proven,
     grid_cell_on_lambda,
     grid_cells_locally,
-    group_cells,
     proven_parents,
 )
 from magg.tasks.credentials import open_credentials
-from magg.tasks.dispatch import run_windowed
+from magg.tasks.dispatch import in_groups, run_windowed
 from magg.tasks.ecs import grid_cell_on_ecs
 from magg.tasks.extract import (
     extract_locally,
@@ -219,14 +218,14 @@ def process_cycle(
         if backend in ("local", "dask"):
             workers, window = stack.enter_context(local_workers(backend, concurrency, dask_address))
 
-            def extract(request: ExtractRequest) -> PrefectFuture:
-                return extract_locally.submit(request, source, workers)
+            def extract(group: list[ExtractRequest]) -> PrefectFuture:
+                return extract_locally.submit(group, source, workers)
 
             def grid(group: list[CellRequest]) -> PrefectFuture:
                 task = grid_locally(_parents_of(group))
                 return task.submit(group, store_id, cell_timeout_s, workers)
 
-            batches = group_cells(cells)
+            extract_batches, cell_batches = in_groups(extracts), in_groups(cells)
         elif backend == "lambda":
             window = lambda_concurrency(concurrency)
             client = lambda_client(aws_credentials_block, cell_timeout_s, window)
@@ -238,7 +237,7 @@ def process_cycle(
                 task = grid_on_lambda([request.parent_morton])
                 return task.submit(request, store_id, client, lambda_function)
 
-            batches = cells
+            extract_batches, cell_batches = extracts, cells
         elif backend == "ecs":
             window = concurrency or ECS_CONCURRENCY
 
@@ -251,16 +250,18 @@ def process_cycle(
                 task = grid_on_ecs([request.parent_morton])
                 return task.submit(request, store_id, ecs_deployment)
 
-            batches = cells
+            extract_batches, cell_batches = extracts, cells
         else:
             raise ValueError(f"backend must be local, dask, lambda or ecs, got {backend!r}")
 
         extracted, lost = run_windowed(
-            extract, extracts, window, progress.extract_done, _granule_of
+            extract, extract_batches, window, progress.extract_done, _granules_of
         )
         if lost:
             record_failed_extracts([e for e in extracts if e.granule_url in lost], lost)
-        results, failures = run_windowed(grid, batches, window, progress.cell_done, _parents_of)
+        results, failures = run_windowed(
+            grid, cell_batches, window, progress.cell_done, _parents_of
+        )
     if failures:
         record_failed_cells([r for r in requests if r.parent_morton in failures], failures)
     if staged_orders(pipeline):
@@ -295,5 +296,6 @@ def _parents_of(cells: CellRequest | list[CellRequest]) -> list[int]:
     return [r.parent_morton for r in (cells if isinstance(cells, list) else [cells])]
 
 
-def _granule_of(request: ExtractRequest) -> list[str]:
-    return [request.granule_url]
+def _granules_of(extracts: ExtractRequest | list[ExtractRequest]) -> list[str]:
+    """The granules of one task run's work: one extract's, or a group's."""
+    return [r.granule_url for r in (extracts if isinstance(extracts, list) else [extracts])]

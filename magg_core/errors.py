@@ -126,12 +126,13 @@ class CredentialsRejectedError(TransientReadError):
 
 
 class _GroupOutcomes:
-    """What every cell of a group (one task run of several cells) came to.
+    """What every item of a group (one task run's cells or granules) came to.
 
-    ``results`` holds a :class:`~magg_core.schema.CellResult` for each cell
-    that has one (complete, partial, failed); ``failures`` maps each other
-    cell's parent morton word to why it raised. The flow reports each cell
-    from them, as it would from one task run per cell.
+    ``results`` holds the result of each item that has one (a cell's
+    :class:`~magg_core.schema.CellResult`, complete, partial or failed; a
+    granule's :class:`~magg_core.schema.ExtractResult`); ``failures`` maps each
+    other item's key (a parent morton word, a granule URL) to why it raised.
+    The flow reports each item from them, as it would from one task run each.
     """
 
     def __init__(self, message: str, results: Any = (), failures: Any = None):
@@ -144,13 +145,14 @@ class _GroupOutcomes:
         return type(self), (self.args[0], self.results, self.failures)
 
 
-class CellGroupFailedError(_GroupOutcomes, PermanentError, RuntimeError):
-    """Some cells of a group did not complete, and no retry can change that."""
+class GroupFailedError(_GroupOutcomes, PermanentError, RuntimeError):
+    """Some items of a group did not complete, and no retry can change that."""
 
 
-class CellGroupInterruptedError(_GroupOutcomes, TransientError, RuntimeError):
-    """Some cells of a group raised a failure that may pass: the group is retried,
-    and its cells whose output is proven in the store are not done again."""
+class GroupInterruptedError(_GroupOutcomes, TransientError, RuntimeError):
+    """Some items of a group raised a failure that may pass: the group is retried, and
+    its items already done (a cell's proven output, a granule's extract record) are not
+    done again."""
 
 
 class CellDataError(InputError, ValueError):

@@ -20,7 +20,6 @@ on another machine — finds the cells that already succeeded.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Iterable, Sequence, Set
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -36,17 +35,12 @@ from prefect.tasks import exponential_backoff
 import magg_core
 from deployments.aws.lambda_client import invoke_cell, is_retryable
 from magg.tasks.caching import parent_cache_key
+from magg.tasks.dispatch import group_outcome
 from magg.tasks.workers import CELLS_PER_PROCESS, process_cells_within
 from magg_core.access.credentials import Credentials
 from magg_core.access.s3 import S3Credentials
 from magg_core.config import PipelineConfig, load_config
-from magg_core.errors import (
-    CellFailedError,
-    CellGroupFailedError,
-    CellGroupInterruptedError,
-    CredentialsRejectedError,
-    is_transient,
-)
+from magg_core.errors import CellFailedError, CredentialsRejectedError, is_transient
 from magg_core.grid.cell import request_config
 from magg_core.schema import CellRequest, CellResult
 from magg_core.store.arrays import open_store
@@ -60,12 +54,6 @@ CELL_RETRY_BACKOFF_S = 10
 CELL_TIMEOUT_S = 720
 """Default per-cell limit, matching the Lambda function's timeout: a cell that needs
 longer should be split (a finer parent order), not waited for."""
-GROUP_TASK_RUNS = 32
-"""The task runs the local and dask backends grid a run's cells in, at most
-(:func:`group_cells`). Each task run costs the flow and the API ~35–50 ms of CPU
-(creating it, its cache look-up, states, events, its persisted result), as much
-as gridding a cell of real density; a run of 232 cells spent ~10 s of a
-25 s run on 256 task runs (docs/performance.md §12)."""
 
 
 def cell_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -184,20 +172,6 @@ def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Iterable[int]
     return lambda parents: cell if set(parents) <= proven else refreshing
 
 
-def group_cells(
-    requests: Sequence[CellRequest], task_runs: int | None = None
-) -> list[list[CellRequest]]:
-    """``requests`` in consecutive groups, at most ``task_runs`` of them (default
-    :data:`GROUP_TASK_RUNS`), as even as the count allows; one cell a group when
-    there are no more cells than task runs.
-
-    Grouping is deterministic (the order of ``requests``), so the same run
-    again forms the same groups and finds them in the cache.
-    """
-    size = math.ceil(len(requests) / (task_runs or GROUP_TASK_RUNS)) if requests else 1
-    return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
-
-
 def raise_if_incomplete(result: CellResult) -> CellResult:
     """A failed or partial cell fails its task, carrying its result.
 
@@ -258,10 +232,9 @@ def _grid_cells_locally(
 
     Raises
     ------
-    CellGroupInterruptedError
-        When a cell raised a failure that may pass (retried).
-    CellGroupFailedError
-        When a cell is failed or partial, or raised a permanent failure.
+    GroupInterruptedError, GroupFailedError
+        As :func:`~magg.tasks.dispatch.group_outcome`: a cell failed or is
+        partial, or raised.
     """
     config = request_config(requests[0])
     store = open_store(requests[0].store_path)
@@ -282,16 +255,8 @@ def _grid_cells_locally(
                 errors[request.parent_morton] = outcome  # reported per cell, below
             else:
                 results.append(outcome)
-    incomplete = [r for r in results if not r.is_complete]
-    if not incomplete and not errors:
-        return results
-    failures = {p: f"{type(e).__name__}: {e}" for p, e in errors.items()}
-    named = [f"{r.parent_morton} {r.status}" for r in incomplete]
-    named += [f"{p}: {reason}" for p, reason in failures.items()]
-    message = f"{len(named)} of {len(requests)} cells incomplete: " + "; ".join(named[:5])
-    transient = any(is_transient(e) for e in errors.values())
-    error = CellGroupInterruptedError if transient else CellGroupFailedError
-    raise error(message, results, failures)
+    incomplete = [f"cell {r.parent_morton} {r.status}" for r in results if not r.is_complete]
+    return group_outcome(results, errors, incomplete, len(requests))
 
 
 grid_cells_locally = work_task(

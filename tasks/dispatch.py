@@ -7,13 +7,21 @@ imports another flow for it.
 
 from __future__ import annotations
 
+import math
 import queue
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prefect.futures import PrefectFuture
 
-from magg_core.errors import CellFailedError, CellGroupFailedError, CellGroupInterruptedError
+from magg_core.errors import CellFailedError, GroupFailedError, GroupInterruptedError, is_transient
+
+GROUP_TASK_RUNS = 32
+"""The task runs the local and dask backends do a run's extracts in, and its cells,
+at most (:func:`in_groups`). Each task run costs the flow and the API ~35–50 ms of
+CPU (creating it, its cache look-up, states, events, its persisted result), as much
+as gridding a cell of real density; a run of 232 cells spent ~10 s of a 25 s run
+on 256 task runs (docs/performance.md §12), and a cycle has thousands of granules."""
 
 
 def run_windowed[T, K](
@@ -29,8 +37,8 @@ def run_windowed[T, K](
     cells (``keys(item)``: its members' keys, one for a single item), whose
     task returns a list of results. Results include the failed and partial
     cells whose task raised with their result (one cell's
-    :class:`CellFailedError`, a group's :class:`CellGroupFailedError` or
-    :class:`CellGroupInterruptedError`); ``failures`` are the members that
+    :class:`CellFailedError`, a group's :class:`GroupFailedError` or
+    :class:`GroupInterruptedError`); ``failures`` are the members that
     ended without one (key → one-line reason). ``on_done(ok)`` is called once
     per member as its task ends: ``ok`` when it has a result that is not
     ``failed`` (an unreadable granule's extract) nor incomplete.
@@ -74,7 +82,7 @@ def run_windowed[T, K](
             fill()
             continue
         error = future.result(raise_on_failure=False)
-        if isinstance(error, CellGroupFailedError | CellGroupInterruptedError):
+        if isinstance(error, GroupFailedError | GroupInterruptedError):
             report(error.results, error.failures)
         elif isinstance(error, CellFailedError) and error.result is not None:
             report([error.result], {})  # a failed or partial cell, with its granules' reasons
@@ -82,6 +90,43 @@ def run_windowed[T, K](
             report([], dict.fromkeys(names, state.message or state.name))
         fill()
     return results, failures
+
+
+def in_groups[T](items: Sequence[T], task_runs: int | None = None) -> list[list[T]]:
+    """``items`` in consecutive groups, at most ``task_runs`` of them (default
+    :data:`GROUP_TASK_RUNS`), as even as the count allows; one item a group when
+    there are no more items than task runs.
+
+    Grouping is deterministic (the order of ``items``), so the same run again
+    forms the same groups and finds them in the cache.
+    """
+    size = math.ceil(len(items) / (task_runs or GROUP_TASK_RUNS)) if items else 1
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def group_outcome[K](
+    results: list[Any], errors: Mapping[K, BaseException], incomplete: Sequence[str], total: int
+) -> list[Any]:
+    """A group's results when every item completed; else raise with each item's outcome.
+
+    ``errors``: the items that raised (key → exception); ``incomplete``: how to
+    name the items whose result says they did not complete.
+
+    Raises
+    ------
+    GroupInterruptedError
+        When an item raised a failure that may pass (the group is retried).
+    GroupFailedError
+        Otherwise, when an item did not complete.
+    """
+    if not incomplete and not errors:
+        return results
+    failures = {key: f"{type(e).__name__}: {e}" for key, e in errors.items()}
+    named = [*incomplete, *(f"{key}: {reason}" for key, reason in failures.items())]
+    message = f"{len(named)} of {total} incomplete: " + "; ".join(named[:5])
+    transient = any(is_transient(e) for e in errors.values())
+    error = GroupInterruptedError if transient else GroupFailedError
+    raise error(message, results, failures)
 
 
 def _first_line(message: str, limit: int = 300) -> str:

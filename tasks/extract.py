@@ -1,4 +1,7 @@
-"""The per-granule extract task (stage one of a run): a granule read once into fragments.
+"""The extract tasks (stage one of a run): each granule read once into fragments.
+
+On the local and dask backends a task run extracts a group of granules
+(:func:`~magg.tasks.dispatch.in_groups`); on Lambda and ECS, one.
 
 Retried like a cell on transient failures, with fresh credentials after S3
 refused them. Not cached by Prefect: the store itself says which granules
@@ -23,8 +26,9 @@ from prefect.concurrency.sync import concurrency
 from deployments.aws.lambda_client import invoke_extract
 from magg.tasks.cells import LAMBDA_CONCURRENCY_LIMIT, fresh, replacing_rejected, work_task
 from magg.tasks.credentials import publish_credentials
+from magg.tasks.dispatch import group_outcome
 from magg.tasks.ecs import raise_if_child_failed, run_child
-from magg.tasks.workers import worker_slot
+from magg.tasks.workers import take_slot
 from magg_core.access.credentials import Credentials
 from magg_core.extract.granule import extract_granule, record_extract_failure, stored_extract
 from magg_core.schema import ExtractRequest, ExtractResult
@@ -35,15 +39,55 @@ def extract_task(fn):
     return work_task(fn, cache_policy=NONE, task_run_name="extract-{request.name}")
 
 
-@extract_task
-def extract_locally(
-    request: ExtractRequest, credentials: Credentials | None, workers: Executor
-) -> ExtractResult:
-    """Extract the granule in one of this machine's worker processes."""
-    with worker_slot(workers):
-        request = replace(request, s3_credentials=fresh(credentials))
-        with replacing_rejected(credentials, request.s3_credentials):
-            return workers.submit(extract_granule, request).result()
+def _group_run_name(parameters: dict[str, Any]) -> str:
+    """``extract-{name}`` for a group of one granule (as on every backend),
+    ``extracts-{first}+{others}`` for more."""
+    requests = parameters["requests"]
+    first = requests[0].name
+    return f"extract-{first}" if len(requests) == 1 else f"extracts-{first}+{len(requests) - 1}"
+
+
+def _extract_locally(
+    requests: list[ExtractRequest], credentials: Credentials | None, workers: Executor
+) -> list[ExtractResult]:
+    """Extract a group of granules in worker processes: this machine's, or a Dask cluster's.
+
+    Each granule waits for a free process (:func:`~magg.tasks.workers.take_slot`)
+    and only then gets its credentials, so none waits in a queue with them. A
+    granule S3 refused credentials for has them replaced for the retry. A
+    retry of the group re-reads only the granules whose extract did not
+    complete: :func:`~magg_core.extract.granule.extract_granule` finds the
+    others' extract records in the store.
+
+    Raises
+    ------
+    GroupInterruptedError, GroupFailedError
+        As :func:`~magg.tasks.dispatch.group_outcome`, when a granule's extract raised.
+    """
+    submitted = []
+    for request in requests:
+        release = take_slot(workers)
+        try:
+            used = fresh(credentials)
+            future = workers.submit(extract_granule, replace(request, s3_credentials=used))
+        except BaseException:
+            release(None)
+            raise
+        future.add_done_callback(release)
+        submitted.append((request, used, future))
+    results, errors = [], {}
+    for request, used, future in submitted:
+        try:
+            with replacing_rejected(credentials, used):
+                results.append(future.result())
+        except Exception as exc:  # reported per granule
+            errors[request.granule_url] = exc
+    return group_outcome(results, errors, [], len(requests))
+
+
+extract_locally = work_task(
+    _extract_locally, name="extract-locally", cache_policy=NONE, task_run_name=_group_run_name
+)
 
 
 @extract_task

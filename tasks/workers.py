@@ -21,8 +21,8 @@ import multiprocessing.forkserver
 import os
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 
 from magg_core.grid.cell import process_cell
@@ -57,10 +57,10 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
 class WorkerPool(ProcessPoolExecutor):
     """A process pool whose ``slots`` say how many of its processes are free.
 
-    The local backend keeps more tasks in flight than processes; a task that
-    hands out credentials takes a slot first (:func:`worker_slot`), so they
-    are fetched when a process is free to use them at once, not before a wait
-    in the pool's queue that could outlast their refresh margin.
+    The local backend keeps more work in flight than processes; work that is
+    handed credentials takes a slot first (:func:`take_slot`), so they are
+    fetched when a process is free to use them at once, not before a wait in
+    the pool's queue that could outlast their refresh margin.
     """
 
     def __init__(self, workers: int, **options):
@@ -78,16 +78,17 @@ def worker_pool(workers: int) -> WorkerPool:
     )
 
 
-@contextmanager
-def worker_slot(workers: Executor) -> Iterator[None]:
-    """Wait until one of ``workers``' processes is free (a :class:`WorkerPool`; any other
-    executor, such as a Dask cluster's, queues work itself and is not waited for)."""
+def take_slot(workers: Executor) -> Callable[[Future], None]:
+    """Wait until one of ``workers``' processes (or threads of a Dask cluster) is free and
+    take it; the callback that gives it back, to add to the future of the work run there.
+
+    An executor without ``slots`` queues work itself and is not waited for.
+    """
     slots = getattr(workers, "slots", None)
     if slots is None:
-        yield
-        return
-    with slots:
-        yield
+        return lambda _: None
+    slots.acquire()
+    return lambda _: slots.release()
 
 
 @contextmanager
@@ -101,7 +102,7 @@ def local_workers(
     ~10–60 ms of Prefect bookkeeping before and after its work (creating the
     run, cache look-up, states, the persisted result), and with one task per
     process the process idled through it; the second task now does its
-    bookkeeping meanwhile and waits for a free process (:func:`worker_slot`).
+    bookkeeping meanwhile and waits for a free process (:func:`take_slot`).
     A cell's deadline starts when a process takes it (:func:`process_cell_within`).
     ``dask``: :func:`dask_workers` at ``dask_address``, as many tasks as the
     cluster has threads unless ``concurrency`` says otherwise.
@@ -138,14 +139,18 @@ def dask_workers(address: str) -> Iterator[tuple[Executor, int]]:
     The work is submitted impure, so a retried cell runs again rather than
     reusing the failed attempt's result. Requests travel to the workers over
     Dask's own connection, credentials included, and never through anything
-    Prefect stores.
+    Prefect stores. Its ``slots`` (one a thread of the cluster) bound the
+    granules handed credentials and waiting in Dask's queue, as the local
+    pool's do (:func:`take_slot`).
     """
     from distributed import Client
 
     client = Client(address, set_as_default=False, timeout=30)
     try:
-        threads = sum(client.nthreads().values())
-        yield client.get_executor(pure=False), max(threads, 1)
+        threads = max(sum(client.nthreads().values()), 1)
+        executor = client.get_executor(pure=False)
+        executor.slots = threading.BoundedSemaphore(threads)  # see take_slot
+        yield executor, threads
     finally:
         client.close()
 

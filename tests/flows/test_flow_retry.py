@@ -100,7 +100,7 @@ def test_retrying_the_failed_run_reruns_exactly_the_failed_cells(
     failing_chunks = set(with_data[:3])
     groups = None
     if task_runs:  # groups of two; one cell fails in each of the first two groups
-        monkeypatch.setattr("magg.tasks.cells.GROUP_TASK_RUNS", task_runs)
+        monkeypatch.setattr("magg.tasks.dispatch.GROUP_TASK_RUNS", task_runs)
         groups = [parents[i : i + 2] for i in range(0, len(parents), 2)]
         failing_chunks = {i for i in with_data if i < 4 and i % 2 == 0}
         assert len(failing_chunks) == 2 and {i + 1 for i in failing_chunks} <= set(with_data)

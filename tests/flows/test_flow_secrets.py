@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import threading
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +43,7 @@ from magg_core.config import load_config
 from magg_core.extract.granule import extract_granule
 from magg_core.grid.plan import plan_cells, plan_extracts
 from magg_core.store.arrays import create_template, open_store
+from magg_core.urls import granule_name
 from tests.fakes.lambda_api import FakeLambda
 from tests.flow_support import (
     S3Error,
@@ -229,7 +231,7 @@ def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
         quick = extract_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
         credentials = open_credentials("environment")
         with worker_pool(1) as workers:
-            return quick(request, credentials, workers, return_state=True)
+            return quick([request], credentials, workers, return_state=True)
 
     usual, proxy.fault = proxy.fault, refuse_once
     calls_before = len(proxy.calls)
@@ -247,9 +249,63 @@ def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
     unrefused = replace(request, store_path=f"{store[:-5]}-unrefused.zarr")
     create_template(open_store(unrefused.store_path), config, local_run.sample.catalog.parents, {})
     expected = extract_granule(unrefused)
-    result = state.result()
+    (result,) = state.result()
     assert result.status == expected.status == "ok"
     assert (result.points, result.parents) == (expected.points, expected.parents) != (0, 0)
+
+
+def test_a_group_of_extracts_retries_only_the_refused_granule(local_run, source, proxy):
+    """Several granules a task run (the local backend's groups): S3 refuses one granule's
+    credentials; the group is retried, the refused granule read again with new ones, the
+    others not read again (their extract records are in the store)."""
+    store = f"s3://{OUT}/refused-group.zarr"
+    config = load_config()
+    create_template(open_store(store), config, local_run.sample.catalog.parents, {})
+    requests = plan_cells(
+        local_run.sample.catalog, config, store, granule_mirror=local_run.sample.mirror
+    )
+    extracts = plan_extracts(requests)
+    assert len(extracts) >= 3
+    refused = []
+
+    def refuse_first(method_, bucket, key, access_key):
+        if bucket == "magg-e2e-in" and method_ == "GET" and not refused:
+            refused.append((key, access_key))
+            return S3Error(400, "ExpiredToken", "The provided token has expired.")
+        return None
+
+    @flow
+    def one_group():
+        quick = extract_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+        credentials = open_credentials("environment")
+        with worker_pool(1) as workers:
+            return quick(extracts, credentials, workers, return_state=True)
+
+    usual, proxy.fault = proxy.fault, refuse_first
+    calls_before = len(proxy.calls)
+    try:
+        state = one_group()
+    finally:
+        proxy.fault = usual
+
+    assert refused and state.is_completed(), state.message
+    (run,) = cell_task_runs(state.state_details.flow_run_id, prefix="extracts-")
+    assert run.run_count == 2
+    results = state.result()
+    assert sorted(r.url for r in results) == sorted(e.granule_url for e in extracts)
+    assert {r.status for r in results} == {"ok"}
+    calls = proxy.calls[calls_before:]
+    (refused_key, refused_with) = refused[0]
+    # The refused granule was read again with new credentials ...
+    again = {c.access_key for c in calls if c.bucket == "magg-e2e-in" and c.key == refused_key}
+    assert again - {refused_with}
+    # ... and every granule's extract was done once: one extract record written each.
+    records = Counter(
+        c.key.split("/")[-2]
+        for c in calls
+        if c.bucket == OUT and c.method == "PUT" and c.succeeded and c.key.endswith("/extract.json")
+    )
+    assert records == {granule_name(e.granule_url): 1 for e in extracts}
 
 
 @pytest.fixture(scope="module")
