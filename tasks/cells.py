@@ -31,6 +31,7 @@ from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
+from zarr.abc.store import Store
 
 import magg_core
 from deployments.aws.lambda_client import invoke_cell, is_retryable
@@ -145,11 +146,11 @@ def proven_parents(
     (:func:`cache_unless_proven`), so a cell whose chunk or staging object was
     lost since is done again, and a proven cell is taken from the cache.
     """
-    return set(proven_records(store_path, config, requests))
+    return set(proven_records(open_store(store_path), config, requests))
 
 
 def proven_records(
-    store_path: str,
+    store: Store,
     config: PipelineConfig,
     requests: Sequence[CellRequest],
     records: dict[int, CellRecord] | None = None,
@@ -162,7 +163,7 @@ def proven_records(
         r.parent_morton: input_fingerprint(r.granule_urls, config.hash, magg_core.__version__)
         for r in requests
     }
-    return proven_cells(open_store(store_path), config, fingerprints, records)
+    return proven_cells(store, config, fingerprints, records)
 
 
 def cache_unless_proven(cell: Task, proven: Set[int]) -> Callable[[Iterable[int]], Task]:
@@ -239,7 +240,7 @@ def _grid_cells_locally(
     config = request_config(requests[0])
     store = open_store(requests[0].store_path)
     recorded = read_records(store, config, [r.parent_morton for r in requests])
-    done = proven_records(requests[0].store_path, config, requests, recorded)
+    done = proven_records(store, config, requests, recorded)
     todo = [r for r in requests if r.parent_morton not in done]
     batches = [todo[i : i + CELLS_PER_PROCESS] for i in range(0, len(todo), CELLS_PER_PROCESS)]
     futures = [(batch, workers.submit(process_cells_within, batch, timeout_s)) for batch in batches]

@@ -199,6 +199,35 @@ REFUSALS = [
 ]
 
 
+def _extracts_refused_once(proxy, extracts, method, error):
+    """``extracts`` as one group task of the local backend, S3 refusing the first granule
+    read of ``method`` with ``error``; its final state, the refused read's (key, access
+    key), and every call the proxy saw meanwhile."""
+    refused = []
+
+    def refuse_once(method_, bucket, key, access_key):
+        if bucket == "magg-e2e-in" and method_ == method and not refused:
+            refused.append((key, access_key))
+            return error
+        return None
+
+    @flow
+    def one_group():
+        quick = extract_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+        credentials = open_credentials("environment")
+        with worker_pool(1) as workers:
+            return quick(extracts, credentials, workers, return_state=True)
+
+    usual, proxy.fault = proxy.fault, refuse_once
+    calls_before = len(proxy.calls)
+    try:
+        state = one_group()
+    finally:
+        proxy.fault = usual
+    assert refused, "no granule read was refused"
+    return state, refused[0], proxy.calls[calls_before:]
+
+
 @pytest.mark.parametrize(
     ("method", "status", "code", "message"),
     REFUSALS,
@@ -218,33 +247,16 @@ def test_a_read_refused_for_its_credentials_is_retried_with_fresh_ones(
         local_run.sample.catalog, config, store, granule_mirror=local_run.sample.mirror
     )
     request = max(plan_extracts(requests), key=lambda r: len(r.parents))
-    refused = []
 
-    def refuse_once(method_, bucket, key, access_key):
-        if bucket == "magg-e2e-in" and method_ == method and not refused:
-            refused.append(access_key)
-            return S3Error(status, code, message)
-        return None
+    state, (_, refused_with), calls = _extracts_refused_once(
+        proxy, [request], method, S3Error(status, code, message)
+    )
 
-    @flow
-    def one_extract():
-        quick = extract_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
-        credentials = open_credentials("environment")
-        with worker_pool(1) as workers:
-            return quick([request], credentials, workers, return_state=True)
-
-    usual, proxy.fault = proxy.fault, refuse_once
-    calls_before = len(proxy.calls)
-    try:
-        state = one_extract()
-    finally:
-        proxy.fault = usual
-
-    assert refused and state.is_completed(), state.message
+    assert state.is_completed(), state.message
     (run,) = cell_task_runs(state.state_details.flow_run_id, prefix="extract-")
     assert run.run_count == 2
-    retried_with = {c.access_key for c in proxy.calls[calls_before:] if c.bucket == "magg-e2e-in"}
-    assert refused[0] in retried_with and len(retried_with) == 2  # the retry's are new ones
+    retried_with = {c.access_key for c in calls if c.bucket == "magg-e2e-in"}
+    assert refused_with in retried_with and len(retried_with) == 2  # the retry's are new ones
     # Nothing of the granule was left out: the same extract, never refused, finds as much.
     unrefused = replace(request, store_path=f"{store[:-5]}-unrefused.zarr")
     create_template(open_store(unrefused.store_path), config, local_run.sample.catalog.parents, {})
@@ -266,36 +278,17 @@ def test_a_group_of_extracts_retries_only_the_refused_granule(local_run, source,
     )
     extracts = plan_extracts(requests)
     assert len(extracts) >= 3
-    refused = []
 
-    def refuse_first(method_, bucket, key, access_key):
-        if bucket == "magg-e2e-in" and method_ == "GET" and not refused:
-            refused.append((key, access_key))
-            return S3Error(400, "ExpiredToken", "The provided token has expired.")
-        return None
+    state, (refused_key, refused_with), calls = _extracts_refused_once(
+        proxy, extracts, "GET", S3Error(400, "ExpiredToken", "The provided token has expired.")
+    )
 
-    @flow
-    def one_group():
-        quick = extract_locally.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
-        credentials = open_credentials("environment")
-        with worker_pool(1) as workers:
-            return quick(extracts, credentials, workers, return_state=True)
-
-    usual, proxy.fault = proxy.fault, refuse_first
-    calls_before = len(proxy.calls)
-    try:
-        state = one_group()
-    finally:
-        proxy.fault = usual
-
-    assert refused and state.is_completed(), state.message
+    assert state.is_completed(), state.message
     (run,) = cell_task_runs(state.state_details.flow_run_id, prefix="extracts-")
     assert run.run_count == 2
     results = state.result()
     assert sorted(r.url for r in results) == sorted(e.granule_url for e in extracts)
     assert {r.status for r in results} == {"ok"}
-    calls = proxy.calls[calls_before:]
-    (refused_key, refused_with) = refused[0]
     # The refused granule was read again with new credentials ...
     again = {c.access_key for c in calls if c.bucket == "magg-e2e-in" and c.key == refused_key}
     assert again - {refused_with}
