@@ -20,7 +20,10 @@ Runs, in this order, each printing medians and the ratio magg / script
 - ``s3_30ms``: granules on moto behind 30 ms a request
   (:mod:`bench.latency_proxy`); magg reads them and writes its store there,
   the script reads them through s3fs (h5py's ros3 driver is not built here)
-  and writes its ``.npz`` files locally.
+  and writes its ``.npz`` files locally;
+- ``s3_30ms_store_local``: the same granules, magg's store on local disk
+  where the script writes its output, so that both move the same bytes over
+  S3 (the row above adds magg's fragments, chunks and records going to S3).
 - ``growth``: 24 (the medians of ``local``), 48 and 96 granules, time per
   point for both;
 
@@ -421,8 +424,18 @@ def main(argv: list[str] | None = None) -> None:
                 rounds,
                 access,
             )
+            print(f"moto S3 + {DELAY_MS:.0f} ms, magg's store on local disk, {rounds} rounds:")
+            local_store = side_by_side(
+                sources, catalog, f"s3://{IN_BUCKET}/ATL06", str(work), work, levels, rounds, access
+            )
     ratio_line(
         "floor.magg_over_script_s3_30ms", remote["magg"] / remote["script"], 1.2, at_least=False
+    )
+    ratio_line(
+        "floor.magg_over_script_s3_30ms_store_local",
+        local_store["magg"] / local_store["script"],
+        1.2,
+        at_least=False,
     )
     os.environ.clear()
     os.environ.update(environment)

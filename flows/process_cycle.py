@@ -41,7 +41,13 @@ from magg.tasks.report import (
     report_run,
     run_progress,
 )
-from magg.tasks.setup import load_pipeline_config, prepare_store, query_catalog, read_catalog
+from magg.tasks.setup import (
+    check_store,
+    load_pipeline_config,
+    prepare_store,
+    query_catalog,
+    read_catalog,
+)
 from magg.tasks.workers import local_workers
 from magg_core.errors import CellsFailedError
 from magg_core.grid.plan import (
@@ -203,16 +209,15 @@ def process_cycle(
         }
 
     provenance = {"catalog": {**cell_catalog.metadata, "fingerprint": cell_catalog.fingerprint}}
-    store_id = prepare_store(store_path, pipeline, cell_catalog.parents, provenance)
+    check_store(store_path, pipeline, cell_catalog.parents)
+    # The template is made while the granules are read: the extracts do not
+    # need it, the cells need both (on S3 a template is ~3 s of round trips).
+    template = prepare_store.submit(store_path, pipeline, cell_catalog.parents, provenance)
 
     # Only extracts read NSIDC's granules; cells read fragments from the output
     # store with the backend's own identity, so they are handed no credentials.
     extracts = plan_extracts(requests, height_change=keep_fragments)
     cells = [replace(r, from_fragments=True) for r in requests]
-    proven = proven_parents(store_path, pipeline, requests)
-    grid_locally = cache_unless_proven(grid_cells_locally, proven)
-    grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
-    grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
     with ExitStack() as stack:
         progress = stack.enter_context(run_progress(len(extracts), len(cells)))
         if backend in ("local", "dask"):
@@ -259,6 +264,12 @@ def process_cycle(
         )
         if lost:
             record_failed_extracts([e for e in extracts if e.granule_url in lost], lost)
+        # What the cells' closures above use, once the template is made.
+        store_id = template.result()
+        proven = proven_parents(store_path, pipeline, requests)
+        grid_locally = cache_unless_proven(grid_cells_locally, proven)
+        grid_on_lambda = cache_unless_proven(grid_cell_on_lambda, proven)
+        grid_on_ecs = cache_unless_proven(grid_cell_on_ecs, proven)
         results, failures = run_windowed(
             grid, cell_batches, window, progress.cell_done, _parents_of
         )

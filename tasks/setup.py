@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 
 from magg_core.catalog.catalog import Catalog, build_catalog, load_catalog
 from magg_core.config import PipelineConfig, load_config
-from magg_core.store.arrays import create_template, open_store, read_template
+from magg_core.store.arrays import create_template, matching_template, open_store, read_template
 
 
 @task(cache_policy=NONE)
@@ -42,6 +42,16 @@ def query_catalog(
 @task(cache_policy=NONE)
 def read_catalog(path: str) -> Catalog:
     return load_catalog(path)
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def check_store(store_path: str, config: PipelineConfig, parents: Sequence[int]) -> None:
+    """Refuse a store holding another run's template, before this run writes anything there.
+
+    :func:`prepare_store` refuses it too, but the flow makes the template
+    while the extracts already write their fragments into the store.
+    """
+    matching_template(open_store(store_path), config, parents)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

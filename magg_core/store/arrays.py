@@ -272,14 +272,12 @@ def create_template(
     ValueError
         If ``parents`` are not unique ascending words of ``parent_order``.
     """
-    words = _validate_parents(parents, config)
     levels = staged_orders(config) if arrays is None else ()
-    arrays = tuple(statistic_arrays(config) if arrays is None else arrays)
     provenance = json.loads(json.dumps(dict(provenance), allow_nan=False))  # fail before writing
-    existing = read_template(store, config)
-    if existing is not None:
-        _require_same(existing, config, words, arrays)
+    if matching_template(store, config, parents, arrays=arrays) is not None:
         return
+    words = _validate_parents(parents, config)
+    arrays = tuple(statistic_arrays(config) if arrays is None else arrays)
 
     root = zarr.open_group(store, mode="a", zarr_format=3)
     # overwrite=True clears an unfinished try, the child group first so that a
@@ -307,6 +305,40 @@ def create_template(
     group.update_attributes(
         _group_attributes(config, words, provenance, arrays)
     )  # the commit marker, last
+
+
+def matching_template(
+    store: Store,
+    config: PipelineConfig,
+    parents: Sequence[int] | np.ndarray,
+    *,
+    arrays: Sequence[ArraySpec] | None = None,
+) -> Template | None:
+    """The store's finished template if it is the one :func:`create_template` would make.
+
+    Read-only (one GET), so a run can refuse another run's store before it
+    writes anything there, also what it writes beside the template
+    (fragments).
+
+    Returns
+    -------
+    Template or None
+        ``None`` if the store has no finished template of ``config``'s group.
+
+    Raises
+    ------
+    TemplateMismatchError
+        If a finished template with another config, parent list or set of
+        arrays exists.
+    ValueError
+        If ``parents`` are not unique ascending words of ``parent_order``.
+    """
+    words = _validate_parents(parents, config)
+    existing = read_template(store, config)
+    if existing is not None:
+        specs = tuple(statistic_arrays(config) if arrays is None else arrays)
+        _require_same(existing, config, words, specs)
+    return existing
 
 
 def read_template(store: Store, config: PipelineConfig) -> Template | None:
