@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib.util
 import logging
 import os
 import socket
@@ -100,15 +101,23 @@ def _temporary_server() -> _TemporaryServer | None:
     Started the default way, it begins only when the flow first calls the API
     -- after this process has imported the flows (~3 s of CPU) and the
     server's own web application (~2.5 s, only to launch it). Its own start
-    (~4 s) is the longest step before a flow can run, so it goes first, even
-    before ``magg run`` checks its inputs (~0.5 s): a refused input stops it
-    again at exit, having cost a fraction of a second of its CPU.
+    (~4 s) is the longest step before a flow can run, so it goes first: before
+    ``magg run`` checks its inputs (~0.5 s; a refused input stops it again at
+    exit) and before Prefect is imported here (~1 s). Only then do Prefect's
+    settings say whether a server is configured elsewhere than in the
+    environment (a profile, ``prefect.toml``) or temporary servers are off;
+    if so, the server just launched is stopped, having cost ~1 s of its CPU.
     """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    server = _TemporaryServer()
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url is None and settings.server.ephemeral.enabled:
-        return _TemporaryServer(settings.server.ephemeral.startup_timeout_seconds)
+        server.serve_this_process(settings.server.ephemeral.startup_timeout_seconds)
+        return server
+    server.stop()
     return None
 
 
@@ -117,14 +126,19 @@ def _start_up(args: argparse.Namespace, server: _TemporaryServer | None) -> None
 
     The worker processes' forkserver would start only when the first task is
     dispatched; started here, beside the temporary server, its CPU overlaps
-    this process's imports. The flow's imports then run here too, before
+    this process's imports. The imports of the command's flow, and the one
+    Prefect makes when it creates the flow run, then run here too, before
     waiting for the server to answer.
     """
     if args.name == "demo" or (args.backend == "local" and not getattr(args, "dry_run", False)):
         from magg.tasks.workers import start_forkserver
 
         start_forkserver()
-    import magg.flows.height_change  # noqa: F401 - its imports include process-cycle's
+    if args.name == "height-change":
+        import magg.flows.height_change  # noqa: F401
+    else:
+        import magg.flows.process_cycle  # noqa: F401
+    import fastapi.encoders  # noqa: F401 - Prefect's, for a flow run's parameters (~0.25 s)
 
     if server is not None:
         server.wait()
@@ -182,25 +196,31 @@ class _TemporaryServer:
         "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     }
 
-    def __init__(self, timeout_s: float):
-        import prefect
-        import prefect.context
-        from prefect.settings import get_current_settings
-
-        self.timeout_s = timeout_s
+    def __init__(self) -> None:
+        self.timeout_s = 0.0
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
+        # The same settings as this process: the server reads the same
+        # environment, profile and files (PREFECT_HOME, the working directory).
         self.environment = {
             **self.QUIET_SERVICES,
             **os.environ,
-            **get_current_settings().to_environment_variables(exclude_unset=True),
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
-        self.app_dir = str(Path(prefect.__file__).resolve().parents[1])
+        prefect = importlib.util.find_spec("prefect")  # found, not imported (~1 s)
+        if prefect is None or prefect.origin is None:
+            raise RuntimeError("Prefect is not installed")
+        self.app_dir = str(Path(prefect.origin).resolve().parents[1])
         self.process = self._launch()
         atexit.register(self.stop)
+
+    def serve_this_process(self, timeout_s: float) -> None:
+        """Make this server this process's Prefect API; :meth:`wait` allows ``timeout_s``."""
+        import prefect.context
+
+        self.timeout_s = timeout_s
         os.environ["PREFECT_API_URL"] = self.url
         prefect.context.refresh_global_settings_context()
 
