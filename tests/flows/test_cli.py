@@ -363,29 +363,39 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(bad_inputs, prefec
         _assert_one_clear_line(name, output, code, cases[name][1])
 
 
-def test_a_server_named_by_the_profile_runs_the_flow(
-    catalog_file, granules, prefect_server, tmp_path
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        (
+            "home/profiles.toml",
+            'active = "lasting"\n\n[profiles.lasting]\nPREFECT_API_URL = "{url}"\n',
+        ),
+        ("work/prefect.toml", '[api]\nurl = "{url}"\n'),
+    ],
+    ids=["profile", "prefect.toml"],
+)
+def test_a_server_named_in_prefects_settings_runs_the_flow(
+    file, text, catalog_file, granules, prefect_server, tmp_path
 ):
-    """No ``PREFECT_API_URL`` in the environment, but the active profile names a server.
+    """No ``PREFECT_API_URL`` in the environment, but Prefect's settings name a server:
+    the active profile, or ``prefect.toml`` in the working directory.
 
-    The ``magg`` script launches a temporary server before Prefect can read the
-    profile; the profile's server must still be the one the flow runs on.
+    The ``magg`` script launches a temporary server before Prefect can read
+    them; the named server must still be the one the flow runs on.
     """
     from prefect.settings import PREFECT_API_URL
 
-    home = tmp_path / "home"
-    home.mkdir()
-    profile = (
-        f'active = "lasting"\n\n[profiles.lasting]\nPREFECT_API_URL = "{PREFECT_API_URL.value()}"\n'
-    )
-    (home / "profiles.toml").write_text(profile)
+    for folder in ("home", "work"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / file).write_text(text.format(url=PREFECT_API_URL.value()))
     store = str(tmp_path / "out.zarr")
     command = [str(BIN / "magg"), "run", "--catalog", str(catalog_file), "--store", store]
     command += ["--credentials", "none", "--granule-mirror", str(granules[0].path.parent)]
 
     done = subprocess.run(
         [*command, "--dry-run"],
-        env=clean_environment(PREFECT_HOME=str(home)),
+        env=clean_environment(PREFECT_HOME=str(tmp_path / "home")),
+        cwd=tmp_path / "work",
         capture_output=True,
         text=True,
         timeout=300,
