@@ -9,13 +9,15 @@ parses well (superblock, groups, object headers), but the data path is ours:
 1. :func:`index_column` reads the dataset's chunk B-tree (version 1, the only
    kind superblock v0/v2 files have) into a list of chunks: first row, file
    address, stored size;
-2. :func:`read_spans` takes the chunks that overlap the wanted row spans,
-   groups those lying back to back in the file (HDF5 writers put a dataset's
-   chunks one after another) into *runs*, fetches each run with one exact
-   ranged request, and decodes with zlib and numpy.
+2. :func:`read_columns` takes the chunks that overlap the wanted row spans
+   of one or several datasets, groups those lying back to back in the file
+   (HDF5 writers put a dataset's chunks one after another, and often one
+   dataset after another) or nearly so into *runs*, fetches each run with
+   one ranged request, and decodes with zlib and numpy.
 
-A whole coordinate is then one request instead of fifteen, and the bytes
-fetched are exactly the chunks' stored bytes.
+A whole coordinate is then one request instead of fifteen, a beam's
+variables often one request together, and the bytes fetched are the chunks'
+stored bytes and at most :data:`MERGE_GAP_FRACTION` more.
 
 Only what ATL06 uses is supported: 1-D integer or float datasets of either
 byte order, chunked with optional shuffle + deflate (or contiguous/compact,
@@ -311,12 +313,31 @@ def read_spans(
     *,
     hidefix: bool = True,
 ) -> list[np.ndarray]:
-    """The values of ``column`` in each half-open row span, fetching only overlapping chunks.
+    """The values of ``column`` in each half-open row span: :func:`read_columns` of one column."""
+    return read_columns(h5, [(column, spans)], hidefix=hidefix)[0]
 
-    Values come in native byte order whatever the file's. Chunks are
-    decoded by h5coro-hidefix where it is installed, unless ``hidefix`` is
-    false or some row lies in no stored chunk (hidefix's manifest must list
-    every chunk); by zlib and numpy otherwise. Tests run both and compare.
+
+def read_columns(
+    h5: H5Coro,
+    wanted: Sequence[tuple[Column, Sequence[tuple[int, int]]]],
+    *,
+    hidefix: bool = True,
+) -> list[list[np.ndarray]]:
+    """Each column's values in each of its half-open row spans, the chunks of all fetched together.
+
+    Only chunks overlapping a span are fetched, in as few requests as
+    :func:`_runs` allows: a beam's variables often lie next to each other in
+    the file (NSIDC's ``h_li`` and ``h_li_sigma`` back to back), so reading
+    them together costs one request instead of one per variable. Values come
+    in native byte order whatever the file's. Chunks are decoded by
+    h5coro-hidefix where it is installed, unless ``hidefix`` is false or
+    some row of the column lies in no stored chunk (hidefix's manifest must
+    list every chunk); by zlib and numpy otherwise. Tests run both and compare.
+
+    Returns
+    -------
+    list[list[numpy.ndarray]]
+        Per column of ``wanted``, one 1-D array per span, of the span's length.
 
     Raises
     ------
@@ -325,17 +346,36 @@ def read_spans(
     CorruptFileError
         If a chunk does not inflate, or not to its size.
     ValueError
-        If a span lies outside the dataset.
+        If a span lies outside its dataset.
     """
-    for start, stop in spans:
-        if not 0 <= start <= stop <= column.n_rows:
-            raise ValueError(f"{column.path}: rows [{start}, {stop}) outside 0..{column.n_rows}")
-    wanted = [
-        c
-        for c in column.chunks
-        if any(c.first_row < b and c.first_row + column.chunk_rows > a for a, b in spans)
+    chosen = []
+    for column, spans in wanted:
+        for start, stop in spans:
+            if not 0 <= start <= stop <= column.n_rows:
+                raise ValueError(
+                    f"{column.path}: rows [{start}, {stop}) outside 0..{column.n_rows}"
+                )
+        chosen.append(
+            [
+                c
+                for c in column.chunks
+                if any(c.first_row < b and c.first_row + column.chunk_rows > a for a, b in spans)
+            ]
+        )
+    stored = _fetch(h5, [c for chunks in chosen for c in chunks])
+    return [
+        _decoded(column, [(c, stored[c.address]) for c in chunks], spans, hidefix)
+        for (column, spans), chunks in zip(wanted, chosen, strict=True)
     ]
-    fetched = _fetch(h5, wanted)
+
+
+def _decoded(
+    column: Column,
+    fetched: list[tuple[Chunk, memoryview]],
+    spans: Sequence[tuple[int, int]],
+    hidefix: bool,
+) -> list[np.ndarray]:
+    """One column's values in each span, from its fetched chunks."""
     if hidefix and HidefixIndex is not None and _covers_every_row(column):
         return _decode_hidefix(column, fetched, spans)
     decoded = {c.first_row: _decode(column, data) for c, data in fetched}
@@ -350,23 +390,48 @@ def read_spans(
     return out
 
 
-def _fetch(h5: H5Coro, chunks: list[Chunk]) -> list[tuple[Chunk, memoryview]]:
-    """Each chunk's stored bytes, one exact request per run of back-to-back chunks."""
-    chunks = sorted(chunks, key=lambda c: c.address)
+MERGE_GAP_FRACTION = 1 / 16
+"""The most bytes between two chunks that one request fetches with them, as a
+fraction of the chunk bytes that request wants: so merged requests fetch at
+most 1/16 (6.25 %) more than the chunks, well inside the cycle-scale target
+of 1.2x the compressed bytes (docs/architecture.md §Targets). A request costs
+a round trip (~20-30 ms to S3's first byte, the time of ~1 MB of transfer)
+and a fee, so a small gap (a B-tree node between two datasets' chunks, a few
+KiB) is cheaper fetched than skipped."""
+
+
+def _runs(chunks: Sequence[Chunk]) -> list[list[Chunk]]:
+    """``chunks`` (of any columns) in file order, grouped into one run per request.
+
+    A chunk joins the run before it when the gap between them is at most
+    :data:`MERGE_GAP_FRACTION` of the run's chunk bytes with it, so no run
+    fetches more than that fraction beyond what it wants.
+    """
     runs: list[list[Chunk]] = []
-    for c in chunks:
-        if runs and runs[-1][-1].address + runs[-1][-1].size == c.address:
-            runs[-1].append(c)
-        else:
-            runs.append([c])
-    out = []
-    for run in runs:
+    wanted = 0
+    for c in sorted(chunks, key=lambda c: c.address):
+        if runs:
+            end = runs[-1][-1].address + runs[-1][-1].size
+            gap = c.address - end
+            if 0 <= gap <= MERGE_GAP_FRACTION * (wanted + c.size):
+                runs[-1].append(c)
+                wanted += c.size
+                continue
+        runs.append([c])
+        wanted = c.size
+    return runs
+
+
+def _fetch(h5: H5Coro, chunks: Sequence[Chunk]) -> dict[int, memoryview]:
+    """Each chunk's stored bytes by its address, one exact request per run (:func:`_runs`)."""
+    out = {}
+    for run in _runs(chunks):
         start = run[0].address
         size = run[-1].address + run[-1].size - start
         data = memoryview(h5.driver.read(start + h5.baseAddress, size))
         if len(data) < size:
             raise TruncatedFileError(f"needed {size} bytes at offset {start}, the file ends sooner")
-        out.extend((c, data[c.address - start : c.address - start + c.size]) for c in run)
+        out.update((c.address, data[c.address - start : c.address - start + c.size]) for c in run)
     return out
 
 

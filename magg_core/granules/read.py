@@ -60,7 +60,13 @@ from magg_core.errors import (
     rejects_credentials,
     s3_answer,
 )
-from magg_core.granules.h5chunks import Column, CorruptFileError, index_column, read_spans
+from magg_core.granules.h5chunks import (
+    Column,
+    CorruptFileError,
+    index_column,
+    read_columns,
+    read_spans,
+)
 from magg_core.granules.h5driver import (
     NotHDF5Error,
     S3Access,
@@ -676,31 +682,38 @@ def _beam_missing(url: str, h5: H5Coro, beam: str, config: PipelineConfig) -> bo
 def _read_rows(
     url: str, h5: H5Coro, tasks: _Tasks, beams: list[_Beam], config: PipelineConfig
 ) -> dict[str, np.ndarray]:
-    """Phase 2: the variables and the quality flag at the located rows, all fetched at once."""
+    """Phase 2: the variables and the quality flag at the located rows, all fetched at once.
+
+    One task per beam reads all of them together (:func:`_at_rows`): a beam's
+    variables often lie next to each other in the file, and fetched together
+    they cost one request instead of one each.
+    """
     names = _row_variables(config)
     pending = {}
     for beam in beams:
-        for name in names:
-            column = beam.index[name]
+        columns = [beam.index[name] for name in names]
+        for column in columns:
             if column.n_rows < beam.spans[-1][1]:
                 raise GranuleReadError(
                     url, f"dataset {column.path} is shorter than the coordinates"
                 )
-            pending[beam.group, name] = tasks.submit(_at_rows, h5, beam, column)
+        pending[beam.group] = tasks.submit(_at_rows, h5, beam, columns)
     with _reading(url, "cannot read variables"):
-        values = {key: future.result() for key, future in pending.items()}
-    return {n: np.concatenate([values[b.group, n] for b in beams]) for n in names}
+        values = {group: future.result() for group, future in pending.items()}
+    return {
+        name: np.concatenate([values[b.group][i] for b in beams]) for i, name in enumerate(names)
+    }
 
 
-def _at_rows(h5: H5Coro, beam: _Beam, column: Column) -> np.ndarray:
-    """One variable of one beam at the beam's rows, in row order."""
-    parts = read_spans(h5, column, beam.spans)
-    return np.concatenate(
-        [
-            values[beam.rows[(beam.rows >= start) & (beam.rows < stop)] - start]
-            for values, (start, stop) in zip(parts, beam.spans, strict=True)
-        ]
-    )
+def _at_rows(h5: H5Coro, beam: _Beam, columns: list[Column]) -> list[np.ndarray]:
+    """Each of a beam's ``columns`` at the beam's rows, in row order."""
+    picked = [
+        beam.rows[(beam.rows >= start) & (beam.rows < stop)] - start for start, stop in beam.spans
+    ]
+    return [
+        np.concatenate([values[rows] for values, rows in zip(parts, picked, strict=True)])
+        for parts in read_columns(h5, [(column, beam.spans) for column in columns])
+    ]
 
 
 class _Tasks:

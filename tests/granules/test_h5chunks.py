@@ -148,6 +148,85 @@ def test_a_dataset_with_unallocated_chunks_is_decoded_by_the_fallback(tmp_path):
             assert_same_bytes(got, f["x"][:], f"hidefix={hidefix}")
 
 
+# --- requests -------------------------------------------------------------------------
+
+
+def three_variables(path: Path, between: int) -> dict[str, list]:
+    """A file with datasets ``a``, ``b``, ``c`` (gzip'd, 4 chunks each), written in that
+    order, with an unrelated dataset of ``between`` bytes written between ``b`` and ``c``;
+    h5py's own account of where each dataset's chunks lie."""
+    rng = np.random.default_rng(3)
+    with h5py.File(path, "w") as f:
+        for name in ("a", "b", "filler", "c"):
+            if name == "filler":
+                if between:
+                    f.create_dataset(name, data=rng.integers(0, 255, between, dtype="u1"))
+                continue
+            f.create_dataset(
+                name, data=rng.normal(size=40_000), chunks=(10_000,), compression="gzip"
+            )
+    with h5py.File(path, "r") as f:
+        return {n: [f[n].id.get_chunk_info(i) for i in range(4)] for n in "abc"}
+
+
+@pytest.mark.parametrize("hidefix", [True, False])
+def test_variables_lying_together_in_the_file_are_fetched_in_one_request(tmp_path, hidefix):
+    """Chunks of several datasets with only HDF5's small structures between them (a
+    B-tree node, an object header) cost one request, fetching less than 1/16 beyond them."""
+    path = tmp_path / "together.h5"
+    chunks = three_variables(path, between=0)
+    stored = sum(c.size for infos in chunks.values() for c in infos)
+    h5 = open_h5(str(path), ACCESS)
+    with h5, h5py.File(path, "r") as f:
+        columns = [index_column(h5, name) for name in "abc"]
+        requests, fetched = h5.driver.requests, h5.driver.bytes_fetched
+        spans = [(0, 40_000), (5_000, 25_000)]
+        got = h5chunks.read_columns(h5, [(c, spans) for c in columns], hidefix=hidefix)
+        assert h5.driver.requests - requests == 1
+        assert stored <= h5.driver.bytes_fetched - fetched <= stored * (1 + 1 / 16)
+        for name, values in zip("abc", got, strict=True):
+            for (a, b), part in zip(spans, values, strict=True):
+                assert_same_bytes(part, f[name][a:b], f"{name} [{a}, {b})")
+
+
+def test_variables_far_apart_in_the_file_are_not_fetched_with_what_lies_between(tmp_path):
+    """A gap larger than 1/16 of the chunks around it is skipped: two requests, and the
+    bytes fetched are the chunks' own plus the small gaps only."""
+    path = tmp_path / "apart.h5"
+    between = 400_000
+    chunks = three_variables(path, between=between)
+    stored = sum(c.size for infos in chunks.values() for c in infos)
+    assert chunks["c"][0].byte_offset - (chunks["b"][-1].byte_offset + chunks["b"][-1].size) > (
+        between
+    )
+    h5 = open_h5(str(path), ACCESS)
+    with h5, h5py.File(path, "r") as f:
+        columns = [index_column(h5, name) for name in "abc"]
+        requests, fetched = h5.driver.requests, h5.driver.bytes_fetched
+        got = h5chunks.read_columns(h5, [(c, [(0, 40_000)]) for c in columns])
+        assert h5.driver.requests - requests == 2
+        assert stored <= h5.driver.bytes_fetched - fetched <= stored * (1 + 1 / 16)
+        for name, (values,) in zip("abc", got, strict=True):
+            assert_same_bytes(values, f[name][:], name)
+
+
+def test_one_variables_chunks_not_wanted_are_not_fetched(tmp_path):
+    """Rows in the first and last chunk only: the two chunks between, a quarter of the
+    dataset each, are far above 1/16 of what is wanted and stay unread."""
+    path = tmp_path / "ends.h5"
+    chunks = three_variables(path, between=0)["a"]
+    h5 = open_h5(str(path), ACCESS)
+    with h5, h5py.File(path, "r") as f:
+        column = index_column(h5, "a")
+        requests, fetched = h5.driver.requests, h5.driver.bytes_fetched
+        spans = [(0, 10), (39_990, 40_000)]
+        got = read_spans(h5, column, spans)
+        assert h5.driver.requests - requests == 2
+        assert h5.driver.bytes_fetched - fetched == chunks[0].size + chunks[-1].size
+        for (a, b), part in zip(spans, got, strict=True):
+            assert_same_bytes(part, f["a"][a:b], f"[{a}, {b})")
+
+
 # --- damage --------------------------------------------------------------------------
 
 
