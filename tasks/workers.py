@@ -31,9 +31,9 @@ from magg_core.schema import CellRequest, CellResult, HeightChangeRequest
 
 PRELOAD = ["magg_core.grid.cell", "magg_core.extract.granule", "magg_core.height_change.cell"]
 TASKS_PER_PROCESS = 2
+"""Tasks the local backend keeps in flight per worker process (see :func:`local_workers`)."""
 CELLS_PER_PROCESS = 4
 """Cells a worker process grids at once (:func:`process_cells_within`)."""
-"""Tasks the local backend keeps in flight per worker process (see :func:`local_workers`)."""
 
 
 def default_workers() -> int:
