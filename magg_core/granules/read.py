@@ -3,7 +3,8 @@
 A granule crosses several parent cells, and a cell is read by its own worker,
 so each worker should fetch only its own rows. ATL06 has no spatial index, so
 reading a granule takes two phases, each a round of concurrent requests (one
-thread per dataset, see :mod:`magg_core.granules.h5chunks` for how a dataset is read):
+thread per dataset, then one per beam; see :mod:`magg_core.granules.h5chunks` for
+how datasets are read):
 
 1. every beam's latitude and longitude, whole, to find the rows inside the
    parent -- and meanwhile the chunk indexes of the variables and the
@@ -12,8 +13,10 @@ thread per dataset, see :mod:`magg_core.granules.h5chunks` for how a dataset is 
 
 Rows inside a parent are a few runs per beam (a track enters and leaves a
 cell). Runs are merged into one span unless a whole chunk without wanted
-rows lies between them, so the chunks fetched are exactly the chunks that
-hold wanted rows.
+rows lies between them, so the chunks decoded are exactly the chunks that
+hold wanted rows. A beam's variables are fetched together, and a request
+may also fetch a gap between chunks it wants, at most 1/16 of them
+(:data:`~magg_core.granules.h5chunks.MERGE_GAP_FRACTION`).
 
 Failure policy. A granule lacking a whole beam is normal in ATL06 (a beam
 can be off or have no surface); its other beams are read. So is a beam whose
