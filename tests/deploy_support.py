@@ -40,6 +40,11 @@ ALL_DEPLOYMENTS = {
 """Every deployment in ``prefect.yaml`` and its work pool."""
 
 SERVER_START_TIMEOUT_S = 120
+RETRIED_STATUSES = {429, 502, 503}
+"""Answers Prefect's own client retries (``prefect.client.base``): the server sends 503
+for failures a client may retry, such as SQLite's "database is locked" while a worker
+polls and ``prefect deploy`` writes."""
+API_ATTEMPTS = 5
 CLI_TIMEOUT_S = 300
 
 _QUIET_PREFECT = {
@@ -131,7 +136,14 @@ class PrefectServer:
     # --- the REST API, as the UI uses it ----------------------------------------------
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+        """One REST call; an answer the server marks retryable is retried, as Prefect's own
+        client does (:data:`RETRIED_STATUSES`), up to :data:`API_ATTEMPTS` times in all."""
+        for attempt in range(API_ATTEMPTS):
+            if attempt:
+                time.sleep(0.5 * 2 ** (attempt - 1))
+            response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+            if response.status_code not in RETRIED_STATUSES:
+                break
         response.raise_for_status()
         return response.json() if response.content else None
 
