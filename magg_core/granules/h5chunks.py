@@ -408,17 +408,16 @@ def _runs(chunks: Sequence[Chunk]) -> list[list[Chunk]]:
     fetches more than that fraction beyond what it wants.
     """
     runs: list[list[Chunk]] = []
-    wanted = 0
+    run_bytes = 0  # chunk bytes of the last run, gaps not counted
     for c in sorted(chunks, key=lambda c: c.address):
         if runs:
-            end = runs[-1][-1].address + runs[-1][-1].size
-            gap = c.address - end
-            if 0 <= gap <= MERGE_GAP_FRACTION * (wanted + c.size):
+            gap = c.address - (runs[-1][-1].address + runs[-1][-1].size)
+            if 0 <= gap <= MERGE_GAP_FRACTION * (run_bytes + c.size):
                 runs[-1].append(c)
-                wanted += c.size
+                run_bytes += c.size
                 continue
         runs.append([c])
-        wanted = c.size
+        run_bytes = c.size
     return runs
 
 

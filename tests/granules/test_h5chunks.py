@@ -157,14 +157,17 @@ def three_variables(path: Path, between: int) -> dict[str, list]:
     h5py's own account of where each dataset's chunks lie."""
     rng = np.random.default_rng(3)
     with h5py.File(path, "w") as f:
-        for name in ("a", "b", "filler", "c"):
-            if name == "filler":
-                if between:
-                    f.create_dataset(name, data=rng.integers(0, 255, between, dtype="u1"))
-                continue
+
+        def variable(name: str) -> None:
             f.create_dataset(
                 name, data=rng.normal(size=40_000), chunks=(10_000,), compression="gzip"
             )
+
+        variable("a")
+        variable("b")
+        if between:
+            f.create_dataset("filler", data=rng.integers(0, 255, between, dtype="u1"))
+        variable("c")
     with h5py.File(path, "r") as f:
         return {n: [f[n].id.get_chunk_info(i) for i in range(4)] for n in "abc"}
 
