@@ -50,12 +50,17 @@ from typing import Literal
 
 import numpy as np
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from magg_core.config import PipelineConfig
 from magg_core.schema import READ_DROPS, GranuleFailure, GranulePoints
-from magg_core.store.objects import READ_CONCURRENCY, delete_prefix, get_many, get_one
+from magg_core.store.objects import (
+    REQUESTS_IN_FLIGHT,
+    delete_prefix,
+    get_many,
+    get_one,
+    put_many,
+)
 from magg_core.urls import granule_name
 
 FRAGMENTS_PREFIX = "fragments"
@@ -152,7 +157,7 @@ def write_fragments(
     """Store one fragment per parent; returns each parent's fragment size in bytes
     (keyed by the decimal morton word, as :attr:`ExtractRecord.sizes`)."""
     blobs = {p: encode(pts, config) for p, pts in points.items()}
-    sync(_put_all(store, {fragment_key(config, url, p): b for p, b in blobs.items()}))
+    sync(put_many(store, {fragment_key(config, url, p): b for p, b in blobs.items()}))
     return {str(p): len(b) for p, b in blobs.items()}
 
 
@@ -175,7 +180,7 @@ def fragments_intact(
 
 
 def write_extract_record(store: Store, config: PipelineConfig, record: ExtractRecord) -> None:
-    sync(_put_all(store, {record_key(config, record.url): record.to_json()}))
+    sync(put_many(store, {record_key(config, record.url): record.to_json()}))
 
 
 def read_extract_record(store: Store, config: PipelineConfig, url: str) -> ExtractRecord | None:
@@ -240,15 +245,8 @@ def _prefix(config: PipelineConfig, url: str) -> str:
     return f"{FRAGMENTS_PREFIX}/{config.output.child_order}/{granule_name(url)}/"
 
 
-async def _put_all(store: Store, blobs: Mapping[str, bytes]) -> None:
-    prototype = default_buffer_prototype()
-    await asyncio.gather(
-        *(store.set(key, prototype.buffer.from_bytes(data)) for key, data in blobs.items())
-    )
-
-
 async def _sizes(store: Store, keys: Sequence[str]) -> list[int | None]:
-    limit = asyncio.Semaphore(READ_CONCURRENCY)
+    limit = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
 
     async def size(key: str) -> int | None:
         async with limit:

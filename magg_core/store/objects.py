@@ -1,17 +1,18 @@
-"""Reading and deleting many small objects of a store at once, with a bound.
+"""Reading, writing and deleting many small objects of a store at once, with a bound.
 
-Records, extract records, fragments and staging objects are small objects
-read by the hundred or thousand. Read one after another, ~2,000 GETs on S3
-are ~2,000 round trips; all at once, they open thousands of connections (or
-files). :func:`get_many` keeps at most :data:`READ_CONCURRENCY` in flight,
-which turns them into a few dozen round trips. :func:`delete_prefix` removes
+Records, extract records, fragments, staging objects and the coarse levels'
+chunks are small objects read or written by the hundred or thousand. One
+after another, ~2,000 requests on S3 are ~2,000 round trips; all at once,
+they open thousands of connections (or files). :func:`get_many` and
+:func:`put_many` keep at most :data:`REQUESTS_IN_FLIGHT` in flight, which
+turns them into a few dozen round trips. :func:`delete_prefix` removes
 them with S3's bulk delete, up to 1,000 objects a request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import obstore
 from zarr.abc.store import Store
@@ -19,8 +20,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import ObjectStore
 
-READ_CONCURRENCY = 64
-"""Objects fetched at once by :func:`get_many`."""
+REQUESTS_IN_FLIGHT = 64
+"""Objects fetched or put at once by :func:`get_many` and :func:`put_many`."""
 
 
 async def get_one(store: Store, key: str) -> bytes | None:
@@ -30,7 +31,7 @@ async def get_one(store: Store, key: str) -> bytes | None:
 
 
 async def get_many(
-    store: Store, keys: Sequence[str], limit: int = READ_CONCURRENCY
+    store: Store, keys: Sequence[str], limit: int = REQUESTS_IN_FLIGHT
 ) -> list[bytes | None]:
     """The bytes of each object of ``keys`` (``None``: absent), in order, ``limit`` at a time."""
     slots = asyncio.Semaphore(limit)
@@ -40,6 +41,23 @@ async def get_many(
             return await get_one(store, key)
 
     return await asyncio.gather(*(fetch(key) for key in keys))
+
+
+async def put_many(
+    store: Store, objects: Mapping[str, bytes | None], limit: int = REQUESTS_IN_FLIGHT
+) -> None:
+    """Put each of ``objects`` (key → bytes; ``None``: remove the object), ``limit`` at a time."""
+    slots = asyncio.Semaphore(limit)
+    prototype = default_buffer_prototype()
+
+    async def put(key: str, data: bytes | None) -> None:
+        async with slots:
+            if data is None:
+                await store.delete(key)
+            else:
+                await store.set(key, prototype.buffer.from_bytes(data))
+
+    await asyncio.gather(*(put(key, data) for key, data in objects.items()))
 
 
 def delete_prefix(store: Store, prefix: str) -> None:

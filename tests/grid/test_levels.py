@@ -280,6 +280,49 @@ def test_every_level_is_chunked_by_4096_cells(sample, built):
         assert group["cell_ids"].attrs["level"] == level.order
 
 
+def test_assembled_chunks_are_the_bytes_zarr_writes(sample, built, tmp_path):
+    """The assembly encodes the coarse chunks itself: each is the object zarr's own write
+    of the same values makes (the edge chunk, padded, and all-fill chunks, absent, too)."""
+    url, _, _ = built
+    root, twin = Path(url), tmp_path / "twin.zarr"
+    for document in root.rglob("zarr.json"):  # the same template, arrays empty
+        (twin / document.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+        (twin / document.relative_to(root)).write_bytes(document.read_bytes())
+    edges = 0
+    for order in ORDERS[:-1]:
+        arrays = level_arrays(url, order)
+        group = zarr.open_group(open_store(str(twin)), path=str(order), mode="r+")
+        edges += arrays["count"].shape[0] % 4096 != 0
+        for stat in CONFIG.aggregation.statistics:
+            group[stat.name][:] = arrays[stat.name]
+            ours = {
+                p.relative_to(root): p.read_bytes()
+                for p in (root / str(order) / stat.name / "c").rglob("*")
+                if p.is_file()
+            }
+            zarrs = {
+                p.relative_to(twin): p.read_bytes()
+                for p in (twin / str(order) / stat.name / "c").rglob("*")
+                if p.is_file()
+            }
+            assert ours == zarrs, (order, stat.name)
+    assert edges > 0  # some level ends inside a chunk: the padding is checked
+
+
+@pytest.mark.parametrize(
+    ("first_chunk", "cells"), [(0, 4095), (0, 4097), (1, 4096 * 3)], ids=["short", "long", "beyond"]
+)
+def test_chunk_objects_refuse_values_that_are_not_whole_chunks(first_chunk, cells):
+    from zarr.core.sync import sync
+
+    from magg_core.store.arrays import chunk_objects
+
+    store = zarr.storage.MemoryStore()
+    array = zarr.create_array(store, shape=(4096 * 3 + 100,), chunks=(4096,), dtype="f4")
+    with pytest.raises(ValueError, match="not whole chunks"):
+        sync(chunk_objects(array.metadata, "a", first_chunk, np.zeros(cells, "f4")))
+
+
 def test_assembly_is_idempotent_and_follows_every_rerun_of_a_cell(
     sample, reference, built, tmp_path
 ):
