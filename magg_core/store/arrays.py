@@ -58,7 +58,7 @@ from magg_core.config import PipelineConfig, named_ellipsoid
 from magg_core.errors import InputError
 from magg_core.morton import children, healpix_ids, parent_of
 from magg_core.store.fragments import FRAGMENTS_PREFIX
-from magg_core.store.objects import put_many
+from magg_core.store.objects import REQUESTS_IN_FLIGHT, put_many
 from magg_core.store.records import RECORDS_PREFIX
 from magg_core.store.staging import LEVELS_PREFIX, clear_staging, staged_orders
 from magg_core.urls import URLError, s3_location
@@ -655,8 +655,14 @@ def consolidate(store: Store) -> None:
     consolidated metadata is not yet part of the v3 spec, are expected here
     and silenced (``warnings.catch_warnings`` is process-wide, so other
     threads' warnings of the same text are silenced meanwhile too).
+
+    zarr walks the hierarchy with its ``async.concurrency`` requests in flight
+    (10 by default); with :data:`~magg_core.store.objects.REQUESTS_IN_FLIGHT`,
+    a store of seven levels behind 30 ms of latency consolidates in 0.78 s
+    instead of 0.97 s (docs/performance.md §16). That setting is process-wide
+    too, for the duration of the walk.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), zarr.config.set({"async.concurrency": REQUESTS_IN_FLIGHT}):
         for prefix in (RECORDS_PREFIX, FRAGMENTS_PREFIX, LEVELS_PREFIX):
             warnings.filterwarnings(
                 "ignore", message=f"Object at {prefix} is not recognized", category=ZarrUserWarning
