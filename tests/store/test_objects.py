@@ -1,11 +1,16 @@
-"""Removing a folder of small objects: all of it, nothing beside it, few requests on S3."""
+"""Many small objects: put and removed a bounded number at a time; a folder of them removed
+whole, nothing beside it, in few requests on S3."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+from zarr.core.sync import sync
 
 from magg_core.store.arrays import open_store
-from magg_core.store.objects import delete_prefix
+from magg_core.store.objects import delete_prefix, put_many
 from tests.flow_support import s3_proxy
 
 KEYS = 1_250  # more than one DeleteObjects request holds (1,000)
@@ -56,3 +61,35 @@ def test_a_read_only_store_refuses(s3_env):
     with pytest.raises(ValueError, match="read-only"):
         delete_prefix(open_store(f"s3://{bucket}/s.zarr", read_only=True), "levels/12")
     assert _listed(s3_env.client, bucket) == {"s.zarr/levels/12/1.npz"}
+
+
+def test_many_objects_are_put_and_removed_a_bounded_number_at_a_time(s3_env, monkeypatch):
+    bucket = s3_env.create_bucket("magg-put-many")
+    _put(s3_env.client, bucket, ["s.zarr/old/gone.bin", "s.zarr/old/kept.bin"])
+    objects = {f"new/{i}.bin": bytes([i]) * (i + 1) for i in range(20)} | {"old/gone.bin": None}
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def slow(method: str, bucket: str, key: str, access_key: str | None) -> None:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.05)  # long enough for the other requests in flight to arrive
+        with lock:
+            in_flight[0] -= 1
+
+    with s3_proxy(s3_env.url) as proxy:
+        proxy.fault = slow
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        sync(put_many(open_store(f"s3://{bucket}/s.zarr"), objects, limit=4))
+        calls = proxy.since(0)
+
+    kept = {f"s.zarr/{key}" for key, data in objects.items() if data is not None}
+    assert _listed(s3_env.client, bucket) == kept | {"s.zarr/old/kept.bin"}
+    for key, data in objects.items():
+        if data is not None:
+            assert (
+                s3_env.client.get_object(Bucket=bucket, Key=f"s.zarr/{key}")["Body"].read() == data
+            )
+    assert [c.method for c in calls].count("PUT") == 20
+    assert len(calls) == 21  # and one request removing the object put as None
+    assert 2 <= peak[0] <= 4  # at once, and never more than the limit
