@@ -532,7 +532,13 @@ async def arrays_metadata(
 ) -> dict[str, ArrayV3Metadata]:
     """The metadata of the arrays ``names`` of the group at ``path``: from
     :data:`_TEMPLATE_ARRAYS` when ``template`` is given and they were read
-    under it, else read at once (one round of GETs)."""
+    under it, else read at once (one round of GETs).
+
+    Raises
+    ------
+    ValueError
+        If the store has no array of one of ``names`` there.
+    """
     known = _TEMPLATE_ARRAYS.get(template.id, {}) if template is not None else {}
     missing = [name for name in names if (path, name) not in known]
     prototype = default_buffer_prototype()
