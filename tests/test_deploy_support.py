@@ -6,14 +6,13 @@ server does when SQLite is locked (503) or a proxy limits the rate (429).
 
 from __future__ import annotations
 
-import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from tests.deploy_support import PrefectServer
+from tests.fakes.loopback import send_json, serve_on_loopback, shut_down
 
 
 def answering(statuses: list[int]) -> tuple[ThreadingHTTPServer, list[int]]:
@@ -25,19 +24,12 @@ def answering(statuses: list[int]) -> tuple[ThreadingHTTPServer, list[int]]:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             status = statuses[min(len(seen), len(statuses) - 1)]
             seen.append(status)
-            body = json.dumps({"id": "run-1"} if status == 200 else {"detail": "no"}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, status, {"id": "run-1"} if status == 200 else {"detail": "no"})
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, seen
+    return serve_on_loopback(Handler), seen
 
 
 @pytest.mark.parametrize("statuses", [[429, 200], [503, 502, 200]], ids=["429", "503-502"])
@@ -49,7 +41,7 @@ def test_retryable_answers_are_retried_until_the_server_answers(tmp_path, status
         assert prefect.api("POST", "/deployments/x/create_flow_run", json={}) == {"id": "run-1"}
         assert seen == statuses
     finally:
-        server.shutdown()
+        shut_down(server)
 
 
 def test_other_failures_are_raised_at_once(tmp_path):
@@ -61,4 +53,4 @@ def test_other_failures_are_raised_at_once(tmp_path):
             prefect.api("POST", "/deployments/x/create_flow_run", json={})
         assert seen == [500]
     finally:
-        server.shutdown()
+        shut_down(server)

@@ -19,6 +19,7 @@ zarr's own writes, ten at a time, made ~570 round trips on S3.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,7 +81,8 @@ async def _assemble(
     store: Store, config: PipelineConfig, parents: Sequence[int], orders: Sequence[int]
 ) -> int:
     names = [s.name for s in config.aggregation.statistics]
-    arrays = {order: await arrays_metadata(store, str(order), names) for order in orders}
+    read = await asyncio.gather(*(arrays_metadata(store, str(order), names) for order in orders))
+    arrays = dict(zip(orders, read, strict=True))  # every level's metadata in one round
     empty = {
         order: {
             s.name: np.full(config.output.cells_per_parent(order), s.fill_value, dtype=s.dtype)

@@ -583,9 +583,7 @@ async def _write_chunks(
         n_chunks = array.shape[0] // per_parent
         if not 0 <= chunk_idx < n_chunks:
             raise ValueError(f"chunk index {chunk_idx} is outside the store's {n_chunks} chunks")
-        chunks[f"{path}/{name}/{array.encode_chunk_key((chunk_idx,))}"] = await _encode_chunk(
-            array, values
-        )
+        chunks |= await chunk_objects(array, f"{path}/{name}", chunk_idx, values)
     written = {**chunks, **objects}
     await put_many(store, written)
     return {
