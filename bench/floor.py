@@ -36,6 +36,7 @@ machine pays that once: 6–15 s here).
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._common import REPO, cached_sample, machine, parser, ratio_line
+from bench._common import REPO, cached_sample, machine, parser, ratio_line, run_counting_cpu
 from bench.servers import CREDENTIALS, REGION, latency_proxy, moto_s3, upload
 
 SAMPLE = {"centre": (-80.0, 0.0), "extent_km": 2000.0, "spacing_m": 20.0}
@@ -228,8 +229,9 @@ def warm_prefect_home() -> float:
     return time.perf_counter() - t0
 
 
-def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: str) -> None:
-    """``magg run`` as a user types it, in its own process (:data:`PREFECT_HOME`)."""
+def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: str) -> float:
+    """``magg run`` as a user types it, in its own process (:data:`PREFECT_HOME`); the
+    CPU-seconds it used, with its temporary server and worker processes."""
     env = _magg_environment()
     command = [
         str(Path(sys.executable).parent / "magg"),
@@ -245,9 +247,16 @@ def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: st
         "--granule-mirror",
         mirror,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
+    done, cpu_s = run_counting_cpu(command, env=env, cwd=work)
     if done.returncode != 0:
         raise RuntimeError(f"magg run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return cpu_s
+
+
+def waited_cpu_s() -> float:
+    """CPU-seconds of this process and of the children it waited for (the script's pools)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 MOVED_AT_MOST = 1e-5
@@ -316,8 +325,14 @@ def check_equal(store_path: str, out: Path, levels: tuple[int, ...]) -> tuple[in
 
 
 def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=None) -> dict:
-    """``rounds`` of both, alternating which goes first; the first round's outputs checked."""
+    """``rounds`` of both, alternating which goes first; the first round's outputs checked.
+
+    Returns the median wall time of each (``script``, ``magg``), its median CPU-seconds
+    (``script_cpu``, ``magg_cpu``: the script's processes, and magg's with its temporary
+    server and worker processes; neither counts moto's) and the points gridded.
+    """
     times: dict[str, list[float]] = {"script": [], "magg": []}
+    cpu: dict[str, list[float]] = {"script": [], "magg": []}
     points = 0
     for r in range(rounds):
         out = work / f"floor-{r}"
@@ -326,11 +341,14 @@ def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=
         script = partial(floor_run, sources, out, levels, s3)
         magg = partial(magg_run, catalog, store, mirror, work, "environment" if s3 else "none")
         for name, fn in (("script", script), ("magg", magg))[:: 1 if r % 2 == 0 else -1]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), waited_cpu_s()
             result = fn()
             times[name].append(time.perf_counter() - t0)
             if name == "script":
                 points = result
+                cpu[name].append(waited_cpu_s() - c0)
+            else:
+                cpu[name].append(result)
         if r == 0:
             cells, moved = check_equal(store, out, levels)
             print(
@@ -342,12 +360,18 @@ def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=
         if not store.startswith("s3://"):
             shutil.rmtree(store, ignore_errors=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    cpu_medians = {f"{name}_cpu": statistics.median(c) for name, c in cpu.items()}
     print(
         f"  script {', '.join(f'{t:.1f}' for t in times['script'])} s (median "
         f"{medians['script']:.1f}); magg run {', '.join(f'{t:.1f}' for t in times['magg'])} s "
         f"(median {medians['magg']:.1f})"
     )
-    return {**medians, "points": points}
+    print(
+        f"  CPU-seconds: script {', '.join(f'{c:.1f}' for c in cpu['script'])} (median "
+        f"{cpu_medians['script_cpu']:.1f}); magg run {', '.join(f'{c:.1f}' for c in cpu['magg'])} "
+        f"(median {cpu_medians['magg_cpu']:.1f})"
+    )
+    return {**medians, **cpu_medians, "points": points}
 
 
 def jobs(catalog, where: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -397,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         sources, catalog, str(granules[0].path.parent), str(work), work, levels, rounds
     )
     ratio_line("floor.magg_over_script_local", local["magg"] / local["script"], 1.2, at_least=False)
+    # What the wall time leaves out: the cores each left idle (docs/performance.md §17).
+    ratio_line("floor.cpu_magg_over_script_local", local["magg_cpu"] / local["script_cpu"], None)
 
     print(f"moto S3 + {DELAY_MS:.0f} ms a request, {rounds} rounds alternating:")
     granules, listing, catalog, work = sample_for(growth[0], args.quick)

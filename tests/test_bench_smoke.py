@@ -67,4 +67,21 @@ def test_the_floor_benchmark_checks_magg_against_the_plain_script(cache):
     equal = EQUAL.findall(done.stdout)
     # local, S3 with the store on S3, S3 with the store on local disk, one growth sample
     assert len(equal) == 4 and all(int(n.replace(",", "")) > 0 for n in equal), done.stdout
-    assert len(RATIO.findall(done.stdout)) == 4, done.stdout
+    assert len(RATIO.findall(done.stdout)) == 5, done.stdout
+
+
+def test_cpu_of_a_process_tree_counts_descendants_nobody_waited_for():
+    """bench.floor's CPU figure: a grandchild orphaned by its parent, which never waits for
+    it, still counts (``magg`` leaves its worker processes' forkserver so)."""
+    from bench._common import run_counting_cpu
+
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+    # the parent lives on a while, as magg does beside its forkserver, then ends without waiting
+    orphan = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+        "time.sleep(0.3)"
+    )
+    done, cpu_s = run_counting_cpu([sys.executable, "-c", orphan])
+    assert done.returncode == 0, done.stderr
+    assert 0.5 <= cpu_s < 3.0, cpu_s
