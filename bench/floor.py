@@ -324,15 +324,20 @@ def check_equal(store_path: str, out: Path, levels: tuple[int, ...]) -> tuple[in
 # --- rounds ----------------------------------------------------------------------------
 
 
-def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=None) -> dict:
+def side_by_side(
+    sources, catalog, mirror, store_root, work, levels, rounds, s3=None, servers=()
+) -> dict:
     """``rounds`` of both, alternating which goes first; the first round's outputs checked.
 
     Returns the median wall time of each (``script``, ``magg``), its median CPU-seconds
     (``script_cpu``, ``magg_cpu``: the script's processes, and magg's with its temporary
-    server and worker processes; neither counts moto's) and the points gridded.
+    server and worker processes) and the points gridded. The CPU-seconds that
+    ``servers`` (moto and the latency proxy, on the same cores) spent for each are
+    printed apart.
     """
     times: dict[str, list[float]] = {"script": [], "magg": []}
     cpu: dict[str, list[float]] = {"script": [], "magg": []}
+    served: dict[str, list[float]] = {"script": [], "magg": []}
     points = 0
     for r in range(rounds):
         out = work / f"floor-{r}"
@@ -342,8 +347,10 @@ def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=
         magg = partial(magg_run, catalog, store, mirror, work, "environment" if s3 else "none")
         for name, fn in (("script", script), ("magg", magg))[:: 1 if r % 2 == 0 else -1]:
             t0, c0 = time.perf_counter(), waited_cpu_s()
+            s0 = sum(server.cpu_seconds() for server in servers)
             result = fn()
             times[name].append(time.perf_counter() - t0)
+            served[name].append(sum(server.cpu_seconds() for server in servers) - s0)
             if name == "script":
                 points = result
                 cpu[name].append(waited_cpu_s() - c0)
@@ -371,6 +378,12 @@ def side_by_side(sources, catalog, mirror, store_root, work, levels, rounds, s3=
         f"{cpu_medians['script_cpu']:.1f}); magg run {', '.join(f'{c:.1f}' for c in cpu['magg'])} "
         f"(median {cpu_medians['magg_cpu']:.1f})"
     )
+    if servers:
+        print(
+            "  CPU-seconds of moto and the latency proxy: for the script "
+            f"{', '.join(f'{c:.1f}' for c in served['script'])}, for magg run "
+            f"{', '.join(f'{c:.1f}' for c in served['magg'])}"
+        )
     return {**medians, **cpu_medians, "points": points}
 
 
@@ -449,10 +462,19 @@ def main(argv: list[str] | None = None) -> None:
                 levels,
                 rounds,
                 access,
+                servers=(s3, slow),
             )
             print(f"moto S3 + {DELAY_MS:.0f} ms, magg's store on local disk, {rounds} rounds:")
             local_store = side_by_side(
-                sources, catalog, f"s3://{IN_BUCKET}/ATL06", str(work), work, levels, rounds, access
+                sources,
+                catalog,
+                f"s3://{IN_BUCKET}/ATL06",
+                str(work),
+                work,
+                levels,
+                rounds,
+                access,
+                servers=(s3, slow),
             )
     ratio_line(
         "floor.magg_over_script_s3_30ms", remote["magg"] / remote["script"], 1.2, at_least=False
