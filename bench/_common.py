@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,46 +54,92 @@ def median_time(
     return statistics.median(times), result
 
 
-def run_counting_cpu(
+@dataclass
+class ProcessUsage:
+    """One process of a tree, as last read from ``/proc``."""
+
+    parent: int
+    command: str
+    cpu_s: float
+    """User and system CPU-seconds."""
+    peak_rss_mb: float
+    """Peak resident set size (``VmHWM``), MB."""
+
+
+@dataclass
+class TreeUsage:
+    """What a command's process and its descendants used, by pid (:func:`run_measured`)."""
+
+    processes: dict[int, ProcessUsage] = field(default_factory=dict)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(p.cpu_s for p in self.processes.values())
+
+    def children_of(self, command_part: str) -> list[ProcessUsage]:
+        """The processes whose parent's command line contains ``command_part``."""
+        parents = {pid for pid, p in self.processes.items() if command_part in p.command}
+        return [p for p in self.processes.values() if p.parent in parents]
+
+
+def run_measured(
     command: Sequence[str], interval_s: float = 0.05, **options: Any
-) -> tuple[subprocess.CompletedProcess, float]:
+) -> tuple[subprocess.CompletedProcess, TreeUsage]:
     """Run ``command`` to its end (``subprocess.run``'s ``options``, output captured as text);
-    its result and the CPU-seconds its process and every descendant used.
+    its result and the CPU-seconds and peak memory of its process and every descendant.
 
     Why not ``resource.getrusage(RUSAGE_CHILDREN)``: a process's CPU reaches its
     parent's count only when the parent waits for it, and ``magg`` ends without
     waiting for its worker processes' forkserver (10 of 23 CPU-seconds of a run
-    went uncounted). The tree is read from ``/proc`` instead (Linux), every
-    ``interval_s``; a process counts from its last reading, so up to ``interval_s``
-    of each process's CPU is missed, and so is a process that ends, or whose parent
-    ends, before it is first read: an undercount. A descendant once read stays
-    counted after its parent ends and it is re-parented.
+    went uncounted); nor does it say which process held the memory. The tree is
+    read from ``/proc`` instead (Linux), every ``interval_s``; a process counts
+    from its last reading, so up to ``interval_s`` of each process's CPU is
+    missed, and so is a process that ends, or whose parent ends, before it is
+    first read: an undercount. A descendant once read stays counted after its
+    parent ends and it is re-parented.
     """
     tick = os.sysconf("SC_CLK_TCK")
-    used: dict[int, float] = {}
+    usage = TreeUsage()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
     )
 
     def read() -> None:
-        parents: dict[int, int] = {}
-        times: dict[int, float] = {}
+        stats: dict[int, list[str]] = {}
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # ended meanwhile
-                continue
-            parents[int(entry)] = int(fields[1])
-            times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        tree = set(used) | {process.pid}
+            if entry.isdigit():
+                try:
+                    stats[int(entry)] = (
+                        Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                    )
+                except OSError:  # ended meanwhile
+                    continue
+        tree = set(usage.processes) | {process.pid}
         grown = True
         while grown:
-            more = {pid for pid, parent in parents.items() if parent in tree} - tree
+            more = {pid for pid, fields in stats.items() if int(fields[1]) in tree} - tree
             tree |= more
             grown = bool(more)
-        used.update({pid: times[pid] for pid in tree if pid in times})
+        for pid in tree & stats.keys():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                known = usage.processes.get(pid)
+                line = Path(f"/proc/{pid}/cmdline").read_bytes() if known is None else b""
+            except OSError:
+                continue
+            peak_kb = next(
+                (int(row.split()[1]) for row in status.splitlines() if row.startswith("VmHWM:")), 0
+            )
+            fields = stats[pid]
+            usage.processes[pid] = ProcessUsage(
+                parent=int(fields[1]) if known is None else known.parent,
+                command=line.replace(b"\0", b" ").decode(errors="replace")[:200]
+                if known is None
+                else known.command,
+                cpu_s=(int(fields[11]) + int(fields[12])) / tick,  # utime + stime
+                # a process ending has no VmHWM left to read: keep the last one
+                peak_rss_mb=max(peak_kb / 1024, known.peak_rss_mb if known else 0.0),
+            )
 
     def poll(stop: threading.Event) -> None:
         while not stop.wait(interval_s):
@@ -107,7 +154,7 @@ def run_counting_cpu(
         stop.set()
         poller.join()
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return done, sum(used.values())
+    return done, usage
 
 
 def ratio_line(

@@ -27,6 +27,11 @@ Runs, in this order, each printing medians and the ratio magg / script
 - ``growth``: 24 (the medians of ``local``), 48 and 96 granules, time per
   point for both;
 
+Each run also prints CPU-seconds (the script's processes; ``magg run``'s whole process
+tree, its temporary server and worker processes included; on S3, moto's and the
+latency proxy's apart) and the largest peak RSS of magg's worker processes beside the
+points of the largest parent cell: docs/performance.md §17.
+
 magg runs as a user runs it: the ``magg run`` console script, local backend,
 an ephemeral Prefect server, a fresh store each round, and one Prefect home
 whose database is created before the first timed run (a user's first run on a
@@ -50,7 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._common import REPO, cached_sample, machine, parser, ratio_line, run_counting_cpu
+from bench._common import (
+    REPO,
+    TreeUsage,
+    cached_sample,
+    machine,
+    parser,
+    ratio_line,
+    run_measured,
+)
 from bench.servers import CREDENTIALS, REGION, latency_proxy, moto_s3, upload
 
 SAMPLE = {"centre": (-80.0, 0.0), "extent_km": 2000.0, "spacing_m": 20.0}
@@ -229,9 +242,9 @@ def warm_prefect_home() -> float:
     return time.perf_counter() - t0
 
 
-def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: str) -> float:
-    """``magg run`` as a user types it, in its own process (:data:`PREFECT_HOME`); the
-    CPU-seconds it used, with its temporary server and worker processes."""
+def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: str) -> TreeUsage:
+    """``magg run`` as a user types it, in its own process (:data:`PREFECT_HOME`); what
+    it used, with its temporary server, forkserver and worker processes."""
     env = _magg_environment()
     command = [
         str(Path(sys.executable).parent / "magg"),
@@ -247,10 +260,25 @@ def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: st
         "--granule-mirror",
         mirror,
     ]
-    done, cpu_s = run_counting_cpu(command, env=env, cwd=work)
+    done, usage = run_measured(command, env=env, cwd=work)
     if done.returncode != 0:
         raise RuntimeError(f"magg run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return cpu_s
+    return usage
+
+
+def workers_peak_rss_mb(usage: TreeUsage) -> float:
+    """The largest peak RSS of magg's worker processes (the forkserver's children), MB."""
+    return max((p.peak_rss_mb for p in usage.children_of("multiprocessing.forkserver")), default=0)
+
+
+def largest_cell_points(store_path: str, parent_order: int) -> int:
+    """Points of the store's largest parent cell: the maximum count at the parent order."""
+    import zarr
+
+    from magg_core.store.arrays import open_store
+
+    store = open_store(store_path, read_only=True)
+    return int(zarr.open_array(store, path=f"{parent_order}/count", mode="r")[:].max())
 
 
 def waited_cpu_s() -> float:
@@ -331,14 +359,16 @@ def side_by_side(
 
     Returns the median wall time of each (``script``, ``magg``), its median CPU-seconds
     (``script_cpu``, ``magg_cpu``: the script's processes, and magg's with its temporary
-    server and worker processes) and the points gridded. The CPU-seconds that
-    ``servers`` (moto and the latency proxy, on the same cores) spent for each are
-    printed apart.
+    server and worker processes), the points gridded, the largest peak RSS of magg's
+    worker processes over the rounds (``workers_mb``) and the points of the largest
+    parent cell (``largest_cell``). The CPU-seconds that ``servers`` (moto and the
+    latency proxy, on the same cores) spent for each are printed apart.
     """
     times: dict[str, list[float]] = {"script": [], "magg": []}
     cpu: dict[str, list[float]] = {"script": [], "magg": []}
     served: dict[str, list[float]] = {"script": [], "magg": []}
-    points = 0
+    points = largest = 0
+    workers_mb = 0.0
     for r in range(rounds):
         out = work / f"floor-{r}"
         store = f"{store_root}/magg-{r}.zarr"
@@ -355,8 +385,10 @@ def side_by_side(
                 points = result
                 cpu[name].append(waited_cpu_s() - c0)
             else:
-                cpu[name].append(result)
+                cpu[name].append(result.cpu_s)
+                workers_mb = max(workers_mb, workers_peak_rss_mb(result))
         if r == 0:
+            largest = largest_cell_points(store, PARENT_ORDER)
             cells, moved = check_equal(store, out, levels)
             print(
                 f"  equal: magg's store and the script's output, {cells:,} cells at orders "
@@ -384,7 +416,17 @@ def side_by_side(
             f"{', '.join(f'{c:.1f}' for c in served['script'])}, for magg run "
             f"{', '.join(f'{c:.1f}' for c in served['magg'])}"
         )
-    return {**medians, **cpu_medians, "points": points}
+    print(
+        f"  magg's worker processes: peak RSS {workers_mb:.0f} MB at most; "
+        f"the largest parent cell holds {largest:,} points"
+    )
+    return {
+        **medians,
+        **cpu_medians,
+        "points": points,
+        "workers_mb": workers_mb,
+        "largest_cell": largest,
+    }
 
 
 def jobs(catalog, where: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -502,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {n:>3} granules, {got['points']:,} points: script {per_point[n]['script']:.0f} "
             f"ns/point, magg {per_point[n]['magg']:.0f} ns/point, ratio "
-            f"{got['magg'] / got['script']:.2f}"
+            f"{got['magg'] / got['script']:.2f}; magg's workers at most "
+            f"{got['workers_mb']:.0f} MB, largest cell {got['largest_cell']:,} points"
         )
     first, last = per_point[growth[0]], per_point[growth[-1]]
     ratio_line(

@@ -71,9 +71,10 @@ def test_the_floor_benchmark_checks_magg_against_the_plain_script(cache):
 
 
 def test_cpu_of_a_process_tree_counts_descendants_nobody_waited_for():
-    """bench.floor's CPU figure: a grandchild orphaned by its parent, which never waits for
-    it, still counts (``magg`` leaves its worker processes' forkserver so)."""
-    from bench._common import run_counting_cpu
+    """bench.floor's CPU and memory figures: a grandchild orphaned by its parent, which
+    never waits for it, still counts (``magg`` leaves its worker processes' forkserver so),
+    and is found as its parent's child."""
+    from bench._common import run_measured
 
     burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
     # the parent lives on a while, as magg does beside its forkserver, then ends without waiting
@@ -82,6 +83,8 @@ def test_cpu_of_a_process_tree_counts_descendants_nobody_waited_for():
         f"subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
         "time.sleep(0.3)"
     )
-    done, cpu_s = run_counting_cpu([sys.executable, "-c", orphan])
+    done, usage = run_measured([sys.executable, "-c", orphan])
     assert done.returncode == 0, done.stderr
-    assert 0.5 <= cpu_s < 3.0, cpu_s
+    assert 0.5 <= usage.cpu_s < 3.0, usage.processes
+    (orphaned,) = usage.children_of("subprocess.Popen")
+    assert orphaned.cpu_s >= 0.5 and orphaned.peak_rss_mb > 1, orphaned
