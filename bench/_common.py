@@ -82,6 +82,51 @@ class TreeUsage:
         return [p for p in self.processes.values() if p.parent in parents]
 
 
+def read_tree(root: int, usage: TreeUsage) -> TreeUsage:
+    """Read process ``root`` and its descendants from ``/proc`` (Linux) into ``usage``.
+
+    Every process already in ``usage`` is read again, also after its parent ended
+    and it was re-parented; one that has ended keeps its last reading.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = (
+                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                )
+            except OSError:  # ended meanwhile
+                continue
+    tree = set(usage.processes) | {root}
+    grown = True
+    while grown:
+        more = {pid for pid, fields in stats.items() if int(fields[1]) in tree} - tree
+        tree |= more
+        grown = bool(more)
+    for pid in tree & stats.keys():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            known = usage.processes.get(pid)
+            line = Path(f"/proc/{pid}/cmdline").read_bytes() if known is None else b""
+        except OSError:
+            continue
+        peak_kb = next(
+            (int(row.split()[1]) for row in status.splitlines() if row.startswith("VmHWM:")), 0
+        )
+        fields = stats[pid]
+        usage.processes[pid] = ProcessUsage(
+            parent=int(fields[1]) if known is None else known.parent,
+            command=line.replace(b"\0", b" ").decode(errors="replace")[:200]
+            if known is None
+            else known.command,
+            cpu_s=(int(fields[11]) + int(fields[12])) / tick,  # utime + stime
+            # a process ending has no VmHWM left to read: keep the last one
+            peak_rss_mb=max(peak_kb / 1024, known.peak_rss_mb if known else 0.0),
+        )
+    return usage
+
+
 def run_measured(
     command: Sequence[str], interval_s: float = 0.05, **options: Any
 ) -> tuple[subprocess.CompletedProcess, TreeUsage]:
@@ -98,48 +143,13 @@ def run_measured(
     first read: an undercount. A descendant once read stays counted after its
     parent ends and it is re-parented.
     """
-    tick = os.sysconf("SC_CLK_TCK")
     usage = TreeUsage()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
     )
 
     def read() -> None:
-        stats: dict[int, list[str]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stats[int(entry)] = (
-                        Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                    )
-                except OSError:  # ended meanwhile
-                    continue
-        tree = set(usage.processes) | {process.pid}
-        grown = True
-        while grown:
-            more = {pid for pid, fields in stats.items() if int(fields[1]) in tree} - tree
-            tree |= more
-            grown = bool(more)
-        for pid in tree & stats.keys():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                known = usage.processes.get(pid)
-                line = Path(f"/proc/{pid}/cmdline").read_bytes() if known is None else b""
-            except OSError:
-                continue
-            peak_kb = next(
-                (int(row.split()[1]) for row in status.splitlines() if row.startswith("VmHWM:")), 0
-            )
-            fields = stats[pid]
-            usage.processes[pid] = ProcessUsage(
-                parent=int(fields[1]) if known is None else known.parent,
-                command=line.replace(b"\0", b" ").decode(errors="replace")[:200]
-                if known is None
-                else known.command,
-                cpu_s=(int(fields[11]) + int(fields[12])) / tick,  # utime + stime
-                # a process ending has no VmHWM left to read: keep the last one
-                peak_rss_mb=max(peak_kb / 1024, known.peak_rss_mb if known else 0.0),
-            )
+        read_tree(process.pid, usage)
 
     def poll(stop: threading.Event) -> None:
         while not stop.wait(interval_s):

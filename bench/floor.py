@@ -24,6 +24,9 @@ Runs, in this order, each printing medians and the ratio magg / script
 - ``s3_30ms_store_local``: the same granules, magg's store on local disk
   where the script writes its output, so that both move the same bytes over
   S3 (the row above adds magg's fragments, chunks and records going to S3).
+- ``local_lasting_server``: ``local`` with magg against a lasting Prefect server
+  (``prefect server start``, started before the rounds; ``PREFECT_API_URL``), the
+  setup for a cycle: no temporary server to start;
 - ``growth``: 24 (the medians of ``local``), 48 and 96 granules, time per
   point for both;
 
@@ -43,12 +46,17 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -62,6 +70,7 @@ from bench._common import (
     machine,
     parser,
     ratio_line,
+    read_tree,
     run_measured,
 )
 from bench.servers import CREDENTIALS, REGION, latency_proxy, moto_s3, upload
@@ -242,10 +251,13 @@ def warm_prefect_home() -> float:
     return time.perf_counter() - t0
 
 
-def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: str) -> TreeUsage:
+def magg_run(
+    catalog: Path, store: str, mirror: str, work: Path, credentials: str, api_url: str | None
+) -> TreeUsage:
     """``magg run`` as a user types it, in its own process (:data:`PREFECT_HOME`); what
-    it used, with its temporary server, forkserver and worker processes."""
-    env = _magg_environment()
+    it used, with its temporary server (none with ``api_url``, a lasting server's API),
+    forkserver and worker processes."""
+    env = {**_magg_environment(), **({"PREFECT_API_URL": api_url} if api_url else {})}
     command = [
         str(Path(sys.executable).parent / "magg"),
         "run",
@@ -264,6 +276,56 @@ def magg_run(catalog: Path, store: str, mirror: str, work: Path, credentials: st
     if done.returncode != 0:
         raise RuntimeError(f"magg run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return usage
+
+
+@dataclass(frozen=True)
+class LastingServer:
+    """A ``prefect server start`` process: its API URL and pid."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU-seconds its process and the descendants alive now have used."""
+        return read_tree(self.pid, TreeUsage()).cpu_s
+
+
+@contextmanager
+def lasting_prefect_server(timeout_s: float = 120) -> Iterator[LastingServer]:
+    """``prefect server start`` on loopback with :data:`PREFECT_HOME` and its default
+    services, as a user runs one for a cycle; yields once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start"]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        env=_magg_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = LastingServer(f"http://127.0.0.1:{port}/api", process.pid)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"prefect server start exited with {process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    message = f"prefect server start: no answer in {timeout_s} s"
+                    raise RuntimeError(message) from None
+                time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def workers_peak_rss_mb(usage: TreeUsage) -> float:
@@ -353,7 +415,17 @@ def check_equal(store_path: str, out: Path, levels: tuple[int, ...]) -> tuple[in
 
 
 def side_by_side(
-    sources, catalog, mirror, store_root, work, levels, rounds, s3=None, servers=()
+    sources,
+    catalog,
+    mirror,
+    store_root,
+    work,
+    levels,
+    rounds,
+    s3=None,
+    servers=(),
+    servers_name="moto and the latency proxy",
+    api_url=None,
 ) -> dict:
     """``rounds`` of both, alternating which goes first; the first round's outputs checked.
 
@@ -361,8 +433,9 @@ def side_by_side(
     (``script_cpu``, ``magg_cpu``: the script's processes, and magg's with its temporary
     server and worker processes), the points gridded, the largest peak RSS of magg's
     worker processes over the rounds (``workers_mb``) and the points of the largest
-    parent cell (``largest_cell``). The CPU-seconds that ``servers`` (moto and the
-    latency proxy, on the same cores) spent for each are printed apart.
+    parent cell (``largest_cell``). The CPU-seconds that ``servers`` (``servers_name``:
+    moto and the latency proxy, or a lasting Prefect server, on the same cores) spent for
+    each are printed apart. ``api_url``: magg runs against that Prefect API.
     """
     times: dict[str, list[float]] = {"script": [], "magg": []}
     cpu: dict[str, list[float]] = {"script": [], "magg": []}
@@ -374,7 +447,8 @@ def side_by_side(
         store = f"{store_root}/magg-{r}.zarr"
 
         script = partial(floor_run, sources, out, levels, s3)
-        magg = partial(magg_run, catalog, store, mirror, work, "environment" if s3 else "none")
+        credentials = "environment" if s3 else "none"
+        magg = partial(magg_run, catalog, store, mirror, work, credentials, api_url)
         for name, fn in (("script", script), ("magg", magg))[:: 1 if r % 2 == 0 else -1]:
             t0, c0 = time.perf_counter(), waited_cpu_s()
             s0 = sum(server.cpu_seconds() for server in servers)
@@ -412,7 +486,7 @@ def side_by_side(
     )
     if servers:
         print(
-            "  CPU-seconds of moto and the latency proxy: for the script "
+            f"  CPU-seconds of {servers_name}: for the script "
             f"{', '.join(f'{c:.1f}' for c in served['script'])}, for magg run "
             f"{', '.join(f'{c:.1f}' for c in served['magg'])}"
         )
@@ -478,6 +552,27 @@ def main(argv: list[str] | None = None) -> None:
     ratio_line("floor.magg_over_script_local", local["magg"] / local["script"], 1.2, at_least=False)
     # What the wall time leaves out: the cores each left idle (docs/performance.md §17).
     ratio_line("floor.cpu_magg_over_script_local", local["magg_cpu"] / local["script_cpu"], None)
+
+    print(f"local files, magg against a lasting Prefect server, {rounds} rounds alternating:")
+    with lasting_prefect_server() as server:
+        lasting = side_by_side(
+            sources,
+            catalog,
+            str(granules[0].path.parent),
+            str(work),
+            work,
+            levels,
+            rounds,
+            servers=(server,),
+            servers_name="the lasting Prefect server",
+            api_url=server.url,
+        )
+    ratio_line(
+        "floor.magg_over_script_local_lasting_server",
+        lasting["magg"] / lasting["script"],
+        1.2,
+        at_least=False,
+    )
 
     print(f"moto S3 + {DELAY_MS:.0f} ms a request, {rounds} rounds alternating:")
     granules, listing, catalog, work = sample_for(growth[0], args.quick)
