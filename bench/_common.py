@@ -127,6 +127,11 @@ def read_tree(root: int, usage: TreeUsage) -> TreeUsage:
     return usage
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU-seconds process ``root`` and its descendants alive now have used (a server's)."""
+    return read_tree(root, TreeUsage()).cpu_s
+
+
 def run_measured(
     command: Sequence[str], interval_s: float = 0.05, **options: Any
 ) -> tuple[subprocess.CompletedProcess, TreeUsage]:
@@ -148,12 +153,9 @@ def run_measured(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
     )
 
-    def read() -> None:
-        read_tree(process.pid, usage)
-
     def poll(stop: threading.Event) -> None:
         while not stop.wait(interval_s):
-            read()
+            read_tree(process.pid, usage)
 
     stop = threading.Event()
     poller = threading.Thread(target=poll, args=(stop,), daemon=True)

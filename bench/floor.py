@@ -46,17 +46,12 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -70,10 +65,11 @@ from bench._common import (
     machine,
     parser,
     ratio_line,
-    read_tree,
     run_measured,
+    tree_cpu_seconds,
 )
 from bench.servers import CREDENTIALS, REGION, latency_proxy, moto_s3, upload
+from tests.deploy_support import PrefectServer
 
 SAMPLE = {"centre": (-80.0, 0.0), "extent_km": 2000.0, "spacing_m": 20.0}
 GROWTH = (24, 48, 96)
@@ -278,56 +274,6 @@ def magg_run(
     return usage
 
 
-@dataclass(frozen=True)
-class LastingServer:
-    """A ``prefect server start`` process: its API URL and pid."""
-
-    url: str
-    pid: int
-
-    def cpu_seconds(self) -> float:
-        """CPU-seconds its process and the descendants alive now have used."""
-        return read_tree(self.pid, TreeUsage()).cpu_s
-
-
-@contextmanager
-def lasting_prefect_server(timeout_s: float = 120) -> Iterator[LastingServer]:
-    """``prefect server start`` on loopback with :data:`PREFECT_HOME` and its default
-    services, as a user runs one for a cycle; yields once it answers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "prefect"), "server", "start"]
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        env=_magg_environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = LastingServer(f"http://127.0.0.1:{port}/api", process.pid)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"prefect server start exited with {process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{server.url}/health", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    message = f"prefect server start: no answer in {timeout_s} s"
-                    raise RuntimeError(message) from None
-                time.sleep(0.2)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def workers_peak_rss_mb(usage: TreeUsage) -> float:
     """The largest peak RSS of magg's worker processes (the forkserver's children), MB."""
     return max((p.peak_rss_mb for p in usage.children_of("multiprocessing.forkserver")), default=0)
@@ -433,9 +379,10 @@ def side_by_side(
     (``script_cpu``, ``magg_cpu``: the script's processes, and magg's with its temporary
     server and worker processes), the points gridded, the largest peak RSS of magg's
     worker processes over the rounds (``workers_mb``) and the points of the largest
-    parent cell (``largest_cell``). The CPU-seconds that ``servers`` (``servers_name``:
-    moto and the latency proxy, or a lasting Prefect server, on the same cores) spent for
-    each are printed apart. ``api_url``: magg runs against that Prefect API.
+    parent cell (``largest_cell``). The CPU-seconds that the processes ``servers`` (pids;
+    ``servers_name``: moto and the latency proxy, or a lasting Prefect server, on the
+    same cores) spent for each are printed apart. ``api_url``: magg runs against that
+    Prefect API.
     """
     times: dict[str, list[float]] = {"script": [], "magg": []}
     cpu: dict[str, list[float]] = {"script": [], "magg": []}
@@ -451,10 +398,10 @@ def side_by_side(
         magg = partial(magg_run, catalog, store, mirror, work, credentials, api_url)
         for name, fn in (("script", script), ("magg", magg))[:: 1 if r % 2 == 0 else -1]:
             t0, c0 = time.perf_counter(), waited_cpu_s()
-            s0 = sum(server.cpu_seconds() for server in servers)
+            s0 = sum(map(tree_cpu_seconds, servers))
             result = fn()
             times[name].append(time.perf_counter() - t0)
-            served[name].append(sum(server.cpu_seconds() for server in servers) - s0)
+            served[name].append(sum(map(tree_cpu_seconds, servers)) - s0)
             if name == "script":
                 points = result
                 cpu[name].append(waited_cpu_s() - c0)
@@ -554,7 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio_line("floor.cpu_magg_over_script_local", local["magg_cpu"] / local["script_cpu"], None)
 
     print(f"local files, magg against a lasting Prefect server, {rounds} rounds alternating:")
-    with lasting_prefect_server() as server:
+    # `prefect server start` with its default services and its own home, as tests/ run it
+    server = PrefectServer(Path(tempfile.mkdtemp(prefix="magg-bench-floor-server-"))).start()
+    try:
         lasting = side_by_side(
             sources,
             catalog,
@@ -563,10 +512,12 @@ def main(argv: list[str] | None = None) -> None:
             work,
             levels,
             rounds,
-            servers=(server,),
+            servers=(server.pid,),
             servers_name="the lasting Prefect server",
-            api_url=server.url,
+            api_url=server.api_url,
         )
+    finally:
+        server.stop()
     ratio_line(
         "floor.magg_over_script_local_lasting_server",
         lasting["magg"] / lasting["script"],
@@ -599,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
                 levels,
                 rounds,
                 access,
-                servers=(s3, slow),
+                servers=(s3.pid, slow.pid),
             )
             print(f"moto S3 + {DELAY_MS:.0f} ms, magg's store on local disk, {rounds} rounds:")
             local_store = side_by_side(
@@ -611,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
                 levels,
                 rounds,
                 access,
-                servers=(s3, slow),
+                servers=(s3.pid, slow.pid),
             )
     ratio_line(
         "floor.magg_over_script_s3_30ms", remote["magg"] / remote["script"], 1.2, at_least=False

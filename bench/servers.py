@@ -7,7 +7,6 @@ latency proxy) run as child processes, started here and stopped by pid.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import boto3
 
-from bench._common import REPO
+from bench._common import REPO, tree_cpu_seconds
 from magg_core.access.s3 import S3Credentials, S3Endpoint
 
 REGION = "us-west-2"
@@ -32,9 +31,8 @@ class Server:
     pid: int
 
     def cpu_seconds(self) -> float:
-        """CPU time the server's process has used so far (Linux ``/proc``)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the server's process and its children have used so far (Linux ``/proc``)."""
+        return tree_cpu_seconds(self.pid)
 
 
 @contextmanager

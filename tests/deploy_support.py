@@ -125,6 +125,13 @@ class PrefectServer:
         self.stop()
         raise RuntimeError(f"prefect server did not answer in {SERVER_START_TIMEOUT_S} s")
 
+    @property
+    def pid(self) -> int:
+        """The ``prefect server start`` process (its server runs in it or its children)."""
+        if self._process is None:
+            raise RuntimeError("the server is not started")
+        return self._process.pid
+
     def stop(self) -> None:
         _stop(self._process)
 
